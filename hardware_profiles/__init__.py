@@ -1,0 +1,1 @@
+"""Hardware profiles shipped with hwopt (data only; see hwopt.hardware)."""

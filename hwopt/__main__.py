@@ -1,0 +1,5 @@
+import sys
+
+from hwopt.cli import main
+
+sys.exit(main())

@@ -1,0 +1,236 @@
+"""Built-in block types: GQA, linear and no-op attention; SwiGLU, linear and no-op FFN.
+
+Each type says which variants it offers for a parent layer, builds the
+module, and initialises it from the parent block before blockwise
+distillation: KV heads are merged by averaging the heads of a group, FFN
+channels are kept by activation-based importance, and linear layers are
+the least-squares fit of the parent sub-block on its own inputs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from hwopt.hookspecs import hookimpl
+from hwopt.model.config import AttentionConfig, FFNConfig
+from hwopt.search_space import SearchSpace
+from hwopt.model.modeling import GroupedQueryAttention, LinearAttention, LinearFFN, SwiGLU
+
+
+def least_squares_linear(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The weight W (out x in) minimising ||x W^T - y||^2, lightly ridge-regularised."""
+    x64, y64 = x.reshape(-1, x.shape[-1]).double(), y.reshape(-1, y.shape[-1]).double()
+    gram = x64.T @ x64
+    ridge = 1e-4 * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
+    return torch.linalg.solve(gram + ridge, x64.T @ y64).T.float()
+
+
+def ffn_width(parent_size: int, fraction: float) -> int:
+    """A fraction of the parent's width, rounded half up to the grid the nemotron-nas ffn_mult rule uses.
+
+    Readers that derive the width from ``ffn_mult`` round it up to a multiple
+    of 256, so a parent on that grid keeps its variants on it too.
+    """
+    step = 256 if parent_size % 256 == 0 else 8
+    return max(step, step * math.floor(parent_size * fraction / step + 0.5))
+
+
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+class GQAttentionType:
+    name = "gqa"
+    kind = "attention"
+
+    def variants(self, config, space: SearchSpace) -> list[AttentionConfig]:
+        parent_kv = config.num_key_value_heads
+        kv_options = space.kv_heads or [k for k in range(parent_kv, 0, -1) if parent_kv % k == 0]
+        kv_options = sorted({parent_kv, *(k for k in kv_options if parent_kv % k == 0)}, reverse=True)
+        return [AttentionConfig(n_heads_in_group=config.num_attention_heads // k) for k in kv_options]
+
+    def matches(self, cfg) -> bool:
+        return isinstance(cfg, AttentionConfig) and not (cfg.no_op or cfg.replace_with_linear)
+
+    def variant_name(self, cfg, config) -> str:
+        return f"kv{config.num_attention_heads // cfg.n_heads_in_group}"
+
+    def build(self, cfg, config):
+        return GroupedQueryAttention(config, cfg.n_heads_in_group)
+
+    def num_params(self, cfg, config) -> int:
+        kv = config.num_attention_heads // cfg.n_heads_in_group
+        q = config.num_attention_heads * _head_dim(config)
+        bias = 2 * q + 2 * kv * _head_dim(config) if config.attention_bias else 0
+        return 2 * q * config.hidden_size + 2 * kv * _head_dim(config) * config.hidden_size + bias + config.hidden_size
+
+    def kv_cache_elements_per_token(self, cfg, config) -> int:
+        return 2 * (config.num_attention_heads // cfg.n_heads_in_group) * _head_dim(config)
+
+    @torch.no_grad()
+    def init_from_parent(self, module, parent, x, position_embeddings) -> None:
+        """Copy Q and O; each new KV head is the mean of the parent KV heads it replaces."""
+        module.q_proj.load_state_dict(parent.q_proj.state_dict())
+        module.o_proj.load_state_dict(parent.o_proj.state_dict())
+        merge = parent.num_kv_heads // module.num_kv_heads
+        for name in ("k_proj", "v_proj"):
+            src, dst = getattr(parent, name), getattr(module, name)
+            w = src.weight.view(module.num_kv_heads, merge, parent.head_dim, -1).mean(dim=1)
+            dst.weight.copy_(w.reshape_as(dst.weight))
+            if src.bias is not None:
+                dst.bias.copy_(src.bias.view(module.num_kv_heads, merge, -1).mean(dim=1).reshape(-1))
+
+
+class LinearAttentionType:
+    name = "linear_attention"
+    kind = "attention"
+
+    def variants(self, config, space: SearchSpace) -> list[AttentionConfig]:
+        return [AttentionConfig(replace_with_linear=True)] if space.linear else []
+
+    def matches(self, cfg) -> bool:
+        return isinstance(cfg, AttentionConfig) and cfg.replace_with_linear
+
+    def variant_name(self, cfg, config) -> str:
+        return "attn_linear"
+
+    def build(self, cfg, config):
+        return LinearAttention(config)
+
+    def num_params(self, cfg, config) -> int:
+        return config.hidden_size * config.hidden_size + config.hidden_size
+
+    def kv_cache_elements_per_token(self, cfg, config) -> int:
+        return 0
+
+    @torch.no_grad()
+    def init_from_parent(self, module, parent, x, position_embeddings) -> None:
+        module.linear_attn.weight.copy_(least_squares_linear(x, parent(x, position_embeddings)))
+
+
+class NoOpAttentionType:
+    name = "no_op_attention"
+    kind = "attention"
+
+    def variants(self, config, space: SearchSpace) -> list[AttentionConfig]:
+        return [AttentionConfig(no_op=True)] if space.no_op else []
+
+    def matches(self, cfg) -> bool:
+        return isinstance(cfg, AttentionConfig) and cfg.no_op
+
+    def variant_name(self, cfg, config) -> str:
+        return "attn_noop"
+
+    def build(self, cfg, config):
+        return None
+
+    def num_params(self, cfg, config) -> int:
+        return 0
+
+    def kv_cache_elements_per_token(self, cfg, config) -> int:
+        return 0
+
+    def init_from_parent(self, module, parent, x, position_embeddings) -> None:
+        pass
+
+
+class SwiGLUType:
+    name = "swiglu"
+    kind = "ffn"
+
+    def variants(self, config, space: SearchSpace) -> list[FFNConfig]:
+        parent = config.intermediate_size
+        widths = {parent, *(ffn_width(parent, f) for f in space.ffn_fractions if 0 < f <= 1)}
+        return [FFNConfig(intermediate_size=w) for w in sorted(widths, reverse=True)]
+
+    def matches(self, cfg) -> bool:
+        return isinstance(cfg, FFNConfig) and not (cfg.no_op or cfg.replace_with_linear)
+
+    def variant_name(self, cfg, config) -> str:
+        return f"ffn{cfg.intermediate_size}"
+
+    def build(self, cfg, config):
+        return SwiGLU(config, cfg.intermediate_size)
+
+    def num_params(self, cfg, config) -> int:
+        bias = 2 * cfg.intermediate_size + config.hidden_size if config.mlp_bias else 0
+        return 3 * config.hidden_size * cfg.intermediate_size + bias + config.hidden_size
+
+    def kv_cache_elements_per_token(self, cfg, config) -> int:
+        return 0
+
+    @torch.no_grad()
+    def init_from_parent(self, module, parent, x, position_embeddings) -> None:
+        """Keep the channels that carry the most output: mean |silu(gate) * up| times |down column|."""
+        hidden = torch.nn.functional.silu(parent.gate_proj(x)) * parent.up_proj(x)
+        importance = hidden.abs().reshape(-1, hidden.shape[-1]).mean(0) * parent.down_proj.weight.norm(dim=0)
+        keep = importance.topk(module.gate_proj.out_features).indices.sort().values
+        for name in ("gate_proj", "up_proj"):
+            getattr(module, name).weight.copy_(getattr(parent, name).weight[keep])
+            if getattr(parent, name).bias is not None:
+                getattr(module, name).bias.copy_(getattr(parent, name).bias[keep])
+        module.down_proj.weight.copy_(parent.down_proj.weight[:, keep])
+        if parent.down_proj.bias is not None:
+            module.down_proj.bias.copy_(parent.down_proj.bias)
+
+
+class LinearFFNType:
+    name = "linear_ffn"
+    kind = "ffn"
+
+    def variants(self, config, space: SearchSpace) -> list[FFNConfig]:
+        return [FFNConfig(replace_with_linear=True)] if space.linear else []
+
+    def matches(self, cfg) -> bool:
+        return isinstance(cfg, FFNConfig) and cfg.replace_with_linear
+
+    def variant_name(self, cfg, config) -> str:
+        return "ffn_linear"
+
+    def build(self, cfg, config):
+        return LinearFFN(config)
+
+    def num_params(self, cfg, config) -> int:
+        return config.hidden_size * config.hidden_size + config.hidden_size
+
+    def kv_cache_elements_per_token(self, cfg, config) -> int:
+        return 0
+
+    @torch.no_grad()
+    def init_from_parent(self, module, parent, x, position_embeddings) -> None:
+        module.linear_mlp.weight.copy_(least_squares_linear(x, parent(x)))
+
+
+class NoOpFFNType:
+    name = "no_op_ffn"
+    kind = "ffn"
+
+    def variants(self, config, space: SearchSpace) -> list[FFNConfig]:
+        return [FFNConfig(no_op=True)] if space.no_op else []
+
+    def matches(self, cfg) -> bool:
+        return isinstance(cfg, FFNConfig) and cfg.no_op
+
+    def variant_name(self, cfg, config) -> str:
+        return "ffn_noop"
+
+    def build(self, cfg, config):
+        return None
+
+    def num_params(self, cfg, config) -> int:
+        return 0
+
+    def kv_cache_elements_per_token(self, cfg, config) -> int:
+        return 0
+
+    def init_from_parent(self, module, parent, x, position_embeddings) -> None:
+        pass
+
+
+@hookimpl
+def hwopt_register_block_types(register):
+    for block_type in (GQAttentionType(), LinearAttentionType(), NoOpAttentionType(),
+                       SwiGLUType(), LinearFFNType(), NoOpFFNType()):
+        register(block_type)

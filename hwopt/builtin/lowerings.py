@@ -1,0 +1,17 @@
+"""Built-in lowering: the Hugging Face nemotron-nas checkpoint."""
+
+from hwopt.hookspecs import hookimpl
+from hwopt.model.checkpoint import save_nemotron_nas
+
+
+class NemotronNASLowering:
+    name = "nemotron-nas"
+    description = "Hugging Face nemotron-nas checkpoint (DeciLMForCausalLM): config.json with block_configs, safetensors"
+
+    def lower(self, model, tokenizer, out_dir) -> None:
+        save_nemotron_nas(model, out_dir, tokenizer)
+
+
+@hookimpl
+def hwopt_register_lowerings(register):
+    register(NemotronNASLowering())

@@ -1,0 +1,97 @@
+"""Targets: the hardware a child is optimised for.
+
+Profiles are TOML files (``hardware_profiles/*.toml`` in the source tree,
+shipped in the wheel as ``hwopt.hardware_profiles``); a user may pass the
+path of their own. The ``cpu`` profile describes this machine, read from
+the system.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from hwopt.errors import HwoptError
+
+
+@dataclass(frozen=True)
+class HardwareProfile:
+    name: str
+    kind: str  # "gpu" or "cpu"
+    description: str
+    aliases: tuple[str, ...] = ()
+    nvml_names: tuple[str, ...] = ()  # substrings of the name NVML reports for this device
+    memory_gib: float | None = None
+    bandwidth_gbs: float | None = None
+    peak_tflops: dict[str, float] = field(default_factory=dict)  # dtype -> dense TFLOP/s
+    sources: dict[str, str] = field(default_factory=dict)  # spec -> where it comes from
+
+    @classmethod
+    def from_toml(cls, path: Path) -> HardwareProfile:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise HwoptError(f"cannot read hardware profile {path}: {exc}") from None
+        try:
+            return cls(
+                name=data["name"],
+                kind=data["kind"],
+                description=data.get("description", ""),
+                aliases=tuple(data.get("aliases", ())),
+                nvml_names=tuple(data.get("nvml_names", ())),
+                memory_gib=data.get("memory_gib"),
+                bandwidth_gbs=data.get("bandwidth_gbs"),
+                peak_tflops=dict(data.get("peak_tflops", {})),
+                sources=dict(data.get("sources", {})),
+            )
+        except KeyError as exc:
+            raise HwoptError(f"hardware profile {path} lacks the field {exc.args[0]!r}") from None
+
+    def with_system_facts(self) -> HardwareProfile:
+        """A CPU profile completed with what this machine says about itself."""
+        if self.kind != "cpu":
+            return self
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+        cores = len(os.sched_getaffinity(0))
+        return HardwareProfile(
+            name=self.name, kind="cpu", aliases=self.aliases,
+            description=f"{_cpu_model()} ({cores} cores available, {platform.machine()})",
+            memory_gib=round(memory, 1), bandwidth_gbs=self.bandwidth_gbs, peak_tflops=self.peak_tflops,
+            sources={**self.sources, "memory_gib": "read from the system (sysconf)",
+                     "description": "read from /proc/cpuinfo and sched_getaffinity"},
+        )
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def shipped_profiles() -> list[HardwareProfile]:
+    folder = resources.files("hwopt.hardware_profiles")
+    return [HardwareProfile.from_toml(Path(str(f))) for f in sorted(folder.iterdir(), key=lambda f: f.name)
+            if f.name.endswith(".toml")]
+
+
+def resolve_target(target: str) -> HardwareProfile:
+    """A target by name, alias or TOML path."""
+    from hwopt.plugins import hardware_profiles
+
+    if target.endswith(".toml"):
+        if not Path(target).is_file():
+            raise HwoptError(f"hardware profile file {target} does not exist")
+        return HardwareProfile.from_toml(Path(target)).with_system_facts()
+    for profile in hardware_profiles():
+        if target.lower() in (profile.name, *profile.aliases):
+            return profile.with_system_facts()
+    known = ", ".join(sorted(p.name for p in hardware_profiles()))
+    raise HwoptError(f"unknown target {target!r} (known: {known}; or a path to a profile .toml)")

@@ -1,0 +1,91 @@
+"""Models by name or path: where a parent's architecture and weights come from.
+
+A name (``smollm2-135m``, ``llama-3.1-70b``, or one a plugin registers)
+gives an architecture without weights; weights are found on disk when
+needed. A path gives a Hugging Face Llama directory (the parent) or a
+nemotron-nas directory (a child).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import AutoTokenizer, LlamaConfig
+
+from hwopt.errors import HwoptError
+from hwopt.model.checkpoint import load_checkpoint, read_architecture
+from hwopt.model.config import BlockConfig, parent_block_config
+from hwopt.model.modeling import HeteroLlamaForCausalLM
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model name: its architecture, and how to find its weights."""
+
+    name: str
+    description: str
+    make_config: Callable[[], LlamaConfig]
+    find_weights: Callable[[], Path | None]  # a Hugging Face directory with weights, or None
+    weights_hint: str  # where find_weights looks, for the error message
+    aliases: tuple[str, ...] = ()
+
+
+def hf_cache_snapshot(repo_id: str) -> Path | None:
+    """The newest snapshot of a repo in the Hugging Face cache that has weights."""
+    hub = os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", Path.home() / ".cache/huggingface")) / "hub"
+    snapshots = Path(hub) / f"models--{repo_id.replace('/', '--')}" / "snapshots"
+    with_weights = [d for d in snapshots.glob("*") if any(d.glob("*.safetensors"))]
+    return max(with_weights, key=lambda d: d.stat().st_mtime) if with_weights else None
+
+
+@dataclass
+class ModelSource:
+    """A resolved ``--model``: architecture now, weights on demand."""
+
+    label: str
+    config: LlamaConfig
+    block_configs: list[BlockConfig]
+    weights_dir: Path | None
+    weights_hint: str
+    find_weights: Callable[[], Path | None] | None = None
+
+    def require_weights(self) -> Path:
+        if self.weights_dir is None and self.find_weights is not None:
+            self.weights_dir = self.find_weights()
+        if self.weights_dir is None:
+            raise HwoptError(f"no weights for {self.label}: {self.weights_hint}")
+        return self.weights_dir
+
+    def load(self) -> HeteroLlamaForCausalLM:
+        return load_checkpoint(self.require_weights())
+
+    def tokenizer(self):
+        return AutoTokenizer.from_pretrained(self.require_weights())
+
+    @property
+    def is_parent(self) -> bool:
+        return all(b == parent_block_config(self.config) for b in self.block_configs)
+
+
+def resolve_model(name_or_path: str) -> ModelSource:
+    from hwopt.plugins import models
+
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        config, blocks = read_architecture(path)
+        return ModelSource(str(path), config, blocks, path, f"{path} holds no *.safetensors")
+    for spec in models():
+        if name_or_path.lower() in (spec.name, *spec.aliases):
+            config = spec.make_config()
+            blocks = [parent_block_config(config)] * config.num_hidden_layers
+            return ModelSource(spec.name, config, blocks, None, spec.weights_hint, spec.find_weights)
+    known = ", ".join(sorted(s.name for s in models()))
+    raise HwoptError(f"unknown model {name_or_path!r}: not a directory, nor a known name ({known})")
+
+
+def load_model(name_or_path: str) -> HeteroLlamaForCausalLM:
+    """A parent by name, or a Llama / nemotron-nas checkpoint by path, ready for inference."""
+    return resolve_model(name_or_path).load()

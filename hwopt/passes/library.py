@@ -1,0 +1,207 @@
+"""library: every variant of every layer, initialised from the parent and trained by BLD.
+
+Blockwise local distillation (decoupled, as in the Puzzle paper): an
+attention variant learns to reproduce the parent's attention output from
+the parent's own input to that layer; an FFN variant learns the parent's
+FFN output from the parent's hidden state after attention. The loss is the
+normalised MSE ||y' - y||^2 / ||y||^2 of the sub-block's contribution to
+the residual stream. Layers are visited in order with the parent's
+activations carried from one to the next, so memory holds one layer's
+activations at a time. Each trained variant is saved on its own
+(``layer_<i>/<variant>.safetensors``); a rerun skips the ones already saved.
+The parent's own sub-blocks are not copied: the library refers to the parent.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from hwopt.model.config import AttentionConfig, BlockConfig, FFNConfig
+from hwopt.model.modeling import DecoderLayer, HeteroLlamaForCausalLM
+from hwopt.pipeline import atomic_path, atomic_write_json
+from hwopt.progress import progress
+from hwopt.search_space import SearchSpace, SubVariant, sub_variant_of, sub_variants
+
+INDEX = "index.json"
+
+
+@dataclass(frozen=True)
+class BLDSettings:
+    tokens: int = 16384  # training tokens per variant (one pass over them)
+    batch_sequences: int = 8
+    lr: float = 5e-4
+    seed: int = 0
+
+
+class SubBlock(nn.Module):
+    """A sub-block with its own norm: the unit BLD trains."""
+
+    def __init__(self, kind: str, norm: nn.Module, module: nn.Module):
+        super().__init__()
+        self.kind, self.norm, self.module = kind, norm, module
+
+    def forward(self, x, position_embeddings):
+        h = self.norm(x)
+        return self.module(h, position_embeddings) if self.kind == "attention" else self.module(h)
+
+
+def normalized_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (pred - target).pow(2).sum() / target.pow(2).sum().clamp_min(1e-12)
+
+
+def parent_sub_block(layer: DecoderLayer, kind: str) -> SubBlock:
+    if kind == "attention":
+        return SubBlock(kind, layer.input_layernorm, layer.self_attn)
+    return SubBlock(kind, layer.post_attention_layernorm, layer.mlp)
+
+
+def train_variant(variant: SubVariant, parent: SubBlock, config, x: torch.Tensor, target: torch.Tensor,
+                  position_embeddings, settings: BLDSettings, seed: int) -> tuple[SubBlock, dict]:
+    """Initialise a variant from the parent sub-block, then distil it on (x, target)."""
+    torch.manual_seed(seed)
+    module = variant.block_type.build(variant.config, config)
+    norm = type(parent.norm)(config.hidden_size, config.rms_norm_eps)
+    norm.load_state_dict(parent.norm.state_dict())
+    block = SubBlock(variant.kind, norm, module)
+    n_val = max(1, len(x) // 10)  # the last tenth only measures the loss
+    train_x, val_x, train_y, val_y = x[:-n_val], x[-n_val:], target[:-n_val], target[-n_val:]
+    with torch.no_grad():
+        calib = norm(train_x[: settings.batch_sequences * 4])
+        variant.block_type.init_from_parent(module, parent.module, calib, _slice_pos(position_embeddings, calib))
+        init_loss = normalized_mse(block(val_x, _slice_pos(position_embeddings, val_x)), val_y).item()
+    steps = max(1, math.ceil(len(train_x) / settings.batch_sequences))
+    optimizer = torch.optim.AdamW(block.parameters(), lr=settings.lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    for step in range(steps):
+        rows = slice(step * settings.batch_sequences, (step + 1) * settings.batch_sequences)
+        xb, yb = train_x[rows], train_y[rows]
+        loss = normalized_mse(block(xb, _slice_pos(position_embeddings, xb)), yb)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    with torch.no_grad():
+        final_loss = normalized_mse(block(val_x, _slice_pos(position_embeddings, val_x)), val_y).item()
+    return block, {"init_nmse": init_loss, "final_nmse": final_loss, "train_tokens": int(train_x.numel() // x.shape[-1])}
+
+
+def _slice_pos(position_embeddings, x):
+    cos, sin = position_embeddings
+    return cos[:, : x.shape[1]], sin[:, : x.shape[1]]
+
+
+def variants_for_layer(config, block: BlockConfig, space: SearchSpace) -> dict[str, list[SubVariant]]:
+    """The library's attention and FFN variants for a layer; the parent's own comes first."""
+    out = {}
+    for kind, own_cfg in (("attention", block.attention), ("ffn", block.ffn)):
+        own = sub_variant_of(config, own_cfg)
+        if own_cfg.no_op:  # nothing cheaper than nothing
+            out[kind] = [own]
+        else:
+            out[kind] = [own] + [v for v in sub_variants(config, space, kind) if v.name != own.name]
+    return out
+
+
+def build_library(parent: HeteroLlamaForCausalLM, train_ids: torch.Tensor, space: SearchSpace,
+                  settings: BLDSettings, out_dir: Path) -> None:
+    """Train every non-parent variant of every layer into ``out_dir`` and write its index."""
+    out_dir = Path(out_dir)
+    config = parent.config
+    plan = [variants_for_layer(config, block, space) for block in parent.block_configs]
+    todo = sum(len(p[k]) - 1 for p in plan for k in p)
+    index = {"parent_blocks": [b.to_json(config.hidden_size) for b in parent.block_configs], "layers": {}}
+    parent.requires_grad_(False)
+    with progress("library (BLD)", total=todo) as advance, torch.no_grad():
+        x = parent.model.embed_tokens(train_ids)
+        position_embeddings = parent.position_embeddings(x, 0)
+        for i, layer in enumerate(parent.model.layers):
+            layer_dir = out_dir / f"layer_{i}"
+            entries = index["layers"][f"layer_{i}"] = {}
+            mid = x + layer.attention_delta(x, position_embeddings) if layer.self_attn else x
+            inputs = {"attention": x, "ffn": mid}
+            targets = {"attention": mid - x, "ffn": layer.ffn_delta(mid) if layer.mlp else torch.zeros_like(mid)}
+            for kind, variants in plan[i].items():
+                entries[kind] = {variants[0].name: {"config": _config_json(variants[0], config), "weights": "parent"}}
+                for n, variant in enumerate(variants[1:], 1):
+                    if variant.block_type.num_params(variant.config, config) == 0:  # no-op: nothing to train
+                        entries[kind][variant.name] = {"config": _config_json(variant, config), "weights": None}
+                        advance()
+                        continue
+                    path = layer_dir / f"{kind}_{variant.name}.safetensors"
+                    meta_path = path.with_suffix(".json")
+                    if not (path.is_file() and meta_path.is_file()):
+                        with torch.enable_grad():
+                            block, stats = train_variant(variant, parent_sub_block(layer, kind), config, inputs[kind],
+                                                         targets[kind], position_embeddings, settings,
+                                                         seed=settings.seed * 1_000_003 + i * 1000 + n)
+                        with atomic_path(path) as tmp:
+                            save_file({k: v.contiguous() for k, v in block.state_dict().items()}, tmp)
+                        atomic_write_json(meta_path, stats)
+                    entries[kind][variant.name] = {"config": _config_json(variant, config), "weights": path.name,
+                                                   "bld": json.loads(meta_path.read_text())}
+                    advance()
+            x = layer(x, position_embeddings)
+    atomic_write_json(out_dir / INDEX, index)
+
+
+def _config_json(variant: SubVariant, config) -> dict:
+    return variant.config.to_json() if variant.kind == "attention" else variant.config.to_json(config.hidden_size)
+
+
+class Library:
+    """A built library: which variants each layer has, and their modules on demand."""
+
+    def __init__(self, library_dir: Path, parent: HeteroLlamaForCausalLM):
+        self.dir = Path(library_dir)
+        self.parent = parent
+        self.index = json.loads((self.dir / INDEX).read_text())
+        self.config = parent.config
+
+    def variant_names(self, layer: int, kind: str) -> list[str]:
+        return list(self.index["layers"][f"layer_{layer}"][kind])
+
+    def sub_variant(self, layer: int, kind: str, name: str) -> SubVariant:
+        entry = self.index["layers"][f"layer_{layer}"][kind][name]
+        cfg = (AttentionConfig.from_json(entry["config"]) if kind == "attention"
+               else FFNConfig.from_json(entry["config"], self.config.hidden_size))
+        return sub_variant_of(self.config, cfg)
+
+    def load(self, layer: int, kind: str, name: str) -> tuple[nn.Module | None, nn.Module | None]:
+        """(module, norm) of one variant: the parent's own, a trained one, or (None, None) for no-op."""
+        entry = self.index["layers"][f"layer_{layer}"][kind][name]
+        parent_layer = self.parent.model.layers[layer]
+        if entry["weights"] == "parent":
+            block = parent_sub_block(parent_layer, kind)
+            return block.module, block.norm
+        if entry["weights"] is None:
+            return None, None
+        variant = self.sub_variant(layer, kind, name)
+        module = variant.block_type.build(variant.config, self.config)
+        norm = type(parent_sub_block(parent_layer, kind).norm)(self.config.hidden_size, self.config.rms_norm_eps)
+        block = SubBlock(kind, norm, module)
+        block.load_state_dict(load_file(self.dir / f"layer_{layer}" / entry["weights"]))
+        return module, norm
+
+    def layer(self, i: int, attention: str, ffn: str) -> DecoderLayer:
+        """Layer ``i`` assembled from one attention and one FFN variant."""
+        attn_module, attn_norm = self.load(i, "attention", attention)
+        ffn_module, ffn_norm = self.load(i, "ffn", ffn)
+        block = BlockConfig(self.sub_variant(i, "attention", attention).config, self.sub_variant(i, "ffn", ffn).config)
+        return DecoderLayer.from_parts(block, attn_module, attn_norm, ffn_module, ffn_norm)
+
+    def assemble(self, choice: list[tuple[str, str]]) -> HeteroLlamaForCausalLM:
+        """The child with the given (attention, ffn) variant names per layer; embeddings and head from the parent."""
+        layers = [self.layer(i, a, f) for i, (a, f) in enumerate(choice)]
+        child = HeteroLlamaForCausalLM(self.config, [layer.block for layer in layers])
+        state = {k: v for k, v in self.parent.state_dict().items() if not k.startswith("model.layers.")}
+        for i, layer in enumerate(layers):
+            state.update({f"model.layers.{i}.{k}": v for k, v in layer.state_dict().items()})
+        child.load_state_dict(state)
+        return child.eval()

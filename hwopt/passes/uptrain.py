@@ -1,0 +1,84 @@
+"""uptrain: global knowledge distillation of the assembled child from the parent.
+
+The loss is the Puzzle paper's best (Table 1): cosine distance between the
+child's and the parent's hidden state after every layer, plus KL divergence
+of the logits; no LM loss. Embeddings and the LM head stay frozen. The
+uptrained weights are kept only if they lower the held-out KL divergence
+from the parent; the pass records both figures either way.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from hwopt.builtin.metrics import kl_divergence
+from hwopt.model.modeling import HeteroLlamaForCausalLM
+from hwopt.progress import progress
+
+
+@dataclass(frozen=True)
+class UptrainSettings:
+    tokens: int = 16384
+    batch_sequences: int = 4
+    lr: float = 1e-4
+    seed: int = 0
+
+
+def gkd_loss(student_out, teacher_out) -> torch.Tensor:
+    """Mean cosine distance over layers' hidden states, plus KL(teacher || student) of the logits."""
+    cosine = torch.stack([
+        (1 - F.cosine_similarity(s, t, dim=-1)).mean()
+        for s, t in zip(student_out.hidden_states[1:], teacher_out.hidden_states[1:], strict=True)
+    ]).mean()
+    return cosine + kl_divergence(student_out.logits.flatten(0, 1), teacher_out.logits.flatten(0, 1))
+
+
+@torch.no_grad()
+def heldout_kl(child: HeteroLlamaForCausalLM, parent: HeteroLlamaForCausalLM, heldout_ids: torch.Tensor,
+               batch: int = 4) -> float:
+    """KL(parent || child) per token on held-out sequences."""
+    total = 0.0
+    for rows in torch.split(heldout_ids, batch):
+        total += kl_divergence(child(rows).logits.flatten(0, 1), parent(rows).logits.flatten(0, 1)).item() * len(rows)
+    return total / len(heldout_ids)
+
+
+def uptrain(child: HeteroLlamaForCausalLM, parent: HeteroLlamaForCausalLM, train_ids: torch.Tensor,
+            heldout_ids: torch.Tensor, settings: UptrainSettings) -> dict:
+    """Distil ``child`` in place; returns the held-out KL before and after, and what was kept."""
+    torch.manual_seed(settings.seed)
+    parent.requires_grad_(False).eval()
+    child.requires_grad_(True)
+    child.model.embed_tokens.requires_grad_(False)
+    child.lm_head.requires_grad_(False)
+    before = heldout_kl(child, parent, heldout_ids)
+    snapshot = {k: v.clone() for k, v in child.state_dict().items()}
+    params = [p for p in child.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
+    steps = max(1, math.ceil(len(train_ids) / settings.batch_sequences))
+    warmup = max(1, steps // 10)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    child.train()
+    with progress("uptrain (GKD)", total=steps) as advance:
+        for rows in torch.split(train_ids, settings.batch_sequences):
+            with torch.no_grad():
+                teacher = parent(rows, output_hidden_states=True)
+            loss = gkd_loss(child(rows, output_hidden_states=True), teacher)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            schedule.step()
+            advance()
+    child.eval().requires_grad_(False)
+    after = heldout_kl(child, parent, heldout_ids)
+    kept = after <= before
+    if not kept:
+        child.load_state_dict(snapshot)
+    return {"heldout_kl_before": before, "heldout_kl_after": after, "kept_uptrained_weights": kept,
+            "train_tokens": int(train_ids.numel()), "steps": steps}

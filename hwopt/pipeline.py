@@ -1,0 +1,121 @@
+"""The run directory and the rules every pass follows.
+
+Each pass writes one folder of the run directory. It is built in
+``<pass>.partial/`` and renamed into place only when complete, so a killed
+pass never leaves a half-written artifact at the real name. Inside the
+partial folder a pass may keep finished units of work (one file per layer,
+say), each written atomically; a rerun with the same fingerprint keeps them
+and carries on from there.
+
+A pass's fingerprint hashes its settings and the content hashes of the
+artifacts it reads; a pass whose fingerprint matches its manifest is
+skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+MANIFEST = ".manifest.json"
+FINGERPRINT = ".fingerprint"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a file under a temporary name in the same folder, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, data) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary path to write a file to; renamed to ``path`` if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fingerprint(settings: dict, inputs: dict[str, str]) -> str:
+    """sha256 of a pass's settings and of the content hashes of what it reads."""
+    blob = json.dumps({"settings": settings, "inputs": inputs}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def read_manifest(pass_dir: Path) -> dict | None:
+    try:
+        return json.loads((Path(pass_dir) / MANIFEST).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def output_hash(pass_dir: Path) -> str:
+    """The content hash of a finished pass's outputs, recorded in its manifest."""
+    manifest = read_manifest(pass_dir)
+    return manifest["outputs_sha256"] if manifest else ""
+
+
+def is_up_to_date(pass_dir: Path, fp: str) -> bool:
+    manifest = read_manifest(pass_dir)
+    return manifest is not None and manifest.get("fingerprint") == fp
+
+
+@contextmanager
+def staged_pass(pass_dir: Path, fp: str) -> Iterator[Path]:
+    """The partial folder a pass writes into; swapped into place when the pass returns.
+
+    A partial folder left by an interrupted run with the same fingerprint is
+    kept (its finished units are reused); one with another fingerprint is
+    cleared.
+    """
+    pass_dir = Path(pass_dir)
+    partial = pass_dir.with_name(pass_dir.name + ".partial")
+    if partial.exists() and (partial / FINGERPRINT).is_file() and (partial / FINGERPRINT).read_text() != fp:
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True, exist_ok=True)
+    (partial / FINGERPRINT).write_text(fp)
+    yield partial
+    files = sorted(p for p in partial.rglob("*") if p.is_file() and not p.name.startswith("."))
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f"{f.relative_to(partial)}:{file_sha256(f)}\n".encode())
+    atomic_write_json(partial / MANIFEST, {"fingerprint": fp, "outputs_sha256": digest.hexdigest(),
+                                           "files": [str(f.relative_to(partial)) for f in files]})
+    (partial / FINGERPRINT).unlink()
+    old = pass_dir.with_name(pass_dir.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if pass_dir.exists():
+        pass_dir.rename(old)
+    partial.rename(pass_dir)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,236 @@
+"""A run: its settings, its directory, and the passes in order.
+
+Settings come from defaults, then the run directory's ``run.json`` (what
+earlier commands on this run said), then the command line; the merged
+settings are saved back, so ``hwopt solve --workdir runs/demo --speedup 2``
+needs no other option. Each pass reads the settings it depends on and the
+outputs of the passes before it; its fingerprint covers both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+from hwopt.data import load_split
+from hwopt.errors import HwoptError
+from hwopt.hardware import resolve_target
+from hwopt.model.checkpoint import load_checkpoint, save_nemotron_nas
+from hwopt.models import resolve_model
+from hwopt.passes.library import BLDSettings, Library, build_library
+from hwopt.passes.lower import lower
+from hwopt.passes.profile import profile
+from hwopt.passes.score import score
+from hwopt.passes.solve import Budgets, solve
+from hwopt.passes.uptrain import UptrainSettings, uptrain
+from hwopt.pipeline import atomic_write_json, fingerprint, is_up_to_date, output_hash, staged_pass
+from hwopt.plugins import metrics
+from hwopt.progress import console
+from hwopt.report import build_report, print_report
+from hwopt.search_space import Scenario, SearchSpace
+
+PASSES = ("profile", "library", "score", "solve", "uptrain", "lower")
+
+
+@dataclass
+class Settings:
+    model: str = "smollm2-135m"
+    target: str = "cpu"
+    scenario: str = "128/64"
+    batch: int = 1
+    dtype: str = "fp32"
+    backend: str = "torch"
+    repeats: int = 5
+    data: list[str] | None = None
+    seq_len: int = 128
+    kv_heads: list[int] | None = None
+    ffn_fractions: list[float] = field(default_factory=lambda: [0.75, 0.5, 0.25])
+    linear: bool = True
+    no_op: bool = True
+    bld_tokens: int = 16384
+    bld_lr: float = 5e-4
+    score_tokens: int = 512
+    metrics: list[str] = field(default_factory=lambda: ["kl_div"])
+    objective: str | None = None  # default: the first metric
+    speedup: float | None = None
+    memory: str | None = None
+    throughput: float | None = None
+    solver: str = "scip"
+    uptrain_tokens: int = 16384
+    uptrain_lr: float = 1e-4
+    formats: list[str] = field(default_factory=lambda: ["nemotron-nas"])
+    seed: int = 0
+
+
+SEARCH_SPACE = ["model", "kv_heads", "ffn_fractions", "linear", "no_op"]
+DATA = ["data", "seq_len"]
+# pass -> (settings it depends on, passes whose outputs it reads)
+PASS_INPUTS = {
+    "profile": (SEARCH_SPACE + ["target", "scenario", "batch", "dtype", "backend", "repeats"], []),
+    "library": (SEARCH_SPACE + DATA + ["bld_tokens", "bld_lr", "seed"], []),
+    "score": (DATA + ["score_tokens", "metrics"], ["library", "profile"]),
+    "solve": (["objective", "speedup", "memory", "throughput", "solver"], ["score", "profile"]),
+    "uptrain": (DATA + ["uptrain_tokens", "uptrain_lr", "seed"], ["library", "solve"]),
+    "lower": (["formats"], ["uptrain"]),
+}
+
+
+def load_settings(workdir: Path, overrides: dict) -> Settings:
+    """Defaults, then the run's saved settings, then ``overrides`` (values that are not None)."""
+    saved_path = Path(workdir) / "run.json"
+    saved = json.loads(saved_path.read_text()) if saved_path.is_file() else {}
+    names = {f.name for f in dataclasses.fields(Settings)}
+    merged = {**{k: v for k, v in saved.items() if k in names}, **{k: v for k, v in overrides.items() if v is not None}}
+    settings = Settings(**merged)
+    atomic_write_json(saved_path, dataclasses.asdict(settings))
+    return settings
+
+
+class Run:
+    def __init__(self, workdir: Path, settings: Settings):
+        self.workdir = Path(workdir)
+        self.settings = settings
+
+    # --- what the settings name, resolved once -------------------------------------------------
+    @cached_property
+    def source(self):
+        return resolve_model(self.settings.model)
+
+    @cached_property
+    def target(self):
+        return resolve_target(self.settings.target)
+
+    @cached_property
+    def scenario(self) -> Scenario:
+        s = self.settings
+        return Scenario.parse(s.scenario, s.batch, s.dtype)
+
+    @cached_property
+    def space(self) -> SearchSpace:
+        s = self.settings
+        return SearchSpace(tuple(s.kv_heads) if s.kv_heads else None, tuple(s.ffn_fractions), s.linear, s.no_op)
+
+    @cached_property
+    def parent(self):
+        return self.source.load()
+
+    @cached_property
+    def tokenizer(self):
+        return self.source.tokenizer()
+
+    @cached_property
+    def split(self):
+        return load_split(self.settings.data, self.tokenizer, self.settings.seq_len)
+
+    @cached_property
+    def metric_objects(self):
+        return [metrics().get(name) for name in self.settings.metrics]
+
+    def dir(self, name: str) -> Path:
+        return self.workdir / name
+
+    def read_json(self, path: str):
+        return json.loads((self.workdir / path).read_text())
+
+    # --- passes ---------------------------------------------------------------------------------
+    def fingerprint(self, name: str) -> str:
+        keys, upstream = PASS_INPUTS[name]
+        for up in upstream:
+            if not output_hash(self.dir(up)):
+                raise HwoptError(f"{name} needs the output of {up} in {self.dir(up)}: run `hwopt {up}` first "
+                                 f"(or `hwopt optimize`)")
+        settings = {k: getattr(self.settings, k) for k in keys}
+        if name in ("profile", "library"):
+            settings["architecture"] = self.source.config.to_json_string(use_diff=False)
+        if name in ("library",):
+            weights = self.source.require_weights()
+            settings["weights"] = sorted((f.name, f.stat().st_size) for f in weights.glob("*.safetensors"))
+        if name in ("score", "uptrain"):
+            settings["data_sha256"] = self.split.sha256
+        return fingerprint(settings, {up: output_hash(self.dir(up)) for up in upstream})
+
+    def run_pass(self, name: str) -> None:
+        self._validate(name)
+        fp = self.fingerprint(name)
+        if is_up_to_date(self.dir(name), fp):
+            console.print(f"[dim]{name}: up to date, skipped[/dim]")
+            return
+        console.print(f"[bold]{name}[/bold]")
+        with staged_pass(self.dir(name), fp) as out:
+            getattr(self, f"_{name}")(out)
+
+    def _validate(self, name: str) -> None:
+        """Resolve what a pass will need before it starts, so bad input fails at once."""
+        _ = self.source, self.target, self.scenario
+        if name in ("score",):
+            _ = self.metric_objects
+        if name == "solve" and self.settings.speedup is None and self.settings.memory is None \
+                and self.settings.throughput is None:
+            raise HwoptError("solve needs a budget: --speedup, --memory or --throughput")
+
+    def _profile(self, out: Path) -> None:
+        s = self.settings
+        profile(self.source, self.target, self.scenario, self.space, s.backend, s.repeats, out / "costs.json")
+
+    def _library(self, out: Path) -> None:
+        s = self.settings
+        build_library(self.parent, self.split.train_batches(s.bld_tokens), self.space,
+                      BLDSettings(tokens=s.bld_tokens, lr=s.bld_lr, seed=s.seed), out)
+
+    def _score(self, out: Path) -> None:
+        library = Library(self.dir("library"), self.parent)
+        score(self.parent, library, self.split.heldout_batches(self.settings.score_tokens), self.metric_objects,
+              self.read_json("profile/costs.json"), out)
+
+    def _solve(self, out: Path) -> None:
+        s = self.settings
+        library = self.read_json("score/block_library.json")
+        solution = solve(library, self.read_json("profile/costs.json"), Budgets(s.speedup, s.memory, s.throughput),
+                         s.objective or f"metrics.{s.metrics[0]}", s.solver, out / "solutions.json")
+        best = solution["solutions"][0]
+        console.print(f"solve: predicted speedup {best['predicted_speedup']:.2f}x, "
+                      f"objective {best['objective']:.4f} ({best['solver']}, {best['status']})")
+
+    def _uptrain(self, out: Path) -> None:
+        s = self.settings
+        variants = self.read_json("solve/solutions.json")["solutions"][0]["variants"]
+        child = Library(self.dir("library"), self.parent).assemble([tuple(v) for v in variants])
+        stats = uptrain(child, self.parent, self.split.train_batches(s.uptrain_tokens),
+                        self.split.heldout_batches(self.settings.score_tokens),
+                        UptrainSettings(tokens=s.uptrain_tokens, lr=s.uptrain_lr, seed=s.seed))
+        save_nemotron_nas(child, out / "model", self.tokenizer)
+        atomic_write_json(out / "uptrain.json", stats)
+        console.print(f"uptrain: held-out KL {stats['heldout_kl_before']:.4f} -> {stats['heldout_kl_after']:.4f}"
+                      + ("" if stats["kept_uptrained_weights"] else " (worse: kept the weights from before)"))
+
+    def _lower(self, out: Path) -> None:
+        lower(load_checkpoint(self.dir("uptrain") / "model"), self.tokenizer, self.settings.formats, out)
+
+    def report(self) -> dict:
+        """Parent against the lowered child; recomputed only when the child or scenario changed."""
+        fp = fingerprint({"scenario": self.scenario.to_json(), "data_sha256": self.split.sha256,
+                          "score_tokens": self.settings.score_tokens},
+                         {"lower": output_hash(self.dir("lower")), "solve": output_hash(self.dir("solve"))})
+        path = self.workdir / "report.json"
+        if path.is_file() and (old := json.loads(path.read_text())).get("fingerprint") == fp:
+            print_report(old)
+            return old
+        child = load_checkpoint(self.dir("uptrain") / "model")
+        report = build_report(self.parent, child, self.read_json("solve/solutions.json"), self.scenario,
+                              self.split.heldout_batches(self.settings.score_tokens),
+                              f"{self.target.description} (torch {torch.__version__}, wall clock)")
+        report["fingerprint"] = fp
+        atomic_write_json(path, report)
+        print_report(report)
+        return report
+
+    def optimize(self, start: str = "profile", until: str = "lower") -> None:
+        for name in PASSES[PASSES.index(start): PASSES.index(until) + 1]:
+            self.run_pass(name)
+        if until == "lower":
+            self.report()

@@ -1,0 +1,104 @@
+"""The variants a library offers per layer, and the serving scenario costs are measured in."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hwopt.errors import HwoptError
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """Which variants the library offers per layer (the parent's own block is always in)."""
+
+    kv_heads: tuple[int, ...] | None = None  # None: every divisor of the parent's KV heads
+    ffn_fractions: tuple[float, ...] = (0.75, 0.5, 0.25)
+    linear: bool = True
+    no_op: bool = True
+
+
+@dataclass(frozen=True)
+class SubVariant:
+    """One attention or FFN choice for a layer, with the block type that builds it."""
+
+    kind: str  # "attention" or "ffn"
+    name: str  # e.g. "kv1", "ffn768", "attn_linear"
+    config: object  # AttentionConfig or FFNConfig
+    block_type: object
+
+
+def sub_variants(config, space: SearchSpace, kind: str) -> list[SubVariant]:
+    """Every variant of one kind that the registered block types offer for a parent config."""
+    from hwopt.plugins import block_types
+
+    out = []
+    for block_type in block_types():
+        if block_type.kind == kind:
+            for cfg in block_type.variants(config, space):
+                out.append(SubVariant(kind, block_type.variant_name(cfg, config), cfg, block_type))
+    return out
+
+
+def sub_variant_of(config, cfg) -> SubVariant:
+    """The variant (and its block type) for one given attention or FFN config."""
+    from hwopt.plugins import block_types
+
+    for block_type in block_types():
+        if block_type.matches(cfg):
+            return SubVariant(block_type.kind, block_type.variant_name(cfg, config), cfg, block_type)
+    raise HwoptError(f"no registered block type handles {cfg}")
+
+
+def block_variant_name(attention: SubVariant, ffn: SubVariant) -> str:
+    return f"{attention.name}+{ffn.name}"
+
+
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A serving workload: ``batch`` prompts of ``input_len`` tokens, each generating ``output_len``.
+
+    Runtime is prefill plus ``output_len - 1`` decode steps (prefill yields
+    the first token). Throughput counts input and output tokens, as NVIDIA's
+    Puzzle demo does: runtime_ms = batch * (input + output) / tokens_per_s * 1000.
+    """
+
+    batch: int = 1
+    input_len: int = 128
+    output_len: int = 64
+    dtype: str = "fp32"
+
+    @classmethod
+    def parse(cls, lengths: str, batch: int = 1, dtype: str = "fp32") -> Scenario:
+        try:
+            input_len, output_len = (int(x) for x in lengths.split("/"))
+        except ValueError:
+            raise HwoptError(f"--scenario takes INPUT/OUTPUT token counts such as 128/64, not {lengths!r}") from None
+        if min(input_len, output_len, batch) < 1:
+            raise HwoptError("scenario lengths and batch must be positive")
+        if dtype not in DTYPE_BYTES:
+            raise HwoptError(f"unknown dtype {dtype!r} (known: {', '.join(DTYPE_BYTES)})")
+        return cls(batch, input_len, output_len, dtype)
+
+    @property
+    def decode_steps(self) -> int:
+        return self.output_len - 1
+
+    @property
+    def max_context(self) -> int:
+        return self.input_len + self.output_len
+
+    @property
+    def bytes_per_element(self) -> int:
+        return DTYPE_BYTES[self.dtype]
+
+    def runtime_ms_for_throughput(self, tokens_per_s: float) -> float:
+        return self.batch * self.max_context / tokens_per_s * 1000
+
+    def throughput(self, runtime_ms: float) -> float:
+        return self.batch * self.max_context / runtime_ms * 1000
+
+    def to_json(self) -> dict:
+        return {"batch": self.batch, "input_len": self.input_len, "output_len": self.output_len, "dtype": self.dtype}

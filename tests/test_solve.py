@@ -1,0 +1,305 @@
+"""The solve pass's problem and the built-in SCIP solver, checked against brute force."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from hwopt.builtin.solvers import ScipSolver
+from hwopt.errors import HwoptError
+from hwopt.problem import Constraint, Problem, explain_infeasible, problem_from_library
+
+KEYS = ("stats.runtime_ms", "stats.memory_mib", "metrics.kl_div")
+
+
+def random_library(seed: int, n_layers: int = 4, n_variants: int = 4) -> dict:
+    rng = np.random.default_rng(seed)
+    return {
+        f"layer_{i}": {
+            f"v{j}": {
+                "stats": {
+                    "runtime_ms": float(rng.uniform(1, 10)),
+                    "memory_mib": float(rng.uniform(10, 100)),
+                    "note": "carried along",
+                },
+                "metrics": {"kl_div": float(rng.uniform(0, 1))},
+            }
+            for j in range(n_variants)
+        }
+        for i in range(n_layers)
+    }
+
+
+def library_total(library: dict, choice: dict, key: str, offset: float = 0.0) -> float:
+    """A key's total for a choice, read straight from the nested library."""
+    section, name = key.split(".")
+    return offset + sum(library[layer][v][section][name] for layer, v in choice.items())
+
+
+def brute_force(
+    library, objective, constraints, maximize=False, offsets=None, exclude=(), diversity=1
+):
+    """The best feasible choice and its objective by enumeration, or (None, None)."""
+    offsets = offsets or {}
+    layers = list(library)
+    best_choice, best_value = None, None
+    for combo in itertools.product(*(library[layer] for layer in layers)):
+        choice = dict(zip(layers, combo))
+        totals = {
+            c.key: library_total(library, choice, c.key, offsets.get(c.key, 0.0))
+            for c in constraints
+        }
+        ok = all(
+            (c.max is None or totals[c.key] <= c.max) and (c.min is None or totals[c.key] >= c.min)
+            for c in constraints
+        ) and all(sum(choice[layer] != e[layer] for layer in layers) >= diversity for e in exclude)
+        if not ok:
+            continue
+        value = library_total(library, choice, objective, offsets.get(objective, 0.0))
+        if best_value is None or (value > best_value if maximize else value < best_value):
+            best_choice, best_value = choice, value
+    return best_choice, best_value
+
+
+def assert_meets(library, solution, constraints, offsets=None):
+    """Every constraint holds on totals recomputed from the library, not from the solver."""
+    offsets = offsets or {}
+    for c in constraints:
+        total = library_total(library, solution.choice, c.key, offsets.get(c.key, 0.0))
+        assert total == pytest.approx(solution.totals[c.key])
+        if c.max is not None:
+            assert total <= c.max + 1e-9, c.describe()
+        if c.min is not None:
+            assert total >= c.min - 1e-9, c.describe()
+
+
+def budgets(library, seed):
+    """A max on runtime and a (min, max) range on memory, drawn from the spread of random choices.
+
+    Every third seed gets a runtime cap below any sampled choice, which is often infeasible.
+    """
+    rng = np.random.default_rng(seed + 1000)
+    samples = [
+        {layer: rng.choice(list(variants)) for layer, variants in library.items()}
+        for _ in range(50)
+    ]
+    runtime = [library_total(library, s, "stats.runtime_ms") for s in samples]
+    memory = [library_total(library, s, "stats.memory_mib") for s in samples]
+    runtime_cap = 0.7 * min(runtime) if seed % 3 == 2 else float(np.quantile(runtime, 0.4))
+    return [
+        Constraint("stats.runtime_ms", max=runtime_cap),
+        Constraint(
+            "stats.memory_mib",
+            min=float(np.quantile(memory, 0.2)),
+            max=float(np.quantile(memory, 0.7)),
+        ),
+    ]
+
+
+@pytest.mark.parametrize("maximize", [False, True])
+@pytest.mark.parametrize("seed", range(6))
+def test_optimal_against_brute_force(seed, maximize):
+    library = random_library(seed, n_layers=4, n_variants=3 + seed % 2)
+    constraints = budgets(library, seed)
+    problem = problem_from_library(library, "metrics.kl_div", constraints, maximize=maximize)
+
+    solution = ScipSolver().solve(problem, time_limit_s=10)
+    _, expected = brute_force(library, "metrics.kl_div", constraints, maximize=maximize)
+
+    if expected is None:
+        assert solution is None
+        return
+    assert solution.status == "optimal"
+    assert solution.objective == pytest.approx(expected, abs=1e-9)
+    assert solution.objective == pytest.approx(
+        library_total(library, solution.choice, "metrics.kl_div")
+    )
+    assert problem.is_feasible(solution.choice)
+    assert_meets(library, solution, constraints)
+
+
+def test_random_instances_include_feasible_and_infeasible_ones():
+    """The brute-force comparison above exercises both outcomes, not just one."""
+    outcomes = {
+        brute_force(lib, "metrics.kl_div", budgets(lib, seed))[1] is None
+        for seed in range(6)
+        for lib in [random_library(seed, n_layers=4, n_variants=3 + seed % 2)]
+    }
+    assert outcomes == {True, False}
+
+
+def test_offsets_count_towards_budgets():
+    library = random_library(7)
+    free = ScipSolver().solve(problem_from_library(library, "metrics.kl_div", []))
+    # the unconstrained optimum fits this budget, but not once 5 ms outside the layers count
+    budget = library_total(library, free.choice, "stats.runtime_ms") + 1.0
+    constraints = [Constraint("stats.runtime_ms", max=budget)]
+    offsets = {"stats.runtime_ms": 5.0}
+
+    without = ScipSolver().solve(problem_from_library(library, "metrics.kl_div", constraints))
+    problem = problem_from_library(library, "metrics.kl_div", constraints, offsets=offsets)
+    solution = ScipSolver().solve(problem)
+    _, expected = brute_force(library, "metrics.kl_div", constraints, offsets=offsets)
+
+    assert without.objective == pytest.approx(free.objective)
+    assert expected is not None and solution.objective == pytest.approx(expected)
+    assert solution.objective > free.objective
+    assert solution.totals["stats.runtime_ms"] == pytest.approx(
+        library_total(library, solution.choice, "stats.runtime_ms") + 5.0
+    )
+    assert_meets(library, solution, constraints, offsets)
+
+
+@pytest.mark.parametrize("diversity", [1, 2, 3])
+def test_excluded_solutions_and_diversity(diversity):
+    library = random_library(11)
+    constraints = [Constraint("stats.runtime_ms", max=25.0)]
+    problem = problem_from_library(library, "metrics.kl_div", constraints)
+    first = ScipSolver().solve(problem)
+
+    problem.exclude = [first.choice]
+    problem.min_diversity = diversity
+    second = ScipSolver().solve(problem)
+    _, expected = brute_force(
+        library, "metrics.kl_div", constraints, exclude=[first.choice], diversity=diversity
+    )
+
+    assert sum(second.choice[layer] != first.choice[layer] for layer in library) >= diversity
+    assert second.objective == pytest.approx(expected)
+    assert second.objective >= first.objective
+    assert_meets(library, second, constraints)
+
+
+def test_infeasible_returns_none_and_explains_the_budgets():
+    library = random_library(3)
+    _, fastest = brute_force(library, "stats.runtime_ms", [])
+    _, smallest = brute_force(library, "stats.memory_mib", [])
+    runtime_cap = fastest + 1.0
+    _, smallest_fast = brute_force(
+        library, "stats.memory_mib", [Constraint("stats.runtime_ms", max=runtime_cap)]
+    )
+    assert smallest < smallest_fast  # so a memory cap between them conflicts with the runtime cap
+    memory_cap = (smallest + smallest_fast) / 2
+    constraints = [
+        Constraint("stats.runtime_ms", max=runtime_cap),
+        Constraint("stats.memory_mib", max=memory_cap),
+    ]
+    problem = problem_from_library(library, "metrics.kl_div", constraints)
+    assert brute_force(library, "metrics.kl_div", constraints)[1] is None
+
+    assert ScipSolver().solve(problem) is None
+    runtime_line, memory_line = explain_infeasible(problem)
+
+    _, runtime_reachable = brute_force(library, "stats.runtime_ms", constraints[1:])
+    assert runtime_line.startswith(f"stats.runtime_ms <= {runtime_cap:.6g}: the lowest reachable")
+    relax = runtime_reachable - runtime_cap
+    assert f"is {runtime_reachable:.6g} (relax by {relax:.6g}" in runtime_line
+    assert memory_line.startswith(f"stats.memory_mib <= {memory_cap:.6g}: the lowest reachable")
+    assert f"is {smallest_fast:.6g} (relax by {smallest_fast - memory_cap:.6g}" in memory_line
+
+
+def test_explain_treats_each_side_of_a_range_alone():
+    library = random_library(5)
+    _, highest = brute_force(library, "stats.memory_mib", [], maximize=True)
+    problem = problem_from_library(
+        library,
+        "metrics.kl_div",
+        [
+            Constraint("stats.memory_mib", min=highest + 10.0, max=highest + 50.0),
+            Constraint("stats.runtime_ms", max=1000.0),
+        ],
+    )
+    assert ScipSolver().solve(problem) is None
+
+    memory_max, memory_min, runtime_max = explain_infeasible(problem)
+
+    # the range's own minimum is out of reach, so relaxing its maximum or the runtime cap is no use
+    assert memory_max.startswith(f"stats.memory_mib <= {highest + 50:.6g}:")
+    assert "does not help" in memory_max
+    assert runtime_max.startswith("stats.runtime_ms <= 1000:")
+    assert "does not help" in runtime_max
+    assert memory_min == (
+        f"stats.memory_mib >= {highest + 10:.6g}: the highest reachable under the other "
+        f"constraints is {highest:.6g} (relax by 10, {100 * 10 / (highest + 10):.3g}%)"
+    )
+
+
+def test_explain_names_an_exclusion_nothing_can_meet():
+    library = random_library(2, n_layers=2, n_variants=2)
+    problem = problem_from_library(library, "metrics.kl_div", [])
+    problem.exclude = [{"layer_0": "v0", "layer_1": "v0"}]
+    problem.min_diversity = 3
+    assert ScipSolver().solve(problem) is None
+    assert explain_infeasible(problem) == [
+        "no combination differs from all 1 excluded solutions in at least 3 layers"
+    ]
+
+
+def test_registered_through_the_hook():
+    from hwopt import plugins
+
+    solver = plugins.solvers().get("scip")
+    assert isinstance(solver, ScipSolver)
+    assert plugins.solvers().plugin_of["scip"] == "hwopt.builtin.solvers"
+
+
+def test_library_layers_are_ordered_numerically_and_leaves_flattened():
+    library = {
+        f"layer_{i}": {"a": {"stats": {"x": float(i)}, "metrics": {"m": 1}}} for i in (10, 2, 0, 9)
+    }
+    problem = problem_from_library(library, "metrics.m", [Constraint("stats.x", max=100)])
+    assert problem.layers == ["layer_0", "layer_2", "layer_9", "layer_10"]
+    assert problem.value("layer_9", "a", "stats.x") == 9.0
+    assert problem.value("layer_9", "a", "metrics.m") == 1.0
+
+
+def test_solution_to_json():
+    problem = problem_from_library(random_library(1), "metrics.kl_div", [])
+    data = ScipSolver().solve(problem).to_json()
+    assert set(data) == {"choice", "objective", "totals", "solver", "status", "gap", "wall_s"}
+    assert data["solver"] == "scip" and data["status"] == "optimal" and data["gap"] == 0
+
+
+ENTRY = {"stats": {"runtime_ms": 1.0}, "metrics": {"kl_div": 0.1}}
+
+
+@pytest.mark.parametrize(
+    "library, words",
+    [
+        ([ENTRY], "JSON object"),
+        ({}, "JSON object"),
+        ({"layer_0": {"a": ENTRY}, "block_1": {"a": ENTRY}}, "'block_1'"),
+        ({"layer_0": {"a": ENTRY}, "layer_01": {"a": ENTRY}}, "'layer_01'"),
+        ({"layer_0": {"a": ENTRY}, "layer_1": {}}, "layer_1 has no variants"),
+        ({"layer_0": {"a": ENTRY}, "layer_1": ["a"]}, "layer_1 has no variants"),
+        ({"layer_0": {"a": ENTRY, "b": 3.0}}, "layer_0 variant 'b' is not an object"),
+        (
+            {"layer_0": {"a": ENTRY}, "layer_1": {"a": ENTRY, "b": {"stats": {"runtime_ms": 1.0}}}},
+            "layer_1 variant 'b': metrics.kl_div is missing",
+        ),
+        (
+            {"layer_0": {"a": {"stats": {"runtime_ms": "fast"}, "metrics": {"kl_div": 0.1}}}},
+            "layer_0 variant 'a': stats.runtime_ms is missing or not a finite number",
+        ),
+        (
+            {"layer_0": {"a": {"stats": {"runtime_ms": float("nan")}, "metrics": {"kl_div": 0.1}}}},
+            "stats.runtime_ms is missing or not a finite number",
+        ),
+    ],
+)
+def test_malformed_library_is_one_line_error(library, words):
+    with pytest.raises(HwoptError) as err:
+        problem_from_library(library, "metrics.kl_div", [Constraint("stats.runtime_ms", max=5.0)])
+    message = str(err.value)
+    assert "\n" not in message
+    assert words in message
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [({}, "needs a max, a min or both"), ({"min": 5.0, "max": 1.0}, "min is above max")],
+)
+def test_malformed_constraint_is_one_line_error(kwargs, words):
+    with pytest.raises(HwoptError, match=words) as err:
+        Constraint("stats.runtime_ms", **kwargs)
+    assert "\n" not in str(err.value)
