@@ -46,7 +46,8 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--bld-tokens", type=int, help="blockwise distillation tokens per variant (default 16384)")
     g.add_argument("--bld-lr", type=float)
     g.add_argument("--score-tokens", type=int, help="held-out tokens for scoring (default 512)")
-    g.add_argument("--metric", dest="metrics", action="append", help="replace-1-block metric (repeatable; default kl_div)")
+    g.add_argument("--metric", dest="metrics", action="append",
+                   help="replace-1-block metric (repeatable; default kl_div)")
     g.add_argument("--uptrain-tokens", type=int, help="global distillation tokens (default 16384)")
     g.add_argument("--uptrain-lr", type=float)
     g.add_argument("--seed", type=int)

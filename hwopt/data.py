@@ -21,8 +21,15 @@ from hwopt.errors import HwoptError
 HELDOUT_FRACTION = 0.1
 
 
+def check_data_files(paths: list[str] | None) -> None:
+    for p in paths or []:
+        if not Path(p).is_file():
+            raise HwoptError(f"data file {p} does not exist")
+
+
 def read_corpus(paths: list[str] | None) -> tuple[str, str]:
     """The corpus text and a description of where it came from."""
+    check_data_files(paths)
     if not paths:
         from pydoc_data.topics import topics
 
@@ -30,8 +37,6 @@ def read_corpus(paths: list[str] | None) -> tuple[str, str]:
     parts = []
     for p in paths:
         path = Path(p)
-        if not path.is_file():
-            raise HwoptError(f"data file {p} does not exist")
         if path.suffix == ".jsonl":
             for n, line in enumerate(path.read_text().splitlines(), 1):
                 if not line.strip():

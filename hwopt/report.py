@@ -65,7 +65,8 @@ def build_report(parent, child, solutions: dict, scenario: Scenario, heldout_ids
 def print_report(report: dict) -> None:
     p, c = report["parent"], report["child"]
     s = report["scenario"]
-    table = Table(title=f"parent vs child (batch {s['batch']}, {s['input_len']}/{s['output_len']} tokens, {s['dtype']})")
+    title = f"parent vs child (batch {s['batch']}, {s['input_len']}/{s['output_len']} tokens, {s['dtype']})"
+    table = Table(title=title)
     for col in ("", "parent", "child", "child / parent"):
         table.add_column(col, justify="right")
     rows = [("parameters", "params", "{:,.0f}"), ("memory (MiB, weights + KV)", "memory_mib", "{:.1f}"),

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from hwopt.data import load_split
+from hwopt.data import check_data_files, load_split
 from hwopt.errors import HwoptError
 from hwopt.hardware import resolve_target
 from hwopt.model.checkpoint import load_checkpoint, save_nemotron_nas
@@ -86,9 +86,7 @@ def load_settings(workdir: Path, overrides: dict) -> Settings:
     saved = json.loads(saved_path.read_text()) if saved_path.is_file() else {}
     names = {f.name for f in dataclasses.fields(Settings)}
     merged = {**{k: v for k, v in saved.items() if k in names}, **{k: v for k, v in overrides.items() if v is not None}}
-    settings = Settings(**merged)
-    atomic_write_json(saved_path, dataclasses.asdict(settings))
-    return settings
+    return Settings(**merged)
 
 
 class Run:
@@ -154,8 +152,13 @@ class Run:
             settings["data_sha256"] = self.split.sha256
         return fingerprint(settings, {up: output_hash(self.dir(up)) for up in upstream})
 
+    def save_settings(self) -> None:
+        """Remember this command's settings for the next command on the run (once they proved valid)."""
+        atomic_write_json(self.workdir / "run.json", dataclasses.asdict(self.settings))
+
     def run_pass(self, name: str) -> None:
         self._validate(name)
+        self.save_settings()
         fp = self.fingerprint(name)
         if is_up_to_date(self.dir(name), fp):
             console.print(f"[dim]{name}: up to date, skipped[/dim]")
@@ -167,7 +170,9 @@ class Run:
     def _validate(self, name: str) -> None:
         """Resolve what a pass will need before it starts, so bad input fails at once."""
         _ = self.source, self.target, self.scenario
-        if name in ("score",):
+        if "data" in PASS_INPUTS[name][0]:
+            check_data_files(self.settings.data)
+        if name == "score":
             _ = self.metric_objects
         if name == "solve" and self.settings.speedup is None and self.settings.memory is None \
                 and self.settings.throughput is None:
@@ -190,8 +195,11 @@ class Run:
     def _solve(self, out: Path) -> None:
         s = self.settings
         library = self.read_json("score/block_library.json")
+        objective = s.objective or f"metrics.{s.metrics[0]}"
+        metric = objective.removeprefix("metrics.")
+        maximize = metric in metrics().names() and metrics().get(metric).higher_is_better
         solution = solve(library, self.read_json("profile/costs.json"), Budgets(s.speedup, s.memory, s.throughput),
-                         s.objective or f"metrics.{s.metrics[0]}", s.solver, out / "solutions.json")
+                         objective, s.solver, out / "solutions.json", maximize)
         best = solution["solutions"][0]
         console.print(f"solve: predicted speedup {best['predicted_speedup']:.2f}x, "
                       f"objective {best['objective']:.4f} ({best['solver']}, {best['status']})")
@@ -230,7 +238,10 @@ class Run:
         return report
 
     def optimize(self, start: str = "profile", until: str = "lower") -> None:
-        for name in PASSES[PASSES.index(start): PASSES.index(until) + 1]:
+        span = PASSES[PASSES.index(start): PASSES.index(until) + 1]
+        for name in span:
+            self._validate(name)
+        for name in span:
             self.run_pass(name)
         if until == "lower":
             self.report()

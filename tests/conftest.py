@@ -48,3 +48,35 @@ def installed_js_plugin(tmp_path_factory) -> Path:
     assert proc.returncode == 0, f"pip install of the example plugin failed:\n{proc.stdout}\n{proc.stderr}"
     assert (site / "hwopt_js_divergence.py").is_file()
     return site
+
+
+def make_tiny_llama_dir(directory: Path, seed: int = 0, layers: int = 4) -> Path:
+    """A random tiny Llama checkpoint with SmolLM2's tokenizer (so real text tokenises)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from hwopt.builtin.models import smollm2_weights
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=layers, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=16, vocab_size=49152, max_position_embeddings=512,
+                         tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    AutoTokenizer.from_pretrained(smollm2_weights()).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    return make_tiny_llama_dir(tmp_path_factory.mktemp("tiny_llama"))
+
+
+# Small budgets that still run every pass for real.
+FAST_RUN = ["--scenario", "16/4", "--repeats", "2", "--seq-len", "32", "--bld-tokens", "512",
+            "--score-tokens", "64", "--uptrain-tokens", "128"]
+
+
+def hwopt_cli(*args, env=None, timeout=900) -> subprocess.CompletedProcess:
+    """Run the hwopt command line in a subprocess."""
+    return subprocess.run([sys.executable, "-m", "hwopt", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=timeout, cwd=REPO)

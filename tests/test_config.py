@@ -9,8 +9,14 @@ from transformers import LlamaConfig
 
 from hwopt.errors import HwoptError
 from hwopt.model.checkpoint import architecture_from_dict, nemotron_nas_config
-from hwopt.model.config import (AttentionConfig, BlockConfig, FFNConfig, ffn_mult_to_intermediate_size,
-                                intermediate_size_to_ffn_mult, parent_block_config)
+from hwopt.model.config import (
+    AttentionConfig,
+    BlockConfig,
+    FFNConfig,
+    ffn_mult_to_intermediate_size,
+    intermediate_size_to_ffn_mult,
+    parent_block_config,
+)
 
 HIDDEN = 64
 

@@ -38,7 +38,8 @@ def test_cpu_profile_describes_this_machine():
     assert cpu.memory_gib == pytest.approx(expected_gib, abs=0.1)
     meminfo = Path("/proc/meminfo")
     if meminfo.is_file():
-        total_kib = int(next(l for l in meminfo.read_text().splitlines() if l.startswith("MemTotal")).split()[1])
+        mem_total = next(line for line in meminfo.read_text().splitlines() if line.startswith("MemTotal"))
+        total_kib = int(mem_total.split()[1])
         assert cpu.memory_gib == pytest.approx(total_kib / 2**20, rel=0.01)
     assert f"{len(os.sched_getaffinity(0))} cores available" in cpu.description
     assert "memory_gib" in cpu.sources

@@ -10,8 +10,8 @@ import sys
 
 import pytest
 import torch
-
 from conftest import env_with_pythonpath
+
 from hwopt import plugins
 
 EXPECTED = {

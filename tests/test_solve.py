@@ -7,7 +7,7 @@ import pytest
 
 from hwopt.builtin.solvers import ScipSolver
 from hwopt.errors import HwoptError
-from hwopt.problem import Constraint, Problem, explain_infeasible, problem_from_library
+from hwopt.problem import Constraint, explain_infeasible, problem_from_library
 
 KEYS = ("stats.runtime_ms", "stats.memory_mib", "metrics.kl_div")
 

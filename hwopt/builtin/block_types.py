@@ -15,8 +15,8 @@ import torch
 
 from hwopt.hookspecs import hookimpl
 from hwopt.model.config import AttentionConfig, FFNConfig
-from hwopt.search_space import SearchSpace
 from hwopt.model.modeling import GroupedQueryAttention, LinearAttention, LinearFFN, SwiGLU
+from hwopt.search_space import SearchSpace
 
 
 def least_squares_linear(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -83,59 +83,6 @@ class GQAttentionType:
                 dst.bias.copy_(src.bias.view(module.num_kv_heads, merge, -1).mean(dim=1).reshape(-1))
 
 
-class LinearAttentionType:
-    name = "linear_attention"
-    kind = "attention"
-
-    def variants(self, config, space: SearchSpace) -> list[AttentionConfig]:
-        return [AttentionConfig(replace_with_linear=True)] if space.linear else []
-
-    def matches(self, cfg) -> bool:
-        return isinstance(cfg, AttentionConfig) and cfg.replace_with_linear
-
-    def variant_name(self, cfg, config) -> str:
-        return "attn_linear"
-
-    def build(self, cfg, config):
-        return LinearAttention(config)
-
-    def num_params(self, cfg, config) -> int:
-        return config.hidden_size * config.hidden_size + config.hidden_size
-
-    def kv_cache_elements_per_token(self, cfg, config) -> int:
-        return 0
-
-    @torch.no_grad()
-    def init_from_parent(self, module, parent, x, position_embeddings) -> None:
-        module.linear_attn.weight.copy_(least_squares_linear(x, parent(x, position_embeddings)))
-
-
-class NoOpAttentionType:
-    name = "no_op_attention"
-    kind = "attention"
-
-    def variants(self, config, space: SearchSpace) -> list[AttentionConfig]:
-        return [AttentionConfig(no_op=True)] if space.no_op else []
-
-    def matches(self, cfg) -> bool:
-        return isinstance(cfg, AttentionConfig) and cfg.no_op
-
-    def variant_name(self, cfg, config) -> str:
-        return "attn_noop"
-
-    def build(self, cfg, config):
-        return None
-
-    def num_params(self, cfg, config) -> int:
-        return 0
-
-    def kv_cache_elements_per_token(self, cfg, config) -> int:
-        return 0
-
-    def init_from_parent(self, module, parent, x, position_embeddings) -> None:
-        pass
-
-
 class SwiGLUType:
     name = "swiglu"
     kind = "ffn"
@@ -176,21 +123,26 @@ class SwiGLUType:
             module.down_proj.bias.copy_(parent.down_proj.bias)
 
 
-class LinearFFNType:
-    name = "linear_ffn"
-    kind = "ffn"
+class LinearType:
+    """A sub-block replaced by one hidden x hidden matrix, fitted by least squares to the parent's output."""
 
-    def variants(self, config, space: SearchSpace) -> list[FFNConfig]:
-        return [FFNConfig(replace_with_linear=True)] if space.linear else []
+    def __init__(self, kind: str):
+        self.kind = kind
+        self.name = f"linear_{kind}"
+        self._config = AttentionConfig if kind == "attention" else FFNConfig
+        self._module = LinearAttention if kind == "attention" else LinearFFN
+
+    def variants(self, config, space: SearchSpace) -> list:
+        return [self._config(replace_with_linear=True)] if space.linear else []
 
     def matches(self, cfg) -> bool:
-        return isinstance(cfg, FFNConfig) and cfg.replace_with_linear
+        return isinstance(cfg, self._config) and cfg.replace_with_linear
 
     def variant_name(self, cfg, config) -> str:
-        return "ffn_linear"
+        return "attn_linear" if self.kind == "attention" else "ffn_linear"
 
     def build(self, cfg, config):
-        return LinearFFN(config)
+        return self._module(config)
 
     def num_params(self, cfg, config) -> int:
         return config.hidden_size * config.hidden_size + config.hidden_size
@@ -200,21 +152,26 @@ class LinearFFNType:
 
     @torch.no_grad()
     def init_from_parent(self, module, parent, x, position_embeddings) -> None:
-        module.linear_mlp.weight.copy_(least_squares_linear(x, parent(x)))
+        target = parent(x, position_embeddings) if self.kind == "attention" else parent(x)
+        module.linear.weight.copy_(least_squares_linear(x, target))
 
 
-class NoOpFFNType:
-    name = "no_op_ffn"
-    kind = "ffn"
+class NoOpType:
+    """A sub-block removed: no weights, no norm, nothing to compute."""
 
-    def variants(self, config, space: SearchSpace) -> list[FFNConfig]:
-        return [FFNConfig(no_op=True)] if space.no_op else []
+    def __init__(self, kind: str):
+        self.kind = kind
+        self.name = f"no_op_{kind}"
+        self._config = AttentionConfig if kind == "attention" else FFNConfig
+
+    def variants(self, config, space: SearchSpace) -> list:
+        return [self._config(no_op=True)] if space.no_op else []
 
     def matches(self, cfg) -> bool:
-        return isinstance(cfg, FFNConfig) and cfg.no_op
+        return isinstance(cfg, self._config) and cfg.no_op
 
     def variant_name(self, cfg, config) -> str:
-        return "ffn_noop"
+        return "attn_noop" if self.kind == "attention" else "ffn_noop"
 
     def build(self, cfg, config):
         return None
@@ -231,6 +188,6 @@ class NoOpFFNType:
 
 @hookimpl
 def hwopt_register_block_types(register):
-    for block_type in (GQAttentionType(), LinearAttentionType(), NoOpAttentionType(),
-                       SwiGLUType(), LinearFFNType(), NoOpFFNType()):
+    for block_type in (GQAttentionType(), LinearType("attention"), NoOpType("attention"),
+                       SwiGLUType(), LinearType("ffn"), NoOpType("ffn")):
         register(block_type)

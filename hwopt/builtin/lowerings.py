@@ -6,7 +6,7 @@ from hwopt.model.checkpoint import save_nemotron_nas
 
 class NemotronNASLowering:
     name = "nemotron-nas"
-    description = "Hugging Face nemotron-nas checkpoint (DeciLMForCausalLM): config.json with block_configs, safetensors"
+    description = "Hugging Face nemotron-nas checkpoint (DeciLMForCausalLM): config.json with block_configs"
 
     def lower(self, model, tokenizer, out_dir) -> None:
         save_nemotron_nas(model, out_dir, tokenizer)

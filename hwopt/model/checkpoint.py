@@ -50,7 +50,8 @@ def architecture_from_dict(raw: dict, where: str) -> tuple[LlamaConfig, list[Blo
         # The Llama fields a child leaves null get their largest per-layer value.
         kv_groups = [b.attention.n_heads_in_group for b in blocks if b.attention.n_heads_in_group]
         widths = [b.ffn.intermediate_size for b in blocks if b.ffn.intermediate_size]
-        fields["num_key_value_heads"] = fields["num_attention_heads"] // min(kv_groups, default=fields["num_attention_heads"])
+        heads = fields["num_attention_heads"]
+        fields["num_key_value_heads"] = heads // min(kv_groups, default=heads)
         fields["intermediate_size"] = max(widths, default=4 * hidden)
         return LlamaConfig(**fields), blocks
     raise HwoptError(f"{where}: model_type {model_type!r} is neither 'llama' nor 'nemotron-nas'")

@@ -104,6 +104,11 @@ class BlockConfig:
             raise HwoptError(f"malformed block config {d!r}: {exc}") from None
 
 
+def sub_block_json(cfg: AttentionConfig | FFNConfig, hidden_size: int) -> dict:
+    """The ``block_configs`` entry of one attention or FFN config."""
+    return cfg.to_json(hidden_size) if isinstance(cfg, FFNConfig) else cfg.to_json()
+
+
 def parent_block_config(llama_config) -> BlockConfig:
     """The block every layer of an unmodified Llama has."""
     return BlockConfig(

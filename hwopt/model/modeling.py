@@ -76,15 +76,28 @@ class GroupedQueryAttention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(batch, seq, -1))
 
 
-class LinearAttention(nn.Module):
-    """Attention replaced by one hidden x hidden linear map (no mixing across tokens)."""
+class LinearReplacement(nn.Module):
+    """A sub-block replaced by one hidden x hidden linear map (no mixing across tokens).
+
+    The weight keeps the name checkpoints give it (``linear_attn`` or ``linear_mlp``).
+    """
+
+    weight_name: str
 
     def __init__(self, config):
         super().__init__()
-        self.linear_attn = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        setattr(self, self.weight_name, nn.Linear(config.hidden_size, config.hidden_size, bias=False))
+
+    @property
+    def linear(self) -> nn.Linear:
+        return getattr(self, self.weight_name)
 
     def forward(self, x, position_embeddings=None, cache=None, layer_idx=0):
-        return self.linear_attn(x)
+        return self.linear(x)
+
+
+class LinearAttention(LinearReplacement):
+    weight_name = "linear_attn"
 
 
 class SwiGLU(nn.Module):
@@ -101,15 +114,8 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class LinearFFN(nn.Module):
-    """FFN replaced by one hidden x hidden linear map."""
-
-    def __init__(self, config):
-        super().__init__()
-        self.linear_mlp = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
-
-    def forward(self, x):
-        return self.linear_mlp(x)
+class LinearFFN(LinearReplacement):
+    weight_name = "linear_mlp"
 
 
 def build_attention(config, attention: AttentionConfig) -> nn.Module | None:
@@ -215,7 +221,9 @@ class HeteroLlamaForCausalLM(nn.Module):
     def forward(self, input_ids, past_key_values: KVCache | None = None, use_cache: bool = False,
                 output_hidden_states: bool = False, logits_to_keep: int = 0) -> CausalLMOutput:
         """Logits for every position, or for the last ``logits_to_keep`` (generation needs one)."""
-        cache = past_key_values if past_key_values is not None else (KVCache(len(self.model.layers)) if use_cache else None)
+        cache = past_key_values
+        if cache is None and use_cache:
+            cache = KVCache(len(self.model.layers))
         x = self.model.embed_tokens(input_ids)
         position_embeddings = self.position_embeddings(x, cache.length if cache is not None else 0)
         hidden_states = [x] if output_hidden_states else None

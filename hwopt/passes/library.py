@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from hwopt.model.config import AttentionConfig, BlockConfig, FFNConfig
+from hwopt.model.config import AttentionConfig, BlockConfig, FFNConfig, sub_block_json
 from hwopt.model.modeling import DecoderLayer, HeteroLlamaForCausalLM
 from hwopt.pipeline import atomic_path, atomic_write_json
 from hwopt.progress import progress
@@ -89,7 +89,8 @@ def train_variant(variant: SubVariant, parent: SubBlock, config, x: torch.Tensor
         schedule.step()
     with torch.no_grad():
         final_loss = normalized_mse(block(val_x, _slice_pos(position_embeddings, val_x)), val_y).item()
-    return block, {"init_nmse": init_loss, "final_nmse": final_loss, "train_tokens": int(train_x.numel() // x.shape[-1])}
+    train_tokens = train_x.shape[0] * train_x.shape[1]
+    return block, {"init_nmse": init_loss, "final_nmse": final_loss, "train_tokens": train_tokens}
 
 
 def _slice_pos(position_embeddings, x):
@@ -109,50 +110,53 @@ def variants_for_layer(config, block: BlockConfig, space: SearchSpace) -> dict[s
     return out
 
 
+def library_entry(variant: SubVariant, seed: int, layer: DecoderLayer, config, activations: dict,
+                  position_embeddings, settings: BLDSettings, layer_dir: Path) -> dict:
+    """A trainable variant's index entry; trains and saves it first unless an earlier run already did."""
+    config_json = sub_block_json(variant.config, config.hidden_size)
+    if variant.block_type.num_params(variant.config, config) == 0:  # no-op: nothing to train
+        return {"config": config_json, "weights": None}
+    path = layer_dir / f"{variant.kind}_{variant.name}.safetensors"
+    meta_path = path.with_suffix(".json")
+    if not (path.is_file() and meta_path.is_file()):
+        x, target = activations[variant.kind]
+        with torch.enable_grad():
+            block, stats = train_variant(variant, parent_sub_block(layer, variant.kind), config, x, target,
+                                         position_embeddings, settings, seed)
+        with atomic_path(path) as tmp:
+            save_file({k: v.contiguous() for k, v in block.state_dict().items()}, tmp)
+        atomic_write_json(meta_path, stats)
+    return {"config": config_json, "weights": path.name, "bld": json.loads(meta_path.read_text())}
+
+
 def build_library(parent: HeteroLlamaForCausalLM, train_ids: torch.Tensor, space: SearchSpace,
                   settings: BLDSettings, out_dir: Path) -> None:
     """Train every non-parent variant of every layer into ``out_dir`` and write its index."""
     out_dir = Path(out_dir)
     config = parent.config
     plan = [variants_for_layer(config, block, space) for block in parent.block_configs]
-    todo = sum(len(p[k]) - 1 for p in plan for k in p)
     index = {"parent_blocks": [b.to_json(config.hidden_size) for b in parent.block_configs], "layers": {}}
     parent.requires_grad_(False)
-    with progress("library (BLD)", total=todo) as advance, torch.no_grad():
+    total = sum(len(variants) - 1 for layer_plan in plan for variants in layer_plan.values())
+    with progress("library (BLD)", total=total) as advance, torch.no_grad():
         x = parent.model.embed_tokens(train_ids)
         position_embeddings = parent.position_embeddings(x, 0)
         for i, layer in enumerate(parent.model.layers):
-            layer_dir = out_dir / f"layer_{i}"
-            entries = index["layers"][f"layer_{i}"] = {}
+            # each sub-block's input and the parent's contribution to the residual stream
             mid = x + layer.attention_delta(x, position_embeddings) if layer.self_attn else x
-            inputs = {"attention": x, "ffn": mid}
-            targets = {"attention": mid - x, "ffn": layer.ffn_delta(mid) if layer.mlp else torch.zeros_like(mid)}
-            for kind, variants in plan[i].items():
-                entries[kind] = {variants[0].name: {"config": _config_json(variants[0], config), "weights": "parent"}}
-                for n, variant in enumerate(variants[1:], 1):
-                    if variant.block_type.num_params(variant.config, config) == 0:  # no-op: nothing to train
-                        entries[kind][variant.name] = {"config": _config_json(variant, config), "weights": None}
-                        advance()
-                        continue
-                    path = layer_dir / f"{kind}_{variant.name}.safetensors"
-                    meta_path = path.with_suffix(".json")
-                    if not (path.is_file() and meta_path.is_file()):
-                        with torch.enable_grad():
-                            block, stats = train_variant(variant, parent_sub_block(layer, kind), config, inputs[kind],
-                                                         targets[kind], position_embeddings, settings,
-                                                         seed=settings.seed * 1_000_003 + i * 1000 + n)
-                        with atomic_path(path) as tmp:
-                            save_file({k: v.contiguous() for k, v in block.state_dict().items()}, tmp)
-                        atomic_write_json(meta_path, stats)
-                    entries[kind][variant.name] = {"config": _config_json(variant, config), "weights": path.name,
-                                                   "bld": json.loads(meta_path.read_text())}
+            ffn_out = layer.ffn_delta(mid) if layer.mlp else torch.zeros_like(mid)
+            activations = {"attention": (x, mid - x), "ffn": (mid, ffn_out)}
+            entries = index["layers"][f"layer_{i}"] = {}
+            for kind, (own, *others) in plan[i].items():
+                entries[kind] = {own.name: {"config": sub_block_json(own.config, config.hidden_size),
+                                            "weights": "parent"}}
+                for n, variant in enumerate(others, 1):
+                    seed = settings.seed * 1_000_003 + i * 1000 + n
+                    entries[kind][variant.name] = library_entry(variant, seed, layer, config, activations,
+                                                                position_embeddings, settings, out_dir / f"layer_{i}")
                     advance()
             x = layer(x, position_embeddings)
     atomic_write_json(out_dir / INDEX, index)
-
-
-def _config_json(variant: SubVariant, config) -> dict:
-    return variant.config.to_json() if variant.kind == "attention" else variant.config.to_json(config.hidden_size)
 
 
 class Library:

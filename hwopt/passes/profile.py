@@ -21,6 +21,7 @@ import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding
 
 from hwopt.errors import HwoptError
+from hwopt.model.config import sub_block_json
 from hwopt.model.modeling import HeteroLlamaForCausalLM, KVCache
 from hwopt.pipeline import atomic_write_json
 from hwopt.plugins import backends
@@ -52,7 +53,8 @@ def _random_cache(config, num_kv_heads: int, scenario: Scenario, context: int, d
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     shape = (scenario.batch, num_kv_heads, context, head_dim)
     cache = KVCache(1)
-    cache.keys[0], cache.values[0], cache.length = torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype), context
+    cache.keys[0], cache.values[0] = torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype)
+    cache.length = context
     return cache
 
 
@@ -64,7 +66,12 @@ def rotation_size(weight_bytes: int) -> int:
     again would be served from cache. Copies totalling ROTATION_BYTES, used in
     turn, restore the real situation.
     """
-    return max(ROTATING_INPUTS, min(MAX_COPIES, -(-ROTATION_BYTES // max(weight_bytes, 1))))
+    return max(1, min(MAX_COPIES, -(-ROTATION_BYTES // max(weight_bytes, 1))))
+
+
+def rotation(copies: list) -> list:
+    """The copies in turn, at least ROTATING_INPUTS calls long (each call also gets its own input)."""
+    return [copies[k % len(copies)] for k in range(max(len(copies), ROTATING_INPUTS))]
 
 
 def time_sub_block(variant: SubVariant, config, scenario: Scenario, backend, dtype, repeats: int) -> dict:
@@ -91,12 +98,13 @@ def time_sub_block(variant: SubVariant, config, scenario: Scenario, backend, dty
             cache = _random_cache_like(cache)
         return x + module(norm(x), rotary(x, positions), cache, 0)
 
-    prefill = backend.time_ms(call, [(m, torch.randn(b, scenario.input_len, h, dtype=dtype), None) for m in copies],
-                              repeats=repeats)
+    prefill = backend.time_ms(call, [(m, torch.randn(b, scenario.input_len, h, dtype=dtype), None)
+                                     for m in rotation(copies)], repeats=repeats)
     step_ms = {}
     for context in decode_contexts(scenario):
         inputs = [(m, torch.randn(b, 1, h, dtype=dtype),
-                   _random_cache(config, kv_heads, scenario, context, dtype) if kv_heads else None) for m in copies]
+                   _random_cache(config, kv_heads, scenario, context, dtype) if kv_heads else None)
+                  for m in rotation(copies)]
         step_ms[context] = backend.time_ms(call, inputs, repeats=repeats)
     decode = integrate_decode(list(step_ms), list(step_ms.values()), scenario)
     return {"prefill_ms": prefill, "decode_ms": decode, "decode_step_ms": {str(k): v for k, v in step_ms.items()},
@@ -126,12 +134,12 @@ def time_outside_layers(config, scenario: Scenario, backend, dtype, repeats: int
             cache.length = context
         return model(ids, past_key_values=cache, logits_to_keep=1)
 
-    prefill = backend.time_ms(
-        call, [(m, torch.randint(0, config.vocab_size, (scenario.batch, scenario.input_len)), None) for m in models],
-        repeats=repeats)
+    prompts = [(m, torch.randint(0, config.vocab_size, (scenario.batch, scenario.input_len)), None)
+               for m in rotation(models)]
+    prefill = backend.time_ms(call, prompts, repeats=repeats)
     step_ms = {}
     for context in decode_contexts(scenario):
-        inputs = [(m, torch.randint(0, config.vocab_size, (scenario.batch, 1)), context) for m in models]
+        inputs = [(m, torch.randint(0, config.vocab_size, (scenario.batch, 1)), context) for m in rotation(models)]
         step_ms[context] = backend.time_ms(call, inputs, repeats=repeats)
     decode = integrate_decode(list(step_ms), list(step_ms.values()), scenario)
     return {"prefill_ms": prefill, "decode_ms": decode, "decode_step_ms": {str(k): v for k, v in step_ms.items()},
@@ -145,7 +153,7 @@ def cost_entry(variant: SubVariant, config, scenario: Scenario, timing: dict, so
     weights = params * scenario.bytes_per_element / MIB
     kv_cache = scenario.batch * scenario.max_context * kv_elements * scenario.bytes_per_element / MIB
     return {
-        "config": variant.config.to_json() if variant.kind == "attention" else variant.config.to_json(config.hidden_size),
+        "config": sub_block_json(variant.config, config.hidden_size),
         "num_params": params,
         "weights_mib": weights,
         "kv_cache_mib": kv_cache,

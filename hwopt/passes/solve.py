@@ -60,7 +60,8 @@ def parent_choice(library: dict) -> dict[str, str]:
     return {layer: next(name for name, e in variants.items() if e.get("parent")) for layer, variants in library.items()}
 
 
-def solve(library: dict, costs: dict, budgets: Budgets, objective: str, solver_name: str, out_path: Path) -> dict:
+def solve(library: dict, costs: dict, budgets: Budgets, objective: str, solver_name: str, out_path: Path,
+          maximize: bool = False) -> dict:
     """Write ``solutions.json``: the chosen variant per layer, with totals next to the parent's."""
     solver = solvers().get(solver_name)
     scenario = Scenario(**costs["scenario"])
@@ -69,18 +70,21 @@ def solve(library: dict, costs: dict, budgets: Budgets, objective: str, solver_n
     keys = [Constraint(RUNTIME, max=float("inf")), Constraint(MEMORY, max=float("inf"))]
     reference = problem_from_library(library, objective, keys, offsets=offsets)
     parent_totals = reference.totals(parent_choice(library))
-    problem = problem_from_library(library, objective, budgets.constraints(parent_totals, scenario), offsets=offsets)
+    problem = problem_from_library(library, objective, budgets.constraints(parent_totals, scenario), maximize,
+                                   offsets=offsets)
     solution = solver.solve(problem)
     if solution is None:
         reasons = "; ".join(explain_infeasible(problem, solver))
         speedup = ""
         if budgets.speedup is not None or budgets.throughput is not None:
             fastest = solver.solve(problem_from_library(library, RUNTIME, [], offsets=offsets))
-            speedup = f" (the fastest child in the library is {parent_totals[RUNTIME] / fastest.objective:.2f}x the parent)"
+            best = parent_totals[RUNTIME] / fastest.objective
+            speedup = f" (the fastest child in the library is {best:.2f}x the parent)"
         raise HwoptError(f"no architecture in the library meets the budgets: {reasons}{speedup}")
     totals = reference.totals(solution.choice)
     result = {
         "objective": objective,
+        "maximize": maximize,
         "constraints": [c.describe() for c in problem.constraints],
         "scenario": scenario.to_json(),
         "parent": {"totals": parent_totals},

@@ -1,0 +1,203 @@
+"""The pass pipeline on a tiny random Llama: skipping, resuming, errors, plugins, round trips."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FAST_RUN, REPO, env_with_pythonpath, hwopt_cli
+from safetensors.torch import load_file
+
+from hwopt.model.checkpoint import load_checkpoint, save_nemotron_nas
+from hwopt.model.config import AttentionConfig, BlockConfig, FFNConfig
+from hwopt.model.modeling import HeteroLlamaForCausalLM, KVCache
+from hwopt.models import load_model
+
+
+def assert_one_error_line(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("hwopt: error:")]
+    assert len(errors) == 1, proc.stderr
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_llama_dir, tmp_path_factory) -> Path:
+    """One complete optimize run on the tiny model."""
+    workdir = tmp_path_factory.mktemp("tiny_run")
+    proc = hwopt_cli("optimize", "--model", tiny_llama_dir, "--workdir", workdir, "--speedup", "1.2", *FAST_RUN)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return workdir
+
+
+def test_optimize_writes_every_artifact(tiny_run):
+    for path in ("profile/costs.json", "library/index.json", "score/block_library.json", "solve/solutions.json",
+                 "uptrain/model/config.json", "lower/nemotron-nas/config.json", "lower/nemotron-nas/model.safetensors",
+                 "report.json"):
+        assert (tiny_run / path).is_file(), path
+    assert not list(tiny_run.glob("*.partial"))
+    report = json.loads((tiny_run / "report.json").read_text())
+    for side in ("parent", "child"):
+        assert set(report[side]) >= {"params", "memory_mib", "runtime_ms_predicted", "runtime_ms_measured",
+                                     "kl_div", "perplexity"}
+    assert report["parent"]["kl_div"] == 0 and report["child"]["kl_div"] >= 0
+    solution = json.loads((tiny_run / "solve/solutions.json").read_text())
+    best, parent = solution["solutions"][0], solution["parent"]
+    assert best["totals"]["stats.runtime_ms"] <= parent["totals"]["stats.runtime_ms"] / 1.2 * (1 + 1e-6)
+    config = json.loads((tiny_run / "lower/nemotron-nas/config.json").read_text())
+    assert config["model_type"] == "nemotron-nas" and len(config["block_configs"]) == 4
+    assert [b for b in config["block_configs"]] == best["blocks"]
+
+
+def test_costs_name_their_source(tiny_run):
+    costs = json.loads((tiny_run / "profile/costs.json").read_text())
+    for kind in ("attention", "ffn"):
+        for entry in costs[kind].values():
+            assert entry["source"]["kind"] == "measured" and "torch" in entry["source"]["backend"]
+    library = json.loads((tiny_run / "score/block_library.json").read_text())
+    for variants in library.values():
+        for entry in variants.values():
+            assert entry["stats"]["source"].startswith("measured on")
+            assert entry["metrics"]["kl_div"] >= 0
+        assert sum(e["parent"] for e in variants.values()) == 1
+        assert next(e for e in variants.values() if e["parent"])["metrics"]["kl_div"] == pytest.approx(0, abs=1e-6)
+
+
+def test_rerun_skips_every_pass(tiny_run, tiny_llama_dir):
+    proc = hwopt_cli("optimize", "--workdir", tiny_run)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for name in ("profile", "library", "score", "solve", "uptrain", "lower"):
+        assert f"{name}: up to date, skipped" in proc.stderr
+
+
+def test_changed_budget_reruns_from_solve(tiny_run):
+    proc = hwopt_cli("solve", "--workdir", tiny_run, "--speedup", "1.1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    solution = json.loads((tiny_run / "solve/solutions.json").read_text())
+    assert solution["constraints"][0].startswith("stats.runtime_ms <=")
+    assert "up to date" not in proc.stderr
+    hwopt_cli("solve", "--workdir", tiny_run, "--speedup", "1.2")  # restore for the other tests
+
+
+def test_lowered_checkpoint_reloads_with_identical_logits(tiny_run):
+    uptrained = load_checkpoint(tiny_run / "uptrain/model")
+    lowered = load_model(str(tiny_run / "lower/nemotron-nas"))
+    ids = torch.randint(0, 49152, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(uptrained(ids).logits, lowered(ids).logits)
+
+
+def test_kill_during_library_resumes_to_the_same_result(tiny_llama_dir, tiny_run, tmp_path):
+    workdir = tmp_path / "killed"
+    args = [sys.executable, "-m", "hwopt", "optimize", "--model", str(tiny_llama_dir), "--workdir", str(workdir),
+            "--speedup", "1.2", *FAST_RUN]
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    partial = workdir / "library.partial"
+    deadline = time.time() + 300
+    while len(list(partial.rglob("*.safetensors"))) < 3 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed during library"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (workdir / "library").exists() and partial.is_dir()
+    done_before = {p.name for p in partial.rglob("*.safetensors")}
+
+    rerun = hwopt_cli(*args[3:])
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert not list(workdir.glob("*.partial"))
+    # same library and scores as the uninterrupted run (costs are timings, so they may differ)
+    assert done_before <= {p.name for p in (workdir / "library").rglob("*.safetensors")}
+    for f in (tiny_run / "library").rglob("*.safetensors"):
+        assert (workdir / "library" / f.relative_to(tiny_run / "library")).read_bytes() == f.read_bytes(), f
+    scores = [json.loads((w / "score/block_library.json").read_text()) for w in (tiny_run, workdir)]
+    metrics = [{(layer, v): e["metrics"] for layer, vs in s.items() for v, e in vs.items()} for s in scores]
+    assert metrics[0] == pytest.approx(metrics[1])
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--model", "no-such-model"], ["unknown model 'no-such-model'"]),
+    (["--target", "no-such-target"], ["unknown target 'no-such-target'"]),
+    (["--data", "/no/such/file.txt"], ["data file /no/such/file.txt does not exist"]),
+    (["--scenario", "12x4"], ["--scenario takes INPUT/OUTPUT"]),
+])
+def test_bad_input_is_one_error_line(args, needles, tiny_llama_dir, tmp_path):
+    model = [] if "--model" in args else ["--model", tiny_llama_dir]
+    proc = hwopt_cli("optimize", *model, "--workdir", tmp_path, "--speedup", "1.5", *FAST_RUN, *args)
+    assert_one_error_line(proc, *needles)
+
+
+def test_infeasible_speedup_says_how_close_the_library_gets(tiny_run):
+    proc = hwopt_cli("solve", "--workdir", tiny_run, "--speedup", "100")
+    assert_one_error_line(proc, "no architecture in the library meets the budgets", "stats.runtime_ms <=",
+                          "the fastest child in the library is")
+    hwopt_cli("solve", "--workdir", tiny_run, "--speedup", "1.2")
+
+
+def test_weights_missing_for_a_named_model_is_one_error_line(tmp_path):
+    proc = hwopt_cli("library", "--model", "llama-3.1-70b", "--workdir", tmp_path,
+                     env=env_with_pythonpath() | {"HF_HUB_CACHE": str(tmp_path / "empty-cache")})
+    assert_one_error_line(proc, "no weights for llama-3.1-70b", "Hugging Face cache")
+
+
+def test_plugin_metric_is_scored_and_solvable(installed_js_plugin, tiny_llama_dir, tmp_path):
+    env = env_with_pythonpath(installed_js_plugin)
+    proc = hwopt_cli("optimize", "--model", tiny_llama_dir, "--workdir", tmp_path, "--until", "solve",
+                     "--metric", "kl_div", "--metric", "js_div", "--objective", "metrics.js_div",
+                     "--speedup", "1.2", *FAST_RUN, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    library = json.loads((tmp_path / "score/block_library.json").read_text())
+    for variants in library.values():
+        for entry in variants.values():
+            assert 0 <= entry["metrics"]["js_div"] <= 0.6932
+    assert json.loads((tmp_path / "solve/solutions.json").read_text())["objective"] == "metrics.js_div"
+    listing = hwopt_cli("plugins", env=env)
+    assert "js_divergence" in listing.stdout and "js_div" in listing.stdout
+
+
+def mixed_child(seed=0) -> HeteroLlamaForCausalLM:
+    from transformers import LlamaConfig
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=16, vocab_size=97, tie_word_embeddings=False)
+    blocks = [BlockConfig(AttentionConfig(n_heads_in_group=4), FFNConfig(intermediate_size=64)),
+              BlockConfig(AttentionConfig(replace_with_linear=True), FFNConfig(no_op=True)),
+              BlockConfig(AttentionConfig(no_op=True), FFNConfig(replace_with_linear=True)),
+              BlockConfig(AttentionConfig(n_heads_in_group=2), FFNConfig(intermediate_size=128))]
+    return HeteroLlamaForCausalLM(config, blocks).eval()
+
+
+def test_child_checkpoint_round_trip(tmp_path):
+    child = mixed_child()
+    save_nemotron_nas(child, tmp_path)
+    again = load_model(str(tmp_path))
+    assert again.block_configs == child.block_configs
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(child(ids).logits, again(ids).logits)
+    names = set(load_file(tmp_path / "model.safetensors"))
+    assert "model.layers.1.self_attn.linear_attn.weight" in names
+    assert "model.layers.2.mlp.linear_mlp.weight" in names
+    assert not any(n.startswith("model.layers.2.input_layernorm") for n in names)  # no-op has no norm
+
+
+def test_kv_cache_decoding_matches_full_forward():
+    child = mixed_child(1)
+    ids = torch.randint(0, 97, (2, 10))
+    with torch.no_grad():
+        full = child(ids).logits
+        out = child(ids[:, :6], use_cache=True)
+        steps = [out.logits]
+        for t in range(6, 10):
+            out = child(ids[:, t:t + 1], past_key_values=out.past_key_values)
+            steps.append(out.logits)
+    assert isinstance(out.past_key_values, KVCache) and out.past_key_values.length == 10
+    assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
