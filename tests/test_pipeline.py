@@ -118,7 +118,8 @@ def test_kill_during_library_resumes_to_the_same_result(tiny_llama_dir, tiny_run
     for f in (tiny_run / "library").rglob("*.safetensors"):
         assert (workdir / "library" / f.relative_to(tiny_run / "library")).read_bytes() == f.read_bytes(), f
     scores = [json.loads((w / "score/block_library.json").read_text()) for w in (tiny_run, workdir)]
-    metrics = [{(layer, v): e["metrics"] for layer, vs in s.items() for v, e in vs.items()} for s in scores]
+    metrics = [{(layer, v, m): x for layer, vs in s.items() for v, e in vs.items() for m, x in e["metrics"].items()}
+               for s in scores]
     assert metrics[0] == pytest.approx(metrics[1])
 
 

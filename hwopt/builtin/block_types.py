@@ -31,9 +31,10 @@ def ffn_width(parent_size: int, fraction: float) -> int:
     """A fraction of the parent's width, rounded half up to the grid the nemotron-nas ffn_mult rule uses.
 
     Readers that derive the width from ``ffn_mult`` round it up to a multiple
-    of 256, so a parent on that grid keeps its variants on it too.
+    of 256, so a parent on that grid keeps its variants on it too, unless the
+    grid is too coarse for it (under four steps: tiny test models).
     """
-    step = 256 if parent_size % 256 == 0 else 8
+    step = 256 if parent_size % 256 == 0 and parent_size >= 4 * 256 else 8
     return max(step, step * math.floor(parent_size * fraction / step + 0.5))
 
 
