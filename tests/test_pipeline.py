@@ -202,3 +202,23 @@ def test_kv_cache_decoding_matches_full_forward():
             steps.append(out.logits)
     assert isinstance(out.past_key_values, KVCache) and out.past_key_values.length == 10
     assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
+
+
+def test_profile_needs_only_the_config_and_library_says_where_weights_are_missing(tmp_path):
+    """A nemotron-nas config.json alone is enough to profile; the weight-hungry passes stop clearly."""
+    from hwopt.model.checkpoint import nemotron_nas_config
+
+    model_dir = tmp_path / "config-only"
+    model_dir.mkdir()
+    child = mixed_child()
+    (model_dir / "config.json").write_text(json.dumps(nemotron_nas_config(child.config, child.block_configs)))
+    workdir = tmp_path / "run"
+    proc = hwopt_cli("profile", "--model", model_dir, "--workdir", workdir, "--scenario", "8/4", "--repeats", "2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    costs = json.loads((workdir / "profile/costs.json").read_text())
+    # the child's own blocks are profiled even where they lie outside the default search space
+    assert {"kv1", "kv2", "attn_linear", "attn_noop"} <= set(costs["attention"])
+    assert {"ffn64", "ffn128", "ffn_linear", "ffn_noop"} <= set(costs["ffn"])
+    assert costs["attention"]["kv1"]["kv_cache_mib"] < costs["attention"]["kv2"]["kv_cache_mib"]
+    proc = hwopt_cli("library", "--workdir", workdir)
+    assert_one_error_line(proc, "no *.safetensors")
