@@ -63,7 +63,12 @@ class ModelSource:
         return load_checkpoint(self.require_weights())
 
     def tokenizer(self):
-        return AutoTokenizer.from_pretrained(self.require_weights())
+        directory = self.require_weights()
+        try:
+            return AutoTokenizer.from_pretrained(directory)
+        except Exception as exc:  # transformers raises many kinds here; the user needs to know which file
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise HwoptError(f"cannot load a tokenizer from {directory}: {reason}") from None
 
     @property
     def is_parent(self) -> bool:
@@ -76,7 +81,8 @@ def resolve_model(name_or_path: str) -> ModelSource:
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         config, blocks = read_architecture(path)
-        return ModelSource(str(path), config, blocks, path, f"{path} holds no *.safetensors")
+        weights = path if any(path.glob("*.safetensors")) else None
+        return ModelSource(str(path), config, blocks, weights, f"{path} holds no *.safetensors")
     for spec in models():
         if name_or_path.lower() in (spec.name, *spec.aliases):
             config = spec.make_config()

@@ -145,10 +145,12 @@ class Run:
         settings = {k: getattr(self.settings, k) for k in keys}
         if name in ("profile", "library"):
             settings["architecture"] = self.source.config.to_json_string(use_diff=False)
-        if name in ("library",):
+        if name == "profile":  # `cpu` names whichever machine this is: timings from another one are stale
+            settings["device"] = self.target.description
+        if name == "library":
             weights = self.source.require_weights()
             settings["weights"] = sorted((f.name, f.stat().st_size) for f in weights.glob("*.safetensors"))
-        if name in ("score", "uptrain"):
+        if "data" in keys:
             settings["data_sha256"] = self.split.sha256
         return fingerprint(settings, {up: output_hash(self.dir(up)) for up in upstream})
 
@@ -220,7 +222,7 @@ class Run:
         lower(load_checkpoint(self.dir("uptrain") / "model"), self.tokenizer, self.settings.formats, out)
 
     def report(self) -> dict:
-        """Parent against the lowered child; recomputed only when the child or scenario changed."""
+        """Parent against the child, both timed here; recomputed only when the child or scenario changed."""
         fp = fingerprint({"scenario": self.scenario.to_json(), "data_sha256": self.split.sha256,
                           "score_tokens": self.settings.score_tokens},
                          {"lower": output_hash(self.dir("lower")), "solve": output_hash(self.dir("solve"))})

@@ -222,3 +222,12 @@ def test_profile_needs_only_the_config_and_library_says_where_weights_are_missin
     assert costs["attention"]["kv1"]["kv_cache_mib"] < costs["attention"]["kv2"]["kv_cache_mib"]
     proc = hwopt_cli("library", "--workdir", workdir)
     assert_one_error_line(proc, "no *.safetensors")
+
+
+def test_checkpoint_without_tokenizer_is_one_error_line(tiny_llama_dir, tmp_path):
+    model_dir = tmp_path / "no-tokenizer"
+    model_dir.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (model_dir / name).write_bytes((tiny_llama_dir / name).read_bytes())
+    proc = hwopt_cli("library", "--model", model_dir, "--workdir", tmp_path / "run", *FAST_RUN)
+    assert_one_error_line(proc, f"cannot load a tokenizer from {model_dir}")
