@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -87,6 +88,19 @@ def test_changed_budget_reruns_from_solve(tiny_run):
     hwopt_cli("solve", "--workdir", tiny_run, "--speedup", "1.2")  # restore for the other tests
 
 
+def test_memory_budget_is_respected(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    parent = json.loads((run / "solve/solutions.json").read_text())["parent"]["totals"]
+    outside = json.loads((run / "profile/costs.json").read_text())["outside_layers"]["memory_mib"]
+    budget = outside + 0.3 * (parent["stats.memory_mib"] - outside)  # the layers at 30% of their memory
+    proc = hwopt_cli("solve", "--workdir", run, "--memory", f"{budget:.4f}MiB")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    best = json.loads((run / "solve/solutions.json").read_text())["solutions"][0]
+    assert best["totals"]["stats.memory_mib"] <= budget + 1e-3
+    assert best["totals"]["stats.runtime_ms"] <= parent["stats.runtime_ms"] / 1.2 * (1 + 1e-6)  # the saved budget
+
+
 def test_lowered_checkpoint_reloads_with_identical_logits(tiny_run):
     uptrained = load_checkpoint(tiny_run / "uptrain/model")
     lowered = load_model(str(tiny_run / "lower/nemotron-nas"))
@@ -128,6 +142,7 @@ def test_kill_during_library_resumes_to_the_same_result(tiny_llama_dir, tiny_run
     (["--target", "no-such-target"], ["unknown target 'no-such-target'"]),
     (["--data", "/no/such/file.txt"], ["data file /no/such/file.txt does not exist"]),
     (["--scenario", "12x4"], ["--scenario takes INPUT/OUTPUT"]),
+    (["--target", "h100"], ["cannot measure on target h100-sxm", "GPU timing is not implemented"]),
 ])
 def test_bad_input_is_one_error_line(args, needles, tiny_llama_dir, tmp_path):
     model = [] if "--model" in args else ["--model", tiny_llama_dir]

@@ -1,0 +1,87 @@
+"""The run-directory rules: staged passes, resumable units, fingerprints; budgets as constraints."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hwopt.errors import HwoptError
+from hwopt.passes.solve import RUNTIME, Budgets, parse_memory_mib
+from hwopt.pipeline import fingerprint, is_up_to_date, output_hash, read_manifest, staged_pass
+from hwopt.run import Settings, load_settings
+from hwopt.search_space import Scenario
+
+
+def test_pass_appears_only_when_complete(tmp_path):
+    target = tmp_path / "score"
+    with pytest.raises(RuntimeError), staged_pass(target, "fp1") as out:
+        (out / "half.json").write_text("{}")
+        raise RuntimeError("killed")
+    assert not target.exists()
+    assert (tmp_path / "score.partial" / "half.json").is_file()  # kept for the rerun to resume from
+
+    with staged_pass(target, "fp1") as out:
+        assert (out / "half.json").is_file()  # same fingerprint: finished units are reused
+        (out / "rest.json").write_text("{}")
+    assert not (tmp_path / "score.partial").exists()
+    assert sorted(read_manifest(target)["files"]) == ["half.json", "rest.json"]
+    assert is_up_to_date(target, "fp1") and not is_up_to_date(target, "fp2")
+
+
+def test_partial_from_other_settings_is_discarded(tmp_path):
+    target = tmp_path / "library"
+    with pytest.raises(RuntimeError), staged_pass(target, "old") as out:
+        (out / "stale.safetensors").write_text("x")
+        raise RuntimeError
+    with staged_pass(target, "new") as out:
+        assert not (out / "stale.safetensors").exists()
+
+
+def test_rerun_replaces_the_old_output_and_its_hash(tmp_path):
+    target = tmp_path / "solve"
+    with staged_pass(target, "a") as out:
+        (out / "solutions.json").write_text('{"x": 1}')
+    first = output_hash(target)
+    with staged_pass(target, "b") as out:
+        (out / "solutions.json").write_text('{"x": 2}')
+    assert json.loads((target / "solutions.json").read_text()) == {"x": 2}
+    assert output_hash(target) != first and not (tmp_path / "solve.old").exists()
+
+
+def test_fingerprint_covers_settings_and_inputs():
+    base = fingerprint({"a": 1}, {"library": "h1"})
+    assert base == fingerprint({"a": 1}, {"library": "h1"})
+    assert base != fingerprint({"a": 2}, {"library": "h1"})
+    assert base != fingerprint({"a": 1}, {"library": "h2"})
+
+
+def test_settings_merge_defaults_saved_and_command_line(tmp_path):
+    (tmp_path / "run.json").write_text(json.dumps({"model": "saved-model", "speedup": 2.0, "unknown_key": 1}))
+    settings = load_settings(tmp_path, {"speedup": 3.0, "target": None})
+    assert settings.model == "saved-model" and settings.speedup == 3.0 and settings.target == Settings().target
+
+
+@pytest.mark.parametrize("text, mib", [("80GB", 80e9 / 2**20), ("512MiB", 512), ("1.5GiB", 1536), ("300", 300)])
+def test_memory_sizes(text, mib):
+    assert parse_memory_mib(text) == pytest.approx(mib)
+
+
+@pytest.mark.parametrize("text", ["lots", "12 parsecs", ""])
+def test_bad_memory_size_is_a_clear_error(text):
+    with pytest.raises(HwoptError, match="--memory takes a size"):
+        parse_memory_mib(text)
+
+
+def test_budgets_become_whole_model_constraints():
+    scenario = Scenario(batch=2, input_len=100, output_len=50)
+    parent = {RUNTIME: 1000.0}
+    (runtime,) = Budgets(speedup=2).constraints(parent, scenario)
+    assert runtime.key == RUNTIME and runtime.max == 500
+    # 2 x 150 tokens at 600 tokens/s is 500 ms; the tighter of two runtime budgets wins
+    (runtime,) = Budgets(speedup=1.5, throughput=600).constraints(parent, scenario)
+    assert runtime.max == pytest.approx(500)
+    runtime, memory = Budgets(speedup=1.0, memory="1GiB").constraints(parent, scenario)
+    assert memory.key == "stats.memory_mib" and memory.max == 1024
+    with pytest.raises(HwoptError, match="--speedup must be positive"):
+        Budgets(speedup=0).constraints(parent, scenario)
