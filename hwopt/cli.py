@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from hwopt import __version__
 from hwopt.errors import HwoptError
 from hwopt.run import PASSES, Run, load_settings
 
@@ -62,6 +63,7 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hwopt", description="Hardware-aware LLM optimisation (Puzzle).")
+    parser.add_argument("--version", action="version", version=f"hwopt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("optimize", help="run every pass: " + " -> ".join(PASSES))
     add_run_options(p)

@@ -24,7 +24,7 @@ from hwopt.model.checkpoint import load_checkpoint, save_nemotron_nas
 from hwopt.models import resolve_model
 from hwopt.passes.library import BLDSettings, Library, build_library
 from hwopt.passes.lower import lower
-from hwopt.passes.profile import profile
+from hwopt.passes.profile import measurement_backend, profile
 from hwopt.passes.score import score
 from hwopt.passes.solve import Budgets, solve
 from hwopt.passes.uptrain import UptrainSettings, uptrain
@@ -172,6 +172,10 @@ class Run:
     def _validate(self, name: str) -> None:
         """Resolve what a pass will need before it starts, so bad input fails at once."""
         _ = self.source, self.target, self.scenario
+        if name == "profile":
+            measurement_backend(self.settings.backend, self.target)
+        if name in ("library", "score", "uptrain", "lower"):
+            self.source.require_weights()
         if "data" in PASS_INPUTS[name][0]:
             check_data_files(self.settings.data)
         if name == "score":

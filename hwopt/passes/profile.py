@@ -164,13 +164,19 @@ def cost_entry(variant: SubVariant, config, scenario: Scenario, timing: dict, so
     }
 
 
+def measurement_backend(name: str, target):
+    """The backend called ``name``, if it can measure on ``target`` here; else a clear error."""
+    backend = backends().get(name)
+    ok, why = backend.available(target)
+    if not ok:
+        raise HwoptError(f"cannot measure on target {target.name} with backend {name}: {why}")
+    return backend
+
+
 def profile(source, target, scenario: Scenario, space: SearchSpace, backend_name: str, repeats: int,
             out_path) -> dict:
     """Write ``costs.json``: the cost of every sub-block variant and of the rest of the model."""
-    backend = backends().get(backend_name)
-    ok, why = backend.available(target)
-    if not ok:
-        raise HwoptError(f"cannot measure on target {target.name} with backend {backend_name}: {why}")
+    backend = measurement_backend(backend_name, target)
     if scenario.dtype != "fp32":
         raise HwoptError(f"the {backend_name} backend on the CPU measures fp32 only, not {scenario.dtype}")
     config, dtype = source.config, torch.float32
