@@ -70,10 +70,6 @@ class ModelSource:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise HwoptError(f"cannot load a tokenizer from {directory}: {reason}") from None
 
-    @property
-    def is_parent(self) -> bool:
-        return all(b == parent_block_config(self.config) for b in self.block_configs)
-
 
 def resolve_model(name_or_path: str) -> ModelSource:
     from hwopt.plugins import models

@@ -49,8 +49,9 @@ def sub_variant_of(config, cfg) -> SubVariant:
     raise HwoptError(f"no registered block type handles {cfg}")
 
 
-def block_variant_name(attention: SubVariant, ffn: SubVariant) -> str:
-    return f"{attention.name}+{ffn.name}"
+def block_variant_name(attention: str, ffn: str) -> str:
+    """A block-library variant: one attention and one FFN variant, e.g. ``kv1+ffn768``."""
+    return f"{attention}+{ffn}"
 
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}

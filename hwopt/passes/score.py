@@ -21,6 +21,7 @@ from hwopt.model.modeling import HeteroLlamaForCausalLM
 from hwopt.passes.library import Library
 from hwopt.pipeline import atomic_write_json
 from hwopt.progress import progress
+from hwopt.search_space import block_variant_name
 
 COST_KEYS = ("runtime_ms", "prefill_ms", "decode_ms", "memory_mib", "weights_mib", "kv_cache_mib", "num_params")
 
@@ -65,7 +66,7 @@ def score(parent: HeteroLlamaForCausalLM, library: Library, heldout_ids: torch.T
                         layer = library.layer(i, a, f)
                         x = layer(parent_out.hidden_states[i], position_embeddings)
                         logits = parent.head(parent.run_layers(x, position_embeddings, start=i + 1)).flatten(0, 1)
-                        entries[f"{a}+{f}"] = {
+                        entries[block_variant_name(a, f)] = {
                             "stats": block_stats(costs, a, f),
                             "metrics": {m.name: m.compute(logits, teacher, labels) for m in metrics},
                             "attention": a,
