@@ -86,9 +86,9 @@ class Problem:
     def value(self, layer: str, variant: str, key: str) -> float:
         return self.values[layer][variant][key]
 
-    def totals(self, choice: dict[str, str]) -> dict[str, float]:
-        """The objective and every constrained key, summed over layers, offsets included."""
-        keys = dict.fromkeys([self.objective, *(c.key for c in self.constraints)])
+    def totals(self, choice: dict[str, str], extra_keys: tuple[str, ...] = ()) -> dict[str, float]:
+        """The objective, every constrained key and ``extra_keys``, summed over layers, offsets included."""
+        keys = dict.fromkeys([self.objective, *(c.key for c in self.constraints), *extra_keys])
         return {
             key: self.offsets.get(key, 0.0)
             + sum(self.value(layer, choice[layer], key) for layer in self.layers)

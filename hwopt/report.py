@@ -12,11 +12,10 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 from rich.table import Table
 
+from hwopt.evaluate import compare_on_heldout
 from hwopt.model.modeling import HeteroLlamaForCausalLM, generate
-from hwopt.passes.uptrain import heldout_kl
 from hwopt.progress import console
 from hwopt.search_space import Scenario
 
@@ -37,16 +36,12 @@ def measure_runtimes(models: dict[str, HeteroLlamaForCausalLM], scenario: Scenar
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-@torch.no_grad()
-def perplexity(model: HeteroLlamaForCausalLM, ids: torch.Tensor, batch: int = 4) -> float:
-    losses = [F.cross_entropy(model(rows).logits[:, :-1].flatten(0, 1), rows[:, 1:].flatten(), reduction="sum")
-              for rows in torch.split(ids, batch)]
-    return float(torch.exp(torch.stack(losses).sum() / (ids.shape[0] * (ids.shape[1] - 1))))
-
-
 def build_report(parent, child, solutions: dict, scenario: Scenario, heldout_ids, device: str) -> dict:
     measured = measure_runtimes({"parent": parent, "child": child}, scenario, parent.config.vocab_size)
     totals = {"parent": solutions["parent"]["totals"], "child": solutions["solutions"][0]["totals"]}
+    quality = compare_on_heldout(child, parent, heldout_ids)
+    heldout = {"parent": {"kl_div": 0.0, "perplexity": quality["parent_perplexity"]},
+               "child": {"kl_div": quality["kl_div"], "perplexity": quality["perplexity"]}}
     report = {"scenario": scenario.to_json(), "measured_on": device}
     for name, model in (("parent", parent), ("child", child)):
         report[name] = {
@@ -54,8 +49,7 @@ def build_report(parent, child, solutions: dict, scenario: Scenario, heldout_ids
             "memory_mib": totals[name]["stats.memory_mib"],
             "runtime_ms_predicted": totals[name]["stats.runtime_ms"],
             "runtime_ms_measured": measured[name],
-            "kl_div": 0.0 if model is parent else heldout_kl(child, parent, heldout_ids),
-            "perplexity": perplexity(model, heldout_ids),
+            **heldout[name],
         }
     report["predicted_speedup"] = report["parent"]["runtime_ms_predicted"] / report["child"]["runtime_ms_predicted"]
     report["measured_speedup"] = report["parent"]["runtime_ms_measured"] / report["child"]["runtime_ms_measured"]

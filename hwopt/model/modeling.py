@@ -23,6 +23,7 @@ from torch import nn
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 from hwopt.model.config import AttentionConfig, BlockConfig, FFNConfig
+from hwopt.search_space import sub_variant_of
 
 
 class KVCache:
@@ -65,14 +66,11 @@ class GroupedQueryAttention(nn.Module):
         past = 0 if cache is None else cache.length
         if cache is not None:
             k, v = cache.update(layer_idx, k, v)
-        group = self.num_heads // self.num_kv_heads
-        k = k.repeat_interleave(group, dim=1)
-        v = v.repeat_interleave(group, dim=1)
-        if past == 0:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=seq > 1)
-        else:  # new queries see the whole cache and the causal part of themselves
+        if past == 0 or seq == 1:  # a prompt is causal; one new token sees everything cached
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=past == 0 and seq > 1, enable_gqa=True)
+        else:  # several new tokens see the whole cache and the causal part of themselves
             mask = torch.ones(seq, past + seq, dtype=torch.bool, device=x.device).tril(diagonal=past)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         return self.o_proj(y.transpose(1, 2).reshape(batch, seq, -1))
 
 
@@ -118,22 +116,9 @@ class LinearFFN(LinearReplacement):
     weight_name = "linear_mlp"
 
 
-def build_attention(config, attention: AttentionConfig) -> nn.Module | None:
-    return _build_sub_block("attention", attention, config)
-
-
-def build_ffn(config, ffn: FFNConfig) -> nn.Module | None:
-    return _build_sub_block("ffn", ffn, config)
-
-
-def _build_sub_block(kind: str, sub_config, config) -> nn.Module | None:
-    """Ask the registered block types (built-in or plugin) to build a sub-block."""
-    from hwopt.plugins import block_types  # the built-in block types import this module
-
-    for block_type in block_types():
-        if block_type.kind == kind and block_type.matches(sub_config):
-            return block_type.build(sub_config, config)
-    raise ValueError(f"no registered {kind} block type builds {sub_config}")
+def build_sub_block(config, sub_config: AttentionConfig | FFNConfig) -> nn.Module | None:
+    """Ask the registered block type (built-in or plugin) that handles ``sub_config`` to build it."""
+    return sub_variant_of(config, sub_config).block_type.build(sub_config, config)
 
 
 class DecoderLayer(nn.Module):
@@ -142,8 +127,8 @@ class DecoderLayer(nn.Module):
     def __init__(self, config, block: BlockConfig):
         super().__init__()
         self.block = block
-        self.self_attn = build_attention(config, block.attention)
-        self.mlp = build_ffn(config, block.ffn)
+        self.self_attn = build_sub_block(config, block.attention)
+        self.mlp = build_sub_block(config, block.ffn)
         self.input_layernorm = LlamaRMSNorm(config.hidden_size, config.rms_norm_eps) if self.self_attn else None
         self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, config.rms_norm_eps) if self.mlp else None
 

@@ -74,28 +74,23 @@ def train_variant(variant: SubVariant, parent: SubBlock, config, x: torch.Tensor
     train_x, val_x, train_y, val_y = x[:-n_val], x[-n_val:], target[:-n_val], target[-n_val:]
     with torch.no_grad():
         calib = norm(train_x[: settings.batch_sequences * 4])
-        variant.block_type.init_from_parent(module, parent.module, calib, _slice_pos(position_embeddings, calib))
-        init_loss = normalized_mse(block(val_x, _slice_pos(position_embeddings, val_x)), val_y).item()
+        variant.block_type.init_from_parent(module, parent.module, calib, position_embeddings)
+        init_loss = normalized_mse(block(val_x, position_embeddings), val_y).item()
     steps = max(1, math.ceil(len(train_x) / settings.batch_sequences))
     optimizer = torch.optim.AdamW(block.parameters(), lr=settings.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     for step in range(steps):
         rows = slice(step * settings.batch_sequences, (step + 1) * settings.batch_sequences)
         xb, yb = train_x[rows], train_y[rows]
-        loss = normalized_mse(block(xb, _slice_pos(position_embeddings, xb)), yb)
+        loss = normalized_mse(block(xb, position_embeddings), yb)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         schedule.step()
     with torch.no_grad():
-        final_loss = normalized_mse(block(val_x, _slice_pos(position_embeddings, val_x)), val_y).item()
+        final_loss = normalized_mse(block(val_x, position_embeddings), val_y).item()
     train_tokens = train_x.shape[0] * train_x.shape[1]
     return block, {"init_nmse": init_loss, "final_nmse": final_loss, "train_tokens": train_tokens}
-
-
-def _slice_pos(position_embeddings, x):
-    cos, sin = position_embeddings
-    return cos[:, : x.shape[1]], sin[:, : x.shape[1]]
 
 
 def variants_for_layer(config, block: BlockConfig, space: SearchSpace) -> dict[str, list[SubVariant]]:

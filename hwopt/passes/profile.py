@@ -95,7 +95,7 @@ def time_sub_block(variant: SubVariant, config, scenario: Scenario, backend, dty
         start = 0 if cache is None else cache.length
         positions = torch.arange(start, start + x.shape[1]).unsqueeze(0)
         if cache is not None:  # a fresh cache object each call, over the same tensors
-            cache = _random_cache_like(cache)
+            cache = _cache_over_same_tensors(cache)
         return x + module(norm(x), rotary(x, positions), cache, 0)
 
     prefill = backend.time_ms(call, [(m, torch.randn(b, scenario.input_len, h, dtype=dtype), None)
@@ -111,7 +111,8 @@ def time_sub_block(variant: SubVariant, config, scenario: Scenario, backend, dty
             "rotated_copies": len(copies)}
 
 
-def _random_cache_like(cache: KVCache) -> KVCache:
+def _cache_over_same_tensors(cache: KVCache) -> KVCache:
+    """A new cache object on the same tensors, so the timed call's append leaves ``cache`` as it was."""
     fresh = KVCache(1)
     fresh.keys[0], fresh.values[0], fresh.length = cache.keys[0], cache.values[0], cache.length
     return fresh

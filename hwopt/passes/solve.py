@@ -10,6 +10,7 @@ whole model. An infeasible budget stops with what the library can reach.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,21 +68,19 @@ def solve(library: dict, costs: dict, budgets: Budgets, objective: str, solver_n
     scenario = Scenario(**costs["scenario"])
     outside = costs["outside_layers"]
     offsets = {RUNTIME: outside["runtime_ms"], MEMORY: outside["memory_mib"]}
-    keys = [Constraint(RUNTIME, max=float("inf")), Constraint(MEMORY, max=float("inf"))]
-    reference = problem_from_library(library, objective, keys, offsets=offsets)
-    parent_totals = reference.totals(parent_choice(library))
-    problem = problem_from_library(library, objective, budgets.constraints(parent_totals, scenario), maximize,
-                                   offsets=offsets)
+    unconstrained = problem_from_library(library, objective, [], maximize, offsets=offsets)
+    parent_totals = unconstrained.totals(parent_choice(library), (RUNTIME, MEMORY))
+    problem = dataclasses.replace(unconstrained, constraints=budgets.constraints(parent_totals, scenario))
     solution = solver.solve(problem)
     if solution is None:
         reasons = "; ".join(explain_infeasible(problem, solver))
         speedup = ""
         if budgets.speedup is not None or budgets.throughput is not None:
-            fastest = solver.solve(problem_from_library(library, RUNTIME, [], offsets=offsets))
+            fastest = solver.solve(dataclasses.replace(unconstrained, objective=RUNTIME, maximize=False))
             best = parent_totals[RUNTIME] / fastest.objective
             speedup = f" (the fastest child in the library is {best:.2f}x the parent)"
         raise HwoptError(f"no architecture in the library meets the budgets: {reasons}{speedup}")
-    totals = reference.totals(solution.choice)
+    totals = problem.totals(solution.choice, (RUNTIME, MEMORY))
     result = {
         "objective": objective,
         "maximize": maximize,

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from hwopt.builtin.metrics import kl_divergence
+from hwopt.evaluate import compare_on_heldout
 from hwopt.model.modeling import HeteroLlamaForCausalLM
 from hwopt.progress import progress
 
@@ -37,16 +38,6 @@ def gkd_loss(student_out, teacher_out) -> torch.Tensor:
     return cosine + kl_divergence(student_out.logits.flatten(0, 1), teacher_out.logits.flatten(0, 1))
 
 
-@torch.no_grad()
-def heldout_kl(child: HeteroLlamaForCausalLM, parent: HeteroLlamaForCausalLM, heldout_ids: torch.Tensor,
-               batch: int = 4) -> float:
-    """KL(parent || child) per token on held-out sequences."""
-    total = 0.0
-    for rows in torch.split(heldout_ids, batch):
-        total += kl_divergence(child(rows).logits.flatten(0, 1), parent(rows).logits.flatten(0, 1)).item() * len(rows)
-    return total / len(heldout_ids)
-
-
 def uptrain(child: HeteroLlamaForCausalLM, parent: HeteroLlamaForCausalLM, train_ids: torch.Tensor,
             heldout_ids: torch.Tensor, settings: UptrainSettings) -> dict:
     """Distil ``child`` in place; returns the held-out KL before and after, and what was kept."""
@@ -55,7 +46,7 @@ def uptrain(child: HeteroLlamaForCausalLM, parent: HeteroLlamaForCausalLM, train
     child.requires_grad_(True)
     child.model.embed_tokens.requires_grad_(False)
     child.lm_head.requires_grad_(False)
-    before = heldout_kl(child, parent, heldout_ids)
+    before = compare_on_heldout(child, parent, heldout_ids)["kl_div"]
     snapshot = {k: v.clone() for k, v in child.state_dict().items()}
     params = [p for p in child.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
@@ -76,7 +67,7 @@ def uptrain(child: HeteroLlamaForCausalLM, parent: HeteroLlamaForCausalLM, train
             schedule.step()
             advance()
     child.eval().requires_grad_(False)
-    after = heldout_kl(child, parent, heldout_ids)
+    after = compare_on_heldout(child, parent, heldout_ids)["kl_div"]
     kept = after <= before
     if not kept:
         child.load_state_dict(snapshot)
