@@ -75,17 +75,18 @@ def resolve_model(name_or_path: str) -> ModelSource:
     from hwopt.plugins import models
 
     path = Path(name_or_path).expanduser()
-    if path.is_dir():
+    if path.is_dir() or (path.is_file() and path.suffix == ".json"):  # a checkpoint, or just its config.json
         config, blocks = read_architecture(path)
-        weights = path if any(path.glob("*.safetensors")) else None
-        return ModelSource(str(path), config, blocks, weights, f"{path} holds no *.safetensors")
+        directory = path if path.is_dir() else path.parent
+        weights = directory if any(directory.glob("*.safetensors")) else None
+        return ModelSource(str(path), config, blocks, weights, f"{directory} holds no *.safetensors")
     for spec in models():
         if name_or_path.lower() in (spec.name, *spec.aliases):
             config = spec.make_config()
             blocks = [parent_block_config(config)] * config.num_hidden_layers
             return ModelSource(spec.name, config, blocks, None, spec.weights_hint, spec.find_weights)
     known = ", ".join(sorted(s.name for s in models()))
-    raise HwoptError(f"unknown model {name_or_path!r}: not a directory, nor a known name ({known})")
+    raise HwoptError(f"unknown model {name_or_path!r}: not a directory or config.json, nor a known name ({known})")
 
 
 def load_model(name_or_path: str) -> HeteroLlamaForCausalLM:

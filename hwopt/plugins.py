@@ -22,7 +22,10 @@ from hwopt.errors import HwoptError
 BUILTIN_PLUGINS = (
     "hwopt.builtin.block_types",
     "hwopt.builtin.metrics",
-    "hwopt.builtin.backends",
+    "hwopt.builtin.backend_torch",
+    "hwopt.builtin.backend_onnxruntime",
+    "hwopt.builtin.backend_tensorrt",
+    "hwopt.builtin.backend_roofline",
     "hwopt.builtin.hardware_profiles",
     "hwopt.builtin.solvers",
     "hwopt.builtin.lowerings",

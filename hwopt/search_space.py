@@ -54,34 +54,44 @@ def block_variant_name(attention: str, ffn: str) -> str:
     return f"{attention}+{ffn}"
 
 
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
 
 
 @dataclass(frozen=True)
 class Scenario:
     """A serving workload: ``batch`` prompts of ``input_len`` tokens, each generating ``output_len``.
 
-    Runtime is prefill plus ``output_len - 1`` decode steps (prefill yields
-    the first token). Throughput counts input and output tokens, as NVIDIA's
-    Puzzle demo does: runtime_ms = batch * (input + output) / tokens_per_s * 1000.
+    Runtime is prefill plus ``output_len - 1`` decode steps for the whole
+    batch (prefill yields the first token, so time to first token is the
+    prefill). Throughput counts input and output tokens, as NVIDIA's Puzzle
+    demo does: runtime_ms = batch * (input + output) / tokens_per_s * 1000.
+    Weights and activations are in ``dtype``, the KV cache in ``kv_dtype``.
     """
 
     batch: int = 1
     input_len: int = 128
     output_len: int = 64
     dtype: str = "fp32"
+    kv_dtype: str = "fp32"
 
     @classmethod
-    def parse(cls, lengths: str, batch: int = 1, dtype: str = "fp32") -> Scenario:
+    def parse(cls, lengths: str, batch: int = 1, dtype: str = "fp32", kv_dtype: str | None = None) -> Scenario:
         try:
             input_len, output_len = (int(x) for x in lengths.split("/"))
         except ValueError:
             raise HwoptError(f"--scenario takes INPUT/OUTPUT token counts such as 128/64, not {lengths!r}") from None
         if min(input_len, output_len, batch) < 1:
             raise HwoptError("scenario lengths and batch must be positive")
-        if dtype not in DTYPE_BYTES:
-            raise HwoptError(f"unknown dtype {dtype!r} (known: {', '.join(DTYPE_BYTES)})")
-        return cls(batch, input_len, output_len, dtype)
+        kv_dtype = kv_dtype or dtype
+        for flag, value in (("--dtype", dtype), ("--kv-dtype", kv_dtype)):
+            if value not in DTYPE_BYTES:
+                raise HwoptError(f"unknown {flag} {value!r} (known: {', '.join(DTYPE_BYTES)})")
+        return cls(batch, input_len, output_len, dtype, kv_dtype)
+
+    @classmethod
+    def from_json(cls, data: dict) -> Scenario:
+        """The scenario a costs.json was made for (files from before ``kv_dtype`` use ``dtype``)."""
+        return cls(**{"kv_dtype": data["dtype"], **data})
 
     @property
     def decode_steps(self) -> int:
@@ -95,11 +105,20 @@ class Scenario:
     def bytes_per_element(self) -> int:
         return DTYPE_BYTES[self.dtype]
 
+    @property
+    def kv_bytes_per_element(self) -> int:
+        return DTYPE_BYTES[self.kv_dtype]
+
     def runtime_ms_for_throughput(self, tokens_per_s: float) -> float:
         return self.batch * self.max_context / tokens_per_s * 1000
 
     def throughput(self, runtime_ms: float) -> float:
         return self.batch * self.max_context / runtime_ms * 1000
 
+    def describe(self) -> str:
+        kv = f", KV cache {self.kv_dtype}" if self.kv_dtype != self.dtype else ""
+        return f"batch {self.batch}, {self.input_len}/{self.output_len} tokens, {self.dtype}{kv}"
+
     def to_json(self) -> dict:
-        return {"batch": self.batch, "input_len": self.input_len, "output_len": self.output_len, "dtype": self.dtype}
+        return {"batch": self.batch, "input_len": self.input_len, "output_len": self.output_len, "dtype": self.dtype,
+                "kv_dtype": self.kv_dtype}

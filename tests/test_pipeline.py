@@ -146,7 +146,10 @@ def test_kill_during_library_resumes_to_the_same_result(tiny_llama_dir, tiny_run
     (["--target", "no-such-target"], ["unknown target 'no-such-target'"]),
     (["--data", "/no/such/file.txt"], ["data file /no/such/file.txt does not exist"]),
     (["--scenario", "12x4"], ["--scenario takes INPUT/OUTPUT"]),
-    (["--target", "h100"], ["cannot measure on target h100-sxm", "GPU timing is not implemented"]),
+    (["--target", "h100", "--require-measured"], ["--require-measured", "no GPU here"]),
+    (["--target", "h100", "--backend", "torch"], ["cannot profile on h100-sxm", "no GPU here"]),
+    (["--target", "a100", "--dtype", "fp8"], ["a100-80gb has no fp8"]),
+    (["--kv-dtype", "int3"], ["unknown --kv-dtype 'int3'"]),
 ])
 def test_bad_input_is_one_error_line(args, needles, tiny_llama_dir, tmp_path):
     model = [] if "--model" in args else ["--model", tiny_llama_dir]

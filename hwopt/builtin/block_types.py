@@ -16,6 +16,7 @@ import torch
 from hwopt.hookspecs import hookimpl
 from hwopt.model.config import AttentionConfig, FFNConfig
 from hwopt.model.modeling import GroupedQueryAttention, LinearAttention, LinearFFN, SwiGLU
+from hwopt.roofline import SILU_PRODUCT_FLOPS, CostTerms, attended_pairs, matmul, norm_and_residual
 from hwopt.search_space import SearchSpace
 
 
@@ -70,6 +71,17 @@ class GQAttentionType:
     def kv_cache_elements_per_token(self, cfg, config) -> int:
         return 2 * (config.num_attention_heads // cfg.n_heads_in_group) * _head_dim(config)
 
+    def cost_terms(self, cfg, config, phase) -> CostTerms:
+        """Q, K, V and O projections (K and V into the cache), then QKᵀ and AV over the attended pairs."""
+        hidden, head_dim, heads = config.hidden_size, _head_dim(config), config.num_attention_heads
+        q, kv = heads * head_dim, heads // cfg.n_heads_in_group * head_dim
+        tokens = phase.batch * phase.new_tokens
+        core = CostTerms(flops=2 * (2 * head_dim) * heads * attended_pairs(phase),  # QKᵀ and AV
+                         kv_read=2 * phase.batch * phase.cached * kv, activations=2 * tokens * q)
+        return (CostTerms(weights=self.num_params(cfg, config)) + norm_and_residual(tokens, hidden)
+                + matmul(tokens, hidden, q) + 2 * matmul(tokens, hidden, kv, into_cache=True) + core
+                + matmul(tokens, q, hidden))
+
     @torch.no_grad()
     def init_from_parent(self, module, parent, x, position_embeddings) -> None:
         """Copy Q and O; each new KV head is the mean of the parent KV heads it replaces."""
@@ -105,6 +117,13 @@ class SwiGLUType:
     def num_params(self, cfg, config) -> int:
         bias = 2 * cfg.intermediate_size + config.hidden_size if config.mlp_bias else 0
         return 3 * config.hidden_size * cfg.intermediate_size + bias + config.hidden_size
+
+    def cost_terms(self, cfg, config, phase) -> CostTerms:
+        """gate and up, silu(gate) * up (reads two, writes one), then down."""
+        hidden, width, tokens = config.hidden_size, cfg.intermediate_size, phase.batch * phase.new_tokens
+        product = CostTerms(flops=SILU_PRODUCT_FLOPS * tokens * width, activations=3 * tokens * width)
+        return (CostTerms(weights=self.num_params(cfg, config)) + norm_and_residual(tokens, hidden)
+                + 2 * matmul(tokens, hidden, width) + product + matmul(tokens, width, hidden))
 
     def kv_cache_elements_per_token(self, cfg, config) -> int:
         return 0
@@ -148,6 +167,12 @@ class LinearType:
     def num_params(self, cfg, config) -> int:
         return config.hidden_size * config.hidden_size + config.hidden_size
 
+    def cost_terms(self, cfg, config, phase) -> CostTerms:
+        """One hidden x hidden matmul, with the norm and residual it keeps."""
+        tokens = phase.batch * phase.new_tokens
+        return (CostTerms(weights=self.num_params(cfg, config)) + norm_and_residual(tokens, config.hidden_size)
+                + matmul(tokens, config.hidden_size, config.hidden_size))
+
     def kv_cache_elements_per_token(self, cfg, config) -> int:
         return 0
 
@@ -179,6 +204,9 @@ class NoOpType:
 
     def num_params(self, cfg, config) -> int:
         return 0
+
+    def cost_terms(self, cfg, config, phase) -> CostTerms:
+        return CostTerms()
 
     def kv_cache_elements_per_token(self, cfg, config) -> int:
         return 0

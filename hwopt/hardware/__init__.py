@@ -3,11 +3,16 @@
 Profiles are TOML files (``hardware_profiles/*.toml`` in the source tree,
 shipped in the wheel as ``hwopt.hardware_profiles``); a user may pass the
 path of their own. The ``cpu`` profile describes this machine, read from
-the system.
+the system. ``auto`` is the GPU that NVML sees, else the CPU.
+
+A profile may carry a ``[[calibration]]`` table of measured block timings
+(device, backend, dtype, phase, date, milliseconds); the roofline model
+fits its efficiency factors to it (``hwopt.roofline``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import tomllib
@@ -29,6 +34,21 @@ class HardwareProfile:
     bandwidth_gbs: float | None = None
     peak_tflops: dict[str, float] = field(default_factory=dict)  # dtype -> dense TFLOP/s
     sources: dict[str, str] = field(default_factory=dict)  # spec -> where it comes from
+    dtypes: tuple[str, ...] = ()  # what the chip computes in (default: the dtypes with a peak rate)
+    calibration: tuple[dict, ...] = ()  # measured block timings, one dict per row
+    path: Path | None = None  # the TOML file it was read from
+
+    def recognises(self, device_name: str) -> bool:
+        """Whether NVML's (or torch's) name for a device is this target."""
+        return any(n.lower() in device_name.lower() for n in self.nvml_names)
+
+    def check_dtype(self, dtype: str, what: str = "--dtype") -> None:
+        """A clear error for a dtype this target does not compute in (fp8 on an A100)."""
+        if dtype not in self.dtypes:
+            raise HwoptError(f"{self.name} has no {dtype} ({what}); it computes in {', '.join(self.dtypes)}")
+
+    def default_dtype(self) -> str:
+        return "bf16" if self.kind == "gpu" else "fp32"
 
     @classmethod
     def from_toml(cls, path: Path) -> HardwareProfile:
@@ -47,6 +67,9 @@ class HardwareProfile:
                 bandwidth_gbs=data.get("bandwidth_gbs"),
                 peak_tflops=dict(data.get("peak_tflops", {})),
                 sources=dict(data.get("sources", {})),
+                dtypes=tuple(data.get("dtypes", data.get("peak_tflops", {}))),
+                calibration=tuple(data.get("calibration", ())),
+                path=Path(path),
             )
         except KeyError as exc:
             raise HwoptError(f"hardware profile {path} lacks the field {exc.args[0]!r}") from None
@@ -57,10 +80,10 @@ class HardwareProfile:
             return self
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
         cores = len(os.sched_getaffinity(0))
-        return HardwareProfile(
-            name=self.name, kind="cpu", aliases=self.aliases,
+        return dataclasses.replace(
+            self,
             description=f"{_cpu_model()} ({cores} cores available, {platform.machine()})",
-            memory_gib=round(memory, 1), bandwidth_gbs=self.bandwidth_gbs, peak_tflops=self.peak_tflops,
+            memory_gib=round(memory, 1),
             sources={**self.sources, "memory_gib": "read from the system (sysconf)",
                      "description": "read from /proc/cpuinfo and sched_getaffinity"},
         )
@@ -82,10 +105,43 @@ def shipped_profiles() -> list[HardwareProfile]:
             if f.name.endswith(".toml")]
 
 
-def resolve_target(target: str) -> HardwareProfile:
-    """A target by name, alias or TOML path."""
+def nvml_gpu_name() -> str | None:
+    """The name NVML gives the first GPU, or None without a GPU or driver."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # no nvidia-ml-py, no driver (NVMLError_LibraryNotFound), no device
+        return None
+    try:
+        if pynvml.nvmlDeviceGetCount() == 0:
+            return None
+        name = pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(0))
+        return name.decode() if isinstance(name, bytes) else name
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def auto_target() -> HardwareProfile:
+    """The profile of the GPU NVML sees, else this CPU."""
     from hwopt.plugins import hardware_profiles
 
+    name = nvml_gpu_name()
+    if name is None:
+        return resolve_target("cpu")
+    for profile in hardware_profiles():
+        if profile.kind == "gpu" and profile.recognises(name):
+            return profile
+    raise HwoptError(f"--target auto: NVML sees {name!r}, which no hardware profile recognises "
+                     "(pass --target with a profile .toml for it)")
+
+
+def resolve_target(target: str) -> HardwareProfile:
+    """A target by name, alias or TOML path; ``auto`` is the GPU that NVML sees, else the CPU."""
+    from hwopt.plugins import hardware_profiles
+
+    if target == "auto":
+        return auto_target()
     if target.endswith(".toml"):
         if not Path(target).is_file():
             raise HwoptError(f"hardware profile file {target} does not exist")

@@ -25,8 +25,8 @@ LLAMA_FIELDS_NULLED_IN_CHILD = ("intermediate_size", "num_key_value_heads")
 
 
 def read_architecture(directory: Path) -> tuple[LlamaConfig, list[BlockConfig]]:
-    """The Llama config and per-layer blocks of a Llama or nemotron-nas directory."""
-    path = Path(directory) / "config.json"
+    """The Llama config and per-layer blocks of a Llama or nemotron-nas directory (or its config.json)."""
+    path = Path(directory) if Path(directory).is_file() else Path(directory) / "config.json"
     try:
         raw = json.loads(path.read_text())
     except FileNotFoundError:

@@ -1,0 +1,80 @@
+"""Built-in measurement backend ``onnxruntime``: each block exported to ONNX and run by ONNX Runtime on the CPU.
+
+The step is exported once per phase with that phase's shapes
+(``hwopt.onnx_export``) and run on the CPU execution provider with as many
+threads as torch uses, so the two CPU backends are compared on equal terms.
+Several InferenceSessions over the same file each hold their own copy of
+the weights; they are run in turn, each with its own input
+(``hwopt.workload.rotation``), so that no call reads weights the previous
+one left in the cache. Timing is torch's: wall clock, warm-up first, then
+the median of ``repeats`` calls.
+"""
+
+from __future__ import annotations
+
+import functools
+import tempfile
+from pathlib import Path
+
+import onnxruntime
+import torch
+
+from hwopt.builtin.backend_torch import time_wall_clock
+from hwopt.hookspecs import hookimpl
+from hwopt.onnx_export import export_phases, named_inputs
+from hwopt.workload import Workload, rotation, rotation_size, step_inputs
+
+PROVIDER = "CPUExecutionProvider"
+
+
+def new_session(path: Path) -> onnxruntime.InferenceSession:
+    """A session on the CPU with torch's thread count (one operator at a time, as torch runs them)."""
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    return onnxruntime.InferenceSession(str(path), options, providers=[PROVIDER])
+
+
+class OnnxRuntimeBackend:
+    name = "onnxruntime"
+    measures = True
+
+    def available(self, target, scenario) -> tuple[bool, str]:
+        if target.kind != "cpu":
+            return False, (f"the onnxruntime backend runs ONNX Runtime's {PROVIDER}, so it times the cpu target, "
+                           f"not {target.name} (use torch or tensorrt for a GPU)")
+        if scenario.dtype != "fp32":
+            return False, (f"ONNX Runtime's {PROVIDER} times fp32 blocks, not {scenario.dtype} "
+                           "(it has no bf16 kernels for Mul or MatMul)")
+        if scenario.kv_dtype != scenario.dtype:
+            return False, ("the onnxruntime backend keeps the KV cache in the compute dtype "
+                           "(--kv-dtype must equal --dtype)")
+        return True, ""
+
+    def describe(self, target, scenario) -> dict:
+        return {"device": target.description,
+                "backend": f"onnxruntime {onnxruntime.__version__} {PROVIDER}, {torch.get_num_threads()} threads",
+                "method": "wall clock around InferenceSession.run"}
+
+    def time_phases(self, workload: Workload, target, repeats: int) -> list[float]:
+        with tempfile.TemporaryDirectory(prefix="hwopt-onnxruntime-") as directory:
+            step = export_phases(workload, Path(directory))
+            if step is None:
+                return [0.0] * len(workload.phases)
+            copies = rotation_size(step.weight_bytes)
+            generator = torch.Generator().manual_seed(0)
+            out = []
+            for phase, path in zip(workload.phases, step.paths):
+                sessions = [new_session(path) for _ in range(copies)]
+                calls = []
+                for session in rotation(sessions):
+                    inputs = named_inputs(workload, step_inputs(workload, phase, generator=generator))
+                    feed = {i.name: inputs[i.name].numpy() for i in session.get_inputs()}
+                    calls.append((functools.partial(session.run, None), (feed,)))
+                out.append(time_wall_clock(calls, repeats))
+            return out
+
+
+@hookimpl
+def hwopt_register_backends(register):
+    register(OnnxRuntimeBackend())

@@ -1,0 +1,186 @@
+"""Built-in measurement backend ``tensorrt``: each block built into a TensorRT engine for the target GPU.
+
+The step is exported to ONNX once per phase, with that phase's shapes
+(``hwopt.onnx_export``), in the scenario's dtype; TensorRT's ONNX parser
+reads it and the builder makes an engine for the GPU at hand, choosing its
+kernels for exactly those shapes. How the engine gets its precision differs
+between TensorRT 10 and 11 (``engine_build_plan``).
+
+Several engines deserialized from the same plan each hold their own copy of
+the weights; they run in turn, each with its own input
+(``hwopt.workload.rotation``), so that no call reads weights the previous
+one left in the GPU's L2 cache. The ``execute_async_v3`` calls of one pass
+round the rotation are timed by CUDA events: warm-up first, then the median
+of ``repeats`` passes, divided by the calls in a pass.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from hwopt.builtin.backend_torch import WARMUP, gpu_name
+from hwopt.errors import HwoptError
+from hwopt.hookspecs import hookimpl
+from hwopt.onnx_export import export_phases, named_inputs
+from hwopt.workload import Workload, rotation, rotation_size, step_inputs
+
+ENGINE_DTYPES = ("fp32", "fp16", "bf16")
+MIN_MAJOR = 10  # the name-based tensor API (set_tensor_address, execute_async_v3)
+WORKSPACE_BYTES = 4 * 2**30  # scratch memory a layer's kernels may use; the default is the whole GPU
+NOT_INSTALLED = ("tensorrt is not installed (pip install 'hwopt[tensorrt]'; its wheels download from NVIDIA's "
+                 "package index, pypi.nvidia.com)")
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    strongly_typed: bool  # create the network with NetworkDefinitionCreationFlag.STRONGLY_TYPED
+    precision_flags: tuple[str, ...]  # names of trt.BuilderFlag members to set on the builder config
+
+
+def engine_build_plan(trt_major: int, dtype: str) -> BuildPlan:
+    """How to build a ``dtype`` engine from an ONNX graph exported in ``dtype``.
+
+    TensorRT 10 types a network weakly by default: a builder flag (FP16,
+    BF16) allows kernels in that precision, fp32 needs none (TF32 is on by
+    default). TensorRT 11 removed those flags: every network is strongly
+    typed and computes in the types the graph itself carries. fp8 needs
+    quantize/dequantize nodes in the graph in either version.
+    """
+    if dtype not in ENGINE_DTYPES:
+        raise HwoptError(f"the tensorrt backend builds {', '.join(ENGINE_DTYPES)} engines, not {dtype} "
+                         "(that needs quantize/dequantize nodes in the ONNX graph, which hwopt does not insert)")
+    if trt_major >= 11:
+        return BuildPlan(strongly_typed=True, precision_flags=())
+    return BuildPlan(strongly_typed=False, precision_flags={"fp32": (), "fp16": ("FP16",), "bf16": ("BF16",)}[dtype])
+
+
+def major_version(trt) -> int:
+    return int(trt.__version__.split(".")[0])
+
+
+def build_engine(trt, logger, onnx_path: Path, plan: BuildPlan) -> bytes:
+    """A serialized engine for this GPU from one exported phase."""
+    builder = trt.Builder(logger)
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if plan.strongly_typed else 0
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise HwoptError(f"TensorRT cannot parse {onnx_path.name}: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
+    for flag in plan.precision_flags:
+        config.set_flag(getattr(trt.BuilderFlag, flag))
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise HwoptError(f"TensorRT failed to build an engine from {onnx_path.name} (see its log above)")
+    return serialized
+
+
+def bind(trt, engine, inputs: dict[str, torch.Tensor]) -> tuple:
+    """An execution context with a CUDA buffer bound to every I/O tensor; returns (context, buffers).
+
+    Tensors are looked up by the engine's own names: TensorRT drops an
+    input the graph does not use (a linear attention's ``cos`` and ``sin``).
+    The buffers are returned so that they live as long as the context.
+    """
+    dtypes = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16,
+              trt.DataType.BF16: torch.bfloat16, trt.DataType.INT32: torch.int32,
+              trt.DataType.INT64: torch.int64, trt.DataType.BOOL: torch.bool}
+    context = engine.create_execution_context()
+    buffers = []
+    for i in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(i)
+        dtype = dtypes[engine.get_tensor_dtype(name)]
+        if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
+            tensor = inputs[name].to(dtype).contiguous()
+        else:
+            tensor = torch.empty(tuple(engine.get_tensor_shape(name)), dtype=dtype, device="cuda")
+        context.set_tensor_address(name, tensor.data_ptr())
+        buffers.append(tensor)
+    return context, buffers
+
+
+def time_contexts(contexts: list, repeats: int) -> float:
+    """Median milliseconds of one call: passes round the rotation of contexts, timed by CUDA events."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())  # the inputs were written on the default stream
+    for context in contexts:
+        for _ in range(WARMUP):
+            context.execute_async_v3(stream.cuda_stream)
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(stream)
+        for context in contexts:
+            context.execute_async_v3(stream.cuda_stream)
+        end.record(stream)
+        end.synchronize()
+        times.append(start.elapsed_time(end) / len(contexts))
+    return statistics.median(times)
+
+
+class TensorRTBackend:
+    name = "tensorrt"
+    measures = True
+
+    def available(self, target, scenario) -> tuple[bool, str]:
+        if target.kind != "gpu":
+            return False, f"TensorRT builds engines for NVIDIA GPUs, and the target {target.name} is a CPU"
+        try:
+            import tensorrt as trt
+        except ModuleNotFoundError:
+            return False, NOT_INSTALLED
+        except ImportError as exc:  # installed, but its libraries do not load
+            return False, f"tensorrt is installed but cannot be imported: {exc}"
+        if major_version(trt) < MIN_MAJOR:
+            return False, f"tensorrt {trt.__version__} is too old: the tensorrt backend needs TensorRT {MIN_MAJOR}+"
+        found = gpu_name()
+        if found is None:
+            return False, f"no GPU here (torch {torch.__version__}: torch.cuda.is_available() is False)"
+        if not target.recognises(found):
+            return False, f"this machine's GPU is {found}, not the target {target.description}"
+        try:
+            engine_build_plan(major_version(trt), scenario.dtype)
+        except HwoptError as exc:
+            return False, str(exc)
+        if scenario.kv_dtype != scenario.dtype:
+            return False, "the tensorrt backend keeps the KV cache in the compute dtype (--kv-dtype must equal --dtype)"
+        return True, ""
+
+    def describe(self, target, scenario) -> dict:
+        import tensorrt as trt
+
+        return {"device": gpu_name(), "backend": f"TensorRT {trt.__version__}, CUDA {torch.version.cuda}",
+                "method": "CUDA events around execute_async_v3"}
+
+    def time_phases(self, workload: Workload, target, repeats: int) -> list[float]:
+        import tensorrt as trt
+
+        logger = trt.Logger(trt.Logger.WARNING)
+        plan = engine_build_plan(major_version(trt), workload.dtype)
+        runtime = trt.Runtime(logger)
+        generator = torch.Generator("cuda").manual_seed(0)
+        with tempfile.TemporaryDirectory(prefix="hwopt-tensorrt-") as directory:
+            step = export_phases(workload, Path(directory))
+            if step is None:
+                return [0.0] * len(workload.phases)
+            copies = rotation_size(step.weight_bytes)
+            out = []
+            for phase, path in zip(workload.phases, step.paths):
+                serialized = build_engine(trt, logger, path, plan)
+                engines = [runtime.deserialize_cuda_engine(serialized) for _ in range(copies)]
+                bound = [bind(trt, engine, named_inputs(workload, step_inputs(workload, phase, "cuda", generator)))
+                         for engine in rotation(engines)]
+                out.append(time_contexts([context for context, _ in bound], repeats))
+            return out
+
+
+@hookimpl
+def hwopt_register_backends(register):
+    register(TensorRTBackend())

@@ -1,0 +1,84 @@
+"""``hwopt estimate``: how fast, how big, how many tokens/s is an architecture on a target.
+
+Any architecture: a model name, a Llama directory or config.json, or a
+nemotron-nas (child) config.json; weights are not needed. Each distinct
+attention and FFN block is costed once by a backend (the roofline model
+unless told otherwise) and the per-layer rows are summed with the part
+outside the layers.
+"""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from hwopt.hardware import HardwareProfile
+from hwopt.passes.profile import choose_backend, measure_costs
+from hwopt.search_space import Scenario, sub_variant_of
+from hwopt.workload import MIB
+
+TIME_KEYS = ("runtime_ms", "prefill_ms", "decode_ms")
+
+
+def layer_rows(costs: dict, variants: list[tuple[str, str]]) -> list[dict]:
+    """One row per layer from per-variant costs: the attention's and FFN's runtimes apart, and the sums."""
+    rows = []
+    for i, (attention, ffn) in enumerate(variants):
+        a, f = costs["attention"][attention], costs["ffn"][ffn]
+        rows.append({"layer": i, "attention": attention, "ffn": ffn,
+                     "attention_ms": a["runtime_ms"], "ffn_ms": f["runtime_ms"],
+                     **{key: a[key] + f[key] for key in (*TIME_KEYS, "num_params", "memory_mib")}})
+    return rows
+
+
+def model_variants(source) -> list[tuple[str, str]]:
+    """The (attention, FFN) variant names of every layer of a model."""
+    config = source.config
+    return [(sub_variant_of(config, b.attention).name, sub_variant_of(config, b.ffn).name)
+            for b in source.block_configs]
+
+
+def estimate(source, target: HardwareProfile, scenario: Scenario, backend_name: str = "roofline",
+             repeats: int = 3) -> dict:
+    """Per-layer and whole-model runtime, memory and throughput of ``source`` on ``target``."""
+    backend, label = choose_backend(backend_name, target, scenario)
+    config = source.config
+    unique = {}
+    for block in source.block_configs:
+        for cfg in (block.attention, block.ffn):
+            variant = sub_variant_of(config, cfg)
+            unique.setdefault((variant.kind, variant.name), variant)
+    costs = measure_costs(config, list(unique.values()), target, scenario, backend, label, repeats,
+                          f"estimate on {target.name} ({label['kind']})")
+    rows = layer_rows(costs, model_variants(source))
+    outside = costs["outside_layers"]
+    total = {key: outside[key] + sum(r[key] for r in rows) for key in (*TIME_KEYS, "num_params", "memory_mib")}
+    total["ttft_ms"] = total["prefill_ms"]
+    total["tokens_per_s"] = scenario.throughput(total["runtime_ms"])
+    if target.memory_gib:
+        total["fits_in_memory"] = total["memory_mib"] * MIB <= target.memory_gib * 2**30
+    return {"model": source.label, "target": target.name, "target_description": target.description,
+            "scenario": scenario.to_json(), "source": label, "layers": rows,
+            "outside_layers": {key: outside[key] for key in (*TIME_KEYS, "num_params", "memory_mib")},
+            "total": total}
+
+
+def print_estimate(result: dict) -> None:
+    """The per-layer table and the whole-model line, on stdout."""
+    console = Console(soft_wrap=True)
+    table = Table(title=f"{result['model']} on {result['target']}: {result['source']['summary']}")
+    for column in ("layer", "attention", "ffn", "attention ms", "ffn ms", "prefill ms", "decode ms", "params"):
+        table.add_column(column, justify="left" if column in ("attention", "ffn") else "right")
+    for r in result["layers"]:
+        table.add_row(str(r["layer"]), r["attention"], r["ffn"], f"{r['attention_ms']:.3f}", f"{r['ffn_ms']:.3f}",
+                      f"{r['prefill_ms']:.3f}", f"{r['decode_ms']:.3f}", f"{r['num_params'] / 1e6:.1f}M")
+    console.print(table)
+    t, s = result["total"], result["scenario"]
+    fits = "" if "fits_in_memory" not in t else ("  (fits)" if t["fits_in_memory"] else "  (does NOT fit)")
+    console.print(
+        f"whole model, batch {s['batch']}, {s['input_len']}/{s['output_len']} tokens, {s['dtype']} "
+        f"(KV {s['kv_dtype']}): runtime {t['runtime_ms']:.1f} ms, time to first token {t['ttft_ms']:.1f} ms, "
+        f"{t['tokens_per_s']:.0f} tokens/s, {t['num_params'] / 1e9:.3f}B parameters, "
+        f"memory {t['memory_mib'] / 1024:.2f} GiB{fits}")
+    if result["source"]["kind"] == "estimated":
+        console.print(f"[dim]estimated ({result['source']['reason']})[/dim]")

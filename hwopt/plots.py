@@ -1,0 +1,35 @@
+"""Pictures a person would rather look at than a table.
+
+``per_layer_runtime``: a child's attention and FFN runtime per layer next to
+its parent's, in the shape of Figure 3 of NVIDIA's Nemotron-51B blog post.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on servers or in CI
+import matplotlib.pyplot as plt  # noqa: E402
+
+from hwopt.pipeline import atomic_path  # noqa: E402
+
+
+def per_layer_runtime(path: Path, child_rows: list[dict], parent_rows: list[dict] | None, title: str) -> None:
+    """Two panels, attention above FFN: bars per layer, the parent's pale behind the child's."""
+    fig, axes = plt.subplots(2, 1, sharex=True, figsize=(max(8.0, len(child_rows) * 0.18), 6))
+    for ax, key, label in ((axes[0], "attention_ms", "attention"), (axes[1], "ffn_ms", "FFN")):
+        if parent_rows is not None:
+            ax.bar([r["layer"] for r in parent_rows], [r[key] for r in parent_rows], width=0.9,
+                   color="#c8d6e5", label="parent")
+        ax.bar([r["layer"] for r in child_rows], [r[key] for r in child_rows], width=0.55, color="#2e86de",
+               label="child")
+        ax.set_ylabel(f"{label} runtime (ms)")
+        ax.legend(loc="upper right")
+    axes[1].set_xlabel("layer")
+    fig.suptitle(title)
+    fig.tight_layout()
+    with atomic_path(Path(path)) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
