@@ -13,13 +13,15 @@ import torch
 from conftest import env_with_pythonpath
 
 from hwopt import plugins
+from hwopt.metric import Outputs
 
 EXPECTED = {
-    # registry accessor -> (built-in module, names that must be there, exact?)
+    # registry accessor -> (built-in module, {name} standing for the registered name; names that must be there; exact?)
     "block_types": ("block_types", {"gqa", "linear_attention", "no_op_attention", "swiglu", "linear_ffn",
                                     "no_op_ffn"}, True),
-    "metrics": ("metrics", {"kl_div"}, False),
-    "backends": ("backends", {"torch"}, False),
+    "metrics": ("metrics", {"kl_div", "lm_loss", "cosine", "top1_agreement", "top5_agreement",
+                            "task_accuracy"}, True),
+    "backends": ("backend_{name}", {"torch", "onnxruntime", "tensorrt", "roofline"}, True),
     "hardware_profiles": ("hardware_profiles", {"cpu", "h100-sxm", "a100-80gb", "rtx-4090"}, False),
     "solvers": ("solvers", {"scip"}, False),
     "lowerings": ("lowerings", {"nemotron-nas"}, False),
@@ -31,21 +33,22 @@ EXPECTED = {
 def test_builtin_registries_have_their_names(accessor):
     module, names, exact = EXPECTED[accessor]
     reg = getattr(plugins, accessor)()
-    builtin = {n for n, p in reg.plugin_of.items() if p == f"hwopt.builtin.{module}"}
+    builtin = {n for n, p in reg.plugin_of.items() if p == f"hwopt.builtin.{module.format(name=n)}"}
     if exact:
         assert builtin == names
     else:
         assert names <= builtin
     for name in names:
         assert reg.get(name).name == name
-        assert reg.plugin_of[name] == f"hwopt.builtin.{module}"
+        assert reg.plugin_of[name] == f"hwopt.builtin.{module.format(name=name)}"
 
 
 def test_listing_attributes_builtins_to_their_modules():
     listing = plugins.listing()
     for accessor, (module, names, _) in EXPECTED.items():
         kind = getattr(plugins, accessor)().kind
-        assert names <= set(listing[f"hwopt.builtin.{module}"][kind]), (accessor, listing)
+        for name in names:
+            assert name in listing[f"hwopt.builtin.{module.format(name=name)}"][kind], (accessor, listing)
     # every built-in module is listed, even one that registered nothing new
     assert set(plugins.BUILTIN_PLUGINS) <= set(listing)
 
@@ -69,19 +72,20 @@ def _load_js_module(site):
 SUBPROCESS_CODE = r"""
 import json, torch
 from hwopt import plugins
+from hwopt.metric import Outputs
 reg = plugins.metrics()
 metric = reg.get("js_div")
 torch.manual_seed(0)
-a, b = torch.randn(32, 50) * 3, torch.randn(32, 50) * 3
 labels = torch.randint(0, 50, (32,))
+a, b = (Outputs(torch.randn(32, 50) * 3, torch.randn(32, 8), labels) for _ in range(2))
 print(json.dumps({
     "plugin": reg.plugin_of["js_div"],
     "listed": plugins.listing().get("js_divergence", {}),
     "name": metric.name,
     "higher_is_better": metric.higher_is_better,
-    "value": metric.compute(a, b, labels),
-    "same": metric.compute(a, a, labels),
-    "kl_div": reg.get("kl_div").compute(a, b, labels),
+    "value": metric.compute(a, b),
+    "same": metric.compute(a, a),
+    "kl_div": reg.get("kl_div").compute(a, b),
 }))
 """
 
@@ -105,32 +109,36 @@ def test_example_plugin_installs_and_registers_js_div(installed_js_plugin):
 def test_js_div_properties(installed_js_plugin):
     module = _load_js_module(installed_js_plugin)
     metric = module.JensenShannonDivergence()
+
+    def js(student_logits, teacher_logits):
+        return metric.compute(*(Outputs(t, torch.zeros(len(t), 1), torch.zeros(len(t), dtype=torch.long))
+                                for t in (student_logits, teacher_logits)))
+
     torch.manual_seed(1)
     x, y = torch.randn(16, 40), torch.randn(16, 40)
-    labels = torch.zeros(16, dtype=torch.long)
-    assert metric.compute(x, x, labels) == pytest.approx(0, abs=1e-6)
-    xy, yx = metric.compute(x, y, labels), metric.compute(y, x, labels)
+    assert js(x, x) == pytest.approx(0, abs=1e-6)
+    xy, yx = js(x, y), js(y, x)
     assert xy > 0 and xy == pytest.approx(yx, rel=1e-6)
     # disjoint, near-one-hot distributions reach the ln 2 bound and do not exceed it
     hot_a, hot_b = torch.full((4, 10), -1e4), torch.full((4, 10), -1e4)
     hot_a[:, 0] = 1e4
     hot_b[:, 1] = 1e4
-    far = metric.compute(hot_a, hot_b, labels[:4])
+    far = js(hot_a, hot_b)
     assert far <= math.log(2) and far == pytest.approx(math.log(2), rel=1e-5)
     # finite for extreme logits; agrees with a direct computation on moderate ones
     p, q = torch.softmax(x, -1).double(), torch.softmax(y, -1).double()
     m = (p + q) / 2
     direct = (0.5 * (p * (p / m).log()).sum(-1) + 0.5 * (q * (q / m).log()).sum(-1)).mean().item()
     assert xy == pytest.approx(direct, rel=1e-4)
-    assert math.isfinite(metric.compute(x * 1e3, y * 1e3, labels))
+    assert math.isfinite(js(x * 1e3, y * 1e3))
     # masked (-inf) logits: zero-probability tokens contribute nothing rather than NaN
     masked_x, masked_y = x.clone(), y.clone()
     masked_x[:, :5] = float("-inf")
     masked_y[:, 3:8] = float("-inf")
-    value = metric.compute(masked_x, masked_y, labels)
+    value = js(masked_x, masked_y)
     assert 0 < value <= math.log(2)
-    assert metric.compute(masked_x, masked_x, labels) == pytest.approx(0, abs=1e-6)
-    assert metric.compute(masked_y, masked_x, labels) == pytest.approx(value, rel=1e-6)
+    assert js(masked_x, masked_x) == pytest.approx(0, abs=1e-6)
+    assert js(masked_y, masked_x) == pytest.approx(value, rel=1e-6)
 
 
 BROKEN_CODE = r"""

@@ -48,8 +48,9 @@ class JensenShannonDivergence:
     name = "js_div"
     higher_is_better = False
 
-    def compute(self, student_logits, teacher_logits, labels) -> float:
-        return js_divergence(student_logits, teacher_logits).item()
+    def compute(self, student, teacher) -> float:
+        """``student`` and ``teacher`` are ``hwopt.metric.Outputs``; only their logits matter here."""
+        return js_divergence(student.logits, teacher.logits).item()
 
 
 @hwopt.hookimpl

@@ -1,0 +1,41 @@
+"""What a replace-1-block metric is, and what it is given.
+
+The score pass runs the parent once, and the parent with one block swapped
+once per (layer, variant); a metric compares the two runs. Both arrive as
+``Outputs`` on the same held-out tokens. A metric that needs its own
+evaluation (a task's questions, say) calls ``Outputs.model`` on its inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+
+if TYPE_CHECKING:
+    from hwopt.tasks import MultipleChoice
+
+
+@dataclass
+class Outputs:
+    """One model's run on the held-out tokens (all sequences flattened into one ``tokens`` axis)."""
+
+    logits: torch.Tensor  # [tokens, vocab]
+    hidden: torch.Tensor  # [tokens, hidden]: the last layer's output after the final norm, what the LM head reads
+    labels: torch.Tensor  # [tokens]: the next token, -100 at the end of a sequence
+    # token ids [sequences, length] -> logits [sequences, length, vocab]. For the student: the parent with the
+    # block swapped, run from the parent's cached activations at that layer.
+    model: Callable[[torch.Tensor], torch.Tensor] | None = None
+    task: MultipleChoice | None = None  # the user's questions (--task-data), the same for both models
+
+
+class Metric(Protocol):
+    """A replace-1-block score; registered through ``hwopt_register_metrics``."""
+
+    name: str
+    higher_is_better: bool
+    needs: Collection[str]  # optional: "task" when the metric reads ``Outputs.task``
+
+    def compute(self, student: Outputs, teacher: Outputs) -> float: ...
