@@ -8,6 +8,7 @@ the user's input print one line and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from hwopt import __version__
@@ -24,18 +25,29 @@ def _csv(cast):
     return parse
 
 
+def add_scenario_options(p: argparse.ArgumentParser) -> None:
+    """The serving scenario and how its costs are found (shared by the passes and ``estimate``)."""
+    g = p.add_argument_group("scenario")
+    g.add_argument("--scenario", help="INPUT/OUTPUT tokens per request (default 128/64)")
+    g.add_argument("--batch", type=int, help="requests served together (default 1)")
+    g.add_argument("--dtype", help="weights and activations: fp32, bf16, fp16, fp8 (default: bf16 on a GPU, fp32 on "
+                                   "the CPU)")
+    g.add_argument("--kv-dtype", help="KV cache dtype (default: the --dtype)")
+    g.add_argument("--backend", help="measurement backend: torch, onnxruntime, tensorrt, roofline, or auto (default: "
+                                     "torch where it can measure on the target here, else the roofline estimate)")
+    g.add_argument("--require-measured", action="store_const", const=True,
+                   help="stop with an error rather than estimate when nothing can measure on the target here")
+    g.add_argument("--repeats", type=int, help="timed repeats per measurement (default 5)")
+
+
 def add_run_options(p: argparse.ArgumentParser) -> None:
     """Options every pass command takes; unset ones come from the run's run.json, then defaults."""
     g = p.add_argument_group("run")
     g.add_argument("--workdir", default="runs/default", help="run directory (default: runs/default)")
     g.add_argument("--model", help="model name (smollm2-135m, llama-3.1-8b, llama-3.1-70b) or checkpoint directory")
-    g.add_argument("--target", help="hardware target: cpu, h100, a100, 4090, or a profile .toml")
-    g = p.add_argument_group("scenario")
-    g.add_argument("--scenario", help="INPUT/OUTPUT tokens per request (default 128/64)")
-    g.add_argument("--batch", type=int, help="requests served together (default 1)")
-    g.add_argument("--dtype", help="weights and activations dtype (default fp32)")
-    g.add_argument("--backend", help="measurement backend (default torch)")
-    g.add_argument("--repeats", type=int, help="timed repeats per measurement (default 5)")
+    g.add_argument("--target", help="hardware target: cpu, h100, a100, 4090, auto (the GPU NVML sees, else the CPU), "
+                                     "or a profile .toml")
+    add_scenario_options(p)
     g = p.add_argument_group("search space")
     g.add_argument("--kv-heads", type=_csv(int), help="KV-head counts to offer (default: every divisor)")
     g.add_argument("--ffn-fractions", type=_csv(float), help="FFN widths to offer (default 0.75,0.5,0.25)")
@@ -48,17 +60,47 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--bld-lr", type=float)
     g.add_argument("--score-tokens", type=int, help="held-out tokens for scoring (default 512)")
     g.add_argument("--metric", dest="metrics", action="append",
-                   help="replace-1-block metric (repeatable; default kl_div)")
+                   help="replace-1-block metric (repeatable; default kl_div): kl_div, lm_loss, cosine, "
+                        "top1_agreement, top5_agreement, task_accuracy, or a plugin's")
+    g.add_argument("--task-data", help="multiple-choice JSONL for --metric task_accuracy, one "
+                   '{"question": ..., "choices": [...], "answer": index or choice text} per line')
     g.add_argument("--uptrain-tokens", type=int, help="global distillation tokens (default 16384)")
     g.add_argument("--uptrain-lr", type=float)
     g.add_argument("--seed", type=int)
     g = p.add_argument_group("search")
-    g.add_argument("--objective", help="library key to minimise (default: metrics.<first metric>)")
+    g.add_argument("--objective", help="library key to optimise (default: metrics.<first metric>)")
     g.add_argument("--speedup", type=float, help="child runtime at most parent runtime / X")
     g.add_argument("--memory", help="weights + KV cache at most this (e.g. 80GB, 300MiB)")
     g.add_argument("--throughput", type=float, help="at least this many tokens/s (input + output tokens)")
-    g.add_argument("--solver", help="search backend (default scip)")
+    g.add_argument("--latency", type=float, help="the whole batch's generation in at most this many ms "
+                                                 "(stats.runtime_ms)")
+    g.add_argument("--ttft", type=float, help="time to first token at most this many ms (stats.ttft_ms, or "
+                                              "stats.prefill_ms in libraries without it)")
+    g.add_argument("--params", help="at most this many parameters, e.g. 50B, 135M (stats.num_params)")
+    g.add_argument("--solver", help="search backend: scip, highs, greedy, or a plugin's (default scip)")
+    g.add_argument("--num-solutions", type=int, help="this many solutions, best first (default 1)")
+    g.add_argument("--min-diversity", type=int, help="each solution differs from every earlier one in at least "
+                                                     "this many layers (default 1)")
+    g.add_argument("--time-limit", type=float, help="solver seconds per solution (default 60)")
     g.add_argument("--format", dest="formats", action="append", help="output format (repeatable; default nemotron-nas)")
+
+
+# options of `hwopt solve --library`, which works on a library file instead of a run directory
+LIBRARY_OPTIONS = ("library", "max", "range", "maximize", "sweep", "json")
+
+
+def add_library_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("any block library (no run directory)")
+    g.add_argument("--library", help="solve this block_library.json (ours or a published one) instead of the run's")
+    g.add_argument("--max", action="append", metavar="KEY=VALUE",
+                   help="total of a library key at most VALUE, e.g. stats.memory_mib=80000 (repeatable)")
+    g.add_argument("--range", action="append", metavar="KEY=LOW:HIGH",
+                   help="total of a library key within LOW..HIGH; either side may be empty (repeatable)")
+    g.add_argument("--maximize", action="store_true", default=None, help="maximise the objective")
+    g.add_argument("--sweep", metavar="KEY=START:STOP:POINTS",
+                   help="Pareto sweep: budgets on KEY at POINTS fractions from START to STOP of the parent's total "
+                        "(or, without parent flags, of the largest variant per layer), e.g. stats.runtime_ms=0.4:1:13")
+    g.add_argument("--json", help="write the solutions here (a sweep also writes <name>.sweep.csv and .png)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,7 +112,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="start", choices=PASSES, default="profile")
     p.add_argument("--until", choices=PASSES, default="lower")
     for name in PASSES:
-        add_run_options(sub.add_parser(name, help=f"run the {name} pass alone"))
+        add_run_options(p := sub.add_parser(name, help=f"run the {name} pass alone"))
+        if name == "solve":
+            add_library_options(p)
+    p = sub.add_parser("estimate", help="runtime, memory and tokens/s of an architecture on a target "
+                                        "(no weights needed)")
+    p.add_argument("--model", required=True,
+                   help="model name, Llama or nemotron-nas checkpoint directory, or its config.json")
+    p.add_argument("--target", default="auto", help="hardware target (default auto)")
+    p.add_argument("--parent", help="a model to compare with, layer by layer (e.g. the child's parent)")
+    p.add_argument("--plot", help="write the per-layer runtime picture (PNG) here")
+    p.add_argument("--json", action="store_true", help="print the result as JSON (for machines)")
+    add_scenario_options(p)
+    p = sub.add_parser("calibrate", help="time every block variant with a measuring backend; write the target's "
+                                         "profile with these timings, which fit the roofline estimate")
+    p.add_argument("--target", required=True, help="hardware target to measure on: cpu, h100, ..., or a profile .toml")
+    p.add_argument("--model", required=True, help="model name whose search space is timed (e.g. smollm2-135m)")
+    p.add_argument("--scenario", action="append", help="INPUT/OUTPUT tokens per request (repeatable; default 128/64)")
+    p.add_argument("--batch", type=int, default=1, help="requests served together (default 1)")
+    p.add_argument("--dtype", help="weights, activations and KV cache (default: bf16 on a GPU, fp32 on the CPU)")
+    p.add_argument("--backend", default="torch", help="measuring backend (default torch)")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (default 5)")
+    p.add_argument("--out", required=True, help="the calibrated profile .toml to write")
     sub.add_parser("plugins", help="list plugins and what each registered")
     sub.add_parser("targets", help="list hardware targets")
     return parser
@@ -93,12 +156,109 @@ def cmd_targets() -> None:
         print(f"{p.name:<12} {p.kind}  {p.description}{aliases}")
 
 
+def cmd_estimate(args: argparse.Namespace) -> None:
+    """Cost the model (and the --parent) on the target; print a table, or JSON with --json."""
+    from hwopt.estimate import estimate, print_estimate
+    from hwopt.hardware import resolve_target
+    from hwopt.models import resolve_model
+    from hwopt.plots import per_layer_runtime
+    from hwopt.search_space import Scenario
+
+    target = resolve_target(args.target)
+    scenario = Scenario.parse(args.scenario or "128/64", args.batch or 1, args.dtype or target.default_dtype(),
+                              args.kv_dtype)
+    target.check_dtype(scenario.dtype)
+    target.check_dtype(scenario.kv_dtype, "--kv-dtype")
+    models = {"model": args.model, **({"parent": args.parent} if args.parent else {})}
+    sources = {role: resolve_model(name) for role, name in models.items()}
+    results = {role: estimate(source, target, scenario, args.backend or "roofline", args.repeats or 5)
+               for role, source in sources.items()}
+    if args.plot:
+        parent = results.get("parent")
+        per_layer_runtime(args.plot, results["model"]["layers"], parent["layers"] if parent else None,
+                          f"{args.model} on {target.name}, {scenario.describe()}")
+    if args.json:
+        print(json.dumps(results["model"] if not args.parent else results, indent=2))
+        return
+    for result in results.values():
+        print_estimate(result)
+    if args.parent:
+        child, parent = results["model"]["total"], results["parent"]["total"]
+        print(f"{args.model} / {args.parent}: {parent['runtime_ms'] / child['runtime_ms']:.2f}x the throughput, "
+              f"{child['memory_mib'] / parent['memory_mib']:.2f}x the memory")
+
+
+def cmd_calibrate(args: argparse.Namespace) -> None:
+    """Measure, write --out, print the fit; ``--target OUT --backend roofline`` then uses it."""
+    from pathlib import Path
+
+    from hwopt.hardware import resolve_target
+    from hwopt.roofline import calibrate
+    from hwopt.search_space import Scenario
+
+    target = resolve_target(args.target)
+    dtype = args.dtype or target.default_dtype()
+    scenarios = [Scenario.parse(s, args.batch, dtype) for s in args.scenario or ["128/64"]]
+    print(calibrate(target, args.model, scenarios, args.backend, args.repeats, Path(args.out)).report())
+    print(f"wrote {args.out}; use it with --target {args.out} --backend roofline")
+
+
+def _higher_is_better(objective: str) -> bool:
+    """Whether ``objective`` names a registered metric that is better when higher (as the pipeline decides)."""
+    from hwopt.plugins import metrics
+
+    name = objective.removeprefix("metrics.")
+    return name in metrics().names() and metrics().get(name).higher_is_better
+
+
+def cmd_solve_library(args: argparse.Namespace) -> None:
+    """`hwopt solve --library FILE`: the solve pass on any block library, no other pass needed."""
+    import dataclasses
+    from pathlib import Path
+
+    from hwopt.passes.solve import Budgets, parse_max, parse_range, solve_library
+    from hwopt.run import Settings
+    from hwopt.search_space import Scenario
+    from hwopt.sweep import SweepSpec
+
+    names = {f.name for f in dataclasses.fields(Settings)}
+    s = Settings(**{k: v for k, v in vars(args).items() if k in names and v is not None})
+    # a library's runtimes hold for the workload it was measured at: no default for it
+    scenario = Scenario.parse(args.scenario, s.batch, s.dtype or "fp32") if args.scenario else None
+    objective = s.objective or f"metrics.{s.metrics[0]}"
+    solve_library(
+        Path(args.library),
+        objective=objective,
+        maximize=bool(args.maximize) or _higher_is_better(objective),
+        constraints=[*map(parse_max, args.max or []), *map(parse_range, args.range or [])],
+        budgets=Budgets(s.speedup, s.memory, s.throughput, s.latency, s.ttft, s.params),
+        scenario=scenario,
+        solver_name=s.solver,
+        num_solutions=s.num_solutions,
+        min_diversity=s.min_diversity,
+        time_limit_s=s.time_limit,
+        sweep=SweepSpec.parse(args.sweep) if args.sweep else None,
+        json_path=Path(args.json) if args.json else None,
+    )
+
+
 def run_command(args: argparse.Namespace) -> None:
     if args.command == "plugins":
         return cmd_plugins()
+    if args.command == "estimate":
+        return cmd_estimate(args)
+    if args.command == "calibrate":
+        return cmd_calibrate(args)
     if args.command == "targets":
         return cmd_targets()
-    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "workdir", "start", "until")}
+    if args.command == "solve" and args.library:
+        return cmd_solve_library(args)
+    given = [f"--{k}" for k in LIBRARY_OPTIONS if vars(args).get(k) is not None]
+    if given:
+        raise HwoptError(f"{', '.join(given)}: only with --library FILE (in a run directory, the budgets are "
+                         "--speedup, --memory, --throughput, --latency, --ttft, --params)")
+    skip = ("command", "workdir", "start", "until", *LIBRARY_OPTIONS)
+    overrides = {k: v for k, v in vars(args).items() if k not in skip}
     run = Run(args.workdir, load_settings(args.workdir, overrides))
     if args.command == "optimize":
         run.optimize(args.start, args.until)

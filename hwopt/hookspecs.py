@@ -26,7 +26,10 @@ def hwopt_register_block_types(register):
     ``variants(parent, options) -> list[sub-block config]`` (what to offer for
     a parent layer), ``matches(config) -> bool``, ``build(config, model_config)
     -> nn.Module``, ``init_from_parent(module, parent_module, inputs)``,
-    ``variant_name(config) -> str`` and ``num_params(config, model_config)``.
+    ``variant_name(config) -> str``, ``num_params(config, model_config)``,
+    ``kv_cache_elements_per_token(config, model_config)`` and, for the
+    roofline model, ``cost_terms(config, model_config, phase) ->
+    hwopt.roofline.CostTerms`` (FLOPs and elements moved in one forward).
     """
 
 
@@ -34,18 +37,33 @@ def hwopt_register_block_types(register):
 def hwopt_register_metrics(register):
     """Register replace-1-block scores.
 
-    A metric has ``name``, ``higher_is_better`` and
-    ``compute(student_logits, teacher_logits, labels) -> float``
-    (logits are ``[tokens, vocab]`` float tensors, labels ``[tokens]``).
+    A metric has ``name``, ``higher_is_better`` (the solver maximises the
+    metric when True, minimises it otherwise), an optional ``needs``
+    (``{"task"}`` for a metric that reads the ``--task-data`` questions) and
+    ``compute(student, teacher) -> float``. Both arguments are
+    ``hwopt.metric.Outputs`` on the same held-out tokens: ``logits``
+    ``[tokens, vocab]``, ``hidden`` ``[tokens, hidden]`` (the final hidden
+    states, after the final norm), ``labels`` ``[tokens]`` (next token, -100
+    where none), ``model`` (token ids to logits, for a metric that runs its
+    own evaluation; the student's starts from the parent's cached
+    activations at the swapped layer) and ``task`` (those questions,
+    tokenised; see ``hwopt.tasks``).
     """
 
 
 @hookspec
 def hwopt_register_backends(register):
-    """Register measurement backends.
+    """Register measurement backends: how a block's cost on a target is found.
 
-    A backend has ``name``, ``available(target) -> (bool, reason)`` and
-    ``measure(module, phase_inputs, repeats, warmup) -> milliseconds``.
+    A backend has ``name``; ``measures`` (True when it times real runs on a
+    device, False when it estimates); ``available(target, scenario) ->
+    (bool, reason)`` (whether it can work here, and if not, why not);
+    ``describe(target, scenario) -> dict`` (the source every figure it makes
+    carries: ``device``, ``backend`` and ``method`` for a measurement,
+    ``model`` for an estimate); and ``time_phases(workload, target, repeats)
+    -> list[float]``, the milliseconds of each of ``workload.phases`` (see
+    ``hwopt.workload``: a sub-block variant, or the model outside its layers,
+    in a prefill or decode phase).
     """
 
 
@@ -59,7 +77,10 @@ def hwopt_register_solvers(register):
     """Register search backends.
 
     A solver has ``name`` and ``solve(problem, time_limit_s) -> Solution | None``
-    (``None`` when the problem is infeasible); see ``hwopt.problem``.
+    (``None`` when it found no choice that meets the budgets); optionally
+    ``exact`` (False for a heuristic, whose None proves nothing; default True)
+    and ``compile(problem)``, a model that Pareto sweeps re-solve under a
+    moving budget. See ``hwopt.problem.Solver`` and ``hwopt.builtin.solvers``.
     """
 
 

@@ -6,8 +6,11 @@ budgets (e.g. ``stats.runtime_ms <= 12.5``). Keys are dotted paths into the
 block-library entries (see DESIGN.md, "Block library").
 
 A solver (registered through ``hwopt_register_solvers``) turns a ``Problem``
-into a ``Solution``; ``explain_infeasible`` tells the user which budget to
-relax, and by how much, when there is none.
+into a ``Solution``. ``LinearForm`` is the problem as arrays, the one statement
+of the program that the built-in backends translate; ``diverse_solutions``
+asks a solver for several answers that differ from each other, and
+``explain_infeasible`` tells the user which budget to relax, and by how much,
+when there is no answer.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+import numpy as np
 
 from hwopt.errors import HwoptError
 
@@ -82,9 +87,53 @@ class Problem:
     # earlier solutions the answer must differ from in at least min_diversity layers
     exclude: list[dict[str, str]] = field(default_factory=list)
     min_diversity: int = 1
+    # the variant flagged "parent": true in each layer, when the library flags them
+    parent: dict[str, str] | None = None
 
     def value(self, layer: str, variant: str, key: str) -> float:
         return self.values[layer][variant][key]
+
+    def has(self, key: str) -> bool:
+        """Whether every entry has ``key`` as a finite number."""
+        return all(
+            math.isfinite(flat.get(key, math.nan)) for layer in self.layers for flat in self.values[layer].values()
+        )
+
+    def require(self, keys: Iterable[str]) -> None:
+        """Raise unless every entry has each key as a finite number, naming the first entry that lacks one."""
+        keys = list(keys)
+        for layer in self.layers:
+            for variant, flat in self.values[layer].items():
+                for key in keys:
+                    if not math.isfinite(flat.get(key, math.nan)):
+                        known = ", ".join(sorted(flat)) or "none"
+                        raise HwoptError(
+                            f"block library {layer} variant {variant!r}: {key} is missing or "
+                            f"not a finite number (numeric keys there: {known})"
+                        )
+
+    def reference_choice(self, key: str) -> dict[str, str]:
+        """The architecture budgets are fractions of: the parent, or per layer the variant largest in ``key``.
+
+        Published libraries (NVIDIA's Puzzle demo) do not flag the parent; its
+        blocks are the largest ones, so the largest per layer stands in for it.
+        """
+        if self.parent is not None:
+            return self.parent
+        return {
+            layer: max(self.variants[layer], key=lambda v: self.value(layer, v, key))
+            for layer in self.layers
+        }
+
+    def solution(
+        self, choice: dict[str, str], solver: str, status: str, gap: float, wall_s: float
+    ) -> Solution:
+        """A solver's choice with its totals recomputed from the library, not taken from the solver."""
+        totals = self.totals(choice)
+        return Solution(choice, totals[self.objective], totals, solver, status, gap, wall_s)
+
+    def linear_form(self) -> LinearForm:
+        return LinearForm.of(self)
 
     def totals(self, choice: dict[str, str], extra_keys: tuple[str, ...] = ()) -> dict[str, float]:
         """The objective, every constrained key and ``extra_keys``, summed over layers, offsets included."""
@@ -130,11 +179,136 @@ class Solution:
 
 
 class Solver(Protocol):
-    """What ``hwopt_register_solvers`` registers."""
+    """What ``hwopt_register_solvers`` registers.
+
+    ``solve`` returns None when it found no choice that meets the constraints;
+    a solver with ``exact = True`` (the default for one without the attribute)
+    has then proved that there is none. A solver may also offer
+    ``compile(problem) -> CompiledProblem``, so that a Pareto sweep builds its
+    model once and only moves one budget between solves.
+    """
 
     name: str
+    exact: bool
 
     def solve(self, problem: Problem, time_limit_s: float = 60.0) -> Solution | None: ...
+
+
+class CompiledProblem(Protocol):
+    """A problem built into a solver's own model, to be solved under changing budgets."""
+
+    def set_constraint(self, index: int, constraint: Constraint) -> None:
+        """Replace ``problem.constraints[index]`` by one on the same key, bounded on the same sides."""
+
+    def solve(self, time_limit_s: float = 60.0) -> Solution | None: ...
+
+
+@dataclass
+class LinearForm:
+    """The problem as arrays: the one statement of the program that every built-in solver translates.
+
+    Entry j is one (layer, variant) pair with a binary x_j; a layer's entries
+    are contiguous, ``entries[starts[i]:starts[i + 1]]`` for layer i. The program:
+
+        minimise (maximise if ``maximize``)  cost @ x
+        subject to  x sums to 1 over each layer's entries
+                    lower <= rows @ x <= upper
+
+    There is one row per constraint, in ``Problem.constraints`` order, then one
+    per excluded solution: its entries, of which at most
+    ``n_layers - min_diversity`` may be chosen again. Offsets move into the
+    bounds, and each row is divided by its largest |coefficient|: solvers'
+    tolerances are absolute, and parameter counts (1e9 per block) would
+    otherwise dwarf them.
+
+    An entry that another entry of its layer dominates (no worse objective, and
+    no worse on any row given the sides the row is bounded on) is left out: a
+    best solution never needs it, and the program shrinks (to about a quarter
+    at 160 variants per layer).
+    """
+
+    entries: list[tuple[str, str]]
+    starts: np.ndarray
+    cost: np.ndarray
+    maximize: bool
+    rows: np.ndarray
+    lower: np.ndarray
+    upper: np.ndarray
+    constraints: list[Constraint]
+    offsets: np.ndarray
+    scales: np.ndarray
+
+    @classmethod
+    def of(cls, problem: Problem) -> LinearForm:
+        entries = [(layer, v) for layer in problem.layers for v in problem.variants[layer]]
+        starts = np.cumsum([0] + [len(problem.variants[layer]) for layer in problem.layers])
+        cost = np.array([problem.value(layer, v, problem.objective) for layer, v in entries])
+        n_rows = len(problem.constraints) + len(problem.exclude)
+        rows = np.zeros((n_rows, len(entries)))
+        for i, c in enumerate(problem.constraints):
+            rows[i] = [problem.value(layer, v, c.key) for layer, v in entries]
+        for i, other in enumerate(problem.exclude, start=len(problem.constraints)):
+            rows[i] = [other.get(layer) == v for layer, v in entries]
+        scales = np.abs(rows).max(axis=1, initial=0.0)
+        scales[scales == 0] = 1.0
+        offsets = np.array([problem.offsets.get(c.key, 0.0) for c in problem.constraints])
+        form = cls(entries, starts, cost, problem.maximize, rows / scales[:, None], np.full(n_rows, -np.inf),
+                   np.full(n_rows, np.inf), list(problem.constraints), offsets, scales)
+        for i, c in enumerate(problem.constraints):
+            form.lower[i], form.upper[i] = form.bounds(i, c)
+        excluded = slice(len(problem.constraints), None)
+        form.upper[excluded] = (len(problem.layers) - problem.min_diversity) / scales[excluded]
+        return form._without_dominated()
+
+    def bounds(self, index: int, constraint: Constraint) -> tuple[float, float]:
+        """Row ``index``'s (lower, upper) for ``constraint``, offset and scaled as the row is."""
+        old = self.constraints[index]
+        if (old.min is None, old.max is None) != (constraint.min is None, constraint.max is None):
+            # the entries left out were dominated given the sides each row is bounded on
+            raise ValueError(f"{constraint.describe()} is not bounded on the same sides as {old.describe()}")
+        offset, scale = self.offsets[index], self.scales[index]
+        lower = -np.inf if constraint.min is None else (constraint.min - offset) / scale
+        upper = np.inf if constraint.max is None else (constraint.max - offset) / scale
+        return lower, upper
+
+    @property
+    def layer_of(self) -> np.ndarray:
+        """Each entry's layer, as an index into ``starts``."""
+        return np.repeat(np.arange(len(self.starts) - 1), np.diff(self.starts))
+
+    def choice(self, x: np.ndarray) -> dict[str, str]:
+        """Per layer the entry with the largest x (binaries come back as floats near 0 or 1)."""
+        return {
+            self.entries[a][0]: self.entries[a + int(np.argmax(x[a:b]))][1]
+            for a, b in zip(self.starts[:-1], self.starts[1:])
+        }
+
+    def _without_dominated(self) -> LinearForm:
+        # every column below is "smaller is better", so dominance is a <= in every column
+        columns = [-self.cost if self.maximize else self.cost]
+        for row, lower, upper in zip(self.rows, self.lower, self.upper):
+            if np.isfinite(upper):
+                columns.append(row)
+            if np.isfinite(lower):
+                columns.append(-row)
+        points = np.stack(columns, axis=1)
+        keep = np.ones(len(self.entries), dtype=bool)
+        for a, b in zip(self.starts[:-1], self.starts[1:]):
+            p = points[a:b]
+            no_worse = (p[:, None, :] <= p[None, :, :]).all(axis=2)  # [w, v]: w is no worse than v
+            order = np.arange(b - a)
+            # v goes if some other w is no worse, unless they tie and v comes first
+            dominated = no_worse & ~(no_worse.T & (order[:, None] > order[None, :]))
+            np.fill_diagonal(dominated, False)
+            keep[a:b] = ~dominated.any(axis=0)
+        counts = [int(keep[a:b].sum()) for a, b in zip(self.starts[:-1], self.starts[1:])]
+        return dataclasses.replace(
+            self,
+            entries=[e for e, k in zip(self.entries, keep) if k],
+            starts=np.cumsum([0] + counts),
+            cost=self.cost[keep],
+            rows=self.rows[:, keep],
+        )
 
 
 def _flatten(entry: dict, prefix: str = "") -> dict[str, float]:
@@ -163,7 +337,7 @@ def problem_from_library(
     maximize: bool = False,
     offsets: dict[str, float] | None = None,
 ) -> Problem:
-    """Build a problem from a parsed block library, checking every key it uses.
+    """Build a problem from a parsed block library, checking its shape and every key the problem uses.
 
     Errors name the first offending layer, variant and key, so that a user can
     find it in a library of thousands of entries.
@@ -172,10 +346,10 @@ def problem_from_library(
         raise HwoptError("block library must be a non-empty JSON object of layer_<n> entries")
     constraints = list(constraints)
     layers = sorted(library, key=_layer_index)
-    used_keys = list(dict.fromkeys([objective, *(c.key for c in constraints)]))
 
     variants: dict[str, list[str]] = {}
     values: dict[str, dict[str, dict[str, float]]] = {}
+    parents: dict[str, list[str]] = {}
     for layer in layers:
         entries = library[layer]
         if not isinstance(entries, dict) or not entries:
@@ -188,17 +362,10 @@ def problem_from_library(
                     f"block library {layer} variant {variant!r} is not an object "
                     f"(got {type(entry).__name__})"
                 )
-            flat = _flatten(entry)
-            for key in used_keys:
-                if key not in flat or not math.isfinite(flat[key]):
-                    known = ", ".join(sorted(flat)) or "none"
-                    raise HwoptError(
-                        f"block library {layer} variant {variant!r}: {key} is missing or "
-                        f"not a finite number (numeric keys there: {known})"
-                    )
-            values[layer][variant] = flat
+            values[layer][variant] = _flatten(entry)
+        parents[layer] = [v for v, entry in entries.items() if entry.get("parent") is True]
 
-    return Problem(
+    problem = Problem(
         layers=layers,
         variants=variants,
         values=values,
@@ -206,7 +373,41 @@ def problem_from_library(
         maximize=maximize,
         constraints=constraints,
         offsets=dict(offsets or {}),
+        parent=_parent(parents),
     )
+    problem.require([objective, *(c.key for c in constraints)])
+    return problem
+
+
+def _parent(flagged: dict[str, list[str]]) -> dict[str, str] | None:
+    """The variant flagged ``"parent": true`` per layer; None if no layer flags one."""
+    if not any(flagged.values()):
+        return None
+    for layer, names in flagged.items():
+        if len(names) != 1:
+            raise HwoptError(f"block library {layer} flags {len(names)} variants as the parent; "
+                             "a library flags exactly one per layer, or none at all")
+    return {layer: names[0] for layer, names in flagged.items()}
+
+
+def diverse_solutions(
+    problem: Problem, solver: Solver, count: int, min_diversity: int = 1, time_limit_s: float = 60.0
+) -> list[Solution]:
+    """Up to ``count`` solutions, best first, each differing from every earlier one in ``min_diversity`` layers.
+
+    As in NVIDIA's Puzzle demo: solve, exclude the answer, solve again. Fewer
+    come back when no further choice meets the budgets.
+    """
+    found: list[Solution] = []
+    while len(found) < count:
+        earlier = [*problem.exclude, *(s.choice for s in found)]
+        solution = solver.solve(
+            dataclasses.replace(problem, exclude=earlier, min_diversity=min_diversity), time_limit_s
+        )
+        if solution is None:
+            break
+        found.append(solution)
+    return found
 
 
 def explain_infeasible(

@@ -19,20 +19,23 @@ import torch
 
 from hwopt.data import check_data_files, load_split
 from hwopt.errors import HwoptError
+from hwopt.estimate import layer_rows, model_variants
 from hwopt.hardware import resolve_target
 from hwopt.model.checkpoint import load_checkpoint, save_nemotron_nas
 from hwopt.models import resolve_model
 from hwopt.passes.library import BLDSettings, Library, build_library
 from hwopt.passes.lower import lower
-from hwopt.passes.profile import measurement_backend, profile
+from hwopt.passes.profile import choose_backend, profile
 from hwopt.passes.score import score
 from hwopt.passes.solve import Budgets, solve
 from hwopt.passes.uptrain import UptrainSettings, uptrain
 from hwopt.pipeline import atomic_write_json, fingerprint, is_up_to_date, output_hash, staged_pass
+from hwopt.plots import per_layer_runtime
 from hwopt.plugins import metrics
 from hwopt.progress import console
 from hwopt.report import build_report, print_report
 from hwopt.search_space import Scenario, SearchSpace
+from hwopt.tasks import read_task
 
 PASSES = ("profile", "library", "score", "solve", "uptrain", "lower")
 
@@ -43,8 +46,10 @@ class Settings:
     target: str = "cpu"
     scenario: str = "128/64"
     batch: int = 1
-    dtype: str = "fp32"
-    backend: str = "torch"
+    dtype: str | None = None  # default: bf16 on a GPU target, fp32 on the CPU
+    kv_dtype: str | None = None  # default: the dtype
+    backend: str = "auto"
+    require_measured: bool = False
     repeats: int = 5
     data: list[str] | None = None
     seq_len: int = 128
@@ -56,11 +61,18 @@ class Settings:
     bld_lr: float = 5e-4
     score_tokens: int = 512
     metrics: list[str] = field(default_factory=lambda: ["kl_div"])
+    task_data: str | None = None  # multiple-choice JSONL for metrics that need "task"
     objective: str | None = None  # default: the first metric
     speedup: float | None = None
     memory: str | None = None
     throughput: float | None = None
+    latency: float | None = None  # ms, the whole batch's generation
+    ttft: float | None = None  # ms to the first token
+    params: str | None = None  # e.g. 50B, 135M
     solver: str = "scip"
+    num_solutions: int = 1
+    min_diversity: int = 1
+    time_limit: float = 60.0  # seconds per solution
     uptrain_tokens: int = 16384
     uptrain_lr: float = 1e-4
     formats: list[str] = field(default_factory=lambda: ["nemotron-nas"])
@@ -71,10 +83,12 @@ SEARCH_SPACE = ["model", "kv_heads", "ffn_fractions", "linear", "no_op"]
 DATA = ["data", "seq_len"]
 # pass -> (settings it depends on, passes whose outputs it reads)
 PASS_INPUTS = {
-    "profile": (SEARCH_SPACE + ["target", "scenario", "batch", "dtype", "backend", "repeats"], []),
+    "profile": (SEARCH_SPACE + ["target", "scenario", "batch", "dtype", "kv_dtype", "backend", "require_measured",
+                                "repeats"], []),
     "library": (SEARCH_SPACE + DATA + ["bld_tokens", "bld_lr", "seed"], []),
-    "score": (DATA + ["score_tokens", "metrics"], ["library", "profile"]),
-    "solve": (["objective", "speedup", "memory", "throughput", "solver"], ["score", "profile"]),
+    "score": (DATA + ["score_tokens", "metrics", "task_data"], ["library", "profile"]),
+    "solve": (["objective", "speedup", "memory", "throughput", "latency", "ttft", "params", "solver", "num_solutions",
+               "min_diversity", "time_limit"], ["score", "profile"]),
     "uptrain": (DATA + ["uptrain_tokens", "uptrain_lr", "seed"], ["library", "solve"]),
     "lower": (["formats"], ["uptrain"]),
 }
@@ -106,7 +120,10 @@ class Run:
     @cached_property
     def scenario(self) -> Scenario:
         s = self.settings
-        return Scenario.parse(s.scenario, s.batch, s.dtype)
+        scenario = Scenario.parse(s.scenario, s.batch, s.dtype or self.target.default_dtype(), s.kv_dtype)
+        self.target.check_dtype(scenario.dtype)
+        self.target.check_dtype(scenario.kv_dtype, "--kv-dtype")
+        return scenario
 
     @cached_property
     def space(self) -> SearchSpace:
@@ -128,6 +145,15 @@ class Run:
     @cached_property
     def metric_objects(self):
         return [metrics().get(name) for name in self.settings.metrics]
+
+    @property
+    def budgets(self) -> Budgets:
+        s = self.settings
+        return Budgets(s.speedup, s.memory, s.throughput, s.latency, s.ttft, s.params)
+
+    @cached_property
+    def task(self):
+        return read_task(self.settings.task_data, self.tokenizer) if self.settings.task_data else None
 
     def dir(self, name: str) -> Path:
         return self.workdir / name
@@ -152,6 +178,8 @@ class Run:
             settings["weights"] = sorted((f.name, f.stat().st_size) for f in weights.glob("*.safetensors"))
         if "data" in keys:
             settings["data_sha256"] = self.split.sha256
+        if "task_data" in keys and self.task:
+            settings["task_data_sha256"] = self.task.sha256
         return fingerprint(settings, {up: output_hash(self.dir(up)) for up in upstream})
 
     def save_settings(self) -> None:
@@ -173,20 +201,24 @@ class Run:
         """Resolve what a pass will need before it starts, so bad input fails at once."""
         _ = self.source, self.target, self.scenario
         if name == "profile":
-            measurement_backend(self.settings.backend, self.target)
+            choose_backend(self.settings.backend, self.target, self.scenario, self.settings.require_measured)
         if name in ("library", "score", "uptrain", "lower"):
             self.source.require_weights()
         if "data" in PASS_INPUTS[name][0]:
             check_data_files(self.settings.data)
         if name == "score":
-            _ = self.metric_objects
-        if name == "solve" and self.settings.speedup is None and self.settings.memory is None \
-                and self.settings.throughput is None:
-            raise HwoptError("solve needs a budget: --speedup, --memory or --throughput")
+            needing = [m.name for m in self.metric_objects if "task" in getattr(m, "needs", ())]
+            if needing and not self.settings.task_data:
+                raise HwoptError(f"metric {', '.join(needing)} needs --task-data FILE.jsonl (multiple-choice "
+                                 "questions, one per line)")
+            _ = self.task
+        if name == "solve" and not self.budgets.keys():
+            raise HwoptError("solve needs a budget: --speedup, --memory, --throughput, --latency, --ttft or --params")
 
     def _profile(self, out: Path) -> None:
         s = self.settings
-        profile(self.source, self.target, self.scenario, self.space, s.backend, s.repeats, out / "costs.json")
+        profile(self.source, self.target, self.scenario, self.space, s.backend, s.repeats, out / "costs.json",
+                s.require_measured)
 
     def _library(self, out: Path) -> None:
         s = self.settings
@@ -196,7 +228,7 @@ class Run:
     def _score(self, out: Path) -> None:
         library = Library(self.dir("library"), self.parent)
         score(self.parent, library, self.split.heldout_batches(self.settings.score_tokens), self.metric_objects,
-              self.read_json("profile/costs.json"), out)
+              self.read_json("profile/costs.json"), out, self.task)
 
     def _solve(self, out: Path) -> None:
         s = self.settings
@@ -204,11 +236,16 @@ class Run:
         objective = s.objective or f"metrics.{s.metrics[0]}"
         metric = objective.removeprefix("metrics.")
         maximize = metric in metrics().names() and metrics().get(metric).higher_is_better
-        solution = solve(library, self.read_json("profile/costs.json"), Budgets(s.speedup, s.memory, s.throughput),
-                         objective, s.solver, out / "solutions.json", maximize)
+        solution = solve(library, self.read_json("profile/costs.json"), self.budgets, objective, s.solver,
+                         out / "solutions.json", maximize, s.num_solutions, s.min_diversity, s.time_limit)
         best = solution["solutions"][0]
         console.print(f"solve: predicted speedup {best['predicted_speedup']:.2f}x, "
                       f"objective {best['objective']:.4f} ({best['solver']}, {best['status']})")
+        costs = self.read_json("profile/costs.json")
+        per_layer_runtime(out / "per_layer_runtime.png", layer_rows(costs, best["variants"]),
+                          layer_rows(costs, model_variants(self.source)),
+                          f"child vs parent on {self.target.name}, {self.scenario.describe()} "
+                          f"({costs['source']['kind']})")
 
     def _uptrain(self, out: Path) -> None:
         s = self.settings

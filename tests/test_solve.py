@@ -1,13 +1,17 @@
-"""The solve pass's problem and the built-in SCIP solver, checked against brute force."""
+"""The solve pass's problem and the built-in solvers, checked against brute force."""
 
+import dataclasses
 import itertools
 
 import numpy as np
 import pytest
 
-from hwopt.builtin.solvers import ScipSolver
+from hwopt.builtin.solvers import GreedySolver, HighsSolver, ScipSolver
 from hwopt.errors import HwoptError
-from hwopt.problem import Constraint, explain_infeasible, problem_from_library
+from hwopt.problem import Constraint, LinearForm, diverse_solutions, explain_infeasible, problem_from_library
+
+EXACT = [ScipSolver(), HighsSolver()]
+exact_solvers = pytest.mark.parametrize("solver", EXACT, ids=lambda s: s.name)
 
 KEYS = ("stats.runtime_ms", "stats.memory_mib", "metrics.kl_div")
 
@@ -96,14 +100,15 @@ def budgets(library, seed):
     ]
 
 
+@exact_solvers
 @pytest.mark.parametrize("maximize", [False, True])
 @pytest.mark.parametrize("seed", range(6))
-def test_optimal_against_brute_force(seed, maximize):
+def test_optimal_against_brute_force(seed, maximize, solver):
     library = random_library(seed, n_layers=4, n_variants=3 + seed % 2)
     constraints = budgets(library, seed)
     problem = problem_from_library(library, "metrics.kl_div", constraints, maximize=maximize)
 
-    solution = ScipSolver().solve(problem, time_limit_s=10)
+    solution = solver.solve(problem, time_limit_s=10)
     _, expected = brute_force(library, "metrics.kl_div", constraints, maximize=maximize)
 
     if expected is None:
@@ -128,17 +133,18 @@ def test_random_instances_include_feasible_and_infeasible_ones():
     assert outcomes == {True, False}
 
 
-def test_offsets_count_towards_budgets():
+@exact_solvers
+def test_offsets_count_towards_budgets(solver):
     library = random_library(7)
-    free = ScipSolver().solve(problem_from_library(library, "metrics.kl_div", []))
+    free = solver.solve(problem_from_library(library, "metrics.kl_div", []))
     # the unconstrained optimum fits this budget, but not once 5 ms outside the layers count
     budget = library_total(library, free.choice, "stats.runtime_ms") + 1.0
     constraints = [Constraint("stats.runtime_ms", max=budget)]
     offsets = {"stats.runtime_ms": 5.0}
 
-    without = ScipSolver().solve(problem_from_library(library, "metrics.kl_div", constraints))
+    without = solver.solve(problem_from_library(library, "metrics.kl_div", constraints))
     problem = problem_from_library(library, "metrics.kl_div", constraints, offsets=offsets)
-    solution = ScipSolver().solve(problem)
+    solution = solver.solve(problem)
     _, expected = brute_force(library, "metrics.kl_div", constraints, offsets=offsets)
 
     assert without.objective == pytest.approx(free.objective)
@@ -150,16 +156,17 @@ def test_offsets_count_towards_budgets():
     assert_meets(library, solution, constraints, offsets)
 
 
+@exact_solvers
 @pytest.mark.parametrize("diversity", [1, 2, 3])
-def test_excluded_solutions_and_diversity(diversity):
+def test_excluded_solutions_and_diversity(diversity, solver):
     library = random_library(11)
     constraints = [Constraint("stats.runtime_ms", max=25.0)]
     problem = problem_from_library(library, "metrics.kl_div", constraints)
-    first = ScipSolver().solve(problem)
+    first = solver.solve(problem)
 
     problem.exclude = [first.choice]
     problem.min_diversity = diversity
-    second = ScipSolver().solve(problem)
+    second = solver.solve(problem)
     _, expected = brute_force(
         library, "metrics.kl_div", constraints, exclude=[first.choice], diversity=diversity
     )
@@ -170,7 +177,8 @@ def test_excluded_solutions_and_diversity(diversity):
     assert_meets(library, second, constraints)
 
 
-def test_infeasible_returns_none_and_explains_the_budgets():
+@exact_solvers
+def test_infeasible_returns_none_and_explains_the_budgets(solver):
     library = random_library(3)
     _, fastest = brute_force(library, "stats.runtime_ms", [])
     _, smallest = brute_force(library, "stats.memory_mib", [])
@@ -187,8 +195,8 @@ def test_infeasible_returns_none_and_explains_the_budgets():
     problem = problem_from_library(library, "metrics.kl_div", constraints)
     assert brute_force(library, "metrics.kl_div", constraints)[1] is None
 
-    assert ScipSolver().solve(problem) is None
-    runtime_line, memory_line = explain_infeasible(problem)
+    assert solver.solve(problem) is None
+    runtime_line, memory_line = explain_infeasible(problem, solver)
 
     _, runtime_reachable = brute_force(library, "stats.runtime_ms", constraints[1:])
     assert runtime_line.startswith(f"stats.runtime_ms <= {runtime_cap:.6g}: the lowest reachable")
@@ -198,7 +206,8 @@ def test_infeasible_returns_none_and_explains_the_budgets():
     assert f"is {smallest_fast:.6g} (relax by {smallest_fast - memory_cap:.6g}" in memory_line
 
 
-def test_explain_treats_each_side_of_a_range_alone():
+@exact_solvers
+def test_explain_treats_each_side_of_a_range_alone(solver):
     library = random_library(5)
     _, highest = brute_force(library, "stats.memory_mib", [], maximize=True)
     problem = problem_from_library(
@@ -209,9 +218,9 @@ def test_explain_treats_each_side_of_a_range_alone():
             Constraint("stats.runtime_ms", max=1000.0),
         ],
     )
-    assert ScipSolver().solve(problem) is None
+    assert solver.solve(problem) is None
 
-    memory_max, memory_min, runtime_max = explain_infeasible(problem)
+    memory_max, memory_min, runtime_max = explain_infeasible(problem, solver)
 
     # the range's own minimum is out of reach, so relaxing its maximum or the runtime cap is no use
     assert memory_max.startswith(f"stats.memory_mib <= {highest + 50:.6g}:")
@@ -224,13 +233,14 @@ def test_explain_treats_each_side_of_a_range_alone():
     )
 
 
-def test_explain_names_an_exclusion_nothing_can_meet():
+@exact_solvers
+def test_explain_names_an_exclusion_nothing_can_meet(solver):
     library = random_library(2, n_layers=2, n_variants=2)
     problem = problem_from_library(library, "metrics.kl_div", [])
     problem.exclude = [{"layer_0": "v0", "layer_1": "v0"}]
     problem.min_diversity = 3
-    assert ScipSolver().solve(problem) is None
-    assert explain_infeasible(problem) == [
+    assert solver.solve(problem) is None
+    assert explain_infeasible(problem, solver) == [
         "no combination differs from all 1 excluded solutions in at least 3 layers"
     ]
 
@@ -238,9 +248,9 @@ def test_explain_names_an_exclusion_nothing_can_meet():
 def test_registered_through_the_hook():
     from hwopt import plugins
 
-    solver = plugins.solvers().get("scip")
-    assert isinstance(solver, ScipSolver)
-    assert plugins.solvers().plugin_of["scip"] == "hwopt.builtin.solvers"
+    for name, kind in (("scip", ScipSolver), ("highs", HighsSolver), ("greedy", GreedySolver)):
+        assert isinstance(plugins.solvers().get(name), kind)
+        assert plugins.solvers().plugin_of[name] == "hwopt.builtin.solvers"
 
 
 def test_library_layers_are_ordered_numerically_and_leaves_flattened():
@@ -253,11 +263,12 @@ def test_library_layers_are_ordered_numerically_and_leaves_flattened():
     assert problem.value("layer_9", "a", "metrics.m") == 1.0
 
 
-def test_solution_to_json():
+@exact_solvers
+def test_solution_to_json(solver):
     problem = problem_from_library(random_library(1), "metrics.kl_div", [])
-    data = ScipSolver().solve(problem).to_json()
+    data = solver.solve(problem).to_json()
     assert set(data) == {"choice", "objective", "totals", "solver", "status", "gap", "wall_s"}
-    assert data["solver"] == "scip" and data["status"] == "optimal" and data["gap"] == 0
+    assert data["solver"] == solver.name and data["status"] == "optimal" and data["gap"] == 0
 
 
 ENTRY = {"stats": {"runtime_ms": 1.0}, "metrics": {"kl_div": 0.1}}
@@ -303,3 +314,161 @@ def test_malformed_constraint_is_one_line_error(kwargs, words):
     with pytest.raises(HwoptError, match=words) as err:
         Constraint("stats.runtime_ms", **kwargs)
     assert "\n" not in str(err.value)
+
+
+@exact_solvers
+@pytest.mark.parametrize("diversity", [1, 3])
+def test_diverse_solutions_are_the_best_that_differ_enough(diversity, solver):
+    library = random_library(13)
+    constraints = [Constraint("stats.runtime_ms", max=24.0)]
+    problem = problem_from_library(library, "metrics.kl_div", constraints)
+
+    found = diverse_solutions(problem, solver, count=4, min_diversity=diversity)
+
+    assert len(found) == 4
+    for i, solution in enumerate(found):
+        earlier = [s.choice for s in found[:i]]
+        _, expected = brute_force(library, "metrics.kl_div", constraints, exclude=earlier, diversity=diversity)
+        assert solution.objective == pytest.approx(expected)
+        for other in earlier:
+            assert sum(solution.choice[layer] != other[layer] for layer in library) >= diversity
+        assert_meets(library, solution, constraints)
+
+
+def test_diverse_solutions_stop_when_no_more_differ():
+    library = random_library(2, n_layers=2, n_variants=2)  # 4 architectures in all
+    problem = problem_from_library(library, "metrics.kl_div", [])
+    assert len(diverse_solutions(problem, ScipSolver(), count=10, min_diversity=1)) == 4
+    assert len(diverse_solutions(problem, ScipSolver(), count=10, min_diversity=2)) == 2
+
+
+@pytest.mark.parametrize("maximize", [False, True])
+@pytest.mark.parametrize("seed", range(12))
+def test_greedy_answers_are_feasible_and_no_better_than_the_optimum(seed, maximize):
+    library = random_library(seed, n_layers=5, n_variants=4)
+    constraints = budgets(library, seed)
+    problem = problem_from_library(library, "metrics.kl_div", constraints, maximize=maximize)
+
+    solution = GreedySolver().solve(problem)
+    _, best = brute_force(library, "metrics.kl_div", constraints, maximize=maximize)
+
+    if solution is None:
+        return
+    assert solution.status == "heuristic" and solution.to_json()["gap"] is None
+    assert problem.is_feasible(solution.choice)
+    assert_meets(library, solution, constraints)
+    assert best is not None
+    assert (solution.objective <= best + 1e-9) if maximize else (solution.objective >= best - 1e-9)
+
+
+def test_greedy_finds_answers_on_most_feasible_instances():
+    results = []
+    for seed in range(12):
+        library = random_library(seed, n_layers=5, n_variants=4)
+        constraints = budgets(library, seed)
+        if brute_force(library, "metrics.kl_div", constraints)[1] is not None:
+            problem = problem_from_library(library, "metrics.kl_div", constraints)
+            results.append(GreedySolver().solve(problem) is not None)
+    assert sum(results) >= 0.75 * len(results) > 0
+
+
+def test_greedy_trades_the_least_objective_per_unit_of_budget():
+    """Layer a's cheap variant costs 1 of objective per 1 ms saved; layer b's 0.1 per ms: greedy swaps b."""
+    library = {
+        "layer_0": {"big": entry(runtime=10, kl=0.0), "small": entry(runtime=5, kl=5.0)},
+        "layer_1": {"big": entry(runtime=10, kl=0.0), "small": entry(runtime=5, kl=0.5)},
+    }
+    problem = problem_from_library(library, "metrics.kl_div", [Constraint("stats.runtime_ms", max=15)])
+    solution = GreedySolver().solve(problem)
+    assert solution.choice == {"layer_0": "big", "layer_1": "small"}
+
+
+def test_greedy_returns_none_when_no_swap_helps():
+    library = random_library(3)
+    problem = problem_from_library(library, "metrics.kl_div", [Constraint("stats.runtime_ms", max=0.5)])
+    assert GreedySolver().solve(problem) is None
+    assert not GreedySolver.exact and ScipSolver.exact and HighsSolver.exact
+
+
+def entry(runtime: float, kl: float, memory: float = 1.0, parent: bool | None = None) -> dict:
+    data = {"stats": {"runtime_ms": runtime, "memory_mib": memory}, "metrics": {"kl_div": kl}}
+    return data if parent is None else {**data, "parent": parent}
+
+
+def test_linear_form_drops_dominated_variants_only():
+    library = {"layer_0": {
+        "parent": entry(runtime=10, kl=0.0),
+        "good": entry(runtime=5, kl=1.0),
+        "dominated": entry(runtime=6, kl=2.0),  # slower and worse than "good"
+        "twin": entry(runtime=5, kl=1.0),  # the same as "good", which comes first
+    }}
+    capped = problem_from_library(library, "metrics.kl_div", [Constraint("stats.runtime_ms", max=8)])
+    assert [v for _, v in LinearForm.of(capped).entries] == ["parent", "good"]
+    # with a minimum on runtime, more runtime can be what is needed: nothing dominates on both sides
+    ranged = problem_from_library(library, "metrics.kl_div", [Constraint("stats.runtime_ms", min=5.5, max=8)])
+    assert [v for _, v in LinearForm.of(ranged).entries] == ["parent", "good", "dominated"]
+    assert ScipSolver().solve(ranged).choice == {"layer_0": "dominated"}
+    # maximising turns the objective around: "good" now beats "parent" on both, "dominated" is the best
+    maximized = dataclasses.replace(capped, maximize=True)
+    assert [v for _, v in LinearForm.of(maximized).entries] == ["good", "dominated"]
+
+
+@exact_solvers
+def test_budgets_on_parameter_counts_hold(solver):
+    """A 1e9-sized key is held to the same relative tolerance (1e-6) as a millisecond one, not looser."""
+    rng = np.random.default_rng(5)
+    library = {
+        f"layer_{i}": {
+            f"v{j}": {"stats": {"num_params": float(rng.integers(1, 9) * 1e9 + rng.integers(0, 1000) * 1e6)},
+                      "metrics": {"kl_div": float(rng.uniform(0, 1))}}
+            for j in range(4)
+        }
+        for i in range(4)
+    }
+    _, smallest = brute_force(library, "stats.num_params", [])
+    constraints = [Constraint("stats.num_params", max=smallest + 3e9 + 0.5e6)]  # totals are whole millions
+    problem = problem_from_library(library, "metrics.kl_div", constraints)
+    solution = solver.solve(problem)
+    assert solution.objective == pytest.approx(brute_force(library, "metrics.kl_div", constraints)[1])
+    assert solution.totals["stats.num_params"] <= constraints[0].max
+
+
+def test_parent_is_the_flagged_variant_else_the_largest():
+    flagged = {f"layer_{i}": {"a": entry(runtime=1, kl=1.0), "b": entry(runtime=2, kl=0.0, parent=True)}
+               for i in range(2)}
+    problem = problem_from_library(flagged, "metrics.kl_div", [])
+    assert problem.parent == {"layer_0": "b", "layer_1": "b"}
+    assert problem.reference_choice("stats.runtime_ms") == problem.parent
+
+    published = {"layer_0": {"a": entry(runtime=3, kl=1.0, memory=1), "b": entry(runtime=2, kl=0.0, memory=9)}}
+    problem = problem_from_library(published, "metrics.kl_div", [])
+    assert problem.parent is None
+    assert problem.reference_choice("stats.runtime_ms") == {"layer_0": "a"}
+    assert problem.reference_choice("stats.memory_mib") == {"layer_0": "b"}
+
+
+@pytest.mark.parametrize("flags, words", [((True, True), "flags 2 variants"), ((False, False), "flags 0 variants")])
+def test_inconsistent_parent_flags_are_one_line_errors(flags, words):
+    library = {
+        "layer_0": {"a": entry(runtime=1, kl=1.0, parent=True), "b": entry(runtime=2, kl=0.0)},
+        "layer_1": {"a": entry(runtime=1, kl=1.0, parent=flags[0]), "b": entry(runtime=2, kl=0.0, parent=flags[1])},
+    }
+    with pytest.raises(HwoptError, match=f"layer_1 {words} as the parent"):
+        problem_from_library(library, "metrics.kl_div", [])
+
+
+def test_a_time_limit_returns_the_best_so_far_or_says_to_raise_it():
+    rng = np.random.default_rng(0)
+    library = {f"layer_{i}": {f"v{j}": {"stats": {"runtime_ms": float(rng.uniform(1, 10))},
+                                        "metrics": {"kl_div": float(rng.uniform(0, 1))}}
+                              for j in range(40)} for i in range(60)}
+    problem = problem_from_library(library, "metrics.kl_div", [Constraint("stats.runtime_ms", max=150.0)])
+    for solver in EXACT:
+        try:
+            solution = solver.solve(problem, time_limit_s=1e-3)
+        except HwoptError as err:
+            assert f"{solver.name} found no solution within 0.001 s" in str(err)
+            assert str(err).endswith("raise the time limit")
+            continue
+        assert solution.status == "time_limit" and problem.is_feasible(solution.choice)
+        assert solution.gap > 0 and "gap" in solution.to_json()
