@@ -9,6 +9,8 @@ outside the layers.
 
 from __future__ import annotations
 
+import sys
+
 from rich.console import Console
 from rich.table import Table
 
@@ -65,7 +67,7 @@ def estimate(source, target: HardwareProfile, scenario: Scenario, backend_name: 
 
 def print_estimate(result: dict) -> None:
     """The per-layer table and the whole-model line, on stdout."""
-    console = Console(soft_wrap=True)
+    console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
     table = Table(title=f"{result['model']} on {result['target']}: {result['source']['summary']}")
     for column in ("layer", "attention", "ffn", "attention ms", "ffn ms", "prefill ms", "decode ms", "params"):
         table.add_column(column, justify="left" if column in ("attention", "ffn") else "right")

@@ -26,7 +26,7 @@ def per_layer_runtime(path: Path, child_rows: list[dict], parent_rows: list[dict
         ax.bar([r["layer"] for r in child_rows], [r[key] for r in child_rows], width=0.55, color="#2e86de",
                label="child")
         ax.set_ylabel(f"{label} runtime (ms)")
-        ax.legend(loc="upper right")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
     axes[1].set_xlabel("layer")
     fig.suptitle(title)
     fig.tight_layout()

@@ -1,12 +1,14 @@
-"""Progress bars for the long steps (rich), on standard error."""
+"""Progress bars for the long steps (rich), and the console for tables, on standard error."""
 
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-console = Console(stderr=True)
+# Piped or logged, rich would wrap at 80 columns and cut table headers; a log can be wide.
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 
 @contextmanager

@@ -7,6 +7,7 @@ import time
 
 import pytest
 import torch
+from conftest import hwopt_cli
 from transformers import LlamaConfig
 
 from hwopt import hardware
@@ -20,8 +21,6 @@ from hwopt.passes.profile import choose_backend, cost_entry
 from hwopt.plugins import backends
 from hwopt.search_space import Scenario, sub_variant_of
 from hwopt.workload import Phase, Workload, build_step, integrate_decode, phase_totals, scenario_phases, step_inputs
-
-from conftest import hwopt_cli
 
 TINY = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, head_dim=16, vocab_size=256, max_position_embeddings=512)
