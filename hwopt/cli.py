@@ -152,8 +152,11 @@ def cmd_targets() -> None:
     from hwopt.plugins import hardware_profiles
 
     for p in hardware_profiles():
-        aliases = f" (aliases: {', '.join(p.aliases)})" if p.aliases else ""
-        print(f"{p.name:<12} {p.kind}  {p.description}{aliases}")
+        p = p.with_system_facts()
+        aliases = f"; aliases: {', '.join(p.aliases)}" if p.aliases else ""
+        memory = f"{p.memory_gib:g} GiB, " if p.memory_gib else ""
+        bandwidth = f"{p.bandwidth_gbs:g} GB/s, " if p.bandwidth_gbs else ""
+        print(f"{p.name:<12} {p.kind}  {p.description} ({memory}{bandwidth}{'/'.join(p.dtypes)}{aliases})")
 
 
 def cmd_estimate(args: argparse.Namespace) -> None:

@@ -98,6 +98,16 @@ def test_nvml_without_a_driver_means_no_gpu():
     assert hardware.nvml_gpu_name() is None  # this machine has no NVIDIA driver
 
 
+def test_targets_lists_every_profile_with_its_specs():
+    proc = hwopt_cli("targets")
+    assert proc.returncode == 0, proc.stderr
+    lines = {line.split()[0]: line for line in proc.stdout.splitlines()}
+    assert set(lines) == {"cpu", "h100-sxm", "a100-80gb", "rtx-4090"}
+    assert "74.5 GiB, 3350 GB/s, bf16/fp16/fp8/fp32; aliases: h100" in lines["h100-sxm"]
+    assert "bf16/fp16/fp32" in lines["a100-80gb"] and "fp8" not in lines["a100-80gb"]
+    assert "cores available" in lines["cpu"]
+
+
 def test_dtypes_a_target_lacks_are_errors():
     a100, h100, cpu = resolve_target("a100"), resolve_target("h100"), resolve_target("cpu")
     with pytest.raises(HwoptError, match="a100-80gb has no fp8 .--dtype.; it computes in bf16, fp16, fp32"):
