@@ -27,7 +27,7 @@ import statistics
 
 import torch
 
-from hwopt.estimate import layer_rows
+from hwopt.estimate import layer_rows, model_total
 from hwopt.hardware import resolve_target
 from hwopt.model.config import BlockConfig
 from hwopt.model.modeling import HeteroLlamaForCausalLM
@@ -35,12 +35,12 @@ from hwopt.models import resolve_model
 from hwopt.passes.profile import choose_backend, measure_costs, profile_variants
 from hwopt.report import measure_runtimes
 from hwopt.roofline import CalibrationRow, roof_of
-from hwopt.search_space import Scenario, SearchSpace, sub_variant_of
+from hwopt.search_space import Scenario, SearchSpace, model_sub_variants
 from hwopt.workload import scenario_phases
 
 
 def predicted_ms(costs: dict, variants: list[tuple[str, str]]) -> float:
-    return costs["outside_layers"]["runtime_ms"] + sum(r["runtime_ms"] for r in layer_rows(costs, variants))
+    return model_total(costs, layer_rows(costs, variants))["runtime_ms"]
 
 
 def random_children(variants, num_layers: int, count: int, seed: int = 0) -> list[list[tuple]]:
@@ -83,15 +83,12 @@ def main() -> None:
     source = resolve_model(args.model)
     config, target = source.config, resolve_target("cpu")
     variants = profile_variants(source, SearchSpace())
-    parent = [(b.attention, b.ffn) for b in source.block_configs]
     children = random_children(variants, config.num_hidden_layers, args.children)
-    models = {"parent": parent, **{f"child {i + 1}": [(a.config, f.config) for a, f in c]
-                                   for i, c in enumerate(children)}}
+    models = {"parent": model_sub_variants(source), **{f"child {i + 1}": c for i, c in enumerate(children)}}
     torch.manual_seed(0)
-    built = {name: HeteroLlamaForCausalLM(config, [BlockConfig(a, f) for a, f in blocks]).eval()
-             for name, blocks in models.items()}
-    chosen = {name: [(sub_variant_of(config, a).name, sub_variant_of(config, f).name) for a, f in blocks]
-              for name, blocks in models.items()}
+    built = {name: HeteroLlamaForCausalLM(config, [BlockConfig(a.config, f.config) for a, f in layers]).eval()
+             for name, layers in models.items()}
+    chosen = {name: [(a.name, f.name) for a, f in layers] for name, layers in models.items()}
     print(f"{args.model} on {target.description}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"{'scenario':<16} {'model':<9} {'e2e ms':>9} {'spread':>7} {'blocks ms':>10} {'ratio':>6} "
           f"{'roofline ms':>12} {'ratio':>6} {'calibrated ms':>14} {'ratio':>6}")

@@ -168,10 +168,7 @@ def cmd_estimate(args: argparse.Namespace) -> None:
     from hwopt.search_space import Scenario
 
     target = resolve_target(args.target)
-    scenario = Scenario.parse(args.scenario or "128/64", args.batch or 1, args.dtype or target.default_dtype(),
-                              args.kv_dtype)
-    target.check_dtype(scenario.dtype)
-    target.check_dtype(scenario.kv_dtype, "--kv-dtype")
+    scenario = Scenario.for_target(target, args.scenario or "128/64", args.batch or 1, args.dtype, args.kv_dtype)
     models = {"model": args.model, **({"parent": args.parent} if args.parent else {})}
     sources = {role: resolve_model(name) for role, name in models.items()}
     results = {role: estimate(source, target, scenario, args.backend or "roofline", args.repeats or 5)
@@ -200,18 +197,9 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     from hwopt.search_space import Scenario
 
     target = resolve_target(args.target)
-    dtype = args.dtype or target.default_dtype()
-    scenarios = [Scenario.parse(s, args.batch, dtype) for s in args.scenario or ["128/64"]]
+    scenarios = [Scenario.for_target(target, s, args.batch, args.dtype) for s in args.scenario or ["128/64"]]
     print(calibrate(target, args.model, scenarios, args.backend, args.repeats, Path(args.out)).report())
     print(f"wrote {args.out}; use it with --target {args.out} --backend roofline")
-
-
-def _higher_is_better(objective: str) -> bool:
-    """Whether ``objective`` names a registered metric that is better when higher (as the pipeline decides)."""
-    from hwopt.plugins import metrics
-
-    name = objective.removeprefix("metrics.")
-    return name in metrics().names() and metrics().get(name).higher_is_better
 
 
 def cmd_solve_library(args: argparse.Namespace) -> None:
@@ -219,7 +207,7 @@ def cmd_solve_library(args: argparse.Namespace) -> None:
     import dataclasses
     from pathlib import Path
 
-    from hwopt.passes.solve import Budgets, parse_max, parse_range, solve_library
+    from hwopt.passes.solve import maximizes, parse_max, parse_range, solve_library
     from hwopt.run import Settings
     from hwopt.search_space import Scenario
     from hwopt.sweep import SweepSpec
@@ -228,13 +216,12 @@ def cmd_solve_library(args: argparse.Namespace) -> None:
     s = Settings(**{k: v for k, v in vars(args).items() if k in names and v is not None})
     # a library's runtimes hold for the workload it was measured at: no default for it
     scenario = Scenario.parse(args.scenario, s.batch, s.dtype or "fp32") if args.scenario else None
-    objective = s.objective or f"metrics.{s.metrics[0]}"
     solve_library(
         Path(args.library),
-        objective=objective,
-        maximize=bool(args.maximize) or _higher_is_better(objective),
+        objective=s.objective_key,
+        maximize=bool(args.maximize) or maximizes(s.objective_key),
         constraints=[*map(parse_max, args.max or []), *map(parse_range, args.range or [])],
-        budgets=Budgets(s.speedup, s.memory, s.throughput, s.latency, s.ttft, s.params),
+        budgets=s.budgets,
         scenario=scenario,
         solver_name=s.solver,
         num_solutions=s.num_solutions,

@@ -16,7 +16,7 @@ from rich.table import Table
 
 from hwopt.hardware import HardwareProfile
 from hwopt.passes.profile import choose_backend, measure_costs
-from hwopt.search_space import Scenario, sub_variant_of
+from hwopt.search_space import Scenario, model_sub_variants
 from hwopt.workload import MIB
 
 TIME_KEYS = ("runtime_ms", "prefill_ms", "decode_ms")
@@ -35,26 +35,26 @@ def layer_rows(costs: dict, variants: list[tuple[str, str]]) -> list[dict]:
 
 def model_variants(source) -> list[tuple[str, str]]:
     """The (attention, FFN) variant names of every layer of a model."""
-    config = source.config
-    return [(sub_variant_of(config, b.attention).name, sub_variant_of(config, b.ffn).name)
-            for b in source.block_configs]
+    return [(a.name, f.name) for a, f in model_sub_variants(source)]
+
+
+def model_total(costs: dict, rows: list[dict]) -> dict:
+    """Whole-model figures: the layers' rows plus the part outside the layers."""
+    outside = costs["outside_layers"]
+    return {key: outside[key] + sum(r[key] for r in rows) for key in (*TIME_KEYS, "num_params", "memory_mib")}
 
 
 def estimate(source, target: HardwareProfile, scenario: Scenario, backend_name: str = "roofline",
              repeats: int = 3) -> dict:
     """Per-layer and whole-model runtime, memory and throughput of ``source`` on ``target``."""
     backend, label = choose_backend(backend_name, target, scenario)
-    config = source.config
-    unique = {}
-    for block in source.block_configs:
-        for cfg in (block.attention, block.ffn):
-            variant = sub_variant_of(config, cfg)
-            unique.setdefault((variant.kind, variant.name), variant)
-    costs = measure_costs(config, list(unique.values()), target, scenario, backend, label, repeats,
+    layers = model_sub_variants(source)
+    unique = {(v.kind, v.name): v for pair in layers for v in pair}
+    costs = measure_costs(source.config, list(unique.values()), target, scenario, backend, label, repeats,
                           f"estimate on {target.name} ({label['kind']})")
-    rows = layer_rows(costs, model_variants(source))
+    rows = layer_rows(costs, [(a.name, f.name) for a, f in layers])
     outside = costs["outside_layers"]
-    total = {key: outside[key] + sum(r[key] for r in rows) for key in (*TIME_KEYS, "num_params", "memory_mib")}
+    total = model_total(costs, rows)
     total["ttft_ms"] = total["prefill_ms"]
     total["tokens_per_s"] = scenario.throughput(total["runtime_ms"])
     if target.memory_gib:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from hwopt.workload import Phase, Workload, build_step, step_inputs
+from hwopt.workload import Phase, Workload, build_step, step_inputs, weight_bytes
 
 # Pinned so that a newer torch does not quietly emit operators that an installed runtime cannot read.
 OPSET = 20
@@ -88,4 +88,4 @@ def export_phases(workload: Workload, directory: Path) -> ExportedStep | None:
         return None
     paths = tuple(export_step(module, workload, phase, directory / f"{workload.name}_{i}_{phase.name}.onnx")
                   for i, phase in enumerate(workload.phases))
-    return ExportedStep(paths, sum(p.numel() * p.element_size() for p in module.parameters()))
+    return ExportedStep(paths, weight_bytes(module))

@@ -8,17 +8,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only: no display on servers or in CI
-import matplotlib.pyplot as plt  # noqa: E402
-
-from hwopt.pipeline import atomic_path  # noqa: E402
+from hwopt.pipeline import atomic_path
 
 
 def per_layer_runtime(path: Path, child_rows: list[dict], parent_rows: list[dict] | None, title: str) -> None:
     """Two panels, attention above FFN: bars per layer, the parent's pale behind the child's."""
-    fig, axes = plt.subplots(2, 1, sharex=True, figsize=(max(8.0, len(child_rows) * 0.18), 6))
+    # imported here, and without pyplot: matplotlib takes half a second to load, and only a picture needs it
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(max(8.0, len(child_rows) * 0.18), 6))
+    axes = fig.subplots(2, 1, sharex=True)
     for ax, key, label in ((axes[0], "attention_ms", "attention"), (axes[1], "ffn_ms", "FFN")):
         if parent_rows is not None:
             ax.bar([r["layer"] for r in parent_rows], [r[key] for r in parent_rows], width=0.9,
@@ -32,4 +31,3 @@ def per_layer_runtime(path: Path, child_rows: list[dict], parent_rows: list[dict
     fig.tight_layout()
     with atomic_path(Path(path)) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)

@@ -73,7 +73,7 @@ from scipy.optimize import least_squares
 
 from hwopt.errors import HwoptError
 from hwopt.hardware import HardwareProfile
-from hwopt.model.config import AttentionConfig, FFNConfig, sub_block_json
+from hwopt.model.config import AttentionConfig, FFNConfig, head_dim, sub_block_json
 from hwopt.search_space import DTYPE_BYTES, SearchSpace, SubVariant, sub_variant_of, sub_variants
 from hwopt.workload import TORCH_DTYPES, Phase, Workload, scenario_phases
 
@@ -131,10 +131,9 @@ def outside_layers_terms(config, phase: Phase) -> CostTerms:
     Only the last position of each sequence goes through the final norm and
     the LM head (generation needs one next token per sequence).
     """
-    tokens, batch, hidden, vocab = phase.batch * phase.new_tokens, phase.batch, config.hidden_size, config.vocab_size
-    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    tokens, batch, hidden, vocab = phase.tokens, phase.batch, config.hidden_size, config.vocab_size
     embed = CostTerms(weights=tokens * hidden, activations=tokens * hidden)  # one row gathered per token
-    rotary = CostTerms(activations=2 * phase.new_tokens * head_dim)  # cos and sin, shared by the batch
+    rotary = CostTerms(activations=2 * phase.new_tokens * head_dim(config))  # cos and sin, shared by the batch
     final_norm = CostTerms(weights=hidden, activations=2 * batch * hidden)
     lm_head = CostTerms(weights=hidden * vocab) + matmul(batch, hidden, vocab)
     argmax = CostTerms(activations=batch * vocab)

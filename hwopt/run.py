@@ -27,7 +27,7 @@ from hwopt.passes.library import BLDSettings, Library, build_library
 from hwopt.passes.lower import lower
 from hwopt.passes.profile import choose_backend, profile
 from hwopt.passes.score import score
-from hwopt.passes.solve import Budgets, solve
+from hwopt.passes.solve import Budgets, maximizes, solve
 from hwopt.passes.uptrain import UptrainSettings, uptrain
 from hwopt.pipeline import atomic_write_json, fingerprint, is_up_to_date, output_hash, staged_pass
 from hwopt.plots import per_layer_runtime
@@ -78,6 +78,15 @@ class Settings:
     formats: list[str] = field(default_factory=lambda: ["nemotron-nas"])
     seed: int = 0
 
+    @property
+    def objective_key(self) -> str:
+        """The library key solve optimises: --objective, else the first metric."""
+        return self.objective or f"metrics.{self.metrics[0]}"
+
+    @property
+    def budgets(self) -> Budgets:
+        return Budgets(self.speedup, self.memory, self.throughput, self.latency, self.ttft, self.params)
+
 
 SEARCH_SPACE = ["model", "kv_heads", "ffn_fractions", "linear", "no_op"]
 DATA = ["data", "seq_len"]
@@ -120,10 +129,7 @@ class Run:
     @cached_property
     def scenario(self) -> Scenario:
         s = self.settings
-        scenario = Scenario.parse(s.scenario, s.batch, s.dtype or self.target.default_dtype(), s.kv_dtype)
-        self.target.check_dtype(scenario.dtype)
-        self.target.check_dtype(scenario.kv_dtype, "--kv-dtype")
-        return scenario
+        return Scenario.for_target(self.target, s.scenario, s.batch, s.dtype, s.kv_dtype)
 
     @cached_property
     def space(self) -> SearchSpace:
@@ -145,11 +151,6 @@ class Run:
     @cached_property
     def metric_objects(self):
         return [metrics().get(name) for name in self.settings.metrics]
-
-    @property
-    def budgets(self) -> Budgets:
-        s = self.settings
-        return Budgets(s.speedup, s.memory, s.throughput, s.latency, s.ttft, s.params)
 
     @cached_property
     def task(self):
@@ -212,7 +213,7 @@ class Run:
                 raise HwoptError(f"metric {', '.join(needing)} needs --task-data FILE.jsonl (multiple-choice "
                                  "questions, one per line)")
             _ = self.task
-        if name == "solve" and not self.budgets.keys():
+        if name == "solve" and not self.settings.budgets.keys():
             raise HwoptError("solve needs a budget: --speedup, --memory, --throughput, --latency, --ttft or --params")
 
     def _profile(self, out: Path) -> None:
@@ -232,16 +233,12 @@ class Run:
 
     def _solve(self, out: Path) -> None:
         s = self.settings
-        library = self.read_json("score/block_library.json")
-        objective = s.objective or f"metrics.{s.metrics[0]}"
-        metric = objective.removeprefix("metrics.")
-        maximize = metric in metrics().names() and metrics().get(metric).higher_is_better
-        solution = solve(library, self.read_json("profile/costs.json"), self.budgets, objective, s.solver,
-                         out / "solutions.json", maximize, s.num_solutions, s.min_diversity, s.time_limit)
+        library, costs = self.read_json("score/block_library.json"), self.read_json("profile/costs.json")
+        solution = solve(library, costs, s.budgets, s.objective_key, s.solver, out / "solutions.json",
+                         maximizes(s.objective_key), s.num_solutions, s.min_diversity, s.time_limit)
         best = solution["solutions"][0]
         console.print(f"solve: predicted speedup {best['predicted_speedup']:.2f}x, "
                       f"objective {best['objective']:.4f} ({best['solver']}, {best['status']})")
-        costs = self.read_json("profile/costs.json")
         per_layer_runtime(out / "per_layer_runtime.png", layer_rows(costs, best["variants"]),
                           layer_rows(costs, model_variants(self.source)),
                           f"child vs parent on {self.target.name}, {self.scenario.describe()} "

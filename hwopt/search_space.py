@@ -49,6 +49,12 @@ def sub_variant_of(config, cfg) -> SubVariant:
     raise HwoptError(f"no registered block type handles {cfg}")
 
 
+def model_sub_variants(source) -> list[tuple[SubVariant, SubVariant]]:
+    """The attention and FFN variant of every layer of a model (``source``: a ``hwopt.models.ModelSource``)."""
+    config = source.config
+    return [(sub_variant_of(config, b.attention), sub_variant_of(config, b.ffn)) for b in source.block_configs]
+
+
 def block_variant_name(attention: str, ffn: str) -> str:
     """A block-library variant: one attention and one FFN variant, e.g. ``kv1+ffn768``."""
     return f"{attention}+{ffn}"
@@ -87,6 +93,15 @@ class Scenario:
             if value not in DTYPE_BYTES:
                 raise HwoptError(f"unknown {flag} {value!r} (known: {', '.join(DTYPE_BYTES)})")
         return cls(batch, input_len, output_len, dtype, kv_dtype)
+
+    @classmethod
+    def for_target(cls, target, lengths: str, batch: int = 1, dtype: str | None = None,
+                   kv_dtype: str | None = None) -> Scenario:
+        """A scenario on ``target``: its default dtype unless told, and only dtypes it computes in."""
+        scenario = cls.parse(lengths, batch, dtype or target.default_dtype(), kv_dtype)
+        target.check_dtype(scenario.dtype)
+        target.check_dtype(scenario.kv_dtype, "--kv-dtype")
+        return scenario
 
     @classmethod
     def from_json(cls, data: dict) -> Scenario:

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding
 
+from hwopt.model.config import head_dim
 from hwopt.model.modeling import KVCache
 from hwopt.search_space import Scenario, SubVariant
 
@@ -50,6 +51,11 @@ class Phase:
     new_tokens: int
     cached: int
 
+    @property
+    def tokens(self) -> int:
+        """New tokens over the whole batch."""
+        return self.batch * self.new_tokens
+
 
 @dataclass(frozen=True)
 class Workload:
@@ -67,7 +73,7 @@ class Workload:
 
     @property
     def head_dim(self) -> int:
-        return getattr(self.config, "head_dim", None) or self.config.hidden_size // self.config.num_attention_heads
+        return head_dim(self.config)
 
     @property
     def num_kv_heads(self) -> int:
@@ -191,6 +197,18 @@ def step_inputs(workload: Workload, phase: Phase, device="cpu", generator: torch
     kv_dtype = TORCH_DTYPES[workload.kv_dtype]
     past = [torch.randn(shape, device=device, generator=generator).to(kv_dtype) for _ in range(2)]
     return x.to(dtype), cos.to(dtype), sin.to(dtype), *past
+
+
+def weight_bytes(module: nn.Module) -> int:
+    """Bytes one copy of the module's weights takes."""
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def kv_dtype_unsupported(scenario, backend_name: str) -> str | None:
+    """Why a backend that keeps the KV cache in the compute dtype cannot run the scenario (None: it can)."""
+    if scenario.kv_dtype == scenario.dtype:
+        return None
+    return f"the {backend_name} backend keeps the KV cache in the compute dtype (--kv-dtype must equal --dtype)"
 
 
 def rotation_size(weight_bytes: int) -> int:

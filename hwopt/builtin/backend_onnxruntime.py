@@ -22,7 +22,7 @@ import torch
 from hwopt.builtin.backend_torch import time_wall_clock
 from hwopt.hookspecs import hookimpl
 from hwopt.onnx_export import export_phases, named_inputs
-from hwopt.workload import Workload, rotation, rotation_size, step_inputs
+from hwopt.workload import Workload, kv_dtype_unsupported, rotation, rotation_size, step_inputs
 
 PROVIDER = "CPUExecutionProvider"
 
@@ -46,9 +46,8 @@ class OnnxRuntimeBackend:
         if scenario.dtype != "fp32":
             return False, (f"ONNX Runtime's {PROVIDER} times fp32 blocks, not {scenario.dtype} "
                            "(it has no bf16 kernels for Mul or MatMul)")
-        if scenario.kv_dtype != scenario.dtype:
-            return False, ("the onnxruntime backend keeps the KV cache in the compute dtype "
-                           "(--kv-dtype must equal --dtype)")
+        if why := kv_dtype_unsupported(scenario, self.name):
+            return False, why
         return True, ""
 
     def describe(self, target, scenario) -> dict:

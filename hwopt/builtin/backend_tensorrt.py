@@ -23,11 +23,11 @@ from pathlib import Path
 
 import torch
 
-from hwopt.builtin.backend_torch import WARMUP, gpu_name
+from hwopt.builtin.backend_torch import WARMUP, gpu_name, target_gpu_missing
 from hwopt.errors import HwoptError
 from hwopt.hookspecs import hookimpl
 from hwopt.onnx_export import export_phases, named_inputs
-from hwopt.workload import Workload, rotation, rotation_size, step_inputs
+from hwopt.workload import Workload, kv_dtype_unsupported, rotation, rotation_size, step_inputs
 
 ENGINE_DTYPES = ("fp32", "fp16", "bf16")
 MIN_MAJOR = 10  # the name-based tensor API (set_tensor_address, execute_async_v3)
@@ -140,17 +140,14 @@ class TensorRTBackend:
             return False, f"tensorrt is installed but cannot be imported: {exc}"
         if major_version(trt) < MIN_MAJOR:
             return False, f"tensorrt {trt.__version__} is too old: the tensorrt backend needs TensorRT {MIN_MAJOR}+"
-        found = gpu_name()
-        if found is None:
-            return False, f"no GPU here (torch {torch.__version__}: torch.cuda.is_available() is False)"
-        if not target.recognises(found):
-            return False, f"this machine's GPU is {found}, not the target {target.description}"
+        if why := target_gpu_missing(target):
+            return False, why
         try:
             engine_build_plan(major_version(trt), scenario.dtype)
         except HwoptError as exc:
             return False, str(exc)
-        if scenario.kv_dtype != scenario.dtype:
-            return False, "the tensorrt backend keeps the KV cache in the compute dtype (--kv-dtype must equal --dtype)"
+        if why := kv_dtype_unsupported(scenario, self.name):
+            return False, why
         return True, ""
 
     def describe(self, target, scenario) -> dict:

@@ -17,7 +17,15 @@ import time
 import torch
 
 from hwopt.hookspecs import hookimpl
-from hwopt.workload import Workload, build_step, rotation, rotation_size, step_inputs
+from hwopt.workload import (
+    Workload,
+    build_step,
+    kv_dtype_unsupported,
+    rotation,
+    rotation_size,
+    step_inputs,
+    weight_bytes,
+)
 
 WARMUP = 2
 CPU_DTYPES = ("fp32", "bf16")
@@ -29,22 +37,29 @@ def gpu_name() -> str | None:
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
 
 
+def target_gpu_missing(target) -> str | None:
+    """Why the target's GPU cannot be used here (None: it is this machine's GPU)."""
+    found = gpu_name()
+    if found is None:
+        return f"no GPU here (torch {torch.__version__}: torch.cuda.is_available() is False)"
+    if not target.recognises(found):
+        return f"this machine's GPU is {found}, not the target {target.description}"
+    return None
+
+
 class TorchBackend:
     name = "torch"
     measures = True
 
     def available(self, target, scenario) -> tuple[bool, str]:
-        if scenario.kv_dtype != scenario.dtype:
-            return False, "the torch backend keeps the KV cache in the compute dtype (--kv-dtype must equal --dtype)"
+        if why := kv_dtype_unsupported(scenario, self.name):
+            return False, why
         if target.kind == "cpu":
             if scenario.dtype not in CPU_DTYPES:
                 return False, f"torch on the CPU runs {', '.join(CPU_DTYPES)}, not {scenario.dtype}"
             return True, ""
-        found = gpu_name()
-        if found is None:
-            return False, f"no GPU here (torch {torch.__version__}: torch.cuda.is_available() is False)"
-        if not target.recognises(found):
-            return False, f"this machine's GPU is {found}, not the target {target.description}"
+        if why := target_gpu_missing(target):
+            return False, why
         if scenario.dtype not in GPU_DTYPES:
             return False, f"eager torch runs {', '.join(GPU_DTYPES)} blocks, not {scenario.dtype} (use tensorrt)"
         return True, ""
@@ -63,8 +78,7 @@ class TorchBackend:
         first = build_step(workload, device)
         if first is None:
             return [0.0] * len(workload.phases)
-        weight_bytes = sum(p.numel() * p.element_size() for p in first.parameters())
-        copies = [first] + [build_step(workload, device) for _ in range(rotation_size(weight_bytes) - 1)]
+        copies = [first] + [build_step(workload, device) for _ in range(rotation_size(weight_bytes(first)) - 1)]
         generator = torch.Generator(device).manual_seed(0)
         timer = time_cuda_graphs if device == "cuda" else time_wall_clock
         out = []

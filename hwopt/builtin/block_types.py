@@ -14,7 +14,7 @@ import math
 import torch
 
 from hwopt.hookspecs import hookimpl
-from hwopt.model.config import AttentionConfig, FFNConfig
+from hwopt.model.config import AttentionConfig, FFNConfig, head_dim
 from hwopt.model.modeling import GroupedQueryAttention, LinearAttention, LinearFFN, SwiGLU
 from hwopt.roofline import SILU_PRODUCT_FLOPS, CostTerms, attended_pairs, matmul, norm_and_residual
 from hwopt.search_space import SearchSpace
@@ -39,10 +39,6 @@ def ffn_width(parent_size: int, fraction: float) -> int:
     return max(step, step * math.floor(parent_size * fraction / step + 0.5))
 
 
-def _head_dim(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
 class GQAttentionType:
     name = "gqa"
     kind = "attention"
@@ -64,19 +60,19 @@ class GQAttentionType:
 
     def num_params(self, cfg, config) -> int:
         kv = config.num_attention_heads // cfg.n_heads_in_group
-        q = config.num_attention_heads * _head_dim(config)
-        bias = 2 * q + 2 * kv * _head_dim(config) if config.attention_bias else 0
-        return 2 * q * config.hidden_size + 2 * kv * _head_dim(config) * config.hidden_size + bias + config.hidden_size
+        q = config.num_attention_heads * head_dim(config)
+        bias = 2 * q + 2 * kv * head_dim(config) if config.attention_bias else 0
+        return 2 * q * config.hidden_size + 2 * kv * head_dim(config) * config.hidden_size + bias + config.hidden_size
 
     def kv_cache_elements_per_token(self, cfg, config) -> int:
-        return 2 * (config.num_attention_heads // cfg.n_heads_in_group) * _head_dim(config)
+        return 2 * (config.num_attention_heads // cfg.n_heads_in_group) * head_dim(config)
 
     def cost_terms(self, cfg, config, phase) -> CostTerms:
         """Q, K, V and O projections (K and V into the cache), then QKᵀ and AV over the attended pairs."""
-        hidden, head_dim, heads = config.hidden_size, _head_dim(config), config.num_attention_heads
-        q, kv = heads * head_dim, heads // cfg.n_heads_in_group * head_dim
-        tokens = phase.batch * phase.new_tokens
-        core = CostTerms(flops=2 * (2 * head_dim) * heads * attended_pairs(phase),  # QKᵀ and AV
+        hidden, width, heads = config.hidden_size, head_dim(config), config.num_attention_heads
+        q, kv = heads * width, heads // cfg.n_heads_in_group * width
+        tokens = phase.tokens
+        core = CostTerms(flops=2 * (2 * width) * heads * attended_pairs(phase),  # QKᵀ and AV
                          kv_read=2 * phase.batch * phase.cached * kv, activations=2 * tokens * q)
         return (CostTerms(weights=self.num_params(cfg, config)) + norm_and_residual(tokens, hidden)
                 + matmul(tokens, hidden, q) + 2 * matmul(tokens, hidden, kv, into_cache=True) + core
@@ -120,7 +116,7 @@ class SwiGLUType:
 
     def cost_terms(self, cfg, config, phase) -> CostTerms:
         """gate and up, silu(gate) * up (reads two, writes one), then down."""
-        hidden, width, tokens = config.hidden_size, cfg.intermediate_size, phase.batch * phase.new_tokens
+        hidden, width, tokens = config.hidden_size, cfg.intermediate_size, phase.tokens
         product = CostTerms(flops=SILU_PRODUCT_FLOPS * tokens * width, activations=3 * tokens * width)
         return (CostTerms(weights=self.num_params(cfg, config)) + norm_and_residual(tokens, hidden)
                 + 2 * matmul(tokens, hidden, width) + product + matmul(tokens, width, hidden))
@@ -169,7 +165,7 @@ class LinearType:
 
     def cost_terms(self, cfg, config, phase) -> CostTerms:
         """One hidden x hidden matmul, with the norm and residual it keeps."""
-        tokens = phase.batch * phase.new_tokens
+        tokens = phase.tokens
         return (CostTerms(weights=self.num_params(cfg, config)) + norm_and_residual(tokens, config.hidden_size)
                 + matmul(tokens, config.hidden_size, config.hidden_size))
 

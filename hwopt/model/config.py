@@ -13,6 +13,11 @@ from dataclasses import dataclass
 from hwopt.errors import HwoptError
 
 
+def head_dim(config) -> int:
+    """Per-head width: the config's ``head_dim`` where it has one, else hidden / heads."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def ffn_mult_to_intermediate_size(ffn_mult: float, hidden_size: int) -> int:
     """The DeciLM rule: int(2 * mult * hidden / 3), rounded up to a multiple of 256."""
     size = int(2 * ffn_mult * hidden_size / 3)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-from hwopt.model.config import AttentionConfig, BlockConfig, FFNConfig
+from hwopt.model.config import AttentionConfig, BlockConfig, FFNConfig, head_dim
 from hwopt.search_space import sub_variant_of
 
 
@@ -48,7 +48,7 @@ class GroupedQueryAttention(nn.Module):
     def __init__(self, config, n_heads_in_group: int):
         super().__init__()
         self.num_heads = config.num_attention_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.head_dim = head_dim(config)
         self.num_kv_heads = self.num_heads // n_heads_in_group
         bias = config.attention_bias
         self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)

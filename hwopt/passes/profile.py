@@ -24,7 +24,7 @@ from hwopt.model.config import sub_block_json
 from hwopt.pipeline import atomic_write_json
 from hwopt.plugins import backends
 from hwopt.progress import progress
-from hwopt.search_space import Scenario, SearchSpace, SubVariant, sub_variant_of, sub_variants
+from hwopt.search_space import Scenario, SearchSpace, SubVariant, model_sub_variants, sub_variants
 from hwopt.workload import MIB, Workload, decode_contexts, phase_totals, scenario_phases
 
 AUTO_MEASURED, AUTO_ESTIMATED = "torch", "roofline"
@@ -91,14 +91,11 @@ def choose_backend(name: str, target, scenario: Scenario, require_measured: bool
 
 def profile_variants(source, space: SearchSpace) -> list[SubVariant]:
     """Every attention and FFN variant of the space, plus a child's own blocks that lie outside it."""
-    config = source.config
-    variants = {kind: sub_variants(config, space, kind) for kind in ("attention", "ffn")}
-    for block in source.block_configs:
-        for kind, cfg in (("attention", block.attention), ("ffn", block.ffn)):
-            v = sub_variant_of(config, cfg)
-            if v.name not in {x.name for x in variants[kind]}:
-                variants[kind].append(v)
-    return variants["attention"] + variants["ffn"]
+    variants = {kind: {v.name: v for v in sub_variants(source.config, space, kind)} for kind in ("attention", "ffn")}
+    for pair in model_sub_variants(source):
+        for v in pair:
+            variants[v.kind].setdefault(v.name, v)
+    return [*variants["attention"].values(), *variants["ffn"].values()]
 
 
 def measure_costs(config, variants: list[SubVariant], target, scenario: Scenario, backend, label: dict,

@@ -28,7 +28,7 @@ from rich.table import Table
 
 from hwopt.errors import HwoptError
 from hwopt.pipeline import atomic_write_json
-from hwopt.plugins import solvers
+from hwopt.plugins import metrics, solvers
 from hwopt.problem import (
     Constraint,
     Problem,
@@ -138,6 +138,12 @@ class Budgets:
         if self.params is not None:
             out.append(Constraint(PARAMS, max=parse_count(self.params)))
         return out
+
+
+def maximizes(objective: str) -> bool:
+    """Whether ``objective`` names a registered metric that is better when higher."""
+    name = objective.removeprefix("metrics.")
+    return name in metrics().names() and metrics().get(name).higher_is_better
 
 
 def with_budgets(problem: Problem, budgets: Budgets, scenario: Scenario | None,
