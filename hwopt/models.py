@@ -16,7 +16,8 @@ from pathlib import Path
 from transformers import AutoTokenizer, LlamaConfig
 
 from hwopt.errors import HwoptError
-from hwopt.model.checkpoint import load_checkpoint, read_architecture
+from hwopt.model.architecture import read_architecture
+from hwopt.model.checkpoint import load_checkpoint
 from hwopt.model.config import BlockConfig, parent_block_config
 from hwopt.model.modeling import HeteroLlamaForCausalLM
 

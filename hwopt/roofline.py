@@ -73,7 +73,7 @@ from scipy.optimize import least_squares
 
 from hwopt.errors import HwoptError
 from hwopt.hardware import HardwareProfile
-from hwopt.model.config import AttentionConfig, FFNConfig, head_dim, sub_block_json
+from hwopt.model.config import head_dim, sub_block_from_json, sub_block_json
 from hwopt.search_space import DTYPE_BYTES, SearchSpace, SubVariant, sub_variant_of, sub_variants
 from hwopt.workload import TORCH_DTYPES, Phase, Workload, scenario_phases
 
@@ -352,10 +352,8 @@ class CalibrationRow:
 
         config = resolve_model(self.model).config
         variant = None
-        if self.kind == "attention":
-            variant = sub_variant_of(config, AttentionConfig.from_json(self.block))
-        elif self.kind == "ffn":
-            variant = sub_variant_of(config, FFNConfig.from_json(self.block, config.hidden_size))
+        if self.kind in ("attention", "ffn"):
+            variant = sub_variant_of(config, sub_block_from_json(self.kind, self.block, config, "field 'block'"))
         phase = Phase(self.phase, self.batch, self.new_tokens, self.cached)
         return Workload(variant, config, self.dtype, self.kv_dtype, (phase,))
 

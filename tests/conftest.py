@@ -58,7 +58,7 @@ def make_tiny_llama_dir(directory: Path, seed: int = 0, layers: int = 4) -> Path
     from hwopt.builtin.models import smollm2_weights
 
     torch.manual_seed(seed)
-    config = LlamaConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=layers, num_attention_heads=4,
+    config = LlamaConfig(hidden_size=64, intermediate_size=512, num_hidden_layers=layers, num_attention_heads=4,
                          num_key_value_heads=2, head_dim=16, vocab_size=49152, max_position_embeddings=512,
                          tie_word_embeddings=True)
     LlamaForCausalLM(config).save_pretrained(directory)

@@ -29,16 +29,18 @@ def all_variants(config):
 
 
 def test_default_space_offers_every_kind_of_variant():
-    names = {v.name for v in all_variants(tiny_config())}
-    assert names == {"kv2", "kv1", "attn_linear", "attn_noop", "ffn128", "ffn96", "ffn64", "ffn32",
+    names = {v.name for v in all_variants(tiny_config(intermediate_size=1024))}
+    assert names == {"kv2", "kv1", "attn_linear", "attn_noop", "ffn1024", "ffn768", "ffn512", "ffn256",
                      "ffn_linear", "ffn_noop"}
-    restricted = sub_variants(tiny_config(), SearchSpace(linear=False, no_op=False, ffn_fractions=(0.5,)), "ffn")
-    assert [v.name for v in restricted] == ["ffn128", "ffn64"]
+    space = SearchSpace(linear=False, no_op=False, ffn_fractions=(0.5,))
+    assert [v.name for v in sub_variants(tiny_config(intermediate_size=1024), space, "ffn")] == ["ffn1024", "ffn512"]
+    # a parent too narrow for the ffn_mult grid (widths are multiples of 256) keeps only its own width
+    assert [v.name for v in sub_variants(tiny_config(), space, "ffn")] == ["ffn128"]
 
 
 @pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
 def test_num_params_matches_the_built_module(bias):
-    config = tiny_config(attention_bias=bias, mlp_bias=bias)
+    config = tiny_config(attention_bias=bias, mlp_bias=bias, intermediate_size=1024)
     variants = all_variants(config)
     assert len(variants) == 10
     for v in variants:
@@ -129,7 +131,8 @@ def test_linear_ffn_from_a_linear_parent_is_the_parent():
 
 def test_ffn_width():
     assert ffn_width(1536, 0.5) == 768
-    assert ffn_width(128, 0.75) == 96  # small parents use a grid of 8
+    assert ffn_width(1024, 0.75) == 768 and ffn_width(1024, 0.1) is None  # no width below 256 is on the grid
+    assert ffn_width(256, 0.5) is None and ffn_width(128, 0.75) is None  # nothing on the grid below the parent
     for parent in (14336, 28672, 1536, 8192):
         for fraction in (0.75, 0.5, 0.25, 0.3, 0.2):
             width = ffn_width(parent, fraction)

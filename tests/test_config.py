@@ -8,7 +8,8 @@ import pytest
 from transformers import LlamaConfig
 
 from hwopt.errors import HwoptError
-from hwopt.model.checkpoint import architecture_from_dict, nemotron_nas_config
+from hwopt.model.architecture import architecture_from_dict
+from hwopt.model.checkpoint import nemotron_nas_config
 from hwopt.model.config import (
     AttentionConfig,
     BlockConfig,
@@ -50,7 +51,7 @@ def test_block_config_json_round_trip(block):
     assert set(d) == {"attention", "ffn"}
     assert set(d["attention"]) == {"no_op", "replace_with_linear", "n_heads_in_group"}
     assert set(d["ffn"]) == {"no_op", "replace_with_linear", "ffn_mult", "intermediate_size"}
-    assert BlockConfig.from_json(json.loads(json.dumps(d)), HIDDEN) == block
+    assert BlockConfig.from_json(json.loads(json.dumps(d)), tiny_config()) == block
     if block.ffn.intermediate_size is None:
         assert d["ffn"]["ffn_mult"] is None and d["ffn"]["intermediate_size"] is None
     else:
@@ -68,21 +69,21 @@ def test_ffn_from_json_with_only_ffn_mult_derives_the_size():
 
 def test_no_op_and_linear_together_is_an_error():
     both = {"no_op": True, "replace_with_linear": True}
-    with pytest.raises(HwoptError, match="attention block config has both no_op and replace_with_linear"):
-        AttentionConfig.from_json(both)
-    with pytest.raises(HwoptError, match="ffn block config has both no_op and replace_with_linear"):
+    with pytest.raises(HwoptError, match="attention.no_op and attention.replace_with_linear are both true"):
+        AttentionConfig.from_json(both, 4)
+    with pytest.raises(HwoptError, match="ffn.no_op and ffn.replace_with_linear are both true"):
         FFNConfig.from_json(both, HIDDEN)
-    with pytest.raises(HwoptError, match="ffn block config has both"):
-        BlockConfig.from_json({"attention": {"n_heads_in_group": 1}, "ffn": both}, HIDDEN)
+    with pytest.raises(HwoptError, match="layer 3: ffn.no_op and ffn.replace_with_linear are both true"):
+        BlockConfig.from_json({"attention": {"n_heads_in_group": 1}, "ffn": both}, tiny_config(), "layer 3")
 
 
 def test_sized_sub_blocks_need_a_size():
-    with pytest.raises(HwoptError, match="n_heads_in_group"):
-        AttentionConfig.from_json({"no_op": False})
-    with pytest.raises(HwoptError, match="ffn_mult or intermediate_size"):
+    with pytest.raises(HwoptError, match="attention.n_heads_in_group is missing"):
+        AttentionConfig.from_json({"no_op": False}, 4)
+    with pytest.raises(HwoptError, match=r"ffn.ffn_mult is missing \(or intermediate_size\)"):
         FFNConfig.from_json({"no_op": False}, HIDDEN)
-    with pytest.raises(HwoptError, match="malformed block config"):
-        BlockConfig.from_json({"attention": {"n_heads_in_group": 1}}, HIDDEN)
+    with pytest.raises(HwoptError, match="ffn is missing"):
+        BlockConfig.from_json({"attention": {"n_heads_in_group": 1}}, tiny_config())
 
 
 def test_nemotron_nas_config_fields():

@@ -14,7 +14,7 @@ import math
 import torch
 
 from hwopt.hookspecs import hookimpl
-from hwopt.model.config import AttentionConfig, FFNConfig, head_dim
+from hwopt.model.config import FFN_MULT_GRID, AttentionConfig, FFNConfig, head_dim
 from hwopt.model.modeling import GroupedQueryAttention, LinearAttention, LinearFFN, SwiGLU
 from hwopt.roofline import SILU_PRODUCT_FLOPS, CostTerms, attended_pairs, matmul, norm_and_residual
 from hwopt.search_space import SearchSpace
@@ -28,15 +28,16 @@ def least_squares_linear(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve(gram + ridge, x64.T @ y64).T.float()
 
 
-def ffn_width(parent_size: int, fraction: float) -> int:
-    """A fraction of the parent's width, rounded half up to the grid the nemotron-nas ffn_mult rule uses.
+def ffn_width(parent_size: int, fraction: float) -> int | None:
+    """A fraction of the parent's width, rounded half up to the grid of the nemotron-nas ``ffn_mult`` rule.
 
-    Readers that derive the width from ``ffn_mult`` round it up to a multiple
-    of 256, so a parent on that grid keeps its variants on it too, unless the
-    grid is too coarse for it (under four steps: tiny test models).
+    Readers that rebuild the width from ``ffn_mult`` (vLLM, TensorRT-LLM,
+    llama.cpp, mlx-lm) round it up to a multiple of 256, so only widths on
+    that grid come back exactly. None when no width on the grid lies below
+    the parent's (a parent narrower than two steps of it).
     """
-    step = 256 if parent_size % 256 == 0 and parent_size >= 4 * 256 else 8
-    return max(step, step * math.floor(parent_size * fraction / step + 0.5))
+    width = FFN_MULT_GRID * math.floor(parent_size * fraction / FFN_MULT_GRID + 0.5)
+    return width if 0 < width < parent_size else None
 
 
 class GQAttentionType:
@@ -98,7 +99,7 @@ class SwiGLUType:
 
     def variants(self, config, space: SearchSpace) -> list[FFNConfig]:
         parent = config.intermediate_size
-        widths = {parent, *(ffn_width(parent, f) for f in space.ffn_fractions if 0 < f <= 1)}
+        widths = {parent, *(ffn_width(parent, f) for f in space.ffn_fractions if 0 < f <= 1)} - {None}
         return [FFNConfig(intermediate_size=w) for w in sorted(widths, reverse=True)]
 
     def matches(self, cfg) -> bool:

@@ -1,61 +1,29 @@
-"""Reading Llama and nemotron-nas checkpoints, and writing nemotron-nas ones.
+"""Loading the weights of Llama and nemotron-nas checkpoints, and writing nemotron-nas ones.
 
-A Hugging Face Llama directory is read as the parent (every block the
-parent's); a nemotron-nas directory (``model_type: nemotron-nas``,
-``block_configs``) as a child. Writers keep both the transformers 5 rope
-fields and the older ``rope_theta``/``rope_scaling`` that vLLM, TensorRT-LLM
-and llama.cpp read, and store ``intermediate_size`` next to ``ffn_mult``.
+The architecture comes from ``hwopt.model.architecture``. Weights follow
+``model.safetensors.index.json`` where there is one, as transformers does.
+Writers keep both the transformers 5 rope fields and the older
+``rope_theta``/``rope_scaling`` that vLLM, TensorRT-LLM and llama.cpp read,
+and store ``intermediate_size`` next to ``ffn_mult``.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from transformers import LlamaConfig
 
 from hwopt.errors import HwoptError
-from hwopt.model.config import BlockConfig, parent_block_config
+from hwopt.model.architecture import LLAMA_FIELDS_NULLED_IN_CHILD, NEMOTRON_NAS, read_architecture
+from hwopt.model.config import FFN_MULT_READERS, BlockConfig, ffn_mult_mismatches, parent_block_config
 from hwopt.model.modeling import HeteroLlamaForCausalLM
 
-NEMOTRON_NAS = "nemotron-nas"
-LLAMA_FIELDS_NULLED_IN_CHILD = ("intermediate_size", "num_key_value_heads")
-
-
-def read_architecture(directory: Path) -> tuple[LlamaConfig, list[BlockConfig]]:
-    """The Llama config and per-layer blocks of a Llama or nemotron-nas directory (or its config.json)."""
-    path = Path(directory) if Path(directory).is_file() else Path(directory) / "config.json"
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise HwoptError(f"{directory} has no config.json: not a Hugging Face model directory") from None
-    except json.JSONDecodeError as exc:
-        raise HwoptError(f"{path} is not valid JSON: {exc}") from None
-    return architecture_from_dict(raw, str(path))
-
-
-def architecture_from_dict(raw: dict, where: str) -> tuple[LlamaConfig, list[BlockConfig]]:
-    model_type = raw.get("model_type")
-    fields = {k: v for k, v in raw.items() if k not in ("model_type", "architectures", "block_configs", "auto_map")}
-    if model_type == "llama":
-        config = LlamaConfig(**fields)
-        return config, [parent_block_config(config)] * config.num_hidden_layers
-    if model_type == NEMOTRON_NAS:
-        hidden = fields["hidden_size"]
-        blocks = [BlockConfig.from_json(b, hidden) for b in raw.get("block_configs") or []]
-        if len(blocks) != fields.get("num_hidden_layers"):
-            raise HwoptError(f"{where}: {len(blocks)} block_configs for {fields.get('num_hidden_layers')} layers")
-        # The Llama fields a child leaves null get their largest per-layer value.
-        kv_groups = [b.attention.n_heads_in_group for b in blocks if b.attention.n_heads_in_group]
-        widths = [b.ffn.intermediate_size for b in blocks if b.ffn.intermediate_size]
-        heads = fields["num_attention_heads"]
-        fields["num_key_value_heads"] = heads // min(kv_groups, default=heads)
-        fields["intermediate_size"] = max(widths, default=4 * hidden)
-        return LlamaConfig(**fields), blocks
-    raise HwoptError(f"{where}: model_type {model_type!r} is neither 'llama' nor 'nemotron-nas'")
-
+INDEX_FILE = "model.safetensors.index.json"
 
 def nemotron_nas_config(config: LlamaConfig, blocks: list[BlockConfig]) -> dict:
     out = config.to_dict()
@@ -72,14 +40,63 @@ def nemotron_nas_config(config: LlamaConfig, blocks: list[BlockConfig]) -> dict:
     return out
 
 
-def load_weights(model: HeteroLlamaForCausalLM, directory: Path) -> None:
-    """Load every ``*.safetensors`` file of a directory into the model, strictly."""
-    files = sorted(Path(directory).glob("*.safetensors"))
+def tensor_names(file: Path) -> list[str]:
+    try:
+        with safe_open(file, framework="pt") as f:
+            return list(f.keys())
+    except (SafetensorError, OSError) as exc:
+        raise HwoptError(f"{file} is not a readable safetensors file: {exc}") from None
+
+
+def weight_files(directory: Path) -> dict[str, Path]:
+    """Which file holds each tensor of a checkpoint directory.
+
+    With ``model.safetensors.index.json``, only the files its ``weight_map``
+    names are read (a left-over ``model.safetensors`` beside them is ignored,
+    with a warning); without one, every ``*.safetensors`` file.
+
+    Raises:
+        HwoptError: no weights; an index that is not JSON, has no ``weight_map``, names a missing file,
+            or places a tensor in a file that lacks it; a tensor name found in two files.
+    """
+    directory = Path(directory)
+    index_path = directory / INDEX_FILE
+    weight_map = None
+    if index_path.is_file():
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise HwoptError(f"{index_path} is not a safetensors index (JSON with a weight_map): {exc}") from None
+        files = sorted({directory / name for name in weight_map.values()})
+        for missing in (f for f in files if not f.is_file()):
+            raise HwoptError(f"{index_path} names {missing.name}, which is not in {directory}")
+        for stale in sorted(set(directory.glob("*.safetensors")) - set(files)):
+            warnings.warn(f"{stale} is not in {INDEX_FILE}; it is ignored", stacklevel=2)
+    else:
+        files = sorted(directory.glob("*.safetensors"))
     if not files:
         raise HwoptError(f"{directory} has no *.safetensors weights")
+    where: dict[str, Path] = {}
+    for file in files:
+        for name in tensor_names(file):
+            if name in where:
+                raise HwoptError(f"tensor {name} is in both {where[name]} and {file}: which one is meant is unclear")
+            where[name] = file
+    for name, file_name in (weight_map or {}).items():
+        if where.get(name) != directory / file_name:
+            raise HwoptError(f"{index_path} places {name} in {file_name}, but that file does not hold it")
+    return where
+
+
+def load_weights(model: HeteroLlamaForCausalLM, directory: Path) -> None:
+    """Load a checkpoint's weights into the model, strictly (see ``weight_files`` for which files)."""
+    by_file: dict[Path, list[str]] = {}
+    for name, file in weight_files(directory).items():
+        by_file.setdefault(file, []).append(name)
     state = {}
-    for f in files:
-        state.update(load_file(f))
+    for file, names in by_file.items():
+        with safe_open(file, framework="pt") as f:
+            state.update({name: f.get_tensor(name) for name in names})
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
@@ -94,6 +111,28 @@ def load_checkpoint(directory: Path) -> HeteroLlamaForCausalLM:
     model = HeteroLlamaForCausalLM(config, blocks)
     load_weights(model, directory)
     return model.eval()
+
+
+def check_ffn_mult_readers(model: HeteroLlamaForCausalLM) -> None:
+    """Refuse FFN widths that readers using only ``ffn_mult`` would build differently.
+
+    A width the parent itself has is only warned about (once): the parent's
+    own checkpoint is misread by those readers too, and they are named.
+
+    Raises:
+        HwoptError: naming the first layer whose width does not come back from its ``ffn_mult``.
+    """
+    mismatches = ffn_mult_mismatches(model.block_configs, model.config.hidden_size)
+    parent_width = model.config.intermediate_size
+    for layer, width, rebuilt in mismatches:
+        if width != parent_width:
+            raise HwoptError(f"layer {layer}: FFN width {width} is not on the ffn_mult grid: {FFN_MULT_READERS} "
+                             f"would build {rebuilt}; choose widths that are multiples of 256")
+    if mismatches:
+        layers = [layer for layer, _, _ in mismatches]
+        warnings.warn(f"the parent's FFN width {parent_width} (layers {layers}) is off the ffn_mult grid: "
+                      f"{FFN_MULT_READERS} will build {mismatches[0][2]} and fail to load these weights; hwopt and "
+                      f"transformers read intermediate_size and load them", stacklevel=2)
 
 
 def save_nemotron_nas(model: HeteroLlamaForCausalLM, directory: Path, tokenizer=None) -> None:

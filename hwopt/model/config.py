@@ -1,16 +1,48 @@
-"""Per-layer block configurations in `nemotron-nas` (DeciLM) semantics.
+"""Per-layer block configurations in `nemotron-nas` (DeciLM) semantics, read and checked.
 
 A child model is the parent's Llama config plus one ``BlockConfig`` per
 layer. The JSON form is the ``block_configs`` entry of a nemotron-nas
-``config.json`` (rules in shared/REFERENCES.md).
+``config.json`` (rules in shared/REFERENCES.md); ModelOpt puzzletron's
+spelling of the same thing (``num_key_value_heads`` for the attention,
+``intermediate_size`` alone for the FFN) is read too.
+
+Every field is checked when it is read, and a bad one is one error line
+that names the file, the layer and the key, e.g.
+``config.json: layer 0: attention.n_heads_in_group = 5 does not divide the 16 attention heads``.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 from hwopt.errors import HwoptError
+
+FFN_MULT_GRID = 256  # readers that rebuild the FFN width from ffn_mult round it up to a multiple of this
+FFN_MULT_READERS = "vLLM, SGLang, TensorRT-LLM, llama.cpp, mlx-lm and NVIDIA's remote code"
+
+# Keys of other tools' block configs that hwopt cannot honour unless they hold their neutral value
+# (None or False); a config that sets one is refused rather than silently run without it.
+UNSUPPORTED_WHEN_SET = {
+    "attention": {
+        "window_length": "sliding-window attention needs a block type that supports it (the hwopt-sliding-window "
+                         "plugin)",
+        "num_sink_tokens": "attention sink tokens are not supported",
+        "sparsify": "sparsified attention weights are not supported",
+        "use_prefill_window_in_sink_attention": "sink attention is not supported",
+        "unshifted_sink": "sink attention is not supported",
+        "mamba": "Mamba layers are not supported",
+        "llama4": "Llama-4 attention is not supported",
+    },
+    "ffn": {
+        "sparsify": "sparsified FFN weights are not supported",
+        "moe": "mixture-of-experts FFNs are not supported",
+    },
+    "block": {"parallel_blocks": "parallel blocks are not supported"},
+}
+# Keys that describe a sub-block without changing what it computes here.
+INFORMATIONAL = {"attention": {"weights_precision"}, "ffn": {"weights_precision"}, "block": set()}
 
 
 def head_dim(config) -> int:
@@ -19,13 +51,81 @@ def head_dim(config) -> int:
 
 
 def ffn_mult_to_intermediate_size(ffn_mult: float, hidden_size: int) -> int:
-    """The DeciLM rule: int(2 * mult * hidden / 3), rounded up to a multiple of 256."""
+    """The DeciLM rule: int(2 * mult * hidden / 3), rounded up to a multiple of 256.
+
+    Source: vLLM ``nemotron_nas.py`` and TensorRT-LLM ``models/nemotron_nas``
+    (``_ffn_mult_to_intermediate_size``); llama.cpp's converter and mlx-lm use the same.
+    """
     size = int(2 * ffn_mult * hidden_size / 3)
-    return 256 * math.ceil(size / 256)
+    return FFN_MULT_GRID * math.ceil(size / FFN_MULT_GRID)
 
 
 def intermediate_size_to_ffn_mult(intermediate_size: int, hidden_size: int) -> float:
+    """The ``ffn_mult`` written for a width; the rule above gives the width back exactly when it is on the grid."""
     return round(intermediate_size * 3 / (2 * hidden_size), 6)
+
+
+def rebuilt_by_ffn_mult(intermediate_size: int, hidden_size: int) -> int:
+    """The width a reader that uses only ``ffn_mult`` builds for a width hwopt writes."""
+    return ffn_mult_to_intermediate_size(intermediate_size_to_ffn_mult(intermediate_size, hidden_size), hidden_size)
+
+
+class Fields:
+    """Typed reads of one JSON object; each bad value is one error line naming ``where`` and the key.
+
+    ``where`` locates the object (``"config.json: layer 3: attention"``); a
+    key's name in messages is ``prefix + key`` (``attention.no_op``).
+    """
+
+    def __init__(self, raw, where: str, prefix: str = ""):
+        self.where, self.prefix = where, prefix
+        if not isinstance(raw, dict):
+            raise HwoptError(f"{where}: {prefix.rstrip('.') or 'the config'} must be a JSON object, not {raw!r}")
+        self.raw = raw
+
+    def fail(self, key: str, problem: str):
+        raise HwoptError(f"{self.where}: {self.prefix}{key} {problem}")
+
+    def flag(self, key: str) -> bool:
+        """A boolean; absent or null is False."""
+        value = self.raw.get(key)
+        if value is None:
+            return False
+        if not isinstance(value, bool):
+            self.fail(key, f"= {value!r} must be true or false")
+        return value
+
+    def positive_int(self, key: str, required: bool = True) -> int | None:
+        value = self.raw.get(key)
+        if value is None:
+            if required:
+                self.fail(key, "is missing (a positive integer)")
+            return None
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            self.fail(key, f"= {value!r} must be a positive integer")
+        return value
+
+    def positive_number(self, key: str, required: bool = True) -> float | None:
+        value = self.raw.get(key)
+        if value is None:
+            if required:
+                self.fail(key, "is missing (a positive number)")
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+            self.fail(key, f"= {value!r} must be a positive number")
+        return float(value)
+
+    def check_foreign_keys(self, kind: str, known: set[str]) -> None:
+        """Refuse keys that would change the block and that hwopt cannot honour; warn about unknown ones."""
+        for key, value in self.raw.items():
+            if key in known or key in INFORMATIONAL[kind] or value in (None, False):
+                continue
+            if key in UNSUPPORTED_WHEN_SET[kind]:
+                self.fail(key, f"= {value!r}: {UNSUPPORTED_WHEN_SET[kind][key]}")
+            warnings.warn(f"{self.where}: {self.prefix}{key} = {value!r} is not a key hwopt knows; it is ignored",
+                          stacklevel=2)
 
 
 @dataclass(frozen=True)
@@ -42,20 +142,38 @@ class AttentionConfig:
         }
 
     @classmethod
-    def from_json(cls, d: dict) -> AttentionConfig:
-        cfg = cls(
-            no_op=bool(d.get("no_op", False)),
-            replace_with_linear=bool(d.get("replace_with_linear", False)),
-            n_heads_in_group=None if d.get("n_heads_in_group") is None else int(d["n_heads_in_group"]),
-        )
-        cfg.check()
-        return cfg
+    def from_json(cls, d: dict, num_attention_heads: int, where: str = "attention config") -> AttentionConfig:
+        """Read an attention entry (nemotron-nas ``n_heads_in_group`` or puzzletron ``num_key_value_heads``).
 
-    def check(self) -> None:
-        if self.no_op and self.replace_with_linear:
-            raise HwoptError("attention block config has both no_op and replace_with_linear")
-        if not (self.no_op or self.replace_with_linear) and not self.n_heads_in_group:
-            raise HwoptError("attention block config needs n_heads_in_group")
+        Raises:
+            HwoptError: one line naming ``where`` and the key, for a wrong type, both flags set, a missing,
+                zero or indivisible group size, or a setting hwopt cannot honour (sliding window, sinks, ...).
+        """
+        f = Fields(d, where, "attention.")
+        no_op, linear = f.flag("no_op"), f.flag("replace_with_linear")
+        f.check_foreign_keys("attention", {"no_op", "replace_with_linear", "n_heads_in_group", "num_key_value_heads"})
+        if no_op and linear:
+            f.fail("no_op", "and attention.replace_with_linear are both true; a sub-block is one or the other")
+        if no_op or linear:  # the size fields mean nothing then (NVIDIA's readers null them too)
+            return cls(no_op=no_op, replace_with_linear=linear)
+        group, kv_heads = f.positive_int("n_heads_in_group", False), f.positive_int("num_key_value_heads", False)
+        if group is None and kv_heads is None:
+            f.fail("n_heads_in_group", "is missing (or num_key_value_heads): attention that is neither no_op nor "
+                                       "replace_with_linear needs its KV-head grouping")
+        if kv_heads is not None:
+            if num_attention_heads % kv_heads:
+                f.fail("num_key_value_heads", f"= {kv_heads} does not divide the {num_attention_heads} attention heads")
+            if group is not None and group != num_attention_heads // kv_heads:
+                f.fail("n_heads_in_group", f"= {group} disagrees with num_key_value_heads = {kv_heads} "
+                                           f"({num_attention_heads} heads)")
+            group = num_attention_heads // kv_heads
+        if group > num_attention_heads:
+            f.fail("n_heads_in_group", f"= {group} is more than the {num_attention_heads} attention heads "
+                                       f"(zero KV heads)")
+        if num_attention_heads % group:
+            f.fail("n_heads_in_group", f"= {group} does not divide the {num_attention_heads} attention heads")
+        return cls(n_heads_in_group=group)
+
 
 
 @dataclass(frozen=True)
@@ -74,23 +192,31 @@ class FFNConfig:
         }
 
     @classmethod
-    def from_json(cls, d: dict, hidden_size: int) -> FFNConfig:
-        size = d.get("intermediate_size")
-        if size is None and d.get("ffn_mult") is not None:
-            size = ffn_mult_to_intermediate_size(float(d["ffn_mult"]), hidden_size)
-        cfg = cls(
-            no_op=bool(d.get("no_op", False)),
-            replace_with_linear=bool(d.get("replace_with_linear", False)),
-            intermediate_size=None if size is None else int(size),
-        )
-        cfg.check()
-        return cfg
+    def from_json(cls, d: dict, hidden_size: int, where: str = "ffn config") -> FFNConfig:
+        """Read an FFN entry: ``intermediate_size`` where given (the tensors' width), else the ``ffn_mult`` rule.
 
-    def check(self) -> None:
-        if self.no_op and self.replace_with_linear:
-            raise HwoptError("ffn block config has both no_op and replace_with_linear")
-        if not (self.no_op or self.replace_with_linear) and not self.intermediate_size:
-            raise HwoptError("ffn block config needs ffn_mult or intermediate_size")
+        Raises:
+            HwoptError: one line naming ``where`` and the key, for a wrong type, both flags set, a missing,
+                zero or negative width, or a setting hwopt cannot honour (MoE, sparsity, a non-gated FFN).
+        """
+        f = Fields(d, where, "ffn.")
+        no_op, linear = f.flag("no_op"), f.flag("replace_with_linear")
+        f.check_foreign_keys("ffn", {"no_op", "replace_with_linear", "ffn_mult", "intermediate_size", "gated",
+                                     "hidden_act"})
+        if d.get("gated") is False:
+            f.fail("gated", "= false: only gated (SwiGLU) FFNs are supported")
+        if d.get("hidden_act") not in (None, "silu"):
+            f.fail("hidden_act", f"= {d['hidden_act']!r}: only silu (SwiGLU) FFNs are supported")
+        if no_op and linear:
+            f.fail("no_op", "and ffn.replace_with_linear are both true; a sub-block is one or the other")
+        if no_op or linear:
+            return cls(no_op=no_op, replace_with_linear=linear)
+        size, mult = f.positive_int("intermediate_size", False), f.positive_number("ffn_mult", False)
+        if size is None and mult is None:
+            f.fail("ffn_mult", "is missing (or intermediate_size): an FFN that is neither no_op nor "
+                               "replace_with_linear needs its width")
+        return cls(intermediate_size=size if size is not None else ffn_mult_to_intermediate_size(mult, hidden_size))
+
 
 
 @dataclass(frozen=True)
@@ -102,16 +228,31 @@ class BlockConfig:
         return {"attention": self.attention.to_json(), "ffn": self.ffn.to_json(hidden_size)}
 
     @classmethod
-    def from_json(cls, d: dict, hidden_size: int) -> BlockConfig:
-        try:
-            return cls(AttentionConfig.from_json(d["attention"]), FFNConfig.from_json(d["ffn"], hidden_size))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise HwoptError(f"malformed block config {d!r}: {exc}") from None
+    def from_json(cls, d: dict, config, where: str = "block config") -> BlockConfig:
+        """One ``block_configs`` entry of a model with ``config``'s heads and hidden size.
+
+        Raises:
+            HwoptError: one line naming ``where`` (file and layer) and the key of the first bad field.
+        """
+        f = Fields(d, where)
+        f.check_foreign_keys("block", {"attention", "ffn"})
+        for key in ("attention", "ffn"):
+            if key not in d:
+                f.fail(key, "is missing")
+        return cls(AttentionConfig.from_json(d["attention"], config.num_attention_heads, where),
+                   FFNConfig.from_json(d["ffn"], config.hidden_size, where))
 
 
 def sub_block_json(cfg: AttentionConfig | FFNConfig, hidden_size: int) -> dict:
     """The ``block_configs`` entry of one attention or FFN config."""
     return cfg.to_json(hidden_size) if isinstance(cfg, FFNConfig) else cfg.to_json()
+
+
+def sub_block_from_json(kind: str, d: dict, config, where: str) -> AttentionConfig | FFNConfig:
+    """The attention or FFN config of a ``block_configs``-style entry that hwopt wrote (library, calibration)."""
+    if kind == "attention":
+        return AttentionConfig.from_json(d, config.num_attention_heads, where)
+    return FFNConfig.from_json(d, config.hidden_size, where)
 
 
 def parent_block_config(llama_config) -> BlockConfig:
@@ -120,3 +261,13 @@ def parent_block_config(llama_config) -> BlockConfig:
         AttentionConfig(n_heads_in_group=llama_config.num_attention_heads // llama_config.num_key_value_heads),
         FFNConfig(intermediate_size=llama_config.intermediate_size),
     )
+
+
+def ffn_mult_mismatches(blocks: list[BlockConfig], hidden_size: int) -> list[tuple[int, int, int]]:
+    """(layer, width, width rebuilt from ffn_mult) for every FFN that readers using only ``ffn_mult`` misbuild."""
+    out = []
+    for i, b in enumerate(blocks):
+        width = b.ffn.intermediate_size
+        if width is not None and rebuilt_by_ffn_mult(width, hidden_size) != width:
+            out.append((i, width, rebuilt_by_ffn_mult(width, hidden_size)))
+    return out

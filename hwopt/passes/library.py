@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from hwopt.model.config import AttentionConfig, BlockConfig, FFNConfig, sub_block_json
+from hwopt.model.config import BlockConfig, sub_block_from_json, sub_block_json
 from hwopt.model.modeling import DecoderLayer, HeteroLlamaForCausalLM
 from hwopt.pipeline import atomic_path, atomic_write_json
 from hwopt.progress import progress
@@ -168,8 +168,7 @@ class Library:
 
     def sub_variant(self, layer: int, kind: str, name: str) -> SubVariant:
         entry = self.index["layers"][f"layer_{layer}"][kind][name]
-        cfg = (AttentionConfig.from_json(entry["config"]) if kind == "attention"
-               else FFNConfig.from_json(entry["config"], self.config.hidden_size))
+        cfg = sub_block_from_json(kind, entry["config"], self.config, f"{self.dir / INDEX}: layer {layer}")
         return sub_variant_of(self.config, cfg)
 
     def load(self, layer: int, kind: str, name: str) -> tuple[nn.Module | None, nn.Module | None]:
