@@ -13,7 +13,8 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from huggingface_hub import save_torch_state_dict
+from safetensors.torch import load_file
 from transformers import LlamaConfig
 
 from hwopt.errors import HwoptError
@@ -96,16 +97,22 @@ def load_checkpoint(directory: Path) -> HeteroLlamaForCausalLM:
     return model.eval()
 
 
-def save_nemotron_nas(model: HeteroLlamaForCausalLM, directory: Path, tokenizer=None) -> None:
-    """Write config.json, model.safetensors and (if given) the tokenizer into ``directory``."""
+def save_nemotron_nas(model: HeteroLlamaForCausalLM, directory: Path, tokenizer=None,
+                      dtype: torch.dtype = torch.float32, max_shard_size: int | str = "5GB") -> None:
+    """Write config.json, the weights in ``dtype`` and (if given) the tokenizer into ``directory``.
+
+    Weights beyond ``max_shard_size`` are split into shards with a
+    ``model.safetensors.index.json`` (huggingface_hub's sharding).
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = nemotron_nas_config(model.config, model.block_configs)
+    config["torch_dtype"] = str(dtype).removeprefix("torch.")
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().to(dtype) for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight")
-    save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
+    save_torch_state_dict(state, directory, max_shard_size=max_shard_size, metadata={"format": "pt"})
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
 
