@@ -8,38 +8,15 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
+from conftest import CHILD_BLOCKS as BLOCKS
+from conftest import tiny_child
+from transformers import AutoModelForCausalLM
 
 from hwopt.errors import HwoptError
 from hwopt.lowering.runtimes import RUNTIMES, check_checkpoint, runnable_library
 from hwopt.model.checkpoint import load_checkpoint
 from hwopt.model.config import AttentionConfig, BlockConfig, FFNConfig
-from hwopt.model.modeling import HeteroLlamaForCausalLM
 from hwopt.passes.lower import LowerOptions, lower
-
-# One layer of each kind: linear, the parent's, fewer KV heads with a narrower FFN, no-op. The first layer has no
-# KV cache, which is where a cache's length is usually read.
-BLOCKS = [
-    BlockConfig(AttentionConfig(replace_with_linear=True), FFNConfig(replace_with_linear=True)),
-    BlockConfig(AttentionConfig(n_heads_in_group=2), FFNConfig(intermediate_size=256)),
-    BlockConfig(AttentionConfig(n_heads_in_group=4), FFNConfig(intermediate_size=128)),
-    BlockConfig(AttentionConfig(no_op=True), FFNConfig(no_op=True)),
-    BlockConfig(AttentionConfig(n_heads_in_group=2), FFNConfig(no_op=True)),
-]
-
-
-def tiny_child(blocks=BLOCKS, tie=True) -> HeteroLlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=len(blocks), num_attention_heads=4,
-                         num_key_value_heads=2, head_dim=16, vocab_size=211, max_position_embeddings=128,
-                         tie_word_embeddings=tie, rope_theta=10000.0, eos_token_id=None, bos_token_id=None)
-    model = HeteroLlamaForCausalLM(config, blocks).eval()
-    with torch.no_grad():  # norms away from 1, so that a norm read from the wrong place shows
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-    return model
-
 
 @pytest.fixture(scope="module")
 def lowered(tmp_path_factory):
