@@ -273,7 +273,7 @@ def cmd_lower_standalone(args: argparse.Namespace) -> None:
     source = resolve_model(args.model)
     model = source.load()
     tokenizer = source.tokenizer() if any(Path(source.require_weights()).glob("tokenizer*")) else None
-    options = LowerOptions(resolve_runtime(args.runtime, target), scenario.dtype, target.name)
+    options = LowerOptions(resolve_runtime(args.runtime, target), target, scenario, Path(args.model).name)
     lower(model, tokenizer, args.formats or ["nemotron-nas"], Path(args.out), options)
     print(f"wrote {', '.join(args.formats or ['nemotron-nas'])} into {args.out}")
 

@@ -268,7 +268,7 @@ class Run:
                       + ("" if stats["kept_uptrained_weights"] else " (worse: kept the weights from before)"))
 
     def _lower(self, out: Path) -> None:
-        options = LowerOptions(self.runtime, self.scenario.dtype, self.target.name)
+        options = LowerOptions(self.runtime, self.target, self.scenario, self.source.label)
         lower(load_checkpoint(self.dir("uptrain") / "model"), self.tokenizer, self.settings.formats, out, options)
 
     def report(self) -> dict:

@@ -17,6 +17,7 @@ from hwopt.lowering.runtimes import RUNTIMES, check_checkpoint, runnable_library
 from hwopt.model.checkpoint import load_checkpoint
 from hwopt.model.config import AttentionConfig, BlockConfig, FFNConfig
 from hwopt.passes.lower import LowerOptions, lower
+from hwopt.search_space import Scenario
 
 @pytest.fixture(scope="module")
 def lowered(tmp_path_factory):
@@ -88,7 +89,7 @@ def test_plain_transformers_loads_the_child_after_import_hwopt(lowered):
 
 def test_bf16_weights_sharded_with_an_index(tmp_path):
     model = tiny_child(tie=False)
-    options = LowerOptions(RUNTIMES["hwopt"], dtype="bf16")
+    options = LowerOptions(RUNTIMES["hwopt"], scenario=Scenario(dtype="bf16"))
     from hwopt.model.checkpoint import save_nemotron_nas
 
     save_nemotron_nas(model, tmp_path, dtype=torch.bfloat16, max_shard_size="40KB")
