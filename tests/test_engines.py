@@ -9,6 +9,7 @@ from conftest import hwopt_cli, tiny_child
 
 from hwopt.builtin.backend_tensorrt import BuildPlan, engine_build_plan
 from hwopt.hardware import resolve_target
+from hwopt.lowering.aoti import empty_past, export_aoti, run_aoti_step
 from hwopt.lowering.onnx_kv import OnnxRuntimeModel, export_onnx, kv_layers
 from hwopt.lowering.tensorrt_engine import engine_file_name, manifest, onnx_input_shapes, profile_shapes
 from hwopt.model.checkpoint import load_checkpoint, save_nemotron_nas
@@ -99,3 +100,17 @@ def test_hwopt_lower_any_checkpoint_to_onnx_and_nemotron_nas(tiny_llama_dir, tmp
         torch.testing.assert_close(ours(ids).logits, parent(ids).logits, atol=1e-5, rtol=0)
     bad = hwopt_cli("lower", "--model", tiny_llama_dir, "--format", "gguf", "--out", tmp_path / "x")
     assert bad.returncode == 2 and "unknown lowering 'gguf'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.slow  # AOTInductor compiles C++: about two minutes on two cores
+def test_aoti_package_matches_eager_over_prefill_and_decode(child, tmp_path):
+    package = export_aoti(child, tmp_path / "model.cpu.pt2")
+    runner = torch._inductor.aoti_load_package(str(package))
+    ids, past, cached = torch.randint(0, 211, (2, 5)), empty_past(child, 2), 0
+    cache = KVCache(len(child.model.layers))
+    with torch.no_grad():
+        for _ in range(4):
+            logits, past = run_aoti_step(runner, ids, past, cached)
+            torch.testing.assert_close(logits, child(ids, past_key_values=cache).logits, atol=1e-4, rtol=0)
+            cached += ids.shape[1]
+            ids = logits[:, -1:].argmax(-1)

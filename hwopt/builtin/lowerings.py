@@ -83,7 +83,24 @@ class TensorRTLowering:
                                   nvml_gpu_name())
 
 
+class AOTInductorLowering:
+    name = "aoti"
+    description = ("model.<device>.pt2: torch.export + AOTInductor package for this CPU (and the GPU where torch "
+                   "sees one), called as the ONNX graph is (see hwopt.lowering.aoti for its decode signature)")
+    needs = "a C++ compiler (compiling takes minutes)"
+
+    def lower(self, model, tokenizer, out_dir, options) -> None:
+        import torch
+
+        from hwopt.lowering.aoti import export_aoti
+
+        dtype = TORCH_DTYPES[weights_dtype(options, self.name)]
+        for device in ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",):
+            export_aoti(model, Path(out_dir) / f"model.{device}.pt2", device, dtype)
+        model.to("cpu")
+
+
 @hookimpl
 def hwopt_register_lowerings(register):
-    for lowering in (NemotronNASLowering(), OnnxLowering(), TensorRTLowering()):
+    for lowering in (NemotronNASLowering(), OnnxLowering(), TensorRTLowering(), AOTInductorLowering()):
         register(lowering)
