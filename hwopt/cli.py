@@ -13,6 +13,7 @@ import sys
 
 from hwopt import __version__
 from hwopt.errors import HwoptError
+from hwopt.lowering.runtimes import RUNTIMES
 from hwopt.run import PASSES, Run, load_settings
 
 
@@ -82,7 +83,13 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--min-diversity", type=int, help="each solution differs from every earlier one in at least "
                                                      "this many layers (default 1)")
     g.add_argument("--time-limit", type=float, help="solver seconds per solution (default 60)")
-    g.add_argument("--format", dest="formats", action="append", help="output format (repeatable; default nemotron-nas)")
+    g = p.add_argument_group("lower")
+    g.add_argument("--format", dest="formats", action="extend", type=_csv(str),
+                   help="output formats, comma-separated or repeated (default nemotron-nas; `hwopt lower --help` "
+                        "lists them)")
+    g.add_argument("--runtime", help=f"the runtime that will serve the child: {', '.join(RUNTIMES)} (default: "
+                                     "tensorrt-llm on a GPU target, transformers on the CPU); the search leaves out "
+                                     "what it cannot run and lower refuses what it would misread")
 
 
 # options of `hwopt solve --library`, which works on a library file instead of a run directory
@@ -103,6 +110,21 @@ def add_library_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--json", help="write the solutions here (a sweep also writes <name>.sweep.csv and .png)")
 
 
+def add_standalone_lower_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", help="lower --model (any Llama or nemotron-nas checkpoint directory) into OUT/<format>, "
+                                 "outside any run directory")
+    p.format_help = lambda: argparse.ArgumentParser.format_help(p) + formats_help()  # the formats plugins register
+
+
+def formats_help() -> str:
+    from hwopt.plugins import lowerings
+
+    lines = ["", "formats:"]
+    for lowering in lowerings():
+        lines += [f"  {lowering.name}: {lowering.description}", f"    needs: {lowering.needs}"]
+    return "\n".join(lines) + "\n"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hwopt", description="Hardware-aware LLM optimisation (Puzzle).")
     parser.add_argument("--version", action="version", version=f"hwopt {__version__}")
@@ -115,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
         add_run_options(p := sub.add_parser(name, help=f"run the {name} pass alone"))
         if name == "solve":
             add_library_options(p)
+        if name == "lower":
+            add_standalone_lower_options(p)
     p = sub.add_parser("estimate", help="runtime, memory and tokens/s of an architecture on a target "
                                         "(no weights needed)")
     p.add_argument("--model", required=True,
@@ -232,6 +256,28 @@ def cmd_solve_library(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_lower_standalone(args: argparse.Namespace) -> None:
+    """`hwopt lower --model DIR --out DIR`: any checkpoint in the chosen formats, no run directory."""
+    from pathlib import Path
+
+    from hwopt.hardware import resolve_target
+    from hwopt.lowering.runtimes import resolve_runtime
+    from hwopt.models import resolve_model
+    from hwopt.passes.lower import LowerOptions, lower
+    from hwopt.search_space import Scenario
+
+    if not args.model:
+        raise HwoptError("hwopt lower --out needs --model DIR (a Llama or nemotron-nas checkpoint)")
+    target = resolve_target(args.target or "cpu")
+    scenario = Scenario.for_target(target, args.scenario or "128/64", args.batch or 1, args.dtype)
+    source = resolve_model(args.model)
+    model = source.load()
+    tokenizer = source.tokenizer() if any(Path(source.require_weights()).glob("tokenizer*")) else None
+    options = LowerOptions(resolve_runtime(args.runtime, target), target, scenario, Path(args.model).name)
+    lower(model, tokenizer, args.formats or ["nemotron-nas"], Path(args.out), options)
+    print(f"wrote {', '.join(args.formats or ['nemotron-nas'])} into {args.out}")
+
+
 def run_command(args: argparse.Namespace) -> None:
     if args.command == "plugins":
         return cmd_plugins()
@@ -243,11 +289,13 @@ def run_command(args: argparse.Namespace) -> None:
         return cmd_targets()
     if args.command == "solve" and args.library:
         return cmd_solve_library(args)
+    if args.command == "lower" and args.out:
+        return cmd_lower_standalone(args)
     given = [f"--{k}" for k in LIBRARY_OPTIONS if vars(args).get(k) is not None]
     if given:
         raise HwoptError(f"{', '.join(given)}: only with --library FILE (in a run directory, the budgets are "
                          "--speedup, --memory, --throughput, --latency, --ttft, --params)")
-    skip = ("command", "workdir", "start", "until", *LIBRARY_OPTIONS)
+    skip = ("command", "workdir", "start", "until", "out", *LIBRARY_OPTIONS)
     overrides = {k: v for k, v in vars(args).items() if k not in skip}
     run = Run(args.workdir, load_settings(args.workdir, overrides))
     if args.command == "optimize":

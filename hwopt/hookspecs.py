@@ -88,8 +88,12 @@ def hwopt_register_solvers(register):
 def hwopt_register_lowerings(register):
     """Register output formats.
 
-    A lowering has ``name`` and ``lower(model, tokenizer, out_dir)``; it
-    writes into ``out_dir``, which the pipeline then renames into place.
+    A lowering has ``name``, ``description`` (what it writes), ``needs``
+    (what must be installed or present; ``hwopt lower --help`` lists both)
+    and ``lower(model, tokenizer, out_dir, options)``, with ``options`` a
+    ``hwopt.passes.lower.LowerOptions`` (runtime, dtype, target). It writes
+    into ``out_dir``, inside the pass's folder that the pipeline renames
+    into place; where its tool or device is missing it raises HwoptError.
     """
 
 

@@ -15,7 +15,7 @@ import torch
 from rich.table import Table
 
 from hwopt.evaluate import compare_on_heldout
-from hwopt.model.modeling import HeteroLlamaForCausalLM, generate
+from hwopt.model.modeling import HeteroLlamaForCausalLM, greedy_tokens
 from hwopt.progress import console
 from hwopt.search_space import Scenario
 
@@ -26,12 +26,12 @@ def measure_runtimes(models: dict[str, HeteroLlamaForCausalLM], scenario: Scenar
     torch.manual_seed(0)
     prompts = torch.randint(0, vocab_size, (scenario.batch, scenario.input_len))
     for model in models.values():  # warm-up
-        generate(model, prompts, 2)
+        greedy_tokens(model, prompts, 2)
     times = {name: [] for name in models}
     for _ in range(repeats):
         for name, model in models.items():
             start = time.perf_counter()
-            generate(model, prompts, scenario.output_len)
+            greedy_tokens(model, prompts, scenario.output_len)
             times[name].append((time.perf_counter() - start) * 1e3)
     return {name: statistics.median(t) for name, t in times.items()}
 

@@ -24,7 +24,8 @@ from hwopt.hardware import resolve_target
 from hwopt.model.checkpoint import load_checkpoint, save_nemotron_nas
 from hwopt.models import resolve_model
 from hwopt.passes.library import BLDSettings, Library, build_library
-from hwopt.passes.lower import lower
+from hwopt.lowering.runtimes import Runtime, resolve_runtime, runnable_library
+from hwopt.passes.lower import LowerOptions, lower
 from hwopt.passes.profile import choose_backend, profile
 from hwopt.passes.score import score
 from hwopt.passes.solve import Budgets, maximizes, solve
@@ -76,6 +77,7 @@ class Settings:
     uptrain_tokens: int = 16384
     uptrain_lr: float = 1e-4
     formats: list[str] = field(default_factory=lambda: ["nemotron-nas"])
+    runtime: str | None = None  # the runtime that serves the child (default: the target's, see hwopt.lowering.runtimes)
     seed: int = 0
 
     @property
@@ -96,10 +98,10 @@ PASS_INPUTS = {
                                 "repeats"], []),
     "library": (SEARCH_SPACE + DATA + ["bld_tokens", "bld_lr", "seed"], []),
     "score": (DATA + ["score_tokens", "metrics", "task_data"], ["library", "profile"]),
-    "solve": (["objective", "speedup", "memory", "throughput", "latency", "ttft", "params", "solver", "num_solutions",
+    "solve": (["runtime", "objective", "speedup", "memory", "throughput", "latency", "ttft", "params", "solver", "num_solutions",
                "min_diversity", "time_limit"], ["score", "profile"]),
     "uptrain": (DATA + ["uptrain_tokens", "uptrain_lr", "seed"], ["library", "solve"]),
-    "lower": (["formats"], ["uptrain"]),
+    "lower": (["formats", "runtime", "dtype"], ["uptrain"]),
 }
 
 
@@ -134,7 +136,12 @@ class Run:
     @cached_property
     def space(self) -> SearchSpace:
         s = self.settings
-        return SearchSpace(tuple(s.kv_heads) if s.kv_heads else None, tuple(s.ffn_fractions), s.linear, s.no_op)
+        linear = s.linear and self.runtime.linear  # vLLM and SGLang run no linear blocks
+        return SearchSpace(tuple(s.kv_heads) if s.kv_heads else None, tuple(s.ffn_fractions), linear, s.no_op)
+
+    @cached_property
+    def runtime(self) -> Runtime:
+        return resolve_runtime(self.settings.runtime, self.target)
 
     @cached_property
     def parent(self):
@@ -170,6 +177,8 @@ class Run:
                 raise HwoptError(f"{name} needs the output of {up} in {self.dir(up)}: run `hwopt {up}` first "
                                  f"(or `hwopt optimize`)")
         settings = {k: getattr(self.settings, k) for k in keys}
+        if "linear" in keys:  # what --runtime leaves of --no-linear's choice
+            settings["linear"] = self.space.linear
         if name in ("profile", "library"):
             settings["architecture"] = self.source.config.to_json_string(use_diff=False)
         if name == "profile":  # `cpu` names whichever machine this is: timings from another one are stale
@@ -200,7 +209,7 @@ class Run:
 
     def _validate(self, name: str) -> None:
         """Resolve what a pass will need before it starts, so bad input fails at once."""
-        _ = self.source, self.target, self.scenario
+        _ = self.source, self.target, self.scenario, self.runtime
         if name == "profile":
             choose_backend(self.settings.backend, self.target, self.scenario, self.settings.require_measured)
         if name in ("library", "score", "uptrain", "lower"):
@@ -233,7 +242,8 @@ class Run:
 
     def _solve(self, out: Path) -> None:
         s = self.settings
-        library, costs = self.read_json("score/block_library.json"), self.read_json("profile/costs.json")
+        costs = self.read_json("profile/costs.json")
+        library = runnable_library(self.read_json("score/block_library.json"), self.runtime, self.source.config)
         solution = solve(library, costs, s.budgets, s.objective_key, s.solver, out / "solutions.json",
                          maximizes(s.objective_key), s.num_solutions, s.min_diversity, s.time_limit)
         best = solution["solutions"][0]
@@ -257,7 +267,8 @@ class Run:
                       + ("" if stats["kept_uptrained_weights"] else " (worse: kept the weights from before)"))
 
     def _lower(self, out: Path) -> None:
-        lower(load_checkpoint(self.dir("uptrain") / "model"), self.tokenizer, self.settings.formats, out)
+        options = LowerOptions(self.runtime, self.target, self.scenario, self.source.label)
+        lower(load_checkpoint(self.dir("uptrain") / "model"), self.tokenizer, self.settings.formats, out, options)
 
     def report(self) -> dict:
         """Parent against the child, both timed here; recomputed only when the child or scenario changed."""

@@ -136,7 +136,7 @@ class SubBlockStep(nn.Module):
             return x + self.block(self.norm(x), (cos, sin))
         cache = KVCache(1)
         if past_keys is not None:
-            cache.keys[0], cache.values[0], cache.length = past_keys, past_values, past_keys.shape[2]
+            cache.keys[0], cache.values[0] = past_keys, past_values
         y = x + self.block(self.norm(x), (cos, sin), cache, 0)
         return y, cache.keys[0], cache.values[0]
 

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from hwopt.model.config import AttentionConfig, BlockConfig, FFNConfig
+
 REPO = Path(__file__).resolve().parents[1]
 JS_PLUGIN_SRC = REPO / "plugins" / "hwopt-js-divergence"
 
@@ -69,6 +71,37 @@ def make_tiny_llama_dir(directory: Path, seed: int = 0, layers: int = 4) -> Path
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory) -> Path:
     return make_tiny_llama_dir(tmp_path_factory.mktemp("tiny_llama"))
+
+
+# A child with a layer of each kind: linear, the parent's, fewer KV heads with a narrower FFN, no-op. The first
+# layer has no KV cache, and layer 0 is where a cache's length is usually read.
+CHILD_BLOCKS = [
+    BlockConfig(AttentionConfig(replace_with_linear=True), FFNConfig(replace_with_linear=True)),
+    BlockConfig(AttentionConfig(n_heads_in_group=2), FFNConfig(intermediate_size=256)),
+    BlockConfig(AttentionConfig(n_heads_in_group=4), FFNConfig(intermediate_size=128)),
+    BlockConfig(AttentionConfig(no_op=True), FFNConfig(no_op=True)),
+    BlockConfig(AttentionConfig(n_heads_in_group=2), FFNConfig(no_op=True)),
+]
+
+
+def tiny_child(blocks=None, tie=True):
+    """A random child with ``blocks`` (default ``CHILD_BLOCKS``), its norms away from 1."""
+    import torch
+    from transformers import LlamaConfig
+
+    from hwopt.model.modeling import HeteroLlamaForCausalLM
+
+    blocks = blocks or CHILD_BLOCKS
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=len(blocks), num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=16, vocab_size=211, max_position_embeddings=128,
+                         tie_word_embeddings=tie, rope_theta=10000.0, eos_token_id=None, bos_token_id=None)
+    model = HeteroLlamaForCausalLM(config, blocks).eval()
+    with torch.no_grad():  # norms away from 1, so that a norm read from the wrong place shows
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    return model
 
 
 # Small budgets that still run every pass for real.

@@ -15,14 +15,15 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from conftest import hwopt_cli
 from hwopt import load_model
 from hwopt.builtin.block_types import ffn_width
-from hwopt.builtin.lowerings import NemotronNASLowering
 from hwopt.errors import HwoptError
 from hwopt.hardware import resolve_target
+from hwopt.lowering.runtimes import RUNTIMES
 from hwopt.model.architecture import read_architecture
 from hwopt.model.checkpoint import weight_files
 from hwopt.model.config import AttentionConfig, BlockConfig, FFNConfig, rebuilt_by_ffn_mult
 from hwopt.model.modeling import HeteroLlamaForCausalLM
 from hwopt.models import resolve_model
+from hwopt.passes.lower import LowerOptions, lower
 from hwopt.search_space import Scenario, SearchSpace, sub_variants
 
 CASES = Path(__file__).parent / "data" / "real_world"
@@ -294,17 +295,23 @@ def test_every_width_the_search_space_offers_is_rebuilt_exactly_from_ffn_mult(hi
     assert ffn_width(8640, 0.5) == 4352  # open_llama_3b: its half, on the grid
 
 
+def lower_for(runtime: str, model, out):
+    lower(model, None, ["nemotron-nas"], out, LowerOptions(RUNTIMES[runtime]))
+
+
 def test_lower_refuses_an_off_grid_child_width_and_warns_for_an_off_grid_parent(tmp_path):
     config = LlamaConfig(hidden_size=64, intermediate_size=320, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=97)
     parent_block = BlockConfig(AttentionConfig(n_heads_in_group=2), FFNConfig(intermediate_size=320))
     off_grid = HeteroLlamaForCausalLM(config, [parent_block, BlockConfig(AttentionConfig(n_heads_in_group=2),
                                                                          FFNConfig(intermediate_size=96))])
-    with pytest.raises(HwoptError, match="layer 1: FFN width 96 is not on the ffn_mult grid: .* would build 256"):
-        NemotronNASLowering().lower(off_grid, None, tmp_path / "refused")
+    for runtime in ("vllm", "tensorrt-llm", "llama.cpp"):
+        with pytest.raises(HwoptError, match=f"layer 1's FFN width 96 is rebuilt as 256 from its ffn_mult by {runtime}"):
+            lower_for(runtime, off_grid, tmp_path / "refused")
     assert not (tmp_path / "refused").exists()
+    lower_for("transformers", off_grid, tmp_path / "transformers")  # reads intermediate_size: no refusal
     parent_only = HeteroLlamaForCausalLM(config, [parent_block, BlockConfig(AttentionConfig(n_heads_in_group=2),
                                                                             FFNConfig(intermediate_size=256))])
-    with pytest.warns(UserWarning, match=r"parent's FFN width 320 \(layers \[0\]\) is off the ffn_mult grid: vLLM"):
-        NemotronNASLowering().lower(parent_only, None, tmp_path / "warned")
-    assert load_model(str(tmp_path / "warned")).block_configs == parent_only.block_configs
+    with pytest.warns(UserWarning, match=r"parent's FFN width 320 \(layers \[0\]\) is off the ffn_mult grid: vllm, sglang"):
+        lower_for("tensorrt-llm", parent_only, tmp_path / "warned")
+    assert load_model(str(tmp_path / "warned" / "nemotron-nas")).block_configs == parent_only.block_configs

@@ -63,8 +63,12 @@ def major_version(trt) -> int:
     return int(trt.__version__.split(".")[0])
 
 
-def build_engine(trt, logger, onnx_path: Path, plan: BuildPlan) -> bytes:
-    """A serialized engine for this GPU from one exported phase."""
+def build_engine(trt, logger, onnx_path: Path, plan: BuildPlan, profile_shapes: dict | None = None) -> bytes:
+    """A serialized engine for this GPU from an ONNX file.
+
+    A graph with dynamic dimensions needs ``profile_shapes``: input name →
+    (min, opt, max) shapes, one optimization profile.
+    """
     builder = trt.Builder(logger)
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if plan.strongly_typed else 0
     network = builder.create_network(flags)
@@ -76,6 +80,11 @@ def build_engine(trt, logger, onnx_path: Path, plan: BuildPlan) -> bytes:
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
     for flag in plan.precision_flags:
         config.set_flag(getattr(trt.BuilderFlag, flag))
+    if profile_shapes:
+        profile = builder.create_optimization_profile()
+        for name, (low, opt, high) in profile_shapes.items():
+            profile.set_shape(name, low, opt, high)
+        config.add_optimization_profile(profile)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise HwoptError(f"TensorRT failed to build an engine from {onnx_path.name} (see its log above)")

@@ -15,7 +15,7 @@ import torch
 
 from hwopt.hookspecs import hookimpl
 from hwopt.model.config import FFN_MULT_GRID, AttentionConfig, FFNConfig, head_dim
-from hwopt.model.modeling import GroupedQueryAttention, LinearAttention, LinearFFN, SwiGLU
+from hwopt.model.modeling_nemotron_nas import GroupedQueryAttention, LinearAttention, LinearFFN, SwiGLU
 from hwopt.roofline import SILU_PRODUCT_FLOPS, CostTerms, attended_pairs, matmul, norm_and_residual
 from hwopt.search_space import SearchSpace
 

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from hwopt.errors import HwoptError
 
 FFN_MULT_GRID = 256  # readers that rebuild the FFN width from ffn_mult round it up to a multiple of this
-FFN_MULT_READERS = "vLLM, SGLang, TensorRT-LLM, llama.cpp, mlx-lm and NVIDIA's remote code"
 
 # Keys of other tools' block configs that hwopt cannot honour unless they hold their neutral value
 # (None or False); a config that sets one is refused rather than silently run without it.
@@ -262,12 +261,3 @@ def parent_block_config(llama_config) -> BlockConfig:
         FFNConfig(intermediate_size=llama_config.intermediate_size),
     )
 
-
-def ffn_mult_mismatches(blocks: list[BlockConfig], hidden_size: int) -> list[tuple[int, int, int]]:
-    """(layer, width, width rebuilt from ffn_mult) for every FFN that readers using only ``ffn_mult`` misbuild."""
-    out = []
-    for i, b in enumerate(blocks):
-        width = b.ffn.intermediate_size
-        if width is not None and rebuilt_by_ffn_mult(width, hidden_size) != width:
-            out.append((i, width, rebuilt_by_ffn_mult(width, hidden_size)))
-    return out
