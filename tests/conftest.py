@@ -13,11 +13,12 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 JS_PLUGIN_SRC = REPO / "plugins" / "hwopt-js-divergence"
+WINDOW_PLUGIN_SRC = REPO / "plugins" / "hwopt-sliding-window"
 
 
 def pytest_configure(config):
     config.addinivalue_line(
-        "markers", "installs_plugin: pip-installs the example plugin plugins/hwopt-js-divergence into a temp dir")
+        "markers", "installs_plugin: pip-installs an example plugin from plugins/ into a temp dir")
 
 
 def env_with_pythonpath(*paths) -> dict:
@@ -28,9 +29,8 @@ def env_with_pythonpath(*paths) -> dict:
     return env
 
 
-@pytest.fixture(scope="session")
-def installed_js_plugin(tmp_path_factory) -> Path:
-    """``pip install --target`` the example plugin once; returns the site dir to put on PYTHONPATH.
+def pip_install_plugin(source: Path, root: Path) -> Path:
+    """``pip install --target`` an example plugin; returns the site dir to put on PYTHONPATH.
 
     The source is copied first so that the in-tree build (build/, *.egg-info)
     does not litter the repository.
@@ -39,15 +39,46 @@ def installed_js_plugin(tmp_path_factory) -> Path:
         pytest.skip("pip is not available in this Python, so the example plugin cannot be installed")
     if importlib.util.find_spec("setuptools") is None:
         pytest.skip("setuptools is not available, and the offline (--no-build-isolation) install needs it")
-    root = tmp_path_factory.mktemp("js_plugin")
     src, site = root / "src", root / "site"
-    shutil.copytree(JS_PLUGIN_SRC, src, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    shutil.copytree(source, src, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
     cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
            "--disable-pip-version-check", "--quiet", "--target", str(site), str(src)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"pip install of the example plugin failed:\n{proc.stdout}\n{proc.stderr}"
+    assert proc.returncode == 0, f"pip install of {source.name} failed:\n{proc.stdout}\n{proc.stderr}"
+    return site
+
+
+@pytest.fixture(scope="session")
+def installed_js_plugin(tmp_path_factory) -> Path:
+    site = pip_install_plugin(JS_PLUGIN_SRC, tmp_path_factory.mktemp("js_plugin"))
     assert (site / "hwopt_js_divergence.py").is_file()
     return site
+
+
+@pytest.fixture(scope="session")
+def installed_window_plugin(tmp_path_factory) -> Path:
+    site = pip_install_plugin(WINDOW_PLUGIN_SRC, tmp_path_factory.mktemp("window_plugin"))
+    assert (site / "hwopt_sliding_window.py").is_file()
+    return site
+
+
+def plugin_module(path: Path):
+    """An example plugin's module, imported from its source file (for registering it in-process)."""
+    spec = importlib.util.spec_from_file_location(f"_under_test_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is made
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def sliding_window():
+    """The hwopt-sliding-window plugin registered in-process (as ``sliding_window``) for one test."""
+    from hwopt import plugins
+
+    module = plugin_module(WINDOW_PLUGIN_SRC / "hwopt_sliding_window.py")
+    with plugins.registered(module, name="sliding_window"):
+        yield module
 
 
 def make_tiny_llama_dir(directory: Path, seed: int = 0, layers: int = 4) -> Path:

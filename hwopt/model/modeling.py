@@ -11,6 +11,11 @@ are transformers' own).
 Module names follow the checkpoint's weight names
 (``model.layers.{i}.self_attn.linear_attn.weight`` and so on), so a state
 dict is a checkpoint.
+
+The sub-blocks are built by their block types (``hwopt.protocols.BlockType``),
+which the caller hands in (``hwopt.plugins.block_types()``): this module
+knows no registry. Every sub-block is called the same way,
+``module(norm(x), position_embeddings, cache, layer_idx)``.
 """
 
 from __future__ import annotations
@@ -22,8 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-from hwopt.model.config import AttentionConfig, BlockConfig, FFNConfig, head_dim
-from hwopt.search_space import sub_variant_of
+from hwopt.model.config import BlockConfig, head_dim
 
 
 class KVCache:
@@ -56,13 +60,19 @@ class GroupedQueryAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
 
-    def forward(self, x, position_embeddings, cache: KVCache | None = None, layer_idx: int = 0):
+    def project(self, x, position_embeddings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Q ``[batch, heads, tokens, head_dim]``, K and V ``[batch, kv_heads, tokens, head_dim]``, rotated."""
         batch, seq, _ = x.shape
         q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = position_embeddings
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        return q, k, v
+
+    def forward(self, x, position_embeddings, cache: KVCache | None = None, layer_idx: int = 0):
+        batch, seq, _ = x.shape
+        q, k, v = self.project(x, position_embeddings)
         past = 0 if cache is None else cache.length
         if cache is not None:
             k, v = cache.update(layer_idx, k, v)
@@ -108,7 +118,7 @@ class SwiGLU(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, intermediate_size, bias=bias)
         self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=bias)
 
-    def forward(self, x):
+    def forward(self, x, position_embeddings=None, cache=None, layer_idx=0):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -116,19 +126,14 @@ class LinearFFN(LinearReplacement):
     weight_name = "linear_mlp"
 
 
-def build_sub_block(config, sub_config: AttentionConfig | FFNConfig) -> nn.Module | None:
-    """Ask the registered block type (built-in or plugin) that handles ``sub_config`` to build it."""
-    return sub_variant_of(config, sub_config).block_type.build(sub_config, config)
-
-
 class DecoderLayer(nn.Module):
     """x + attn(norm(x)), then x + ffn(norm(x)); a missing sub-block is skipped with its norm."""
 
-    def __init__(self, config, block: BlockConfig):
+    def __init__(self, config, block: BlockConfig, block_types):
         super().__init__()
         self.block = block
-        self.self_attn = build_sub_block(config, block.attention)
-        self.mlp = build_sub_block(config, block.ffn)
+        self.self_attn = block_types.of(block.attention).build(block.attention, config)
+        self.mlp = block_types.of(block.ffn).build(block.ffn, config)
         self.input_layernorm = LlamaRMSNorm(config.hidden_size, config.rms_norm_eps) if self.self_attn else None
         self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, config.rms_norm_eps) if self.mlp else None
 
@@ -145,14 +150,14 @@ class DecoderLayer(nn.Module):
     def attention_delta(self, x, position_embeddings, cache=None, layer_idx=0):
         return self.self_attn(self.input_layernorm(x), position_embeddings, cache, layer_idx)
 
-    def ffn_delta(self, x):
-        return self.mlp(self.post_attention_layernorm(x))
+    def ffn_delta(self, x, position_embeddings=None, cache=None, layer_idx=0):
+        return self.mlp(self.post_attention_layernorm(x), position_embeddings, cache, layer_idx)
 
     def forward(self, x, position_embeddings, cache=None, layer_idx=0):
         if self.self_attn is not None:
             x = x + self.attention_delta(x, position_embeddings, cache, layer_idx)
         if self.mlp is not None:
-            x = x + self.ffn_delta(x)
+            x = x + self.ffn_delta(x, position_embeddings, cache, layer_idx)
         return x
 
 
@@ -166,24 +171,29 @@ class CausalLMOutput:
 class Model(nn.Module):
     """Embeddings, the layers and the final norm (``model.*`` in checkpoints)."""
 
-    def __init__(self, config, block_configs: list[BlockConfig]):
+    def __init__(self, config, block_configs: list[BlockConfig], block_types):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, block) for block in block_configs)
+        self.layers = nn.ModuleList(DecoderLayer(config, block, block_types) for block in block_configs)
         self.norm = LlamaRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = LlamaRotaryEmbedding(config)
 
 
 class HeteroLlamaForCausalLM(nn.Module):
-    """A causal LM whose layers each have their own ``BlockConfig``."""
+    """A causal LM whose layers each have their own ``BlockConfig``.
 
-    def __init__(self, config, block_configs: list[BlockConfig]):
+    ``block_types`` (``hwopt.plugins.BlockTypes``) builds each sub-block, and
+    is kept to write the ``block_configs`` back (``block_configs_json``).
+    """
+
+    def __init__(self, config, block_configs: list[BlockConfig], block_types):
         super().__init__()
         if len(block_configs) != config.num_hidden_layers:
             raise ValueError(f"{len(block_configs)} block configs for {config.num_hidden_layers} layers")
         self.config = config
         self.block_configs = list(block_configs)
-        self.model = Model(config, self.block_configs)
+        self.block_types = block_types
+        self.model = Model(config, self.block_configs, block_types)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
