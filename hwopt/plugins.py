@@ -214,23 +214,27 @@ class BlockTypes(Registry):
         return self.of(cfg).to_json(cfg, model_config)
 
     def from_json(self, kind: str, entry: dict, model_config, where: str):
-        """The config of one ``block_configs`` entry, read by the one block type of ``kind`` that claims it.
+        """The config of one ``block_configs`` entry, read by the block type of ``kind`` that owns it.
+
+        The owner is the one type that ``claims`` the entry or, when several
+        do, the one whose ``keys`` cover every key the entry sets (a plugin's
+        ``window_length`` entry is its own, not grouped-query attention's).
 
         Raises:
-            HwoptError: one line naming ``where`` and the key: no block type claims the entry (a setting
-                only a plugin honours names the plugin), two do, or the claimant finds a bad field.
+            HwoptError: one line naming ``where``: no type claims the entry, two own it (naming both and their
+                plugins), or the owner finds a bad field (naming the key).
         """
-        from hwopt.model.config import UNSUPPORTED_WHEN_SET, Fields
+        from hwopt.model.config import INFORMATIONAL, Fields
 
-        f = Fields(entry, where, f"{kind}.")
+        Fields(entry, where, f"{kind}.")  # an object, or one line saying it is not
         owners = [t for t in self.of_kind(kind) if t.claims(entry)]
+        if len(owners) > 1:
+            set_keys = {k for k, v in entry.items() if v not in (None, False)} - INFORMATIONAL[kind]
+            owners = [t for t in owners if set_keys <= t.keys] or owners
         if len(owners) > 1:
             raise HwoptError(f"{where}: the {kind} entry {entry} is claimed by block types "
                              f"{' and '.join(map(self._named, owners))}")
         if not owners:
-            for key, why in UNSUPPORTED_WHEN_SET[kind].items():
-                if entry.get(key) not in (None, False):
-                    f.fail(key, f"= {entry[key]!r}: {why}")
             raise HwoptError(f"{where}: no registered {kind} block type reads {entry}")
         return owners[0].from_json(entry, model_config, where)
 

@@ -89,6 +89,7 @@ class BlockType(Protocol):
 
     name: str  # unique among block types, e.g. "gqa"
     kind: str  # "attention" or "ffn": which half of a decoder layer it replaces
+    keys: frozenset[str]  # the keys its block_configs entry may set (e.g. {"n_heads_in_group", "window_length"})
     options: Mapping[str, str]  # optional: search-space options it reads (--window), name -> help
 
     def variants(self, model_config, space: SearchSpace) -> list[Any]:
@@ -101,9 +102,10 @@ class BlockType(Protocol):
         """Whether ``cfg`` is one of this type's configs; exactly one registered type may accept a config."""
 
     def claims(self, entry: dict) -> bool:
-        """Whether a ``block_configs`` entry (the ``attention`` or ``ffn`` object) describes one of this type's
-        sub-blocks; exactly one registered type of the kind may claim an entry. Look only at what decides the
-        type (flags, the presence of a key); checking values is ``from_json``'s job."""
+        """Whether a ``block_configs`` entry (the ``attention`` or ``ffn`` object) may describe one of this
+        type's sub-blocks. Look only at what decides the type (flags, the presence of a key); checking values
+        is ``from_json``'s job. When several types claim an entry, it is the one whose ``keys`` cover every
+        key the entry sets; two such are an error."""
 
     def to_json(self, cfg, model_config) -> dict:
         """The ``block_configs`` entry, in nemotron-nas spelling, that ``from_json`` reads back to ``cfg``."""

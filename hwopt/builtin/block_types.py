@@ -17,7 +17,7 @@ import math
 import torch
 
 from hwopt.hookspecs import hookimpl
-from hwopt.model.config import FFN_MULT_GRID, UNSUPPORTED_WHEN_SET, AttentionConfig, FFNConfig, head_dim
+from hwopt.model.config import FFN_MULT_GRID, AttentionConfig, FFNConfig, head_dim
 from hwopt.model.modeling import GroupedQueryAttention, LinearAttention, LinearFFN, SwiGLU
 from hwopt.protocols import NO_CACHE, KVCacheShape
 from hwopt.roofline import SILU_PRODUCT_FLOPS, CostTerms, attended_pairs, matmul, norm_and_residual
@@ -49,13 +49,16 @@ def is_set(entry: dict, key: str) -> bool:
     return isinstance(entry, dict) and entry.get(key) not in (None, False)
 
 
-def sets_nothing_foreign(entry: dict, kind: str) -> bool:
-    """No key set that only another block type (a plugin's) honours, such as ``window_length``."""
-    return not any(is_set(entry, key) for key in UNSUPPORTED_WHEN_SET[kind])
+ATTENTION_KEYS = frozenset({"no_op", "replace_with_linear", "n_heads_in_group", "num_key_value_heads"})
+FFN_KEYS = frozenset({"no_op", "replace_with_linear", "ffn_mult", "intermediate_size", "gated", "hidden_act"})
 
 
 class BuiltinJSON:
     """The nemotron-nas entry of the built-in configs: ``AttentionConfig``/``FFNConfig`` read and write it."""
+
+    @property
+    def keys(self) -> frozenset[str]:
+        return FFN_KEYS if self.kind == "ffn" else ATTENTION_KEYS
 
     def to_json(self, cfg, config) -> dict:
         return cfg.to_json(config.hidden_size) if self.kind == "ffn" else cfg.to_json()
@@ -94,8 +97,7 @@ class GQAttentionType(BuiltinJSON):
     kind = "attention"
 
     def claims(self, entry: dict) -> bool:
-        return not (is_set(entry, "no_op") or is_set(entry, "replace_with_linear")) and \
-            sets_nothing_foreign(entry, self.kind)
+        return not (is_set(entry, "no_op") or is_set(entry, "replace_with_linear"))
 
     def variants(self, config, space: SearchSpace) -> list[AttentionConfig]:
         parent_kv = config.num_key_value_heads
@@ -141,8 +143,7 @@ class SwiGLUType(BuiltinJSON):
     kind = "ffn"
 
     def claims(self, entry: dict) -> bool:
-        return not (is_set(entry, "no_op") or is_set(entry, "replace_with_linear")) and \
-            sets_nothing_foreign(entry, self.kind)
+        return not (is_set(entry, "no_op") or is_set(entry, "replace_with_linear"))
 
     def variants(self, config, space: SearchSpace) -> list[FFNConfig]:
         parent = config.intermediate_size

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import hwopt
-from hwopt.builtin.block_types import gqa_params, grouped_query_terms, is_set
+from hwopt.builtin.block_types import ATTENTION_KEYS, gqa_params, grouped_query_terms, is_set
 from hwopt.model.config import AttentionConfig, Fields, head_dim
 from hwopt.model.modeling import GroupedQueryAttention
 from hwopt.protocols import KVCacheShape
@@ -58,6 +58,7 @@ class SlidingWindowType:
 
     name = "sliding_window"
     kind = "attention"
+    keys = ATTENTION_KEYS | {"window_length"}
     options = {"window": "sliding-window attention variants attending to the last W tokens, e.g. 64,256"}
 
     def variants(self, config, space) -> list[SlidingWindowConfig]:
