@@ -29,6 +29,7 @@ from hwopt.lowering.onnx_kv import OnnxRuntimeModel, export_onnx
 from hwopt.model.checkpoint import load_checkpoint
 from hwopt.model.config import AttentionConfig, BlockConfig, FFNConfig, parent_block_config
 from hwopt.model.modeling import HeteroLlamaForCausalLM, greedy_tokens
+from hwopt.plugins import block_types
 from hwopt.search_space import Scenario
 
 
@@ -78,9 +79,10 @@ def main() -> None:
 
     torch.manual_seed(0)
     config = smollm2_config()
-    parent = HeteroLlamaForCausalLM(config, [parent_block_config(config)] * config.num_hidden_layers).eval()
-    child = (load_checkpoint(args.child) if args.child else HeteroLlamaForCausalLM(config, demo_child_blocks(config))
-             ).eval()
+    types = block_types()
+    parent = HeteroLlamaForCausalLM(config, [parent_block_config(config)] * config.num_hidden_layers, types).eval()
+    child = (load_checkpoint(args.child, types) if args.child
+             else HeteroLlamaForCausalLM(config, demo_child_blocks(config), types)).eval()
     scenario = Scenario.parse(args.scenario, args.batch)
     prompts = torch.randint(0, config.vocab_size, (scenario.batch, scenario.input_len))
     names = args.engines.split(",")

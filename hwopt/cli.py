@@ -26,6 +26,18 @@ def _csv(cast):
     return parse
 
 
+def number(text: str) -> int | float:
+    value = float(text)
+    return int(value) if value.is_integer() else value
+
+
+def block_type_options() -> dict[str, str]:
+    """The search-space options of every installed block type (``--window``), name -> help."""
+    from hwopt.plugins import block_types
+
+    return block_types().options()
+
+
 def add_scenario_options(p: argparse.ArgumentParser) -> None:
     """The serving scenario and how its costs are found (shared by the passes and ``estimate``)."""
     g = p.add_argument_group("scenario")
@@ -54,6 +66,11 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ffn-fractions", type=_csv(float), help="FFN widths to offer (default 0.75,0.5,0.25)")
     g.add_argument("--no-linear", dest="linear", action="store_const", const=False, help="offer no linear blocks")
     g.add_argument("--no-noop", dest="no_op", action="store_const", const=False, help="offer no removed blocks")
+    g.add_argument("--block-types", type=_csv(str), metavar="PLUGIN[,PLUGIN]",
+                   help="also offer the variants of these plugins' block types (default: built-ins only; "
+                        "`hwopt plugins` lists them)")
+    for option, text in block_type_options().items():
+        g.add_argument(f"--{option}", type=_csv(number), help=f"{text} (a block type's option)")
     g = p.add_argument_group("data and training")
     g.add_argument("--data", nargs="+", help="text or JSONL files (default: Python's own documentation)")
     g.add_argument("--seq-len", type=int, help="tokens per training sequence (default 128)")
@@ -209,7 +226,8 @@ def cmd_estimate(args: argparse.Namespace) -> None:
     if args.parent:
         child, parent = results["model"]["total"], results["parent"]["total"]
         print(f"{args.model} / {args.parent}: {parent['runtime_ms'] / child['runtime_ms']:.2f}x the throughput, "
-              f"{child['memory_mib'] / parent['memory_mib']:.2f}x the memory")
+              f"{child['memory_mib'] / parent['memory_mib']:.2f}x the memory, KV cache "
+              f"{parent['kv_cache_mib'] - child['kv_cache_mib']:,.0f} MiB smaller")
 
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
@@ -295,8 +313,12 @@ def run_command(args: argparse.Namespace) -> None:
     if given:
         raise HwoptError(f"{', '.join(given)}: only with --library FILE (in a run directory, the budgets are "
                          "--speedup, --memory, --throughput, --latency, --ttft, --params)")
-    skip = ("command", "workdir", "start", "until", "out", *LIBRARY_OPTIONS)
+    options = {name.replace("-", "_"): name for name in block_type_options()}
+    skip = ("command", "workdir", "start", "until", "out", *LIBRARY_OPTIONS, *options)
     overrides = {k: v for k, v in vars(args).items() if k not in skip}
+    given = {name: vars(args)[dest] for dest, name in options.items() if vars(args).get(dest) is not None}
+    if given:
+        overrides["block_options"] = {**load_settings(args.workdir, {}).block_options, **given}
     run = Run(args.workdir, load_settings(args.workdir, overrides))
     if args.command == "optimize":
         run.optimize(args.start, args.until)

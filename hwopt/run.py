@@ -32,7 +32,7 @@ from hwopt.passes.solve import Budgets, maximizes, solve
 from hwopt.passes.uptrain import UptrainSettings, uptrain
 from hwopt.pipeline import atomic_write_json, fingerprint, is_up_to_date, output_hash, staged_pass
 from hwopt.plots import per_layer_runtime
-from hwopt.plugins import metrics
+from hwopt.plugins import block_types, metrics
 from hwopt.progress import console
 from hwopt.report import build_report, print_report
 from hwopt.search_space import Scenario, SearchSpace
@@ -58,6 +58,8 @@ class Settings:
     ffn_fractions: list[float] = field(default_factory=lambda: [0.75, 0.5, 0.25])
     linear: bool = True
     no_op: bool = True
+    block_types: list[str] = field(default_factory=list)  # plugins whose block types the run uses, besides built-ins
+    block_options: dict[str, list] = field(default_factory=dict)  # their options (--window 64,256), by name
     bld_tokens: int = 16384
     bld_lr: float = 5e-4
     score_tokens: int = 512
@@ -90,7 +92,7 @@ class Settings:
         return Budgets(self.speedup, self.memory, self.throughput, self.latency, self.ttft, self.params)
 
 
-SEARCH_SPACE = ["model", "kv_heads", "ffn_fractions", "linear", "no_op"]
+SEARCH_SPACE = ["model", "kv_heads", "ffn_fractions", "linear", "no_op", "block_types", "block_options"]
 DATA = ["data", "seq_len"]
 # pass -> (settings it depends on, passes whose outputs it reads)
 PASS_INPUTS = {
@@ -137,7 +139,8 @@ class Run:
     def space(self) -> SearchSpace:
         s = self.settings
         linear = s.linear and self.runtime.linear  # vLLM and SGLang run no linear blocks
-        return SearchSpace(tuple(s.kv_heads) if s.kv_heads else None, tuple(s.ffn_fractions), linear, s.no_op)
+        return SearchSpace(tuple(s.kv_heads) if s.kv_heads else None, tuple(s.ffn_fractions), linear, s.no_op,
+                           tuple(s.block_types), tuple((k, tuple(v)) for k, v in sorted(s.block_options.items())))
 
     @cached_property
     def runtime(self) -> Runtime:
@@ -209,7 +212,7 @@ class Run:
 
     def _validate(self, name: str) -> None:
         """Resolve what a pass will need before it starts, so bad input fails at once."""
-        _ = self.source, self.target, self.scenario, self.runtime
+        _ = self.source, self.target, self.scenario, self.runtime, self.space.block_types()
         if name == "profile":
             choose_backend(self.settings.backend, self.target, self.scenario, self.settings.require_measured)
         if name in ("library", "score", "uptrain", "lower"):
@@ -268,7 +271,8 @@ class Run:
 
     def _lower(self, out: Path) -> None:
         options = LowerOptions(self.runtime, self.target, self.scenario, self.source.label)
-        lower(load_checkpoint(self.dir("uptrain") / "model"), self.tokenizer, self.settings.formats, out, options)
+        child = load_checkpoint(self.dir("uptrain") / "model", block_types())
+        lower(child, self.tokenizer, self.settings.formats, out, options)
 
     def report(self) -> dict:
         """Parent against the child, both timed here; recomputed only when the child or scenario changed."""
@@ -279,7 +283,7 @@ class Run:
         if path.is_file() and (old := json.loads(path.read_text())).get("fingerprint") == fp:
             print_report(old)
             return old
-        child = load_checkpoint(self.dir("uptrain") / "model")
+        child = load_checkpoint(self.dir("uptrain") / "model", block_types())
         report = build_report(self.parent, child, self.read_json("solve/solutions.json"), self.scenario,
                               self.split.heldout_batches(self.settings.score_tokens),
                               f"{self.target.description} (torch {torch.__version__}, wall clock)")

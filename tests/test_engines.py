@@ -14,6 +14,7 @@ from hwopt.lowering.onnx_kv import OnnxRuntimeModel, export_onnx, kv_layers
 from hwopt.lowering.tensorrt_engine import engine_file_name, manifest, onnx_input_shapes, profile_shapes
 from hwopt.model.checkpoint import load_checkpoint, save_nemotron_nas
 from hwopt.model.modeling import KVCache
+from hwopt.plugins import block_types
 from hwopt.search_space import Scenario
 
 
@@ -94,7 +95,7 @@ def test_hwopt_lower_any_checkpoint_to_onnx_and_nemotron_nas(tiny_llama_dir, tmp
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "onnx/model.onnx").is_file() and (tmp_path / "onnx/tokenizer.json").is_file()
     assert (tmp_path / "nemotron-nas/modeling_nemotron_nas.py").is_file()
-    ours, parent = load_checkpoint(tmp_path / "nemotron-nas"), load_checkpoint(tiny_llama_dir)
+    ours, parent = load_checkpoint(tmp_path / "nemotron-nas", block_types()), load_checkpoint(tiny_llama_dir, block_types())
     ids = torch.randint(0, 49152, (1, 8))
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, parent(ids).logits, atol=1e-5, rtol=0)

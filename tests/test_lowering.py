@@ -17,6 +17,7 @@ from hwopt.lowering.runtimes import RUNTIMES, check_checkpoint, runnable_library
 from hwopt.model.checkpoint import load_checkpoint
 from hwopt.model.config import AttentionConfig, BlockConfig, FFNConfig
 from hwopt.passes.lower import LowerOptions, lower
+from hwopt.plugins import block_types
 from hwopt.search_space import Scenario
 
 @pytest.fixture(scope="module")
@@ -100,7 +101,7 @@ def test_bf16_weights_sharded_with_an_index(tmp_path):
     assert hf.dtype == torch.bfloat16
     lower(model, None, ["nemotron-nas"], tmp_path / "lower", options)
     assert json.loads((tmp_path / "lower/nemotron-nas/config.json").read_text())["torch_dtype"] == "bfloat16"
-    reloaded = load_checkpoint(tmp_path / "lower/nemotron-nas")
+    reloaded = load_checkpoint(tmp_path / "lower/nemotron-nas", block_types())
     expected = model.model.layers[1].mlp.up_proj.weight.to(torch.bfloat16).float()
     assert torch.equal(reloaded.model.layers[1].mlp.up_proj.weight, expected)
 
@@ -128,7 +129,7 @@ def test_a_width_off_the_ffn_mult_grid_is_refused_by_readers_of_ffn_mult_only():
 
 def test_runnable_library_drops_linear_variants_for_vllm():
     def entry(block):
-        return {"block_config": block.to_json(64)}
+        return {"block_config": block.to_json(block_types(), tiny_child().config)}
 
     library = {"layer_0": {"kv2+ffn256": entry(BLOCKS[1]), "attn_linear+ffn_linear": entry(BLOCKS[0]),
                            "attn_noop+ffn_noop": entry(BLOCKS[3])}}

@@ -10,6 +10,7 @@ import torch
 from conftest import hwopt_cli
 from transformers import LlamaConfig
 
+from hwopt.plugins import block_types
 from hwopt import hardware
 from hwopt.errors import HwoptError
 from hwopt.hardware import resolve_target
@@ -198,7 +199,7 @@ def _nemotron_child_config(path):
     blocks = [BlockConfig(AttentionConfig(n_heads_in_group=8), FFNConfig(intermediate_size=28672))] * 40 + \
              [BlockConfig(AttentionConfig(n_heads_in_group=64), FFNConfig(intermediate_size=14336))] * 30 + \
              [BlockConfig(AttentionConfig(no_op=True), FFNConfig(intermediate_size=14336))] * 10
-    path.write_text(json.dumps(nemotron_nas_config(config, blocks)))
+    path.write_text(json.dumps(nemotron_nas_config(config, blocks, block_types())))
     return path
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from hwopt.errors import HwoptError
 from hwopt.model.config import BlockConfig, rebuilt_by_ffn_mult
+from hwopt.plugins import block_types
 
 
 @dataclass(frozen=True)
@@ -31,9 +32,9 @@ class Runtime:
         out = []
         for i, block in enumerate(blocks):
             for kind, sub in (("attention", block.attention), ("ffn", block.ffn)):
-                if sub.replace_with_linear and not self.linear:
+                if getattr(sub, "replace_with_linear", False) and not self.linear:
                     out.append(f"layer {i} has a linear {kind}, which {self.name} cannot run")
-            width = block.ffn.intermediate_size
+            width = getattr(block.ffn, "intermediate_size", None)
             if width and width != config.intermediate_size and self.width_from_ffn_mult:
                 rebuilt = rebuilt_by_ffn_mult(width, config.hidden_size)
                 if rebuilt != width:
@@ -68,7 +69,7 @@ def resolve_runtime(name: str | None, target) -> Runtime:
 def warn_off_grid_parent(blocks: list[BlockConfig], config) -> None:
     """Warn once when layers keep a parent FFN width that readers using only ``ffn_mult`` rebuild differently."""
     width = config.intermediate_size
-    layers = [i for i, b in enumerate(blocks) if b.ffn.intermediate_size == width]
+    layers = [i for i, b in enumerate(blocks) if getattr(b.ffn, "intermediate_size", None) == width]
     if layers and (rebuilt := rebuilt_by_ffn_mult(width, config.hidden_size)) != width:
         misreaders = ", ".join(r.name for r in RUNTIMES.values() if r.width_from_ffn_mult)
         warnings.warn(f"the parent's FFN width {width} (layers {layers}) is off the ffn_mult grid: {misreaders} "
@@ -97,7 +98,9 @@ def runnable_library(library: dict, runtime: Runtime, config) -> dict:
     """
     def runnable(entry: dict) -> bool:
         block = entry.get("block_config")
-        return block is None or not runtime.problems([BlockConfig.from_json(block, config, "block_config")], config)
+        if block is None:
+            return True
+        return not runtime.problems([BlockConfig.from_json(block, config, block_types(), "block_config")], config)
 
     return {layer: {name: entry for name, entry in variants.items() if runnable(entry)}
             for layer, variants in library.items()}

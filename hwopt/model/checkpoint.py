@@ -26,7 +26,8 @@ from hwopt.model.modeling import HeteroLlamaForCausalLM
 INDEX_FILE = "model.safetensors.index.json"
 
 
-def nemotron_nas_config(config: LlamaConfig, blocks: list[BlockConfig]) -> dict:
+def nemotron_nas_config(config: LlamaConfig, blocks: list[BlockConfig], block_types) -> dict:
+    """The config.json of a child: the parent's Llama fields and one ``block_configs`` entry per layer."""
     out = config.to_dict()
     for key in ("quantization_config", "_name_or_path", "_model_name_or_path", "dtype", "torch_dtype"):
         out.pop(key, None)
@@ -36,7 +37,7 @@ def nemotron_nas_config(config: LlamaConfig, blocks: list[BlockConfig]) -> dict:
     out.update({k: None for k in LLAMA_FIELDS_NULLED_IN_CHILD})
     out["model_type"] = NEMOTRON_NAS
     out["architectures"] = ["DeciLMForCausalLM"]
-    out["block_configs"] = [b.to_json(config.hidden_size) for b in blocks]
+    out["block_configs"] = [b.to_json(block_types, config) for b in blocks]
     out["torch_dtype"] = "float32"
     return out
 
@@ -107,9 +108,10 @@ def load_weights(model: HeteroLlamaForCausalLM, directory: Path) -> None:
                          f"missing {missing[:3]}, unexpected {unexpected[:3]}")
 
 
-def load_checkpoint(directory: Path) -> HeteroLlamaForCausalLM:
-    config, blocks = read_architecture(directory)
-    model = HeteroLlamaForCausalLM(config, blocks)
+def load_checkpoint(directory: Path, block_types) -> HeteroLlamaForCausalLM:
+    """A Llama or nemotron-nas checkpoint as our model; ``block_types`` read and build its sub-blocks."""
+    config, blocks = read_architecture(directory, block_types)
+    model = HeteroLlamaForCausalLM(config, blocks, block_types)
     load_weights(model, directory)
     return model.eval()
 
@@ -123,7 +125,7 @@ def save_nemotron_nas(model: HeteroLlamaForCausalLM, directory: Path, tokenizer=
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    config = nemotron_nas_config(model.config, model.block_configs)
+    config = nemotron_nas_config(model.config, model.block_configs, model.block_types)
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     state = {k: v.detach().to(dtype) for k, v in model.state_dict().items()}
@@ -134,8 +136,8 @@ def save_nemotron_nas(model: HeteroLlamaForCausalLM, directory: Path, tokenizer=
         tokenizer.save_pretrained(directory)
 
 
-def parent_from_hf_state(config: LlamaConfig, state: dict[str, torch.Tensor]) -> HeteroLlamaForCausalLM:
+def parent_from_hf_state(config: LlamaConfig, state: dict[str, torch.Tensor], block_types) -> HeteroLlamaForCausalLM:
     """The parent as our model, from a transformers Llama state dict."""
-    model = HeteroLlamaForCausalLM(config, [parent_block_config(config)] * config.num_hidden_layers)
+    model = HeteroLlamaForCausalLM(config, [parent_block_config(config)] * config.num_hidden_layers, block_types)
     model.load_state_dict(state, strict=True)
     return model.eval()

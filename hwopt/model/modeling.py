@@ -11,6 +11,11 @@ are transformers' own).
 Module names follow the checkpoint's weight names
 (``model.layers.{i}.self_attn.linear_attn.weight`` and so on), so a state
 dict is a checkpoint.
+
+The sub-blocks are built by their block types (``hwopt.protocols.BlockType``),
+which the caller hands in (``hwopt.plugins.block_types()``): this module
+knows no registry. Every sub-block is called the same way,
+``module(norm(x), position_embeddings, cache, layer_idx)``.
 """
 
 from __future__ import annotations
@@ -22,9 +27,8 @@ from torch import nn
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding
 
 from hwopt.errors import HwoptError
-from hwopt.model.config import AttentionConfig, BlockConfig, FFNConfig
+from hwopt.model.config import BlockConfig
 from hwopt.model.modeling_nemotron_nas import DecoderLayerBase, attention_mask_4d
-from hwopt.search_space import sub_variant_of
 
 
 class KVCache:
@@ -44,19 +48,14 @@ class KVCache:
         return k, v
 
 
-def build_sub_block(config, sub_config: AttentionConfig | FFNConfig) -> nn.Module | None:
-    """Ask the registered block type (built-in or plugin) that handles ``sub_config`` to build it."""
-    return sub_variant_of(config, sub_config).block_type.build(sub_config, config)
-
-
 class DecoderLayer(DecoderLayerBase):
-    """A layer whose sub-blocks the registered block types build (see ``DecoderLayerBase`` for its forward)."""
+    """A layer whose sub-blocks its block types build (see ``DecoderLayerBase`` for its forward)."""
 
-    def __init__(self, config, block: BlockConfig):
+    def __init__(self, config, block: BlockConfig, block_types):
         super().__init__()
         self.block = block
-        self.self_attn = build_sub_block(config, block.attention)
-        self.mlp = build_sub_block(config, block.ffn)
+        self.self_attn = block_types.of(block.attention).build(block.attention, config)
+        self.mlp = block_types.of(block.ffn).build(block.ffn, config)
         self.input_layernorm = LlamaRMSNorm(config.hidden_size, config.rms_norm_eps) if self.self_attn else None
         self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, config.rms_norm_eps) if self.mlp else None
 
@@ -81,24 +80,29 @@ class CausalLMOutput:
 class Model(nn.Module):
     """Embeddings, the layers and the final norm (``model.*`` in checkpoints)."""
 
-    def __init__(self, config, block_configs: list[BlockConfig]):
+    def __init__(self, config, block_configs: list[BlockConfig], block_types):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, block) for block in block_configs)
+        self.layers = nn.ModuleList(DecoderLayer(config, block, block_types) for block in block_configs)
         self.norm = LlamaRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = LlamaRotaryEmbedding(config)
 
 
 class HeteroLlamaForCausalLM(nn.Module):
-    """A causal LM whose layers each have their own ``BlockConfig``."""
+    """A causal LM whose layers each have their own ``BlockConfig``.
 
-    def __init__(self, config, block_configs: list[BlockConfig]):
+    ``block_types`` (``hwopt.plugins.BlockTypes``) builds each sub-block, and
+    is kept to write the ``block_configs`` back (``block_configs_json``).
+    """
+
+    def __init__(self, config, block_configs: list[BlockConfig], block_types):
         super().__init__()
         if len(block_configs) != config.num_hidden_layers:
             raise ValueError(f"{len(block_configs)} block configs for {config.num_hidden_layers} layers")
         self.config = config
         self.block_configs = list(block_configs)
-        self.model = Model(config, self.block_configs)
+        self.block_types = block_types
+        self.model = Model(config, self.block_configs, block_types)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -158,7 +162,7 @@ class HeteroLlamaForCausalLM(nn.Module):
         from hwopt.model.checkpoint import nemotron_nas_config
         from hwopt.model.modeling_nemotron_nas import DeciLMForCausalLM, NemotronNASConfig
 
-        config = NemotronNASConfig(**nemotron_nas_config(self.config, self.block_configs))
+        config = NemotronNASConfig(**nemotron_nas_config(self.config, self.block_configs, self.block_types))
         with torch.device("meta"):
             hf = DeciLMForCausalLM(config)
         try:

@@ -105,6 +105,16 @@ class GroupedQueryAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
 
+    def project(self, x, position_embeddings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Q ``[batch, heads, new, head_dim]``, K and V ``[batch, kv_heads, new, head_dim]``, rotated."""
+        batch, seq, _ = x.shape
+        q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)  # [b, heads, new, d]
+        k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [b, kv, new, d]
+        v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = position_embeddings
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        return q, k, v
+
     def forward(self, x, position_embeddings, cache=None, layer_idx: int = 0, attention_mask=None):
         """``x`` [batch, new, hidden] → [batch, new, hidden].
 
@@ -114,11 +124,7 @@ class GroupedQueryAttention(nn.Module):
         is real and attention is causal.
         """
         batch, seq, _ = x.shape
-        q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)  # [b, heads, new, d]
-        k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [b, kv, new, d]
-        v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = position_embeddings
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        q, k, v = self.project(x, position_embeddings)
         if cache is not None:
             k, v = cache.update(k, v, layer_idx)  # [b, kv, past + new, d]
         past = k.shape[2] - seq
@@ -166,7 +172,7 @@ class SwiGLU(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, intermediate_size, bias=bias)
         self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=bias)
 
-    def forward(self, x):
+    def forward(self, x, position_embeddings=None, cache=None, layer_idx=0, attention_mask=None):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -178,20 +184,21 @@ class DecoderLayerBase(nn.Module):
     """x + attn(norm(x)), then x + ffn(norm(x)); a missing sub-block (None) is skipped with its norm.
 
     Subclasses build ``self_attn``, ``input_layernorm``, ``mlp`` and
-    ``post_attention_layernorm``.
+    ``post_attention_layernorm``. Every sub-block is called the same way:
+    ``module(norm(x), position_embeddings, cache, layer_idx, attention_mask)``.
     """
 
     def attention_delta(self, x, position_embeddings, cache=None, layer_idx=0, attention_mask=None):
         return self.self_attn(self.input_layernorm(x), position_embeddings, cache, layer_idx, attention_mask)
 
-    def ffn_delta(self, x):
-        return self.mlp(self.post_attention_layernorm(x))
+    def ffn_delta(self, x, position_embeddings=None, cache=None, layer_idx=0, attention_mask=None):
+        return self.mlp(self.post_attention_layernorm(x), position_embeddings, cache, layer_idx, attention_mask)
 
     def forward(self, x, position_embeddings, cache=None, layer_idx=0, attention_mask=None):
         if self.self_attn is not None:
             x = x + self.attention_delta(x, position_embeddings, cache, layer_idx, attention_mask)
         if self.mlp is not None:
-            x = x + self.ffn_delta(x)
+            x = x + self.ffn_delta(x, position_embeddings, cache, layer_idx, attention_mask)
         return x
 
 

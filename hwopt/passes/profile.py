@@ -20,7 +20,6 @@ from __future__ import annotations
 import datetime
 
 from hwopt.errors import HwoptError
-from hwopt.model.config import sub_block_json
 from hwopt.pipeline import atomic_write_json
 from hwopt.plugins import backends
 from hwopt.progress import progress
@@ -32,11 +31,11 @@ AUTO_MEASURED, AUTO_ESTIMATED = "torch", "roofline"
 
 def cost_entry(variant: SubVariant, config, scenario: Scenario, timing: dict, source: dict) -> dict:
     params = variant.block_type.num_params(variant.config, config)
-    kv_elements = variant.block_type.kv_cache_elements_per_token(variant.config, config)
+    kv_elements = variant.block_type.kv_cache(variant.config, config).elements(scenario.max_context)
     weights = params * scenario.bytes_per_element / MIB
-    kv_cache = scenario.batch * scenario.max_context * kv_elements * scenario.kv_bytes_per_element / MIB
+    kv_cache = scenario.batch * kv_elements * scenario.kv_bytes_per_element / MIB
     return {
-        "config": sub_block_json(variant.config, config.hidden_size),
+        "config": variant.to_json(config),
         "num_params": params,
         "weights_mib": weights,
         "kv_cache_mib": kv_cache,

@@ -115,7 +115,7 @@ def score(parent: HeteroLlamaForCausalLM, library: Library, heldout_ids: torch.T
                             "attention": a,
                             "ffn": f,
                             "parent": a == attention_names[0] and f == ffn_names[0],
-                            "block_config": layer.block.to_json(parent.config.hidden_size),
+                            "block_config": layer.block.to_json(parent.block_types, parent.config),
                         }
                         advance()
                 atomic_write_json(unit, entries)
