@@ -60,10 +60,14 @@ def hwopt_register_backends(register):
     (bool, reason)`` (whether it can work here, and if not, why not);
     ``describe(target, scenario) -> dict`` (the source every figure it makes
     carries: ``device``, ``backend`` and ``method`` for a measurement,
-    ``model`` for an estimate); and ``time_phases(workload, target, repeats)
-    -> list[float]``, the milliseconds of each of ``workload.phases`` (see
-    ``hwopt.workload``: a sub-block variant, or the model outside its layers,
-    in a prefill or decode phase).
+    ``model`` for an estimate); and ``prepare(workload, target) -> timer``:
+    everything set up to time ``workload`` (see ``hwopt.workload``: a
+    sub-block variant, or the model outside its layers, in prefill and
+    decode phases), warmed up, and a callable whose every call is one round:
+    the milliseconds of each of ``workload.phases``. The profile calls the
+    timers of all variants in turn, round after round (``hwopt.timing``), so
+    a round should be short (one pass over the rotation of inputs and weight
+    copies) and must not depend on the rounds before it.
     """
 
 

@@ -28,6 +28,16 @@ def env_with_pythonpath(*paths) -> dict:
     return env
 
 
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """A command run in-process sets torch's thread count for its run; the next test gets the count back."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def installed_js_plugin(tmp_path_factory) -> Path:
     """``pip install --target`` the example plugin once; returns the site dir to put on PYTHONPATH.

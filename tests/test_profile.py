@@ -150,9 +150,11 @@ def test_torch_backend_times_every_phase_and_a_no_op_costs_nothing():
     torch_backend = backends().get("torch")
     for cfg in (AttentionConfig(n_heads_in_group=2), FFNConfig(intermediate_size=64),
                 FFNConfig(replace_with_linear=True)):
-        ms = torch_backend.time_phases(_tiny_workload(cfg, scenario), cpu, repeats=2)
-        assert len(ms) == 4 and all(0 < t < 1000 for t in ms)
-    assert torch_backend.time_phases(_tiny_workload(FFNConfig(no_op=True), scenario), cpu, 2) == [0.0] * 4
+        timer = torch_backend.prepare(_tiny_workload(cfg, scenario), cpu)
+        for _ in range(2):  # a timer's every call is one round
+            ms = timer()
+            assert len(ms) == 4 and all(0 < t < 1000 for t in ms)
+    assert torch_backend.prepare(_tiny_workload(FFNConfig(no_op=True), scenario), cpu)() == [0.0] * 4
 
 
 @torch.inference_mode()
