@@ -227,10 +227,10 @@ class Run:
             problems = getattr(self, f"_{name}")(out)
         if problems:  # only the profile checks itself so far
             for line in problems:
-                console.print(f"[yellow]{name}: warning: {line}[/yellow]")
+                console.print(f"[yellow]{name}: warning: {line}[/yellow]", soft_wrap=True)  # one line, however long
             mark_not_up_to_date(self.dir(name), problems)
             console.print(f"[yellow]{name}: failed its checks, so it is not recorded as up to date: the next command "
-                          "runs it again (this one goes on with it)[/yellow]")
+                          "runs it again (this one goes on with it)[/yellow]", soft_wrap=True)
 
     def _validate(self, name: str) -> None:
         """Resolve what a pass will need before it starts, so bad input fails at once."""

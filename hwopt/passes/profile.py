@@ -13,6 +13,12 @@ measured).
 ``--backend auto`` measures with torch when it can run on the target here,
 and otherwise estimates with the roofline model, saying why;
 ``--require-measured`` turns that fallback into an error.
+
+Measured figures are made to hold on a busy machine (``hwopt.timing``):
+every variant is timed in interleaved rounds, each figure carries its
+spread and rounds, and the profile checks itself (noise, a machine too busy
+for its threads, the whole model end to end against the sum of its blocks);
+a profile that fails a check is not recorded as up to date.
 """
 
 from __future__ import annotations
@@ -99,8 +105,9 @@ def choose_backend(name: str, target, scenario: Scenario, require_measured: bool
     label["summary"] = (f"measured on {label['device']} with {label['backend']}" if backend.measures
                         else f"estimated for {target.description} by {label['model']}")
     if backend.measures:
-        label["method"] += (f"; median of repeats after warm-up, rotating inputs and weight copies; decode timed "
-                            f"at contexts {decode_contexts(scenario)} and integrated linearly")
+        label["method"] += (f"; median over rounds that time every variant in turn, after warm-up, rotating "
+                            f"inputs and weight copies; decode timed at contexts {decode_contexts(scenario)} and "
+                            "integrated linearly")
     else:
         label["reason"] = f"not measured: {why_not_measured}"
     return backend, label
@@ -181,11 +188,11 @@ def self_check(source, target, scenario: Scenario, backend, costs: dict) -> dict
 
     if not (backend.name == "torch" and target.kind == "cpu"):
         return {"skipped": f"the end-to-end check runs torch on the CPU, not {backend.name} on {target.name}"}
-    weights_mib = model_total(costs, layer_rows(costs, model_variants(source)))["memory_mib"]
-    if weights_mib * MIB > psutil.virtual_memory().available / 2:
-        return {"skipped": f"the whole model ({weights_mib / 1024:.1f} GiB) would take more than half the free "
-                           "memory"}
-    blocks = model_total(costs, layer_rows(costs, model_variants(source)))["runtime_ms"]
+    totals = model_total(costs, layer_rows(costs, model_variants(source)))
+    if totals["memory_mib"] * MIB > psutil.virtual_memory().available / 2:
+        return {"skipped": f"the whole model ({totals['memory_mib'] / 1024:.1f} GiB with its KV cache) would take "
+                           "more than half the free memory"}
+    blocks = totals["runtime_ms"]
     torch.manual_seed(0)
     model = HeteroLlamaForCausalLM(source.config, source.block_configs).to(TORCH_DTYPES[scenario.dtype]).eval()
     whole = measure_runtimes({"model": model}, scenario, source.config.vocab_size, SELF_CHECK_RUNS)["model"]
@@ -228,13 +235,14 @@ def print_checks(costs: dict) -> None:
     worst = max(spreads, key=spreads.get)
     rounds = max(e["rounds"] for e in cost_entries(costs).values())
     console.print(f"profile: {len(spreads)} pieces timed in {rounds} interleaved rounds, largest spread "
-                  f"{spreads[worst]:.1%} ({worst}); {describe_load(checks['other_busy_cores'], checks['cores'])}")
+                  f"{spreads[worst]:.1%} ({worst}); {describe_load(checks['other_busy_cores'], checks['cores'])}",
+                  soft_wrap=True)
     check = checks["self_check"]
     if "skipped" in check:
-        console.print(f"profile: self-check skipped: {check['skipped']}")
+        console.print(f"profile: self-check skipped: {check['skipped']}", soft_wrap=True)
     else:
         console.print(f"profile: self-check: the whole model took {check['end_to_end_ms']:.1f} ms end to end, the "
-                      f"sum of its blocks {check['blocks_ms']:.1f} ms (ratio {check['ratio']:.3f})")
+                      f"sum of its blocks {check['blocks_ms']:.1f} ms (ratio {check['ratio']:.3f})", soft_wrap=True)
 
 
 def profile(source, target, scenario: Scenario, space: SearchSpace, backend_name: str, repeats: int,
