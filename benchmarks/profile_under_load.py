@@ -80,11 +80,12 @@ def main() -> None:
     cores = len(usable_cores())
     parent = model_variants(resolve_model(args.model))[0]
     conditions = {"quiet": 0, "1 core busy": 1, f"{cores} cores busy": cores}
-    ratios, flagged = {}, {}
+    ratios, flagged, others = {}, {}, {}
     with tempfile.TemporaryDirectory(prefix="hwopt-under-load-") as tmp:
         for name, busy in conditions.items():
             proc, seconds = run_profile(Path(tmp) / name.replace(" ", "-"), busy, args)
-            print(f"--- {name} ({busy} busy loops), hwopt profile took {seconds:.0f} s, exit {proc.returncode}")
+            print(f"--- {name} ({busy} busy loops), hwopt profile took {seconds:.0f} s, exit {proc.returncode}",
+                  flush=True)
             for line in said(proc):
                 print(f"    {line}")
             if proc.returncode != 0:
@@ -92,8 +93,9 @@ def main() -> None:
             costs = json.loads((Path(tmp) / name.replace(" ", "-") / "profile/costs.json").read_text())
             ratios[name] = relative_costs(costs, parent)
             flagged[name] = costs["checks"]["problems"]
+            others[name] = costs["checks"]["other_busy_cores"] - busy  # beyond our own busy loops
             parent_ms = [costs[kind][p]["runtime_ms"] for kind, p in zip(("attention", "ffn"), parent)]
-            print(f"    parent blocks: {parent[0]} {parent_ms[0]:.1f} ms, {parent[1]} {parent_ms[1]:.1f} ms")
+            print(f"    parent blocks: {parent[0]} {parent_ms[0]:.1f} ms, {parent[1]} {parent_ms[1]:.1f} ms", flush=True)
 
         busy_name = f"{cores} cores busy"
         strict, _ = run_profile(Path(tmp) / "strict", cores, args, "--max-spread", args.max_spread)
@@ -118,6 +120,9 @@ def main() -> None:
         print(f"{n}: largest change {worst[n]:.1%} ({verdict} {GOAL:.0%} of quiet); {flag}{silent}")
     print(f"{busy_name} with --max-spread {args.max_spread}: exit {strict.returncode}; "
           + (said(strict)[-1] if said(strict) else "(said nothing)"))
+    if others["quiet"] > 0.5:
+        print(f"NOTE: 'quiet' was not quiet: other jobs kept {others['quiet']:.1f} cores busy, so the changes above "
+              "compare one busy machine with another")
 
 
 if __name__ == "__main__":
