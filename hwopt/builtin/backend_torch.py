@@ -12,6 +12,7 @@ every variant and takes medians (``hwopt.timing``).
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -29,6 +30,7 @@ from hwopt.workload import (
 )
 
 WARMUP = 2
+MIN_ROUND_MS = 20.0  # wall-clock time of each phase in a round, at least
 CPU_DTYPES = ("fp32", "bf16")
 GPU_DTYPES = ("fp32", "bf16", "fp16")
 
@@ -91,28 +93,34 @@ class TorchBackend:
 
 
 def wall_clock_timer(phase_calls: list[list[tuple]]) -> Timer:
-    """A timer whose round makes, for each phase, one pass round its rotation of ``(call, args)``.
+    """A timer whose round makes, for each phase, whole passes round its rotation of ``(call, args)``.
 
-    Each call runs on the next module (or session) and input of the rotation,
-    so none reads weights the previous one left warm; a round gives the mean
-    wall-clock milliseconds of one call per phase. Warm-up happens here.
+    Each call runs on the next module (or session) and input of the
+    rotation, so none reads weights the previous one left warm; a round
+    gives the mean wall-clock milliseconds of one call per phase. A phase
+    makes as many passes a round as last MIN_ROUND_MS (sized once, after the
+    warm-up, as ``torch.utils.benchmark`` sizes its blocks), so that a
+    scheduler tick is a small part of any round.
     """
     with torch.inference_mode():
         for calls in phase_calls:
             for call, args in calls[:WARMUP]:
                 call(*args)
+        passes = [max(1, math.ceil(MIN_ROUND_MS / max(pass_ms(calls), 1e-3))) for calls in phase_calls]
 
     @torch.inference_mode()
     def one_round() -> list[float]:
-        out = []
-        for calls in phase_calls:
-            start = time.perf_counter()
-            for call, args in calls:
-                call(*args)
-            out.append((time.perf_counter() - start) * 1e3 / len(calls))
-        return out
+        return [sum(pass_ms(calls) for _ in range(n)) / (n * len(calls)) for calls, n in zip(phase_calls, passes)]
 
     return one_round
+
+
+def pass_ms(calls: list[tuple]) -> float:
+    """Wall-clock milliseconds of one pass over ``calls``."""
+    start = time.perf_counter()
+    for call, args in calls:
+        call(*args)
+    return (time.perf_counter() - start) * 1e3
 
 
 def cuda_events_ms(launches: list, stream: torch.cuda.Stream | None = None) -> float:
