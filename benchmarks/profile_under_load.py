@@ -95,7 +95,8 @@ def main() -> None:
             flagged[name] = costs["checks"]["problems"]
             others[name] = costs["checks"]["other_busy_cores"] - busy  # beyond our own busy loops
             parent_ms = [costs[kind][p]["runtime_ms"] for kind, p in zip(("attention", "ffn"), parent)]
-            print(f"    parent blocks: {parent[0]} {parent_ms[0]:.1f} ms, {parent[1]} {parent_ms[1]:.1f} ms", flush=True)
+            print(f"    parent blocks: {parent[0]} {parent_ms[0]:.1f} ms, {parent[1]} {parent_ms[1]:.1f} ms",
+                  flush=True)
 
         busy_name = f"{cores} cores busy"
         strict, _ = run_profile(Path(tmp) / "strict", cores, args, "--max-spread", args.max_spread)

@@ -221,8 +221,8 @@ def check_profile(costs: dict, check: dict, load: CpuLoad, threads: int | None, 
         raise HwoptError(f"--max-spread {max_spread:g}: {problems[0]}")
     if not check.get("ok", True):
         problems.append(f"the whole model took {check['end_to_end_ms']:.1f} ms end to end, the sum of its blocks "
-                        f"{check['blocks_ms']:.1f} ms (ratio {check['ratio']:.2f}, outside 1 ± {SELF_CHECK_BOUND:.2f}); "
-                        f"while measuring, {load.describe()}")
+                        f"{check['blocks_ms']:.1f} ms (ratio {check['ratio']:.2f}, outside 1 ± "
+                        f"{SELF_CHECK_BOUND:.2f}); while measuring, {load.describe()}")
     return problems
 
 
