@@ -50,13 +50,20 @@ def add_scenario_options(p: argparse.ArgumentParser) -> None:
                                      "torch where it can measure on the target here, else the roofline estimate)")
     g.add_argument("--require-measured", action="store_const", const=True,
                    help="stop with an error rather than estimate when nothing can measure on the target here")
-    g.add_argument("--repeats", type=int, help="timed repeats per measurement (default 5)")
+    g.add_argument("--repeats", type=int, help="timed rounds of every block, interleaved (default 5; more while "
+                                               "a block's timings spread by over 10%%, for a bounded time)")
 
 
 def add_run_options(p: argparse.ArgumentParser) -> None:
     """Options every pass command takes; unset ones come from the run's run.json, then defaults."""
     g = p.add_argument_group("run")
     g.add_argument("--workdir", default="runs/default", help="run directory (default: runs/default)")
+    g.add_argument("--force", action="store_true", help="run the pass(es) even if their inputs did not change")
+    g.add_argument("--max-spread", type=float, help="stop with an error when a measured block's timings spread "
+                                                    "(IQR / median over rounds) by more than this, e.g. 0.1, or the "
+                                                    "machine is too busy to measure (default: warn above 0.1)")
+    g.add_argument("--threads", type=int, help="torch CPU threads for this run (default: chosen by its first "
+                                               "command, one per core other processes leave idle, then kept)")
     g.add_argument("--model", help="model name (smollm2-135m, llama-3.1-8b, llama-3.1-70b) or checkpoint directory")
     g.add_argument("--target", help="hardware target: cpu, h100, a100, 4090, auto (the GPU NVML sees, else the CPU), "
                                      "or a profile .toml")
@@ -314,16 +321,16 @@ def run_command(args: argparse.Namespace) -> None:
         raise HwoptError(f"{', '.join(given)}: only with --library FILE (in a run directory, the budgets are "
                          "--speedup, --memory, --throughput, --latency, --ttft, --params)")
     options = {name.replace("-", "_"): name for name in block_type_options()}
-    skip = ("command", "workdir", "start", "until", "out", *LIBRARY_OPTIONS, *options)
+    skip = ("command", "workdir", "start", "until", "out", "force", *LIBRARY_OPTIONS, *options)
     overrides = {k: v for k, v in vars(args).items() if k not in skip}
     given = {name: vars(args)[dest] for dest, name in options.items() if vars(args).get(dest) is not None}
     if given:
         overrides["block_options"] = {**load_settings(args.workdir, {}).block_options, **given}
     run = Run(args.workdir, load_settings(args.workdir, overrides))
     if args.command == "optimize":
-        run.optimize(args.start, args.until)
+        run.optimize(args.start, args.until, args.force)
     else:
-        run.run_pass(args.command)
+        run.run_pass(args.command, args.force)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -51,9 +51,13 @@ def hwopt_register_metrics(register):
 def hwopt_register_backends(register):
     """Register measurement backends: ``hwopt.protocols.Backend`` objects.
 
-    ``time_phases(workload, target, repeats)`` gives the milliseconds of each
-    phase of a ``hwopt.workload.Workload``; ``available`` says whether it can
-    run here and why not.
+    ``prepare(workload, target) -> timer``: everything set up to time
+    ``workload`` (a sub-block variant, or the model outside its layers, in
+    prefill and decode phases), warmed up, and a callable whose every call is
+    one round: the milliseconds of each of ``workload.phases``. The profile
+    calls the timers of all variants in turn, round after round
+    (``hwopt.timing``), so a round should be short and must not depend on the
+    rounds before it. ``available`` says whether it can run here and why not.
     """
 
 

@@ -26,7 +26,7 @@ a config.json is read, an object with at least ``hidden_size`` and
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -158,8 +158,11 @@ class Backend(Protocol):
         """The source every figure it makes carries: ``device``, ``backend`` and ``method`` when it measures,
         ``model`` when it estimates."""
 
-    def time_phases(self, workload: Workload, target: HardwareProfile, repeats: int) -> list[float]:
-        """Milliseconds of each of ``workload.phases``, in order (``hwopt.workload`` builds the pieces)."""
+    def prepare(self, workload: Workload, target: HardwareProfile) -> Callable[[], list[float]]:
+        """Everything set up (and warmed up) to time ``workload``; returns a timer whose every call is one
+        round: the milliseconds of each of ``workload.phases``, in order (``hwopt.workload`` builds the
+        pieces). The profile calls the timers of all variants in turn, round after round
+        (``hwopt.timing``), so a round should be short and must not depend on the rounds before it."""
 
 
 class Lowering(Protocol):

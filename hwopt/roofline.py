@@ -75,6 +75,7 @@ from hwopt.errors import HwoptError
 from hwopt.hardware import HardwareProfile
 from hwopt.model.config import head_dim
 from hwopt.search_space import DTYPE_BYTES, SearchSpace, SubVariant, sub_variant_from_json, sub_variants
+from hwopt.timing import median_phases
 from hwopt.workload import TORCH_DTYPES, Phase, Workload, scenario_phases
 
 SILU_PRODUCT_FLOPS = 5  # silu(g) * u: negate, exp, add one, divide, multiply
@@ -482,7 +483,8 @@ def measure_rows(source, target: HardwareProfile, scenarios: list, backend, repe
             kind = variant.kind if variant else "outside_layers"
             block = None if variant is None else {
                 k: v for k, v in variant.to_json(config).items() if v is not None}
-            for phase, ms in zip(phases, backend.time_phases(workload, target, repeats)):
+            timer = backend.prepare(workload, target)
+            for phase, ms in zip(phases, median_phases([timer() for _ in range(repeats)])):
                 rows.append(CalibrationRow(about["device"], about["backend"], today, source.label, kind, block,
                                            scenario.dtype, scenario.kv_dtype, phase.name, phase.batch,
                                            phase.new_tokens, phase.cached, float(ms)))

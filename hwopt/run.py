@@ -26,17 +26,25 @@ from hwopt.models import resolve_model
 from hwopt.passes.library import BLDSettings, Library, build_library
 from hwopt.lowering.runtimes import Runtime, resolve_runtime, runnable_library
 from hwopt.passes.lower import LowerOptions, lower
-from hwopt.passes.profile import choose_backend, profile
+from hwopt.passes.profile import choose_backend, print_checks, profile
 from hwopt.passes.score import score
 from hwopt.passes.solve import Budgets, maximizes, solve
 from hwopt.passes.uptrain import UptrainSettings, uptrain
-from hwopt.pipeline import atomic_write_json, fingerprint, is_up_to_date, output_hash, staged_pass
+from hwopt.pipeline import (
+    atomic_write_json,
+    fingerprint,
+    is_up_to_date,
+    mark_not_up_to_date,
+    output_hash,
+    staged_pass,
+)
 from hwopt.plots import per_layer_runtime
 from hwopt.plugins import block_types, metrics
 from hwopt.progress import console
 from hwopt.report import build_report, print_report
 from hwopt.search_space import Scenario, SearchSpace
 from hwopt.tasks import read_task
+from hwopt.timing import idle_cores
 
 PASSES = ("profile", "library", "score", "solve", "uptrain", "lower")
 
@@ -52,6 +60,8 @@ class Settings:
     backend: str = "auto"
     require_measured: bool = False
     repeats: int = 5
+    max_spread: float | None = None  # a measured figure's IQR / median above this is an error
+    threads: int | None = None  # torch's CPU threads; chosen by the run's first command (idle cores), then kept
     data: list[str] | None = None
     seq_len: int = 128
     kv_heads: list[int] | None = None
@@ -97,7 +107,7 @@ DATA = ["data", "seq_len"]
 # pass -> (settings it depends on, passes whose outputs it reads)
 PASS_INPUTS = {
     "profile": (SEARCH_SPACE + ["target", "scenario", "batch", "dtype", "kv_dtype", "backend", "require_measured",
-                                "repeats"], []),
+                                "repeats", "max_spread", "threads"], []),
     "library": (SEARCH_SPACE + DATA + ["bld_tokens", "bld_lr", "seed"], []),
     "score": (DATA + ["score_tokens", "metrics", "task_data"], ["library", "profile"]),
     "solve": (["runtime", "objective", "speedup", "memory", "throughput", "latency", "ttft", "params", "solver", "num_solutions",
@@ -199,22 +209,49 @@ class Run:
         """Remember this command's settings for the next command on the run (once they proved valid)."""
         atomic_write_json(self.workdir / "run.json", dataclasses.asdict(self.settings))
 
-    def run_pass(self, name: str) -> None:
-        self._validate(name)
+    def use_threads(self) -> None:
+        """Run torch on ``--threads`` CPU threads; without it, on one per core other processes leave idle now.
+
+        The choice is saved with the run's settings, so that every later
+        command (the profile, its check, the closing report) times with the
+        same count.
+        """
+        s = self.settings
+        if s.threads is None:
+            s.threads, load = idle_cores()
+            console.print(f"threads: {s.threads} ({load.describe()}); the run keeps this number, --threads N "
+                          "changes it")
+        if s.threads < 1:
+            raise HwoptError(f"--threads must be at least 1, not {s.threads}")
+        torch.set_num_threads(s.threads)
+
+    def run_pass(self, name: str, force: bool = False) -> None:
+        """Run one pass, unless it is up to date (``force``: run it anyway)."""
+        self._validate(name)  # bad input fails before anything is said or chosen
+        self.use_threads()
         self.save_settings()
         fp = self.fingerprint(name)
-        if is_up_to_date(self.dir(name), fp):
-            console.print(f"[dim]{name}: up to date, skipped[/dim]")
+        if is_up_to_date(self.dir(name), fp) and not force:
+            console.print(f"[dim]{name}: up to date, skipped (--force runs it again)[/dim]")
             return
         console.print(f"[bold]{name}[/bold]")
         with staged_pass(self.dir(name), fp) as out:
-            getattr(self, f"_{name}")(out)
+            problems = getattr(self, f"_{name}")(out)
+        if problems:  # only the profile checks itself so far
+            for line in problems:
+                console.print(f"[yellow]{name}: warning: {line}[/yellow]", soft_wrap=True)  # one line, however long
+            mark_not_up_to_date(self.dir(name), problems)
+            console.print(f"[yellow]{name}: failed its checks, so it is not recorded as up to date: the next command "
+                          "runs it again (this one goes on with it)[/yellow]", soft_wrap=True)
 
     def _validate(self, name: str) -> None:
         """Resolve what a pass will need before it starts, so bad input fails at once."""
         _ = self.source, self.target, self.scenario, self.runtime, self.space.block_types()
         if name == "profile":
             choose_backend(self.settings.backend, self.target, self.scenario, self.settings.require_measured)
+            if self.settings.max_spread is not None and not self.settings.max_spread > 0:
+                raise HwoptError(f"--max-spread must be a positive fraction (0.1 is 10%), not "
+                                 f"{self.settings.max_spread:g}")
         if name in ("library", "score", "uptrain", "lower"):
             self.source.require_weights()
         if "data" in PASS_INPUTS[name][0]:
@@ -228,10 +265,12 @@ class Run:
         if name == "solve" and not self.settings.budgets.keys():
             raise HwoptError("solve needs a budget: --speedup, --memory, --throughput, --latency, --ttft or --params")
 
-    def _profile(self, out: Path) -> None:
+    def _profile(self, out: Path) -> list[str]:
         s = self.settings
-        profile(self.source, self.target, self.scenario, self.space, s.backend, s.repeats, out / "costs.json",
-                s.require_measured)
+        costs = profile(self.source, self.target, self.scenario, self.space, s.backend, s.repeats,
+                        out / "costs.json", s.require_measured, s.max_spread)
+        print_checks(costs)
+        return costs["checks"]["problems"]
 
     def _library(self, out: Path) -> None:
         s = self.settings
@@ -292,11 +331,13 @@ class Run:
         print_report(report)
         return report
 
-    def optimize(self, start: str = "profile", until: str = "lower") -> None:
+    def optimize(self, start: str = "profile", until: str = "lower", force: bool = False) -> None:
+        """Run the passes from ``start`` to ``until`` (``force``: every one of them, even if up to date)."""
         span = PASSES[PASSES.index(start): PASSES.index(until) + 1]
         for name in span:
             self._validate(name)
+        self.use_threads()
         for name in span:
-            self.run_pass(name)
+            self.run_pass(name, force)
         if until == "lower":
             self.report()

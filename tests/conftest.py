@@ -31,6 +31,16 @@ def env_with_pythonpath(*paths) -> dict:
     return env
 
 
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """A command run in-process sets torch's thread count for its run; the next test gets the count back."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def pip_install_plugin(source: Path, root: Path) -> Path:
     """``pip install --target`` an example plugin; returns the site dir to put on PYTHONPATH.
 

@@ -80,9 +80,11 @@ def test_costs_name_their_source(tiny_run):
 
 
 def test_rerun_skips_every_pass(tiny_run):
-    proc = hwopt_cli("optimize", "--workdir", tiny_run)
+    """The profile is left out: whether it is skipped depends on whether it passed its checks on this machine's
+    load (tests/test_timing.py checks both ways on fake timings)."""
+    proc = hwopt_cli("optimize", "--workdir", tiny_run, "--from", "library")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    for name in ("profile", "library", "score", "solve", "uptrain", "lower"):
+    for name in ("library", "score", "solve", "uptrain", "lower"):
         assert f"{name}: up to date, skipped" in proc.stderr
 
 
