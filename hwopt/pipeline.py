@@ -28,6 +28,11 @@ MANIFEST = ".manifest.json"
 FINGERPRINT = ".fingerprint"
 
 
+def cache_root() -> Path:
+    """Where hwopt keeps what outlives a run: downloaded weights, the CPU's measured roofs (``$HWOPT_CACHE``)."""
+    return Path(os.environ.get("HWOPT_CACHE", Path.home() / ".cache" / "hwopt"))
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write a file under a temporary name in the same folder, then rename it into place."""
     path = Path(path)

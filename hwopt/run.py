@@ -19,14 +19,13 @@ import torch
 
 from hwopt.data import check_data_files, load_split
 from hwopt.errors import HwoptError
-from hwopt.estimate import layer_rows, model_variants
 from hwopt.hardware import resolve_target
 from hwopt.model.checkpoint import load_checkpoint, save_nemotron_nas
 from hwopt.models import resolve_model
 from hwopt.passes.library import BLDSettings, Library, build_library
 from hwopt.lowering.runtimes import Runtime, resolve_runtime, runnable_library
 from hwopt.passes.lower import LowerOptions, lower
-from hwopt.passes.profile import choose_backend, print_checks, profile
+from hwopt.passes.profile import choose_backend, layer_rows, model_variants, print_checks, profile
 from hwopt.passes.score import score
 from hwopt.passes.solve import Budgets, maximizes, solve
 from hwopt.passes.uptrain import UptrainSettings, uptrain
