@@ -14,7 +14,7 @@ import sys
 from hwopt import __version__
 from hwopt.errors import HwoptError
 from hwopt.lowering.runtimes import RUNTIMES
-from hwopt.run import PASSES, Run, load_settings
+from hwopt.pipeline import PASSES
 
 
 def _csv(cast):
@@ -54,8 +54,11 @@ def add_scenario_options(p: argparse.ArgumentParser) -> None:
                                                "a block's timings spread by over 10%%, for a bounded time)")
 
 
-def add_run_options(p: argparse.ArgumentParser) -> None:
-    """Options every pass command takes; unset ones come from the run's run.json, then defaults."""
+def add_run_options(p: argparse.ArgumentParser, plugin_options: bool = True) -> None:
+    """Options every pass command takes; unset ones come from the run's run.json, then defaults.
+
+    ``plugin_options``: also the installed block types' options, which loads every plugin (and torch).
+    """
     g = p.add_argument_group("run")
     g.add_argument("--workdir", default="runs/default", help="run directory (default: runs/default)")
     g.add_argument("--force", action="store_true", help="run the pass(es) even if their inputs did not change")
@@ -76,7 +79,7 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--block-types", type=_csv(str), metavar="PLUGIN[,PLUGIN]",
                    help="also offer the variants of these plugins' block types (default: built-ins only; "
                         "`hwopt plugins` lists them)")
-    for option, text in block_type_options().items():
+    for option, text in block_type_options().items() if plugin_options else ():
         g.add_argument(f"--{option}", type=_csv(number), help=f"{text} (a block type's option)")
     g = p.add_argument_group("data and training")
     g.add_argument("--data", nargs="+", help="text or JSONL files (default: Python's own documentation)")
@@ -149,16 +152,17 @@ def formats_help() -> str:
     return "\n".join(lines) + "\n"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only the sub-command ``command`` offers the options plugins add (finding them loads torch)."""
     parser = argparse.ArgumentParser(prog="hwopt", description="Hardware-aware LLM optimisation (Puzzle).")
     parser.add_argument("--version", action="version", version=f"hwopt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("optimize", help="run every pass: " + " -> ".join(PASSES))
-    add_run_options(p)
+    add_run_options(p, command == "optimize")
     p.add_argument("--from", dest="start", choices=PASSES, default="profile")
     p.add_argument("--until", choices=PASSES, default="lower")
     for name in PASSES:
-        add_run_options(p := sub.add_parser(name, help=f"run the {name} pass alone"))
+        add_run_options(p := sub.add_parser(name, help=f"run the {name} pass alone"), command == name)
         if name == "solve":
             add_library_options(p)
         if name == "lower":
@@ -324,6 +328,8 @@ def run_command(args: argparse.Namespace) -> None:
     skip = ("command", "workdir", "start", "until", "out", "force", *LIBRARY_OPTIONS, *options)
     overrides = {k: v for k, v in vars(args).items() if k not in skip}
     given = {name: vars(args)[dest] for dest, name in options.items() if vars(args).get(dest) is not None}
+    from hwopt.run import Run, load_settings
+
     if given:
         overrides["block_options"] = {**load_settings(args.workdir, {}).block_options, **given}
     run = Run(args.workdir, load_settings(args.workdir, overrides))
@@ -333,8 +339,14 @@ def run_command(args: argparse.Namespace) -> None:
         run.run_pass(args.command, args.force)
 
 
+def command_of(argv: list[str]) -> str | None:
+    """The sub-command named in ``argv`` (its first word that is no option), or None."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(command_of(argv)).parse_args(argv)
     try:
         run_command(args)
     except HwoptError as exc:

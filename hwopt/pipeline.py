@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+PASSES = ("profile", "library", "score", "solve", "uptrain", "lower")  # in the order they run
 MANIFEST = ".manifest.json"
 FINGERPRINT = ".fingerprint"
 

@@ -30,6 +30,7 @@ from hwopt.passes.score import score
 from hwopt.passes.solve import Budgets, maximizes, solve
 from hwopt.passes.uptrain import UptrainSettings, uptrain
 from hwopt.pipeline import (
+    PASSES,
     atomic_write_json,
     fingerprint,
     is_up_to_date,
@@ -44,9 +45,6 @@ from hwopt.report import build_report, print_report
 from hwopt.search_space import Scenario, SearchSpace
 from hwopt.tasks import read_task
 from hwopt.timing import idle_cores
-
-PASSES = ("profile", "library", "score", "solve", "uptrain", "lower")
-
 
 @dataclass
 class Settings:

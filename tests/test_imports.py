@@ -109,8 +109,7 @@ def test_model_code_does_not_import_the_plugin_layer():
     assert not offenders, ", ".join(sorted(offenders))
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["targets"], ["plugins"], ["solve", "--help"],
-                                  ["estimate", "--model", "smollm2-135m", "--target", "h100"]])
+@pytest.mark.parametrize("argv", [["--help"], ["--version"]])
 def test_light_commands_import_neither_torch_nor_transformers(argv):
     code = ("import sys, contextlib, io\n"
             "from hwopt.cli import main\n"
