@@ -14,7 +14,7 @@ import sys
 from hwopt import __version__
 from hwopt.errors import HwoptError
 from hwopt.lowering.runtimes import RUNTIMES
-from hwopt.pipeline import PASSES
+from hwopt.pipeline import PASSES, UNSET, locked_run_dir
 
 
 def _csv(cast):
@@ -23,6 +23,14 @@ def _csv(cast):
             return [cast(x) for x in text.split(",") if x]
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}") from None
+    return parse
+
+
+def or_none(cast):
+    """An option's type that also takes ``none``, which unsets the value the run remembers."""
+    def parse(text: str):
+        return UNSET if text.lower() == UNSET else cast(text)
+    parse.__name__ = cast.__name__  # argparse names the type in its error message
     return parse
 
 
@@ -62,17 +70,17 @@ def add_run_options(p: argparse.ArgumentParser, plugin_options: bool = True) -> 
     g = p.add_argument_group("run")
     g.add_argument("--workdir", default="runs/default", help="run directory (default: runs/default)")
     g.add_argument("--force", action="store_true", help="run the pass(es) even if their inputs did not change")
-    g.add_argument("--max-spread", type=float, help="stop with an error when a measured block's timings spread "
+    g.add_argument("--max-spread", type=or_none(float), help="stop with an error when a measured block's timings spread "
                                                     "(IQR / median over rounds) by more than this, e.g. 0.1, or the "
                                                     "machine is too busy to measure (default: warn above 0.1)")
-    g.add_argument("--threads", type=int, help="torch CPU threads for this run (default: chosen by its first "
+    g.add_argument("--threads", type=or_none(int), help="torch CPU threads for this run (default: chosen by its first "
                                                "command, one per core other processes leave idle, then kept)")
     g.add_argument("--model", help="model name (smollm2-135m, llama-3.1-8b, llama-3.1-70b) or checkpoint directory")
     g.add_argument("--target", help="hardware target: cpu, h100, a100, 4090, auto (the GPU NVML sees, else the CPU), "
                                      "or a profile .toml")
     add_scenario_options(p)
     g = p.add_argument_group("search space")
-    g.add_argument("--kv-heads", type=_csv(int), help="KV-head counts to offer (default: every divisor)")
+    g.add_argument("--kv-heads", type=or_none(_csv(int)), help="KV-head counts to offer (default: every divisor)")
     g.add_argument("--ffn-fractions", type=_csv(float), help="FFN widths to offer (default 0.75,0.5,0.25)")
     g.add_argument("--no-linear", dest="linear", action="store_const", const=False, help="offer no linear blocks")
     g.add_argument("--no-noop", dest="no_op", action="store_const", const=False, help="offer no removed blocks")
@@ -95,14 +103,14 @@ def add_run_options(p: argparse.ArgumentParser, plugin_options: bool = True) -> 
     g.add_argument("--uptrain-tokens", type=int, help="global distillation tokens (default 16384)")
     g.add_argument("--uptrain-lr", type=float)
     g.add_argument("--seed", type=int)
-    g = p.add_argument_group("search")
+    g = p.add_argument_group("search", "budgets the run remembers; `none` forgets one (--memory none)")
     g.add_argument("--objective", help="library key to optimise (default: metrics.<first metric>)")
-    g.add_argument("--speedup", type=float, help="child runtime at most parent runtime / X")
+    g.add_argument("--speedup", type=or_none(float), help="child runtime at most parent runtime / X")
     g.add_argument("--memory", help="weights + KV cache at most this (e.g. 80GB, 300MiB)")
-    g.add_argument("--throughput", type=float, help="at least this many tokens/s (input + output tokens)")
-    g.add_argument("--latency", type=float, help="the whole batch's generation in at most this many ms "
+    g.add_argument("--throughput", type=or_none(float), help="at least this many tokens/s (input + output tokens)")
+    g.add_argument("--latency", type=or_none(float), help="the whole batch's generation in at most this many ms "
                                                  "(stats.runtime_ms)")
-    g.add_argument("--ttft", type=float, help="time to first token at most this many ms (stats.ttft_ms, or "
+    g.add_argument("--ttft", type=or_none(float), help="time to first token at most this many ms (stats.ttft_ms, or "
                                               "stats.prefill_ms in libraries without it)")
     g.add_argument("--params", help="at most this many parameters, e.g. 50B, 135M (stats.num_params)")
     g.add_argument("--solver", help="search backend: scip, highs, greedy, or a plugin's (default scip)")
@@ -333,10 +341,12 @@ def run_command(args: argparse.Namespace) -> None:
     if given:
         overrides["block_options"] = {**load_settings(args.workdir, {}).block_options, **given}
     run = Run(args.workdir, load_settings(args.workdir, overrides))
-    if args.command == "optimize":
-        run.optimize(args.start, args.until, args.force)
-    else:
-        run.run_pass(args.command, args.force)
+    run.require_run(args.start if args.command == "optimize" else args.command)
+    with locked_run_dir(args.workdir):
+        if args.command == "optimize":
+            run.optimize(args.start, args.until, args.force)
+        else:
+            run.run_pass(args.command, args.force)
 
 
 def command_of(argv: list[str]) -> str | None:
