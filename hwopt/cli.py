@@ -46,7 +46,10 @@ def block_type_options() -> dict[str, str]:
     return block_types().options()
 
 
-def add_scenario_options(p: argparse.ArgumentParser) -> None:
+AUTO_BACKEND = "torch where it can measure on the target here, else the roofline estimate"
+
+
+def add_scenario_options(p: argparse.ArgumentParser, backend_default: str = AUTO_BACKEND) -> None:
     """The serving scenario and how its costs are found (shared by the passes and ``estimate``)."""
     g = p.add_argument_group("scenario")
     g.add_argument("--scenario", help="INPUT/OUTPUT tokens per request (default 128/64)")
@@ -55,7 +58,7 @@ def add_scenario_options(p: argparse.ArgumentParser) -> None:
                                    "the CPU)")
     g.add_argument("--kv-dtype", help="KV cache dtype (default: the --dtype)")
     g.add_argument("--backend", help="measurement backend: torch, onnxruntime, tensorrt, roofline, or auto (default: "
-                                     "torch where it can measure on the target here, else the roofline estimate)")
+                                     f"{backend_default})")
     g.add_argument("--require-measured", action="store_const", const=True,
                    help="stop with an error rather than estimate when nothing can measure on the target here")
     g.add_argument("--repeats", type=int, help="timed rounds of every block, interleaved (default 5; more while "
@@ -75,9 +78,10 @@ def add_run_options(p: argparse.ArgumentParser, plugin_options: bool = True) -> 
                                                     "machine is too busy to measure (default: warn above 0.1)")
     g.add_argument("--threads", type=or_none(int), help="torch CPU threads for this run (default: chosen by its first "
                                                "command, one per core other processes leave idle, then kept)")
-    g.add_argument("--model", help="model name (smollm2-135m, llama-3.1-8b, llama-3.1-70b) or checkpoint directory")
+    g.add_argument("--model", help="model name (smollm2-135m, llama-3.1-8b, llama-3.1-70b) or checkpoint directory "
+                                    "(default smollm2-135m)")
     g.add_argument("--target", help="hardware target: cpu, h100, a100, 4090, auto (the GPU NVML sees, else the CPU), "
-                                     "or a profile .toml")
+                                     "or a profile .toml (default cpu)")
     add_scenario_options(p)
     g = p.add_argument_group("search space")
     g.add_argument("--kv-heads", type=or_none(_csv(int)), help="KV-head counts to offer (default: every divisor)")
@@ -93,7 +97,7 @@ def add_run_options(p: argparse.ArgumentParser, plugin_options: bool = True) -> 
     g.add_argument("--data", nargs="+", help="text or JSONL files (default: Python's own documentation)")
     g.add_argument("--seq-len", type=int, help="tokens per training sequence (default 128)")
     g.add_argument("--bld-tokens", type=int, help="blockwise distillation tokens per variant (default 16384)")
-    g.add_argument("--bld-lr", type=float)
+    g.add_argument("--bld-lr", type=float, help="blockwise distillation learning rate (default 5e-4)")
     g.add_argument("--score-tokens", type=int, help="held-out tokens for scoring (default 512)")
     g.add_argument("--metric", dest="metrics", action="append",
                    help="replace-1-block metric (repeatable; default kl_div): kl_div, lm_loss, cosine, "
@@ -101,8 +105,8 @@ def add_run_options(p: argparse.ArgumentParser, plugin_options: bool = True) -> 
     g.add_argument("--task-data", help="multiple-choice JSONL for --metric task_accuracy, one "
                    '{"question": ..., "choices": [...], "answer": index or choice text} per line')
     g.add_argument("--uptrain-tokens", type=int, help="global distillation tokens (default 16384)")
-    g.add_argument("--uptrain-lr", type=float)
-    g.add_argument("--seed", type=int)
+    g.add_argument("--uptrain-lr", type=float, help="global distillation learning rate (default 1e-4)")
+    g.add_argument("--seed", type=int, help="random seed of training and data order (default 0)")
     g = p.add_argument_group("search", "budgets the run remembers; `none` forgets one (--memory none)")
     g.add_argument("--objective", help="library key to optimise (default: metrics.<first metric>)")
     g.add_argument("--speedup", type=or_none(float), help="child runtime at most parent runtime / X")
@@ -167,8 +171,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("optimize", help="run every pass: " + " -> ".join(PASSES))
     add_run_options(p, command == "optimize")
-    p.add_argument("--from", dest="start", choices=PASSES, default="profile")
-    p.add_argument("--until", choices=PASSES, default="lower")
+    p.add_argument("--from", dest="start", choices=PASSES, default="profile",
+                   help="first pass to run; earlier ones must have run (default profile)")
+    p.add_argument("--until", choices=PASSES, default="lower", help="last pass to run (default lower)")
     for name in PASSES:
         add_run_options(p := sub.add_parser(name, help=f"run the {name} pass alone"), command == name)
         if name == "solve":
@@ -183,7 +188,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--parent", help="a model to compare with, layer by layer (e.g. the child's parent)")
     p.add_argument("--plot", help="write the per-layer runtime picture (PNG) here")
     p.add_argument("--json", action="store_true", help="print the result as JSON (for machines)")
-    add_scenario_options(p)
+    add_scenario_options(p, backend_default="roofline")
     p = sub.add_parser("calibrate", help="time every block variant with a measuring backend; write the target's "
                                          "profile with these timings, which fit the roofline estimate")
     p.add_argument("--target", required=True, help="hardware target to measure on: cpu, h100, ..., or a profile .toml")
