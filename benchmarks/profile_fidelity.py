@@ -27,7 +27,7 @@ import statistics
 
 import torch
 
-from hwopt.estimate import layer_rows, model_total
+from hwopt.passes.profile import layer_rows, model_total
 from hwopt.hardware import resolve_target
 from hwopt.model.config import BlockConfig
 from hwopt.model.modeling import HeteroLlamaForCausalLM

@@ -3,16 +3,24 @@
 The public API is small: ``load_model(name_or_path)`` returns a model whose
 forward returns an object with ``.logits`` and whose ``generate()`` is
 transformers'; the passes live in ``hwopt.passes`` and the command line in
-``hwopt.cli``. Importing hwopt registers the nemotron-nas classes with
-transformers' Auto classes, so ``AutoModelForCausalLM.from_pretrained`` loads
-a child without remote code.
+``hwopt.cli``. Loading a model through hwopt (``hwopt.load_model``, or any
+module that loads checkpoints) registers the nemotron-nas classes with
+transformers' Auto classes, so ``AutoModelForCausalLM.from_pretrained`` then
+loads a child without remote code.
+
+Importing ``hwopt`` itself imports neither torch nor transformers, so that
+``hwopt --help`` starts at once: ``load_model`` is imported on first use.
 """
 
 from hwopt.hookspecs import hookimpl
-from hwopt.lowering.transformers_code import register_with_transformers
-from hwopt.models import load_model
-
-register_with_transformers()
 
 __all__ = ["hookimpl", "load_model"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name == "load_model":
+        from hwopt.models import load_model
+
+        return load_model
+    raise AttributeError(f"module 'hwopt' has no attribute {name!r}")

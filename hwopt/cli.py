@@ -14,7 +14,7 @@ import sys
 from hwopt import __version__
 from hwopt.errors import HwoptError
 from hwopt.lowering.runtimes import RUNTIMES
-from hwopt.run import PASSES, Run, load_settings
+from hwopt.pipeline import PASSES, UNSET, locked_run_dir
 
 
 def _csv(cast):
@@ -23,6 +23,14 @@ def _csv(cast):
             return [cast(x) for x in text.split(",") if x]
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}") from None
+    return parse
+
+
+def or_none(cast):
+    """An option's type that also takes ``none``, which unsets the value the run remembers."""
+    def parse(text: str):
+        return UNSET if text.lower() == UNSET else cast(text)
+    parse.__name__ = cast.__name__  # argparse names the type in its error message
     return parse
 
 
@@ -38,7 +46,10 @@ def block_type_options() -> dict[str, str]:
     return block_types().options()
 
 
-def add_scenario_options(p: argparse.ArgumentParser) -> None:
+AUTO_BACKEND = "torch where it can measure on the target here, else the roofline estimate"
+
+
+def add_scenario_options(p: argparse.ArgumentParser, backend_default: str = AUTO_BACKEND) -> None:
     """The serving scenario and how its costs are found (shared by the passes and ``estimate``)."""
     g = p.add_argument_group("scenario")
     g.add_argument("--scenario", help="INPUT/OUTPUT tokens per request (default 128/64)")
@@ -47,42 +58,46 @@ def add_scenario_options(p: argparse.ArgumentParser) -> None:
                                    "the CPU)")
     g.add_argument("--kv-dtype", help="KV cache dtype (default: the --dtype)")
     g.add_argument("--backend", help="measurement backend: torch, onnxruntime, tensorrt, roofline, or auto (default: "
-                                     "torch where it can measure on the target here, else the roofline estimate)")
+                                     f"{backend_default})")
     g.add_argument("--require-measured", action="store_const", const=True,
                    help="stop with an error rather than estimate when nothing can measure on the target here")
     g.add_argument("--repeats", type=int, help="timed rounds of every block, interleaved (default 5; more while "
                                                "a block's timings spread by over 10%%, for a bounded time)")
 
 
-def add_run_options(p: argparse.ArgumentParser) -> None:
-    """Options every pass command takes; unset ones come from the run's run.json, then defaults."""
+def add_run_options(p: argparse.ArgumentParser, plugin_options: bool = True) -> None:
+    """Options every pass command takes; unset ones come from the run's run.json, then defaults.
+
+    ``plugin_options``: also the installed block types' options, which loads every plugin (and torch).
+    """
     g = p.add_argument_group("run")
     g.add_argument("--workdir", default="runs/default", help="run directory (default: runs/default)")
     g.add_argument("--force", action="store_true", help="run the pass(es) even if their inputs did not change")
-    g.add_argument("--max-spread", type=float, help="stop with an error when a measured block's timings spread "
+    g.add_argument("--max-spread", type=or_none(float), help="stop with an error when a measured block's timings spread "
                                                     "(IQR / median over rounds) by more than this, e.g. 0.1, or the "
                                                     "machine is too busy to measure (default: warn above 0.1)")
-    g.add_argument("--threads", type=int, help="torch CPU threads for this run (default: chosen by its first "
+    g.add_argument("--threads", type=or_none(int), help="torch CPU threads for this run (default: chosen by its first "
                                                "command, one per core other processes leave idle, then kept)")
-    g.add_argument("--model", help="model name (smollm2-135m, llama-3.1-8b, llama-3.1-70b) or checkpoint directory")
+    g.add_argument("--model", help="model name (smollm2-135m, llama-3.1-8b, llama-3.1-70b) or checkpoint directory "
+                                    "(default smollm2-135m)")
     g.add_argument("--target", help="hardware target: cpu, h100, a100, 4090, auto (the GPU NVML sees, else the CPU), "
-                                     "or a profile .toml")
+                                     "or a profile .toml (default cpu)")
     add_scenario_options(p)
     g = p.add_argument_group("search space")
-    g.add_argument("--kv-heads", type=_csv(int), help="KV-head counts to offer (default: every divisor)")
+    g.add_argument("--kv-heads", type=or_none(_csv(int)), help="KV-head counts to offer (default: every divisor)")
     g.add_argument("--ffn-fractions", type=_csv(float), help="FFN widths to offer (default 0.75,0.5,0.25)")
     g.add_argument("--no-linear", dest="linear", action="store_const", const=False, help="offer no linear blocks")
     g.add_argument("--no-noop", dest="no_op", action="store_const", const=False, help="offer no removed blocks")
     g.add_argument("--block-types", type=_csv(str), metavar="PLUGIN[,PLUGIN]",
                    help="also offer the variants of these plugins' block types (default: built-ins only; "
                         "`hwopt plugins` lists them)")
-    for option, text in block_type_options().items():
+    for option, text in block_type_options().items() if plugin_options else ():
         g.add_argument(f"--{option}", type=_csv(number), help=f"{text} (a block type's option)")
     g = p.add_argument_group("data and training")
     g.add_argument("--data", nargs="+", help="text or JSONL files (default: Python's own documentation)")
     g.add_argument("--seq-len", type=int, help="tokens per training sequence (default 128)")
     g.add_argument("--bld-tokens", type=int, help="blockwise distillation tokens per variant (default 16384)")
-    g.add_argument("--bld-lr", type=float)
+    g.add_argument("--bld-lr", type=float, help="blockwise distillation learning rate (default 5e-4)")
     g.add_argument("--score-tokens", type=int, help="held-out tokens for scoring (default 512)")
     g.add_argument("--metric", dest="metrics", action="append",
                    help="replace-1-block metric (repeatable; default kl_div): kl_div, lm_loss, cosine, "
@@ -90,16 +105,16 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--task-data", help="multiple-choice JSONL for --metric task_accuracy, one "
                    '{"question": ..., "choices": [...], "answer": index or choice text} per line')
     g.add_argument("--uptrain-tokens", type=int, help="global distillation tokens (default 16384)")
-    g.add_argument("--uptrain-lr", type=float)
-    g.add_argument("--seed", type=int)
-    g = p.add_argument_group("search")
+    g.add_argument("--uptrain-lr", type=float, help="global distillation learning rate (default 1e-4)")
+    g.add_argument("--seed", type=int, help="random seed of training and data order (default 0)")
+    g = p.add_argument_group("search", "budgets the run remembers; `none` forgets one (--memory none)")
     g.add_argument("--objective", help="library key to optimise (default: metrics.<first metric>)")
-    g.add_argument("--speedup", type=float, help="child runtime at most parent runtime / X")
+    g.add_argument("--speedup", type=or_none(float), help="child runtime at most parent runtime / X")
     g.add_argument("--memory", help="weights + KV cache at most this (e.g. 80GB, 300MiB)")
-    g.add_argument("--throughput", type=float, help="at least this many tokens/s (input + output tokens)")
-    g.add_argument("--latency", type=float, help="the whole batch's generation in at most this many ms "
+    g.add_argument("--throughput", type=or_none(float), help="at least this many tokens/s (input + output tokens)")
+    g.add_argument("--latency", type=or_none(float), help="the whole batch's generation in at most this many ms "
                                                  "(stats.runtime_ms)")
-    g.add_argument("--ttft", type=float, help="time to first token at most this many ms (stats.ttft_ms, or "
+    g.add_argument("--ttft", type=or_none(float), help="time to first token at most this many ms (stats.ttft_ms, or "
                                               "stats.prefill_ms in libraries without it)")
     g.add_argument("--params", help="at most this many parameters, e.g. 50B, 135M (stats.num_params)")
     g.add_argument("--solver", help="search backend: scip, highs, greedy, or a plugin's (default scip)")
@@ -149,16 +164,18 @@ def formats_help() -> str:
     return "\n".join(lines) + "\n"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only the sub-command ``command`` offers the options plugins add (finding them loads torch)."""
     parser = argparse.ArgumentParser(prog="hwopt", description="Hardware-aware LLM optimisation (Puzzle).")
     parser.add_argument("--version", action="version", version=f"hwopt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("optimize", help="run every pass: " + " -> ".join(PASSES))
-    add_run_options(p)
-    p.add_argument("--from", dest="start", choices=PASSES, default="profile")
-    p.add_argument("--until", choices=PASSES, default="lower")
+    add_run_options(p, command == "optimize")
+    p.add_argument("--from", dest="start", choices=PASSES, default="profile",
+                   help="first pass to run; earlier ones must have run (default profile)")
+    p.add_argument("--until", choices=PASSES, default="lower", help="last pass to run (default lower)")
     for name in PASSES:
-        add_run_options(p := sub.add_parser(name, help=f"run the {name} pass alone"))
+        add_run_options(p := sub.add_parser(name, help=f"run the {name} pass alone"), command == name)
         if name == "solve":
             add_library_options(p)
         if name == "lower":
@@ -171,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parent", help="a model to compare with, layer by layer (e.g. the child's parent)")
     p.add_argument("--plot", help="write the per-layer runtime picture (PNG) here")
     p.add_argument("--json", action="store_true", help="print the result as JSON (for machines)")
-    add_scenario_options(p)
+    add_scenario_options(p, backend_default="roofline")
     p = sub.add_parser("calibrate", help="time every block variant with a measuring backend; write the target's "
                                          "profile with these timings, which fit the roofline estimate")
     p.add_argument("--target", required=True, help="hardware target to measure on: cpu, h100, ..., or a profile .toml")
@@ -324,17 +341,27 @@ def run_command(args: argparse.Namespace) -> None:
     skip = ("command", "workdir", "start", "until", "out", "force", *LIBRARY_OPTIONS, *options)
     overrides = {k: v for k, v in vars(args).items() if k not in skip}
     given = {name: vars(args)[dest] for dest, name in options.items() if vars(args).get(dest) is not None}
+    from hwopt.run import Run, load_settings
+
     if given:
         overrides["block_options"] = {**load_settings(args.workdir, {}).block_options, **given}
     run = Run(args.workdir, load_settings(args.workdir, overrides))
-    if args.command == "optimize":
-        run.optimize(args.start, args.until, args.force)
-    else:
-        run.run_pass(args.command, args.force)
+    run.require_run(args.start if args.command == "optimize" else args.command)
+    with locked_run_dir(args.workdir):
+        if args.command == "optimize":
+            run.optimize(args.start, args.until, args.force)
+        else:
+            run.run_pass(args.command, args.force)
+
+
+def command_of(argv: list[str]) -> str | None:
+    """The sub-command named in ``argv`` (its first word that is no option), or None."""
+    return next((a for a in argv if not a.startswith("-")), None)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(command_of(argv)).parse_args(argv)
     try:
         run_command(args)
     except HwoptError as exc:

@@ -15,35 +15,9 @@ from rich.console import Console
 from rich.table import Table
 
 from hwopt.hardware import HardwareProfile
-from hwopt.passes.profile import choose_backend, measure_costs
+from hwopt.passes.profile import SIZE_KEYS, TIME_KEYS, choose_backend, layer_rows, measure_costs, model_total
 from hwopt.search_space import Scenario, model_sub_variants
 from hwopt.workload import MIB
-
-TIME_KEYS = ("runtime_ms", "prefill_ms", "decode_ms")
-SIZE_KEYS = ("num_params", "memory_mib", "kv_cache_mib")
-
-
-def layer_rows(costs: dict, variants: list[tuple[str, str]]) -> list[dict]:
-    """One row per layer from per-variant costs: the attention's and FFN's runtimes apart, and the sums."""
-    rows = []
-    for i, (attention, ffn) in enumerate(variants):
-        a, f = costs["attention"][attention], costs["ffn"][ffn]
-        rows.append({"layer": i, "attention": attention, "ffn": ffn,
-                     "attention_ms": a["runtime_ms"], "ffn_ms": f["runtime_ms"],
-                     **{key: a[key] + f[key] for key in (*TIME_KEYS, *SIZE_KEYS)}})
-    return rows
-
-
-def model_variants(source) -> list[tuple[str, str]]:
-    """The (attention, FFN) variant names of every layer of a model."""
-    return [(a.name, f.name) for a, f in model_sub_variants(source)]
-
-
-def model_total(costs: dict, rows: list[dict]) -> dict:
-    """Whole-model figures: the layers' rows plus the part outside the layers."""
-    outside = costs["outside_layers"]
-    return {key: outside[key] + sum(r[key] for r in rows) for key in (*TIME_KEYS, *SIZE_KEYS)}
-
 
 def estimate(source, target: HardwareProfile, scenario: Scenario, backend_name: str = "roofline",
              repeats: int = 3) -> dict:

@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from hwopt.builtin.metrics import kl_divergence
+from hwopt.metric import kl_divergence
 
 
 def _next_token_loss_sum(logits: torch.Tensor, ids: torch.Tensor) -> float:

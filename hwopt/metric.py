@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import torch
+import torch.nn.functional as F
 
 if TYPE_CHECKING:
     from hwopt.tasks import MultipleChoice
@@ -39,3 +40,10 @@ class Metric(Protocol):
     needs: Collection[str]  # optional: "task" when the metric reads ``Outputs.task``
 
     def compute(self, student: Outputs, teacher: Outputs) -> float: ...
+
+
+def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of KL(teacher || student), in nats."""
+    teacher = F.log_softmax(teacher_logits.float(), dim=-1)
+    student = F.log_softmax(student_logits.float(), dim=-1)
+    return F.kl_div(student, teacher, log_target=True, reduction="batchmean")

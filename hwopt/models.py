@@ -16,6 +16,7 @@ from pathlib import Path
 from transformers import AutoTokenizer, LlamaConfig
 
 from hwopt.errors import HwoptError
+from hwopt.lowering import transformers_code  # noqa: F401  (registers nemotron-nas with the Auto classes)
 from hwopt.model.architecture import read_architecture
 from hwopt.model.checkpoint import load_checkpoint
 from hwopt.model.config import BlockConfig, parent_block_config

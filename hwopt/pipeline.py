@@ -15,6 +15,7 @@ noisy to trust) keeps its outputs but no fingerprint, so it is redone.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -24,8 +25,46 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from hwopt.errors import HwoptError
+
+PASSES = ("profile", "library", "score", "solve", "uptrain", "lower")  # in the order they run
+UNSET = "none"  # `--memory none`: forget a remembered setting that has no default (a budget, --threads, ...)
 MANIFEST = ".manifest.json"
 FINGERPRINT = ".fingerprint"
+LOCK = ".lock"
+
+
+@contextmanager
+def locked_run_dir(workdir: Path) -> Iterator[None]:
+    """Hold the run directory for one command; a second command on it meanwhile is refused in one line.
+
+    The lock is ``flock`` on ``<workdir>/.lock``, which the kernel drops when
+    the process ends, however it ends: a killed command never leaves the run
+    locked.
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    with open(workdir / LOCK, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise HwoptError(f"{workdir} is in use by another hwopt command ({holder}); wait for it to finish, "
+                             "or use another --workdir") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def cache_root() -> Path:
+    """Where hwopt keeps what outlives a run: downloaded weights, the CPU's measured roofs (``$HWOPT_CACHE``)."""
+    return Path(os.environ.get("HWOPT_CACHE", Path.home() / ".cache" / "hwopt"))
 
 
 def atomic_write_text(path: Path, text: str) -> None:

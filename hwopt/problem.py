@@ -411,21 +411,15 @@ def diverse_solutions(
 
 
 def explain_infeasible(
-    problem: Problem, solver: Solver | None = None, time_limit_s: float = 60.0
+    problem: Problem, solver: Solver, time_limit_s: float = 60.0
 ) -> list[str]:
     """One line per budget: the best total reachable under all the other budgets.
 
     Each side of a range counts as its own budget. For ``key <= max`` the line
     gives the lowest total reachable, for ``key >= min`` the highest, and how
     far that is from the budget, so the user knows what to relax and by how
-    much. ``solver`` defaults to the built-in SCIP one.
+    much.
     """
-    if solver is None:
-        # imported here because the solver module imports this one
-        from hwopt.builtin.solvers import ScipSolver
-
-        solver = ScipSolver()
-
     lines = []
     if problem.exclude:
         alone = dataclasses.replace(problem, constraints=[])

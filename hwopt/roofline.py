@@ -237,7 +237,7 @@ def roof_of(target: HardwareProfile) -> Roof:
 
 def measured_cpu_roof(machine: str) -> Roof:
     """This machine's roof from the cache file (``$HWOPT_CACHE/cpu-roofs.json``), measured on a miss."""
-    from hwopt.builtin.models import cache_root
+    from hwopt.pipeline import cache_root
 
     return _cached_cpu_roof(machine, str(cache_root() / "cpu-roofs.json"))
 

@@ -19,18 +19,19 @@ import torch
 
 from hwopt.data import check_data_files, load_split
 from hwopt.errors import HwoptError
-from hwopt.estimate import layer_rows, model_variants
 from hwopt.hardware import resolve_target
 from hwopt.model.checkpoint import load_checkpoint, save_nemotron_nas
 from hwopt.models import resolve_model
 from hwopt.passes.library import BLDSettings, Library, build_library
 from hwopt.lowering.runtimes import Runtime, resolve_runtime, runnable_library
 from hwopt.passes.lower import LowerOptions, lower
-from hwopt.passes.profile import choose_backend, print_checks, profile
+from hwopt.passes.profile import choose_backend, layer_rows, model_variants, print_checks, profile
 from hwopt.passes.score import score
 from hwopt.passes.solve import Budgets, maximizes, solve
 from hwopt.passes.uptrain import UptrainSettings, uptrain
 from hwopt.pipeline import (
+    PASSES,
+    UNSET,
     atomic_write_json,
     fingerprint,
     is_up_to_date,
@@ -45,9 +46,6 @@ from hwopt.report import build_report, print_report
 from hwopt.search_space import Scenario, SearchSpace
 from hwopt.tasks import read_task
 from hwopt.timing import idle_cores
-
-PASSES = ("profile", "library", "score", "solve", "uptrain", "lower")
-
 
 @dataclass
 class Settings:
@@ -117,12 +115,29 @@ PASS_INPUTS = {
 }
 
 
+def upstream(name: str) -> list[str]:
+    """Every pass whose outputs ``name`` reads, directly or through another pass, in pipeline order."""
+    found = set(PASS_INPUTS[name][1])
+    for up in PASS_INPUTS[name][1]:
+        found.update(upstream(up))
+    return [p for p in PASSES if p in found]
+
+
 def load_settings(workdir: Path, overrides: dict) -> Settings:
-    """Defaults, then the run's saved settings, then ``overrides`` (values that are not None)."""
+    """Defaults, then the run's saved settings, then ``overrides`` (values that are not None).
+
+    An override of ``UNSET`` puts a setting whose default is None back to None.
+    """
     saved_path = Path(workdir) / "run.json"
     saved = json.loads(saved_path.read_text()) if saved_path.is_file() else {}
     names = {f.name for f in dataclasses.fields(Settings)}
-    merged = {**{k: v for k, v in saved.items() if k in names}, **{k: v for k, v in overrides.items() if v is not None}}
+    unsettable = {f.name for f in dataclasses.fields(Settings) if f.default is None}
+    given = {k: v for k, v in overrides.items() if v is not None}
+    for key, value in given.items():
+        if value == UNSET and key not in unsettable:
+            raise HwoptError(f"--{key.replace('_', '-')} cannot be unset: it has a default, give a value instead")
+    merged = {**{k: v for k, v in saved.items() if k in names},
+              **{k: None if v == UNSET else v for k, v in given.items()}}
     return Settings(**merged)
 
 
@@ -225,9 +240,39 @@ class Run:
             raise HwoptError(f"--threads must be at least 1, not {s.threads}")
         torch.set_num_threads(s.threads)
 
+    def require_run(self, first: str) -> None:
+        """Passes from ``first`` on read earlier passes' outputs: the run directory must hold a run.
+
+        Raises:
+            HwoptError: ``--workdir`` holds no run (most likely mistyped).
+        """
+        if PASS_INPUTS[first][1] and not (self.workdir / "run.json").is_file():
+            raise HwoptError(f"{self.workdir} holds no run (no run.json), and {first} needs the outputs of "
+                             f"{', '.join(upstream(first))}: check --workdir, or start the run with `hwopt optimize`")
+
+    def check_upstream_settings(self, name: str) -> None:
+        """Refuse a setting changed on this command that a pass before ``name`` already ran with.
+
+        Such a pass is stale: its outputs no longer match the run's settings,
+        and a later pass would quietly mix both. Saying so is better than
+        redoing a long pass the user did not ask for.
+
+        Raises:
+            HwoptError: naming the stale pass, the settings changed, and the command that redoes it.
+        """
+        saved = load_settings(self.workdir, {})
+        for up in upstream(name):
+            changed = [k for k in PASS_INPUTS[up][0] if getattr(saved, k) != getattr(self.settings, k)]
+            if changed and output_hash(self.dir(up)):
+                what = ", ".join(f"{k} {getattr(saved, k)} -> {getattr(self.settings, k)}" for k in changed)
+                raise HwoptError(f"{up} ran with other settings ({what}), so it is stale for {name}: run "
+                                 f"`hwopt optimize --workdir {self.workdir} --from {up} --until {name}` with the "
+                                 f"new settings, or leave them out")
+
     def run_pass(self, name: str, force: bool = False) -> None:
         """Run one pass, unless it is up to date (``force``: run it anyway)."""
         self._validate(name)  # bad input fails before anything is said or chosen
+        self.check_upstream_settings(name)
         self.use_threads()
         self.save_settings()
         fp = self.fingerprint(name)
@@ -336,6 +381,7 @@ class Run:
         span = PASSES[PASSES.index(start): PASSES.index(until) + 1]
         for name in span:
             self._validate(name)
+        self.check_upstream_settings(start)
         self.use_threads()
         for name in span:
             self.run_pass(name, force)

@@ -13,7 +13,8 @@ import torch
 from transformers import LlamaConfig
 
 from hwopt.builtin.backend_onnxruntime import OnnxRuntimeBackend, new_session
-from hwopt.builtin.backend_tensorrt import BuildPlan, TensorRTBackend, engine_build_plan
+from hwopt.builtin.backend_tensorrt import TensorRTBackend
+from hwopt.lowering.tensorrt_engine import BuildPlan, engine_build_plan
 from hwopt.builtin.backend_torch import TorchBackend
 from hwopt.errors import HwoptError
 from hwopt.hardware import resolve_target

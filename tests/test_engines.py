@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import hwopt_cli, tiny_child
 
-from hwopt.builtin.backend_tensorrt import BuildPlan, engine_build_plan
+from hwopt.lowering.tensorrt_engine import BuildPlan, engine_build_plan
 from hwopt.hardware import resolve_target
 from hwopt.lowering.aoti import empty_past, export_aoti, run_aoti_step
 from hwopt.lowering.onnx_kv import OnnxRuntimeModel, export_onnx, kv_layers

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 
 import pytest
 
+from hwopt.cli import build_parser, main
 from hwopt.errors import HwoptError
 from hwopt.passes.solve import RUNTIME, Budgets, parse_memory_mib
-from hwopt.pipeline import fingerprint, is_up_to_date, output_hash, read_manifest, staged_pass
+from hwopt.pipeline import (
+    atomic_write_json,
+    fingerprint,
+    is_up_to_date,
+    locked_run_dir,
+    output_hash,
+    read_manifest,
+    staged_pass,
+)
 from hwopt.run import Settings, load_settings
 from hwopt.search_space import Scenario
 
@@ -85,3 +96,57 @@ def test_budgets_become_whole_model_constraints():
     assert memory.key == "stats.memory_mib" and memory.max == 1024
     with pytest.raises(HwoptError, match="--speedup must be positive"):
         Budgets(speedup=0).constraints(parent, scenario)
+
+
+# --- the run directory never disagrees with itself ---------------------------------------------------------------
+
+def finished_run(workdir, **settings):
+    """A run directory whose profile, library and score passes have finished (with stand-in outputs)."""
+    atomic_write_json(workdir / "run.json", dataclasses.asdict(Settings(**settings)))
+    for name in ("profile", "library", "score"):
+        with staged_pass(workdir / name, f"fp-{name}") as out:
+            (out / "output.json").write_text("{}")
+    return workdir
+
+
+def test_a_remembered_budget_can_be_unset(tmp_path):
+    finished_run(tmp_path, memory="1GiB", speedup=2.0)
+    args = build_parser("solve").parse_args(["solve", "--memory", "none", "--speedup", "None"])
+    settings = load_settings(tmp_path, {"memory": args.memory, "speedup": args.speedup})
+    assert settings.memory is None and settings.speedup is None
+    assert load_settings(tmp_path, {}).memory == "1GiB"  # what the run remembers, until a command saves
+
+
+def test_a_setting_with_a_default_cannot_be_unset(tmp_path):
+    with pytest.raises(HwoptError, match="--scenario cannot be unset"):
+        load_settings(tmp_path, {"scenario": "none"})
+
+
+def test_a_changed_setting_an_earlier_pass_used_stops_with_the_stale_pass(tmp_path, capsys):
+    finished_run(tmp_path, speedup=2.0)
+    before = (tmp_path / "run.json").read_text()
+    assert main(["solve", "--workdir", str(tmp_path), "--scenario", "512/256"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "profile ran with other settings (scenario 128/64 -> 512/256), so it is stale for solve" in err
+    assert "--from profile --until solve" in err
+    assert (tmp_path / "run.json").read_text() == before  # the refused setting is not remembered
+
+
+def test_a_pass_that_needs_a_run_refuses_a_directory_without_one(tmp_path, capsys):
+    missing = tmp_path / "runs" / "dmeo"
+    assert main(["solve", "--workdir", str(missing), "--speedup", "2"]) == 2
+    err = capsys.readouterr().err
+    assert f"{missing} holds no run (no run.json), and solve needs the outputs of profile, library, score" in err
+    assert not missing.exists()  # nothing was created at the mistyped name
+
+
+def test_a_second_command_on_a_run_in_use_is_refused_in_one_line(tmp_path, capsys):
+    finished_run(tmp_path, speedup=2.0)
+    with locked_run_dir(tmp_path):
+        assert main(["solve", "--workdir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"hwopt: error: {tmp_path} is in use by another hwopt command (pid {os.getpid()}); wait for it "
+                   "to finish, or use another --workdir")
+    with locked_run_dir(tmp_path):  # released when the holder is done
+        pass

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,70 +25,14 @@ import torch
 from hwopt.builtin.backend_torch import WARMUP, cuda_events_ms, gpu_name, target_gpu_missing
 from hwopt.errors import HwoptError
 from hwopt.hookspecs import hookimpl
+from hwopt.lowering.tensorrt_engine import build_engine, engine_build_plan, major_version
 from hwopt.onnx_export import export_phases, named_inputs
 from hwopt.timing import Timer
 from hwopt.workload import Workload, kv_dtype_unsupported, rotation, rotation_size, step_inputs
 
-ENGINE_DTYPES = ("fp32", "fp16", "bf16")
 MIN_MAJOR = 10  # the name-based tensor API (set_tensor_address, execute_async_v3)
-WORKSPACE_BYTES = 4 * 2**30  # scratch memory a layer's kernels may use; the default is the whole GPU
 NOT_INSTALLED = ("tensorrt is not installed (pip install 'hwopt[tensorrt]'; its wheels download from NVIDIA's "
                  "package index, pypi.nvidia.com)")
-
-
-@dataclass(frozen=True)
-class BuildPlan:
-    strongly_typed: bool  # create the network with NetworkDefinitionCreationFlag.STRONGLY_TYPED
-    precision_flags: tuple[str, ...]  # names of trt.BuilderFlag members to set on the builder config
-
-
-def engine_build_plan(trt_major: int, dtype: str) -> BuildPlan:
-    """How to build a ``dtype`` engine from an ONNX graph exported in ``dtype``.
-
-    TensorRT 10 types a network weakly by default: a builder flag (FP16,
-    BF16) allows kernels in that precision, fp32 needs none (TF32 is on by
-    default). TensorRT 11 removed those flags: every network is strongly
-    typed and computes in the types the graph itself carries. fp8 needs
-    quantize/dequantize nodes in the graph in either version.
-    """
-    if dtype not in ENGINE_DTYPES:
-        raise HwoptError(f"the tensorrt backend builds {', '.join(ENGINE_DTYPES)} engines, not {dtype} "
-                         "(that needs quantize/dequantize nodes in the ONNX graph, which hwopt does not insert)")
-    if trt_major >= 11:
-        return BuildPlan(strongly_typed=True, precision_flags=())
-    return BuildPlan(strongly_typed=False, precision_flags={"fp32": (), "fp16": ("FP16",), "bf16": ("BF16",)}[dtype])
-
-
-def major_version(trt) -> int:
-    return int(trt.__version__.split(".")[0])
-
-
-def build_engine(trt, logger, onnx_path: Path, plan: BuildPlan, profile_shapes: dict | None = None) -> bytes:
-    """A serialized engine for this GPU from an ONNX file.
-
-    A graph with dynamic dimensions needs ``profile_shapes``: input name →
-    (min, opt, max) shapes, one optimization profile.
-    """
-    builder = trt.Builder(logger)
-    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if plan.strongly_typed else 0
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise HwoptError(f"TensorRT cannot parse {onnx_path.name}: {errors}")
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
-    for flag in plan.precision_flags:
-        config.set_flag(getattr(trt.BuilderFlag, flag))
-    if profile_shapes:
-        profile = builder.create_optimization_profile()
-        for name, (low, opt, high) in profile_shapes.items():
-            profile.set_shape(name, low, opt, high)
-        config.add_optimization_profile(profile)
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise HwoptError(f"TensorRT failed to build an engine from {onnx_path.name} (see its log above)")
-    return serialized
 
 
 def bind(trt, engine, inputs: dict[str, torch.Tensor]) -> tuple:

@@ -10,15 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from hwopt.hookspecs import hookimpl
-from hwopt.metric import Outputs
+from hwopt.metric import Outputs, kl_divergence
 from hwopt.tasks import task_accuracy
-
-
-def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """Mean over tokens of KL(teacher || student), in nats."""
-    teacher = F.log_softmax(teacher_logits.float(), dim=-1)
-    student = F.log_softmax(student_logits.float(), dim=-1)
-    return F.kl_div(student, teacher, log_target=True, reduction="batchmean")
 
 
 class KLDivergence:

@@ -20,12 +20,9 @@ from transformers import LlamaConfig
 from hwopt.errors import HwoptError
 from hwopt.hookspecs import hookimpl
 from hwopt.models import ModelSpec, hf_cache_snapshot
+from hwopt.pipeline import cache_root
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("HWOPT_CACHE", Path.home() / ".cache" / "hwopt"))
 
 
 def smollm2_config() -> LlamaConfig:

@@ -5,16 +5,75 @@ beside it (``<engine>.json``: target, the device's NVML name, dtype,
 scenario, TensorRT version, date). Its one optimization profile covers the
 scenario: batch 1 to ``batch``, new tokens 1 to ``input_len``, cached tokens
 0 to ``input_len + output_len``. How precision is set differs between
-TensorRT 10 and 11 (``hwopt.builtin.backend_tensorrt.engine_build_plan``).
+TensorRT 10 and 11 (``engine_build_plan``); the tensorrt measurement backend builds its engines here too.
 """
 
 from __future__ import annotations
 
 import datetime
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
-from hwopt.builtin.backend_tensorrt import build_engine, engine_build_plan, major_version
+from hwopt.errors import HwoptError
+
+ENGINE_DTYPES = ("fp32", "fp16", "bf16")
+WORKSPACE_BYTES = 4 * 2**30  # scratch memory a layer's kernels may use; the default is the whole GPU
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    strongly_typed: bool  # create the network with NetworkDefinitionCreationFlag.STRONGLY_TYPED
+    precision_flags: tuple[str, ...]  # names of trt.BuilderFlag members to set on the builder config
+
+
+def engine_build_plan(trt_major: int, dtype: str) -> BuildPlan:
+    """How to build a ``dtype`` engine from an ONNX graph exported in ``dtype``.
+
+    TensorRT 10 types a network weakly by default: a builder flag (FP16,
+    BF16) allows kernels in that precision, fp32 needs none (TF32 is on by
+    default). TensorRT 11 removed those flags: every network is strongly
+    typed and computes in the types the graph itself carries. fp8 needs
+    quantize/dequantize nodes in the graph in either version.
+    """
+    if dtype not in ENGINE_DTYPES:
+        raise HwoptError(f"the tensorrt backend builds {', '.join(ENGINE_DTYPES)} engines, not {dtype} "
+                         "(that needs quantize/dequantize nodes in the ONNX graph, which hwopt does not insert)")
+    if trt_major >= 11:
+        return BuildPlan(strongly_typed=True, precision_flags=())
+    return BuildPlan(strongly_typed=False, precision_flags={"fp32": (), "fp16": ("FP16",), "bf16": ("BF16",)}[dtype])
+
+
+def major_version(trt) -> int:
+    return int(trt.__version__.split(".")[0])
+
+
+def build_engine(trt, logger, onnx_path: Path, plan: BuildPlan, profile_shapes: dict | None = None) -> bytes:
+    """A serialized engine for this GPU from an ONNX file.
+
+    A graph with dynamic dimensions needs ``profile_shapes``: input name →
+    (min, opt, max) shapes, one optimization profile.
+    """
+    builder = trt.Builder(logger)
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if plan.strongly_typed else 0
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise HwoptError(f"TensorRT cannot parse {onnx_path.name}: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
+    for flag in plan.precision_flags:
+        config.set_flag(getattr(trt.BuilderFlag, flag))
+    if profile_shapes:
+        profile = builder.create_optimization_profile()
+        for name, (low, opt, high) in profile_shapes.items():
+            profile.set_shape(name, low, opt, high)
+        config.add_optimization_profile(profile)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise HwoptError(f"TensorRT failed to build an engine from {onnx_path.name} (see its log above)")
+    return serialized
 
 
 def engine_file_name(model_name: str, target: str, dtype: str) -> str:

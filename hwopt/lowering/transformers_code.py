@@ -5,7 +5,8 @@ imports only torch and transformers) into a checkpoint and points
 ``config.json``'s ``auto_map`` at it, so ``AutoModelForCausalLM.from_pretrained(
 directory, trust_remote_code=True)`` loads it without hwopt.
 ``register_with_transformers`` registers the same classes with transformers'
-Auto classes, so that after ``import hwopt`` no remote code is needed.
+Auto classes, so that once hwopt has loaded a model no remote code is needed;
+importing this module (as ``hwopt.models`` does) calls it.
 """
 
 from __future__ import annotations
@@ -41,3 +42,6 @@ def register_with_transformers() -> None:
     config_class = modeling_nemotron_nas.NemotronNASConfig
     AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
     AutoModelForCausalLM.register(config_class, modeling_nemotron_nas.DeciLMForCausalLM, exist_ok=True)
+
+
+register_with_transformers()

@@ -125,3 +125,19 @@ def llama_config(fields: dict, where: str) -> LlamaConfig:
         field = next((line.split("'")[1] for line in lines if line.startswith("Validation error for field")), None)
         detail = lines[-1] if lines else type(exc).__name__
         raise HwoptError(f"{where}: {field + ': ' if field else ''}{detail}") from None
+
+
+def nemotron_nas_config(config: LlamaConfig, blocks: list[BlockConfig], block_types) -> dict:
+    """The config.json of a child: the parent's Llama fields and one ``block_configs`` entry per layer."""
+    out = config.to_dict()
+    for key in ("quantization_config", "_name_or_path", "_model_name_or_path", "dtype", "torch_dtype"):
+        out.pop(key, None)
+    rope = dict(out.get("rope_parameters") or {})
+    out["rope_theta"] = rope.get("rope_theta")
+    out["rope_scaling"] = rope if rope.get("rope_type", "default") != "default" else None
+    out.update({k: None for k in LLAMA_FIELDS_NULLED_IN_CHILD})
+    out["model_type"] = NEMOTRON_NAS
+    out["architectures"] = ["DeciLMForCausalLM"]
+    out["block_configs"] = [b.to_json(block_types, config) for b in blocks]
+    out["torch_dtype"] = "float32"
+    return out

@@ -19,27 +19,11 @@ from safetensors import SafetensorError, safe_open
 from transformers import LlamaConfig
 
 from hwopt.errors import HwoptError
-from hwopt.model.architecture import LLAMA_FIELDS_NULLED_IN_CHILD, NEMOTRON_NAS, read_architecture
+from hwopt.model.architecture import nemotron_nas_config, read_architecture
 from hwopt.model.config import BlockConfig, parent_block_config
 from hwopt.model.modeling import HeteroLlamaForCausalLM
 
 INDEX_FILE = "model.safetensors.index.json"
-
-
-def nemotron_nas_config(config: LlamaConfig, blocks: list[BlockConfig], block_types) -> dict:
-    """The config.json of a child: the parent's Llama fields and one ``block_configs`` entry per layer."""
-    out = config.to_dict()
-    for key in ("quantization_config", "_name_or_path", "_model_name_or_path", "dtype", "torch_dtype"):
-        out.pop(key, None)
-    rope = dict(out.get("rope_parameters") or {})
-    out["rope_theta"] = rope.get("rope_theta")
-    out["rope_scaling"] = rope if rope.get("rope_type", "default") != "default" else None
-    out.update({k: None for k in LLAMA_FIELDS_NULLED_IN_CHILD})
-    out["model_type"] = NEMOTRON_NAS
-    out["architectures"] = ["DeciLMForCausalLM"]
-    out["block_configs"] = [b.to_json(block_types, config) for b in blocks]
-    out["torch_dtype"] = "float32"
-    return out
 
 
 def tensor_names(file: Path) -> list[str]:

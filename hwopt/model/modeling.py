@@ -159,7 +159,7 @@ class HeteroLlamaForCausalLM(nn.Module):
 
         Raises HwoptError for a block a plugin added, which that code cannot build.
         """
-        from hwopt.model.checkpoint import nemotron_nas_config
+        from hwopt.model.architecture import nemotron_nas_config
         from hwopt.model.modeling_nemotron_nas import DeciLMForCausalLM, NemotronNASConfig
 
         config = NemotronNASConfig(**nemotron_nas_config(self.config, self.block_configs, self.block_types))

@@ -52,6 +52,32 @@ SELF_CHECK_BOUND = 0.15  # the whole model end to end within 15% of the sum of i
 SELF_CHECK_RUNS = 3  # generations of the whole model; the median is compared
 
 
+TIME_KEYS = ("runtime_ms", "prefill_ms", "decode_ms")
+SIZE_KEYS = ("num_params", "memory_mib", "kv_cache_mib")
+
+
+def layer_rows(costs: dict, variants: list[tuple[str, str]]) -> list[dict]:
+    """One row per layer from per-variant costs: the attention's and FFN's runtimes apart, and the sums."""
+    rows = []
+    for i, (attention, ffn) in enumerate(variants):
+        a, f = costs["attention"][attention], costs["ffn"][ffn]
+        rows.append({"layer": i, "attention": attention, "ffn": ffn,
+                     "attention_ms": a["runtime_ms"], "ffn_ms": f["runtime_ms"],
+                     **{key: a[key] + f[key] for key in (*TIME_KEYS, *SIZE_KEYS)}})
+    return rows
+
+
+def model_variants(source) -> list[tuple[str, str]]:
+    """The (attention, FFN) variant names of every layer of a model."""
+    return [(a.name, f.name) for a, f in model_sub_variants(source)]
+
+
+def model_total(costs: dict, rows: list[dict]) -> dict:
+    """Whole-model figures: the layers' rows plus the part outside the layers."""
+    outside = costs["outside_layers"]
+    return {key: outside[key] + sum(r[key] for r in rows) for key in (*TIME_KEYS, *SIZE_KEYS)}
+
+
 def cost_entry(variant: SubVariant, config, scenario: Scenario, timing: dict, source: dict) -> dict:
     params = variant.block_type.num_params(variant.config, config)
     kv_elements = variant.block_type.kv_cache(variant.config, config).elements(scenario.max_context)
@@ -183,7 +209,6 @@ def self_check(source, target, scenario: Scenario, backend, costs: dict) -> dict
     the scenario ``SELF_CHECK_RUNS`` times; the median is compared. Only
     torch on the CPU runs the same kernels end to end as block by block.
     """
-    from hwopt.estimate import layer_rows, model_total, model_variants  # hwopt.estimate builds on this module
 
     if not (backend.name == "torch" and target.kind == "cpu"):
         return {"skipped": f"the end-to-end check runs torch on the CPU, not {backend.name} on {target.name}"}

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from hwopt.builtin.metrics import kl_divergence
+from hwopt.metric import kl_divergence
 from hwopt.evaluate import compare_on_heldout
 from hwopt.model.modeling import HeteroLlamaForCausalLM
 from hwopt.progress import progress

@@ -1,0 +1,125 @@
+"""The package's import graph: no cycles (lazy imports inside functions included), no side doors.
+
+Every module of ``hwopt/`` is parsed (not imported); an edge A -> B is any
+``import`` or ``from ... import`` in A, at any depth, that names B or a module
+inside it. ``from hwopt.x import name`` where ``name`` is a submodule of the
+package ``hwopt.x`` counts as an edge to that submodule. Imports under
+``if TYPE_CHECKING:`` never run, so they are no edge.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "hwopt"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports(tree: ast.AST):
+    """Every import statement in ``tree``, at any depth, except those under ``if TYPE_CHECKING:``."""
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            continue
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            yield node
+        yield from imports(node)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the hwopt modules it imports."""
+    paths = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph = {name: set() for name in paths}
+    for name, path in paths.items():
+        is_package = path.name == "__init__.py"
+        for node in imports(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            else:
+                base = node.module or ""
+                if node.level:  # relative: resolve against this module's package
+                    package = name.split(".")[: len(name.split(".")) - node.level + (1 if is_package else 0)]
+                    base = ".".join(package + ([node.module] if node.module else []))
+                targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in paths else base
+                           for alias in node.names]
+            for target in targets:
+                while target and target not in paths:  # hwopt.a.b.func -> hwopt.a.b
+                    target = target.rpartition(".")[0]
+                if target and target != name:
+                    graph[name].add(target)
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle, as the list of modules around it, or None."""
+    state: dict[str, str] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node], _ = "open", stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        state[node], _ = "done", stack.pop()
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def is_core(module: str) -> bool:
+    return module != "hwopt.plugins" and not module.startswith("hwopt.builtin")
+
+
+def test_the_graph_sees_lazy_and_relative_imports():
+    graph = import_graph()
+    assert "hwopt.plugins" in graph["hwopt.cli"]  # imported inside a function
+    assert "hwopt.hookspecs" in graph["hwopt.plugins"]
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_import_cycles():
+    cycle = find_cycle(import_graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_core_modules_import_no_builtin_plugin():
+    side_doors = [f"{a} -> {b}" for a, targets in import_graph().items() if is_core(a)
+                  for b in targets if b.startswith("hwopt.builtin")]
+    assert not side_doors, "core modules reach into built-in plugins: " + ", ".join(sorted(side_doors))
+
+
+def test_model_code_does_not_import_the_plugin_layer():
+    graph = import_graph()
+    offenders = [f"{a} -> {b}" for a, targets in graph.items() if a.startswith("hwopt.model.")
+                 for b in targets if b == "hwopt.plugins" or b.startswith("hwopt.builtin")]
+    assert not offenders, ", ".join(sorted(offenders))
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--version"]])
+def test_light_commands_import_neither_torch_nor_transformers(argv):
+    code = ("import sys, contextlib, io\n"
+            "from hwopt.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    try:\n"
+            f"        main({argv!r})\n"
+            "    except SystemExit:\n"
+            "        pass\n"
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=PACKAGE.parent)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]", f"hwopt {' '.join(argv)} imported {proc.stdout}"
