@@ -77,15 +77,28 @@ def test_generate_pads_prompts_on_the_left_and_samples(lowered):
     assert sampled.shape == (1, 11) and torch.equal(sampled[:, :6], a)
 
 
-def test_plain_transformers_loads_the_child_after_import_hwopt(lowered):
-    import hwopt  # noqa: F401 (registers the classes)
+# Runs in a fresh Python: plain transformers calls, no remote code, after hwopt registered its classes.
+REGISTERED_USER = """
+import sys, torch
+import hwopt
+from transformers import AutoModelForCausalLM
+hwopt.register_with_transformers()
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
+assert type(model).__module__ == "hwopt.model.modeling_nemotron_nas", type(model).__module__
+with torch.no_grad():
+    torch.save(model(torch.load(sys.argv[2])["ids"]).logits, sys.argv[2])
+"""
 
+
+def test_plain_transformers_loads_the_child_after_hwopt_registers_it(lowered, tmp_path):
     model, directory = lowered
-    hf = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
-    assert type(hf).__module__ == "hwopt.model.modeling_nemotron_nas"
     ids = torch.randint(0, 211, (1, 9))
+    torch.save({"ids": ids}, tmp_path / "io.pt")
+    proc = subprocess.run([sys.executable, "-c", REGISTERED_USER, str(directory), str(tmp_path / "io.pt")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
     with torch.no_grad():
-        torch.testing.assert_close(hf(ids).logits, model(ids).logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(torch.load(tmp_path / "io.pt"), model(ids).logits, atol=1e-5, rtol=0)
 
 
 def test_bf16_weights_sharded_with_an_index(tmp_path):
