@@ -117,12 +117,12 @@ class GGUFLowering:
         import tempfile
 
         from hwopt.errors import HwoptError
-        from hwopt.lowering.gguf import convert_to_gguf, find_llama_cpp, problems
+        from hwopt.lowering.gguf import convert_to_gguf, find_llama_cpp
+        from hwopt.lowering.runtimes import RUNTIMES, check_checkpoint
 
         if tokenizer is None:
             raise HwoptError("gguf: a GGUF carries its tokenizer, and this model has none")
-        if found := problems(model.block_configs):
-            raise HwoptError(f"gguf: llama.cpp would misread this child: {'; '.join(found[:3])}")
+        check_checkpoint(RUNTIMES["llama.cpp"], model.block_configs, model.config)  # whatever --runtime says
         dtype = weights_dtype(options, self.name)
         root, _ = find_llama_cpp()
         with tempfile.TemporaryDirectory(prefix="hwopt-gguf-") as tmp:

@@ -9,11 +9,13 @@ stops at ``gguf-py/gguf/vocab.py`` ("Cannot find Llama BPE tokenizer"). For such
 converter's own GPT-2 path (``_set_vocab_gpt2``: the pre-tokenizer recognised by its hash, the merges), which is
 what ``DeciModel`` does for Llama 3.
 
-What llama.cpp's ``deci`` graph runs (``src/models/deci.cpp``), checked by ``benchmarks/gguf.py``: attention with
+What llama.cpp's ``deci`` graph runs (``src/models/deci.cpp``), measured by ``benchmarks/gguf.py``: attention with
 any number of KV heads, linear attention, no-op attention, FFNs of widths on the ``ffn_mult`` grid, and a layer with
-both no-op. It has no linear FFN (the converter cannot map ``mlp.linear_mlp.weight``), and a layer whose FFN alone is
-no-op drops its attention: ``n_ff == 0`` skips the rest of the layer, residual included (a "dummy" layer of
-Nemotron Ultra, where attention is no-op too). ``problems`` names such layers; lower refuses them before writing.
+both no-op. It has no linear FFN (the converter cannot map ``mlp.linear_mlp.weight``); a layer whose FFN alone is
+no-op loses its attention too (``n_ff == 0`` skips the rest of the layer, residual included: it is written for the
+"dummy" layers of Nemotron Ultra, where attention is no-op too); and a model whose last layer is no-op throughout
+aborts (``GGML_ASSERT(buffer)`` in ``ggml-backend.cpp``). ``RUNTIMES["llama.cpp"]`` names such layers: lower refuses
+them before writing, and solve leaves out the first two.
 """
 
 from __future__ import annotations
@@ -64,18 +66,6 @@ def find_llama_cpp() -> tuple[Path | None, str]:
     if missing:
         return None, f"{ENV}={where} has no {' or '.join(missing)}: it is not a llama.cpp checkout"
     return root, ""
-
-
-def problems(blocks) -> list[str]:
-    """Why llama.cpp's ``deci`` would fail on or misread these layers (empty: none)."""
-    out = []
-    for i, block in enumerate(blocks):
-        attention, ffn = block.attention, block.ffn
-        if getattr(ffn, "replace_with_linear", False):
-            out.append(f"layer {i} has a linear FFN, which llama.cpp's deci cannot convert or run")
-        elif getattr(ffn, "no_op", False) and not getattr(attention, "no_op", False):
-            out.append(f"layer {i} has a no-op FFN after an attention, which llama.cpp's deci drops with it")
-    return out
 
 
 def convert_to_gguf(checkpoint: Path, out_file: Path, llama_cpp: Path, dtype: str = "fp32",
