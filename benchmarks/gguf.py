@@ -79,10 +79,14 @@ def child(blocks, seed=0, dtype="fp32"):
     return model
 
 
-def llama_logits(gguf_path: Path, ids: list[int]) -> np.ndarray:
-    """llama.cpp's logits, evaluated in a child process (llama.cpp aborts the process on some models)."""
+def llama_logits(gguf_path: Path, ids: list[int], prefill: int | None = None) -> np.ndarray:
+    """llama.cpp's logits, evaluated in a child process (llama.cpp aborts the process on some models).
+
+    With ``prefill``, the first ``prefill`` tokens go in one batch and each later one alone, through the KV cache.
+    """
     out = gguf_path.with_suffix(".npy")
-    done = subprocess.run([sys.executable, __file__, "--eval", str(gguf_path), json.dumps(ids), str(out)],
+    request = json.dumps({"ids": ids, "prefill": prefill})
+    done = subprocess.run([sys.executable, __file__, "--eval", str(gguf_path), request, str(out)],
                           capture_output=True, text=True)
     if done.returncode != 0:
         lines = [line for line in done.stderr.splitlines() if "GGML_ASSERT" in line or "Error" in line]
@@ -90,12 +94,14 @@ def llama_logits(gguf_path: Path, ids: list[int]) -> np.ndarray:
     return np.load(out)
 
 
-def eval_in_llama_cpp(gguf_path: Path, ids: list[int]) -> np.ndarray:
+def eval_in_llama_cpp(gguf_path: Path, ids: list[int], prefill: int | None = None) -> np.ndarray:
     from llama_cpp import Llama
 
     llm = Llama(model_path=str(gguf_path), n_ctx=128, n_batch=128, logits_all=True, n_threads=2, verbose=False,
                 type_k=F32, type_v=F32)  # an f32 KV cache: llama.cpp defaults to f16
-    llm.eval(ids)
+    llm.eval(ids[:prefill])
+    for token in ids[prefill:] if prefill else []:
+        llm.eval([token])  # one decode step
     out = np.array(llm.scores[:len(ids)], dtype=np.float64)
     del llm
     return out
@@ -106,10 +112,11 @@ def hwopt_logits(model, ids: list[int]) -> np.ndarray:
         return model(torch.tensor([ids])).logits[0].double().numpy()
 
 
-def compare(gguf_path: Path, model, ids: list[int]) -> tuple[float, float]:
+def compare(gguf_path: Path, model, ids: list[int], prefill: int | None = None) -> tuple[float, float]:
     """The max abs difference between llama.cpp's logits and hwopt's, and hwopt's max |logit|."""
     expected = hwopt_logits(model, ids)
-    return float(np.abs(llama_logits(gguf_path, ids) - expected).max()), float(np.abs(expected).max())
+    got = llama_logits(gguf_path, ids, prefill)
+    return float(np.abs(got - expected).max()), float(np.abs(expected).max())
 
 
 def main() -> int:
@@ -120,7 +127,8 @@ def main() -> int:
                         help="max abs logit difference over max |logit| (default 1e-5 fp32, 1e-2 fp16)")
     args = parser.parse_args()
     if args.eval:
-        np.save(args.eval[2], eval_in_llama_cpp(Path(args.eval[0]), json.loads(args.eval[1])))
+        request = json.loads(args.eval[1])
+        np.save(args.eval[2], eval_in_llama_cpp(Path(args.eval[0]), request["ids"], request["prefill"]))
         return 0
     # fp32: both sides round at 6e-8 per operation; sums of up to 512 terms over a few layers stay well under 1e-5.
     # fp16: llama.cpp rounds activations to f16 (unit roundoff 4.9e-4) for its f16 matmuls; hwopt's side has the
@@ -197,6 +205,13 @@ def main() -> int:
               f"llama.cpp tokenizes the prompt as SmolLM2 does: {same_tokens}")
         if diff > tol * scale or not same_tokens:
             failed.append("mixed child")
+        prefill = 8
+        decode, _ = compare(path, model, ids, prefill)
+        label = f"  prefill {prefill} + {len(ids) - prefill} decode steps"
+        print(f"{label:32s} through llama.cpp's KV cache; max |logit diff| {decode:.3g}  "
+              f"{'agrees' if decode <= tol * scale else 'DISAGREES'}")
+        if decode > tol * scale:
+            failed.append("mixed child, decoding")
     if failed:
         print(f"FAILED: {', '.join(failed)}")
         return 1
