@@ -148,4 +148,7 @@ def test_runnable_library_drops_linear_variants_for_vllm():
                            "attn_noop+ffn_noop": entry(BLOCKS[3])}}
     config = tiny_child().config
     assert list(runnable_library(library, RUNTIMES["vllm"], config)["layer_0"]) == ["kv2+ffn256", "attn_noop+ffn_noop"]
-    assert len(runnable_library(library, RUNTIMES["llama.cpp"], config)["layer_0"]) == 3
+    # llama.cpp runs linear attention but no linear FFN (tests/test_gguf.py)
+    assert list(runnable_library(library, RUNTIMES["llama.cpp"], config)["layer_0"]) == ["kv2+ffn256",
+                                                                                       "attn_noop+ffn_noop"]
+    assert len(runnable_library(library, RUNTIMES["tensorrt-llm"], config)["layer_0"]) == 3

@@ -1,4 +1,4 @@
-"""Built-in lowerings: the nemotron-nas checkpoint, ONNX with its KV cache, and TensorRT engines.
+"""Built-in lowerings: the nemotron-nas checkpoint, ONNX with its KV cache, TensorRT engines, AOTInductor, GGUF.
 
 A lowering has ``name``, ``description`` (what it writes), ``needs`` (what
 must be installed or present to write it), optionally ``available(options)
@@ -100,7 +100,38 @@ class AOTInductorLowering:
         model.to("cpu")
 
 
+class GGUFLowering:
+    name = "gguf"
+    description = ("<model>.<dtype>.gguf for llama.cpp ('deci' architecture), converted from the nemotron-nas "
+                   "checkpoint by llama.cpp's own convert_hf_to_gguf.py, in fp32, fp16 or bf16, with the tokenizer; "
+                   "no linear FFN, and a no-op FFN only under a no-op attention (see hwopt.lowering.gguf)")
+    needs = "a llama.cpp checkout named by HWOPT_LLAMA_CPP (its convert_hf_to_gguf.py and gguf-py); a tokenizer"
+
+    def available(self, options) -> tuple[bool, str]:
+        from hwopt.lowering.gguf import find_llama_cpp
+
+        root, why = find_llama_cpp()
+        return root is not None, why or f"llama.cpp at {root}"
+
+    def lower(self, model, tokenizer, out_dir, options) -> None:
+        import tempfile
+
+        from hwopt.errors import HwoptError
+        from hwopt.lowering.gguf import convert_to_gguf, find_llama_cpp
+        from hwopt.lowering.runtimes import RUNTIMES, check_checkpoint
+
+        if tokenizer is None:
+            raise HwoptError("gguf: a GGUF carries its tokenizer, and this model has none")
+        check_checkpoint(RUNTIMES["llama.cpp"], model.block_configs, model.config)  # whatever --runtime says
+        dtype = weights_dtype(options, self.name)
+        root, _ = find_llama_cpp()
+        with tempfile.TemporaryDirectory(prefix="hwopt-gguf-") as tmp:
+            save_nemotron_nas(model, tmp, tokenizer, TORCH_DTYPES[dtype])
+            convert_to_gguf(Path(tmp), Path(out_dir) / f"{options.model_name}.{dtype}.gguf", root, dtype)
+
+
 @hookimpl
 def hwopt_register_lowerings(register):
-    for lowering in (NemotronNASLowering(), OnnxLowering(), TensorRTLowering(), AOTInductorLowering()):
+    for lowering in (NemotronNASLowering(), OnnxLowering(), TensorRTLowering(), AOTInductorLowering(),
+                     GGUFLowering()):
         register(lowering)

@@ -22,18 +22,30 @@ class Runtime:
     linear: bool  # runs replace_with_linear sub-blocks
     width_from_ffn_mult: bool  # rebuilds every FFN width from ffn_mult alone (ignores intermediate_size)
     reads: str  # what it loads, for messages and help
+    linear_ffn: bool = True  # runs a replace_with_linear FFN (when it runs linear sub-blocks at all)
+    lone_no_op_ffn: bool = True  # runs a no-op FFN under an attention that is not no-op
+    no_op_last_layer: bool = True  # runs a model whose last layer is no-op throughout
 
     def problems(self, blocks: list[BlockConfig], config) -> list[str]:
         """Why this runtime would fail on or misread these layers of a child of ``config`` (empty: none).
 
         The parent's own FFN width is not counted: when it is off the ffn_mult grid, the runtime misreads
-        the parent too, and ``warn_off_grid_parent`` says so instead.
+        the parent too, and ``warn_off_grid_parent`` says so instead. The last layer is checked as such only when
+        ``blocks`` are all of ``config``'s layers.
         """
         out = []
+        last = blocks[-1] if blocks and len(blocks) == config.num_hidden_layers else None
+        if last is not None and not self.no_op_last_layer and all(
+                getattr(sub, "no_op", False) for sub in (last.attention, last.ffn)):
+            out.append(f"layer {len(blocks) - 1}, the last, is no-op throughout, which {self.name} aborts on")
         for i, block in enumerate(blocks):
             for kind, sub in (("attention", block.attention), ("ffn", block.ffn)):
-                if getattr(sub, "replace_with_linear", False) and not self.linear:
+                if getattr(sub, "replace_with_linear", False) and not (self.linear and (kind != "ffn" or
+                                                                                        self.linear_ffn)):
                     out.append(f"layer {i} has a linear {kind}, which {self.name} cannot run")
+            if (getattr(block.ffn, "no_op", False) and not getattr(block.attention, "no_op", False)
+                    and not self.lone_no_op_ffn):
+                out.append(f"layer {i} has a no-op FFN under an attention, which {self.name} drops with it")
             width = getattr(block.ffn, "intermediate_size", None)
             if width and width != config.intermediate_size and self.width_from_ffn_mult:
                 rebuilt = rebuilt_by_ffn_mult(width, config.hidden_size)
@@ -46,7 +58,11 @@ RUNTIMES = {r.name: r for r in (
     Runtime("vllm", linear=False, width_from_ffn_mult=True, reads="the nemotron-nas checkpoint"),
     Runtime("sglang", linear=False, width_from_ffn_mult=True, reads="the nemotron-nas checkpoint"),
     Runtime("tensorrt-llm", linear=True, width_from_ffn_mult=True, reads="the nemotron-nas checkpoint"),
-    Runtime("llama.cpp", linear=True, width_from_ffn_mult=True, reads="GGUF converted from the checkpoint ('deci')"),
+    # llama.cpp's deci (src/models/deci.cpp): no linear FFN (the converter cannot map mlp.linear_mlp), and a layer
+    # whose FFN is no-op is skipped whole, its attention and residual included; one no-op throughout as the last
+    # layer aborts (GGML_ASSERT(buffer) in ggml-backend.cpp). benchmarks/gguf.py shows all three.
+    Runtime("llama.cpp", linear=True, width_from_ffn_mult=True, reads="GGUF converted from the checkpoint ('deci')",
+            linear_ffn=False, lone_no_op_ffn=False, no_op_last_layer=False),
     Runtime("transformers", linear=True, width_from_ffn_mult=False,
             reads="the checkpoint's own modeling code (trust_remote_code), or hwopt's registered classes"),
     Runtime("hwopt", linear=True, width_from_ffn_mult=False, reads="hwopt.load_model"),
