@@ -54,17 +54,23 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-linear", dest="linear", action="store_const", const=False, help="offer no linear blocks")
     g.add_argument("--no-noop", dest="no_op", action="store_const", const=False, help="offer no removed blocks")
     g = p.add_argument_group("data and training")
-    g.add_argument("--data", nargs="+", help="text or JSONL files (default: Python's own documentation)")
+    g.add_argument("--data", nargs="+", help="text or JSONL files (default: Python's own documentation); text sampled from the parent is "
+                                            "mixed in (--distill-samples)")
+    g.add_argument("--distill-samples", type=int, help="tokens sampled from the parent and mixed 1:1 into training "
+                                                       "(data-free distillation; default 16384, 0 for none)")
     g.add_argument("--seq-len", type=int, help="tokens per training sequence (default 128)")
     g.add_argument("--bld-tokens", type=int, help="blockwise distillation tokens per variant (default 16384)")
     g.add_argument("--bld-lr", type=float)
     g.add_argument("--score-tokens", type=int, help="held-out tokens for scoring (default 512)")
+    g.add_argument("--score-pairs", choices=("decoupled", "coupled"),
+                   help="decoupled (default): run each attention and each FFN variant beside the parent's other "
+                        "half and estimate pairs to first order; coupled: run every (attention, FFN) pair")
     g.add_argument("--metric", dest="metrics", action="append",
                    help="replace-1-block metric (repeatable; default kl_div): kl_div, lm_loss, cosine, "
                         "top1_agreement, top5_agreement, task_accuracy, or a plugin's")
     g.add_argument("--task-data", help="multiple-choice JSONL for --metric task_accuracy, one "
                    '{"question": ..., "choices": [...], "answer": index or choice text} per line')
-    g.add_argument("--uptrain-tokens", type=int, help="global distillation tokens (default 16384)")
+    g.add_argument("--uptrain-tokens", type=int, help="global distillation tokens (default 32768)")
     g.add_argument("--uptrain-lr", type=float)
     g.add_argument("--seed", type=int)
     g = p.add_argument_group("search")

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from hwopt.data import check_data_files, load_split
+from hwopt.builtin.models import cache_root
+from hwopt.data import cached_parent_samples, check_data_files, general_heldout, load_split
 from hwopt.errors import HwoptError
 from hwopt.estimate import layer_rows, model_variants
 from hwopt.hardware import resolve_target
@@ -26,7 +27,7 @@ from hwopt.models import resolve_model
 from hwopt.passes.library import BLDSettings, Library, build_library
 from hwopt.passes.lower import lower
 from hwopt.passes.profile import choose_backend, profile
-from hwopt.passes.score import score
+from hwopt.passes.score import SCORE_PAIRS, score
 from hwopt.passes.solve import Budgets, maximizes, solve
 from hwopt.passes.uptrain import UptrainSettings, uptrain
 from hwopt.pipeline import atomic_write_json, fingerprint, is_up_to_date, output_hash, staged_pass
@@ -52,6 +53,7 @@ class Settings:
     require_measured: bool = False
     repeats: int = 5
     data: list[str] | None = None
+    distill_samples: int = 16384  # tokens sampled from the parent, mixed into training (0: none)
     seq_len: int = 128
     kv_heads: list[int] | None = None
     ffn_fractions: list[float] = field(default_factory=lambda: [0.75, 0.5, 0.25])
@@ -60,6 +62,7 @@ class Settings:
     bld_tokens: int = 16384
     bld_lr: float = 5e-4
     score_tokens: int = 512
+    score_pairs: str = "decoupled"  # or "coupled": run every (attention, FFN) pair
     metrics: list[str] = field(default_factory=lambda: ["kl_div"])
     task_data: str | None = None  # multiple-choice JSONL for metrics that need "task"
     objective: str | None = None  # default: the first metric
@@ -73,7 +76,7 @@ class Settings:
     num_solutions: int = 1
     min_diversity: int = 1
     time_limit: float = 60.0  # seconds per solution
-    uptrain_tokens: int = 16384
+    uptrain_tokens: int = 32768
     uptrain_lr: float = 1e-4
     formats: list[str] = field(default_factory=lambda: ["nemotron-nas"])
     seed: int = 0
@@ -89,13 +92,13 @@ class Settings:
 
 
 SEARCH_SPACE = ["model", "kv_heads", "ffn_fractions", "linear", "no_op"]
-DATA = ["data", "seq_len"]
+DATA = ["data", "distill_samples", "seq_len", "seed"]
 # pass -> (settings it depends on, passes whose outputs it reads)
 PASS_INPUTS = {
     "profile": (SEARCH_SPACE + ["target", "scenario", "batch", "dtype", "kv_dtype", "backend", "require_measured",
                                 "repeats"], []),
     "library": (SEARCH_SPACE + DATA + ["bld_tokens", "bld_lr", "seed"], []),
-    "score": (DATA + ["score_tokens", "metrics", "task_data"], ["library", "profile"]),
+    "score": (DATA + ["score_tokens", "score_pairs", "metrics", "task_data"], ["library", "profile"]),
     "solve": (["objective", "speedup", "memory", "throughput", "latency", "ttft", "params", "solver", "num_solutions",
                "min_diversity", "time_limit"], ["score", "profile"]),
     "uptrain": (DATA + ["uptrain_tokens", "uptrain_lr", "seed"], ["library", "solve"]),
@@ -146,7 +149,19 @@ class Run:
 
     @cached_property
     def split(self):
-        return load_split(self.settings.data, self.tokenizer, self.settings.seq_len)
+        s = self.settings
+        samples = None
+        if s.distill_samples:
+            weights = self.source.require_weights()
+            weights_id = json.dumps([str(weights.resolve()),
+                                     sorted((f.name, f.stat().st_size) for f in weights.glob("*.safetensors"))])
+            samples = cached_parent_samples(self.parent, self.tokenizer, weights_id, s.distill_samples, s.seq_len,
+                                            s.seed, cache_root())
+        return load_split(s.data, self.tokenizer, s.seq_len, samples)
+
+    @cached_property
+    def general_heldout(self):
+        return general_heldout(self.tokenizer, self.settings.seq_len)
 
     @cached_property
     def metric_objects(self):
@@ -207,7 +222,11 @@ class Run:
             self.source.require_weights()
         if "data" in PASS_INPUTS[name][0]:
             check_data_files(self.settings.data)
+            if self.settings.distill_samples < 0:
+                raise HwoptError(f"--distill-samples must be 0 or more tokens, not {self.settings.distill_samples}")
         if name == "score":
+            if self.settings.score_pairs not in SCORE_PAIRS:
+                raise HwoptError(f"--score-pairs {self.settings.score_pairs!r}: choose {' or '.join(SCORE_PAIRS)}")
             needing = [m.name for m in self.metric_objects if "task" in getattr(m, "needs", ())]
             if needing and not self.settings.task_data:
                 raise HwoptError(f"metric {', '.join(needing)} needs --task-data FILE.jsonl (multiple-choice "
@@ -228,8 +247,8 @@ class Run:
 
     def _score(self, out: Path) -> None:
         library = Library(self.dir("library"), self.parent)
-        score(self.parent, library, self.split.heldout_batches(self.settings.score_tokens), self.metric_objects,
-              self.read_json("profile/costs.json"), out, self.task)
+        score(self.parent, library, self.split.score_batches(self.settings.score_tokens), self.metric_objects,
+              self.read_json("profile/costs.json"), out, self.task, self.settings.score_pairs)
 
     def _solve(self, out: Path) -> None:
         s = self.settings
@@ -249,7 +268,7 @@ class Run:
         variants = self.read_json("solve/solutions.json")["solutions"][0]["variants"]
         child = Library(self.dir("library"), self.parent).assemble([tuple(v) for v in variants])
         stats = uptrain(child, self.parent, self.split.train_batches(s.uptrain_tokens),
-                        self.split.heldout_batches(self.settings.score_tokens),
+                        self.split.score_batches(self.settings.score_tokens),
                         UptrainSettings(tokens=s.uptrain_tokens, lr=s.uptrain_lr, seed=s.seed))
         save_nemotron_nas(child, out / "model", self.tokenizer)
         atomic_write_json(out / "uptrain.json", stats)

@@ -270,7 +270,7 @@ def test_score_pass_with_several_metrics(tiny_llama_dir, tmp_path, task_file):
     assert code == 0
     library = json.loads((workdir / "score/block_library.json").read_text())
     run = Run(workdir, load_settings(workdir, {}))
-    ids = run.split.heldout_batches(run.settings.score_tokens)
+    ids = run.split.score_batches(run.settings.score_tokens)
     with torch.no_grad():
         parent_loss = F.cross_entropy(run.parent(ids).logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).item()
         parent_accuracy = task_accuracy(lambda x: run.parent(x).logits, run.task)

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cache, partial
 from pathlib import Path
 
 import torch
@@ -189,10 +191,15 @@ class Library:
 
     def layer(self, i: int, attention: str, ffn: str) -> DecoderLayer:
         """Layer ``i`` assembled from one attention and one FFN variant."""
-        attn_module, attn_norm = self.load(i, "attention", attention)
-        ffn_module, ffn_norm = self.load(i, "ffn", ffn)
-        block = BlockConfig(self.sub_variant(i, "attention", attention).config, self.sub_variant(i, "ffn", ffn).config)
-        return DecoderLayer.from_parts(block, attn_module, attn_norm, ffn_module, ffn_norm)
+        return next(self.layers(i, [(attention, ffn)]))[2]
+
+    def layers(self, i: int, pairs: list[tuple[str, str]]) -> Iterator[tuple[str, str, DecoderLayer]]:
+        """Layer ``i`` assembled from each (attention, FFN) pair in turn; every variant is read from disk once."""
+        load = cache(partial(self.load, i))
+        for attention, ffn in pairs:
+            block = BlockConfig(self.sub_variant(i, "attention", attention).config,
+                                self.sub_variant(i, "ffn", ffn).config)
+            yield attention, ffn, DecoderLayer.from_parts(block, *load("attention", attention), *load("ffn", ffn))
 
     def assemble(self, choice: list[tuple[str, str]]) -> HeteroLlamaForCausalLM:
         """The child with the given (attention, ffn) variant names per layer; embeddings and head from the parent."""
