@@ -130,6 +130,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", help="write the per-layer runtime picture (PNG) here")
     p.add_argument("--json", action="store_true", help="print the result as JSON (for machines)")
     add_scenario_options(p)
+    p = sub.add_parser("evaluate", help="a child against its parent: held-out KL, perplexity, top-1 agreement, task "
+                                        "accuracy; runtime, tokens/s and memory measured here; report.md with pictures")
+    p.add_argument("--model", required=True, help="the child: a nemotron-nas (or Llama) checkpoint directory")
+    p.add_argument("--parent", required=True, help="its parent: a model name or checkpoint directory")
+    p.add_argument("--data", nargs="+", help="text or JSONL files whose last tenth is the held-out text (default: "
+                                            "Python's own documentation, as the runs use)")
+    p.add_argument("--task-data", help="multiple-choice JSONL to measure task accuracy on")
+    p.add_argument("--tokens", type=int, default=4096, help="held-out tokens from --data (default 4096)")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per held-out sequence (default 128)")
+    p.add_argument("--target", default="cpu", help="target the per-layer runtimes are predicted for (default cpu)")
+    p.add_argument("--out", default="evaluation", help="folder for report.md, evaluation.json and per_layer.png "
+                                                       "(default ./evaluation)")
+    add_scenario_options(p)
     p = sub.add_parser("calibrate", help="time every block variant with a measuring backend; write the target's "
                                          "profile with these timings, which fit the roofline estimate")
     p.add_argument("--target", required=True, help="hardware target to measure on: cpu, h100, ..., or a profile .toml")
@@ -194,6 +207,56 @@ def cmd_estimate(args: argparse.Namespace) -> None:
               f"{child['memory_mib'] / parent['memory_mib']:.2f}x the memory")
 
 
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    """Quality on the held-out text sets and the task, speed and memory measured here, predicted per layer."""
+    from pathlib import Path
+
+    from hwopt.data import GENERAL_HELDOUT, check_data_files, general_heldout, load_split
+    from hwopt.estimate import estimate
+    from hwopt.evaluate import evaluate
+    from hwopt.hardware import resolve_target
+    from hwopt.models import resolve_model
+    from hwopt.pipeline import atomic_write_json
+    from hwopt.plots import per_layer_runtime
+    from hwopt.report import measured_here, print_report, write_markdown
+    from hwopt.search_space import Scenario
+    from hwopt.tasks import read_task
+
+    if args.tokens < args.seq_len or args.seq_len < 2:
+        raise HwoptError(f"--tokens {args.tokens} must hold at least one sequence of --seq-len {args.seq_len} (>= 2)")
+    check_data_files(args.data)
+    target = resolve_target(args.target)
+    scenario = Scenario.for_target(target, args.scenario or "128/64", args.batch or 1, args.dtype, args.kv_dtype)
+    sources = {"child": resolve_model(args.model), "parent": resolve_model(args.parent)}
+    if sources["child"].config.vocab_size != sources["parent"].config.vocab_size:
+        raise HwoptError(f"{args.model} and {args.parent} have different vocabularies: not a child and its parent")
+    tokenizer = sources["parent"].tokenizer()
+    task = read_task(args.task_data, tokenizer) if args.task_data else None
+    split = load_split(args.data, tokenizer, args.seq_len)
+    texts = {"heldout": split.heldout_batches(args.tokens), "general": general_heldout(tokenizer, args.seq_len)}
+    child, parent = sources["child"].load(), sources["parent"].load()
+    report = evaluate(child, parent, texts, scenario, task, args.repeats or 3)
+    report["measured_on"] = measured_here()
+    report["texts"]["heldout"]["source"] = f"the last tenth of {split.source}"
+    report["texts"]["general"]["source"] = str(GENERAL_HELDOUT.name)
+    predicted = {role: estimate(source, target, scenario, args.backend or "roofline", args.repeats or 3)
+                 for role, source in sources.items()}
+    report["predicted_speedup"] = predicted["parent"]["total"]["runtime_ms"] / predicted["child"]["total"]["runtime_ms"]
+    report["predicted_on"] = f"{target.name}: {predicted['child']['source']['summary']}"
+    for role in ("parent", "child"):
+        report[role]["runtime_ms_predicted"] = predicted[role]["total"]["runtime_ms"]
+    out = Path(args.out)
+    kind = predicted["child"]["source"]["kind"]
+    per_layer_runtime(out / "per_layer.png", predicted["child"]["layers"], predicted["parent"]["layers"],
+                      f"{args.model} vs parent {args.parent}: {kind} on {target.name}, {scenario.describe()}\n"
+                      f"speedup predicted {report['predicted_speedup']:.2f}x ({kind}), measured "
+                      f"{report['measured_speedup']:.2f}x here", label_layers=True)
+    atomic_write_json(out / "evaluation.json", report)
+    write_markdown(report, out / "report.md", "per_layer.png", f"{args.model} against its parent {args.parent}")
+    print_report(report)
+    print(f"wrote {out / 'report.md'}, {out / 'evaluation.json'}, {out / 'per_layer.png'}")
+
+
 def cmd_calibrate(args: argparse.Namespace) -> None:
     """Measure, write --out, print the fit; ``--target OUT --backend roofline`` then uses it."""
     from pathlib import Path
@@ -245,6 +308,8 @@ def run_command(args: argparse.Namespace) -> None:
         return cmd_estimate(args)
     if args.command == "calibrate":
         return cmd_calibrate(args)
+    if args.command == "evaluate":
+        return cmd_evaluate(args)
     if args.command == "targets":
         return cmd_targets()
     if args.command == "solve" and args.library:

@@ -34,7 +34,7 @@ from hwopt.pipeline import atomic_write_json, fingerprint, is_up_to_date, output
 from hwopt.plots import per_layer_runtime
 from hwopt.plugins import metrics
 from hwopt.progress import console
-from hwopt.report import build_report, print_report
+from hwopt.report import build_report, measured_here, print_report
 from hwopt.search_space import Scenario, SearchSpace
 from hwopt.tasks import read_task
 
@@ -281,16 +281,17 @@ class Run:
     def report(self) -> dict:
         """Parent against the child, both timed here; recomputed only when the child or scenario changed."""
         fp = fingerprint({"scenario": self.scenario.to_json(), "data_sha256": self.split.sha256,
-                          "score_tokens": self.settings.score_tokens},
+                          "general_heldout": self.general_heldout.tolist(), "score_tokens": self.settings.score_tokens,
+                          "task_data_sha256": self.task.sha256 if self.task else None},
                          {"lower": output_hash(self.dir("lower")), "solve": output_hash(self.dir("solve"))})
         path = self.workdir / "report.json"
         if path.is_file() and (old := json.loads(path.read_text())).get("fingerprint") == fp:
             print_report(old)
             return old
         child = load_checkpoint(self.dir("uptrain") / "model")
-        report = build_report(self.parent, child, self.read_json("solve/solutions.json"), self.scenario,
-                              self.split.heldout_batches(self.settings.score_tokens),
-                              f"{self.target.description} (torch {torch.__version__}, wall clock)")
+        texts = {"heldout": self.split.heldout_batches(self.settings.score_tokens), "general": self.general_heldout}
+        report = build_report(self.parent, child, self.read_json("solve/solutions.json"), self.scenario, texts,
+                              measured_here(), self.task)
         report["fingerprint"] = fp
         atomic_write_json(path, report)
         print_report(report)
