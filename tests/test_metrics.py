@@ -283,3 +283,29 @@ def test_score_pass_with_several_metrics(tiny_llama_dir, tmp_path, task_file):
         assert parent["cosine"] == pytest.approx(0, abs=1e-6) and parent["top5_agreement"] == 1
         assert parent["lm_loss"] == pytest.approx(parent_loss, rel=1e-5)
         assert parent["task_accuracy"] == pytest.approx(parent_accuracy)
+
+
+def test_decoupled_scoring_runs_halves_and_estimates_pairs_to_first_order(tiny_llama_dir, tmp_path):
+    workdir = tmp_path / "run"
+    assert main(["optimize", "--model", str(tiny_llama_dir), "--workdir", str(workdir), "--until", "score",
+                 *FAST_RUN, "--metric", "kl_div", "--metric", "lm_loss"]) == 0
+    decoupled = json.loads((workdir / "score/block_library.json").read_text())
+    assert main(["score", "--workdir", str(workdir), "--score-pairs", "coupled"]) == 0
+    coupled = json.loads((workdir / "score/block_library.json").read_text())
+    for layer, variants in decoupled.items():
+        own = next(e for e in variants.values() if e["parent"])
+        run_here = {(e["attention"], e["ffn"]) for e in variants.values() if e["scored"] == "replace-1-block"}
+        attention = {e["attention"] for e in variants.values()}
+        ffn = {e["ffn"] for e in variants.values()}
+        assert run_here == {(a, own["ffn"]) for a in attention} | {(own["attention"], f) for f in ffn}
+        assert own["metrics"]["kl_div"] == 0
+        for name, entry in variants.items():
+            exact = coupled[layer][name]
+            assert exact["scored"] == "replace-1-block"
+            if entry["scored"] == "replace-1-block":  # the same forward, the same figure
+                assert entry["metrics"] == pytest.approx(exact["metrics"], rel=1e-5, abs=1e-7)
+            else:
+                a_part = variants[f"{entry['attention']}+{own['ffn']}"]["metrics"]
+                f_part = variants[f"{own['attention']}+{entry['ffn']}"]["metrics"]
+                for m in ("kl_div", "lm_loss"):
+                    assert entry["metrics"][m] == pytest.approx(a_part[m] + f_part[m] - own["metrics"][m])
