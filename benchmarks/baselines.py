@@ -29,7 +29,6 @@ from pathlib import Path
 
 from hwopt.baselines import block_influence, layer_drop, predicted_runtime_ms, uniform_width
 from hwopt.evaluate import compare_on_heldout, measure_runtimes
-from hwopt.passes.library import Library
 from hwopt.passes.solve import Budgets, solve
 from hwopt.passes.uptrain import UptrainSettings, uptrain
 from hwopt.pipeline import atomic_path, atomic_write_json
@@ -41,7 +40,7 @@ SEARCHED = {"mip": ("scip", None, False), "greedy": ("greedy", None, False),
 
 def children(run: Run, library: dict, costs: dict, speedup: float) -> dict[str, list[tuple[str, str]]]:
     """Each method's (attention, FFN) choice per layer at ``parent runtime / speedup``."""
-    lib = Library(run.dir("library"), run.parent)
+    lib = run.library()
     layers = range(len(run.parent.model.layers))
     parent_choice = [(lib.variant_names(i, "attention")[0], lib.variant_names(i, "ffn")[0]) for i in layers]
     budget_ms = predicted_runtime_ms(costs, parent_choice) / speedup
@@ -85,8 +84,11 @@ def main() -> None:
 
     run = Run(args.workdir, load_settings(args.workdir, {}))
     s = run.settings
-    library, costs = run.read_json("score/block_library.json"), run.read_json("profile/costs.json")
-    lib = Library(run.dir("library"), run.parent)
+    # with --coupled-bld, the solve pass's library holds the coupled pairs' scores
+    coupled = (run.dir("solve") / "block_library.json").is_file()
+    library = run.read_json("solve/block_library.json" if coupled else "score/block_library.json")
+    costs = run.read_json("profile/costs.json")
+    lib = run.library()
     tokens = args.uptrain_tokens or s.uptrain_tokens
     rows = []
     print(f"{'speedup':>7} {'method':>11} {'predicted':>9} {'measured':>8} {'KL':>7} {'ppl ratio':>9}")

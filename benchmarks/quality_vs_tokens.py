@@ -17,7 +17,6 @@ import argparse
 from pathlib import Path
 
 from hwopt.evaluate import compare_on_heldout
-from hwopt.passes.library import Library
 from hwopt.passes.uptrain import UptrainSettings, uptrain
 from hwopt.pipeline import atomic_path, atomic_write_json
 from hwopt.run import Run, load_settings
@@ -38,7 +37,7 @@ def main() -> None:
     rows = []
     print(f"{'tokens':>8} {'general KL':>10} {'general ppl':>11} {'own KL':>7} {'own ppl':>8}  (ppl as child / parent)")
     for tokens in args.tokens:
-        child = Library(run.dir("library"), run.parent).assemble(variants)
+        child = run.library().assemble(variants)
         uptrain(child, run.parent, run.split.train_batches(tokens), run.split.score_batches(s.score_tokens),
                 UptrainSettings(tokens=tokens, lr=s.uptrain_lr, seed=s.seed))
         general, heldout = (compare_on_heldout(child, run.parent, ids) for ids in (run.general_heldout, own))

@@ -24,10 +24,10 @@ from hwopt.estimate import layer_rows, model_variants
 from hwopt.hardware import resolve_target
 from hwopt.model.checkpoint import load_checkpoint, save_nemotron_nas
 from hwopt.models import resolve_model
-from hwopt.passes.library import BLDSettings, Library, build_library
+from hwopt.passes.library import BLDSettings, Library, build_coupled, build_library, coupled_subspace
 from hwopt.passes.lower import lower
 from hwopt.passes.profile import choose_backend, profile
-from hwopt.passes.score import SCORE_PAIRS, score
+from hwopt.passes.score import SCORE_PAIRS, rescore_coupled, score
 from hwopt.passes.solve import Budgets, maximizes, solve
 from hwopt.passes.uptrain import UptrainSettings, uptrain
 from hwopt.pipeline import atomic_write_json, fingerprint, is_up_to_date, output_hash, staged_pass
@@ -76,6 +76,7 @@ class Settings:
     num_solutions: int = 1
     min_diversity: int = 1
     time_limit: float = 60.0  # seconds per solution
+    coupled_bld: int = 0  # coupled BLD on the pairs of this many diverse decoupled solutions, then solve again
     uptrain_tokens: int = 32768
     uptrain_lr: float = 1e-4
     formats: list[str] = field(default_factory=lambda: ["nemotron-nas"])
@@ -99,8 +100,9 @@ PASS_INPUTS = {
                                 "repeats"], []),
     "library": (SEARCH_SPACE + DATA + ["bld_tokens", "bld_lr", "seed"], []),
     "score": (DATA + ["score_tokens", "score_pairs", "metrics", "task_data"], ["library", "profile"]),
-    "solve": (["objective", "speedup", "memory", "throughput", "latency", "ttft", "params", "solver", "num_solutions",
-               "min_diversity", "time_limit"], ["score", "profile"]),
+    "solve": (DATA + ["objective", "speedup", "memory", "throughput", "latency", "ttft", "params", "solver",
+                      "num_solutions", "min_diversity", "time_limit", "coupled_bld", "bld_tokens", "bld_lr",
+                      "score_tokens", "metrics", "task_data"], ["score", "profile", "library"]),
     "uptrain": (DATA + ["uptrain_tokens", "uptrain_lr", "seed"], ["library", "solve"]),
     "lower": (["formats"], ["uptrain"]),
 }
@@ -250,9 +252,15 @@ class Run:
         score(self.parent, library, self.split.score_batches(self.settings.score_tokens), self.metric_objects,
               self.read_json("profile/costs.json"), out, self.task, self.settings.score_pairs)
 
+    def library(self, coupled: bool = True) -> Library:
+        """The run's block library, with the solve pass's coupled-BLD pairs unless ``coupled`` is false."""
+        return Library(self.dir("library"), self.parent, self.dir("solve") / "coupled" if coupled else None)
+
     def _solve(self, out: Path) -> None:
         s = self.settings
         library, costs = self.read_json("score/block_library.json"), self.read_json("profile/costs.json")
+        if s.coupled_bld:
+            library = self._coupled_bld(library, costs, out)
         solution = solve(library, costs, s.budgets, s.objective_key, s.solver, out / "solutions.json",
                          maximizes(s.objective_key), s.num_solutions, s.min_diversity, s.time_limit)
         best = solution["solutions"][0]
@@ -263,10 +271,27 @@ class Run:
                           f"child vs parent on {self.target.name}, {self.scenario.describe()} "
                           f"({costs['source']['kind']})")
 
+    def _coupled_bld(self, library: dict, costs: dict, out: Path) -> dict:
+        """Decoupled search, coupled BLD of the pairs it chose, those pairs scored again: the library to solve."""
+        s = self.settings
+        decoupled = solve(library, costs, s.budgets, s.objective_key, s.solver, out / "decoupled_solutions.json",
+                          maximizes(s.objective_key), s.coupled_bld, s.min_diversity, s.time_limit)
+        decoupled_library = self.library(coupled=False)
+        parent_choice = [(decoupled_library.variant_names(i, "attention")[0],
+                          decoupled_library.variant_names(i, "ffn")[0]) for i in range(len(self.parent.model.layers))]
+        subspace = coupled_subspace([sol["variants"] for sol in decoupled["solutions"]], parent_choice)
+        build_coupled(self.parent, decoupled_library, subspace, self.split.train_batches(s.bld_tokens),
+                      BLDSettings(tokens=s.bld_tokens, lr=s.bld_lr, seed=s.seed), out / "coupled")
+        rescored = rescore_coupled(self.parent, Library(self.dir("library"), self.parent, out / "coupled"), library,
+                                   subspace, self.split.score_batches(s.score_tokens), self.metric_objects, costs,
+                                   self.task)
+        atomic_write_json(out / "block_library.json", rescored)
+        return rescored
+
     def _uptrain(self, out: Path) -> None:
         s = self.settings
         variants = self.read_json("solve/solutions.json")["solutions"][0]["variants"]
-        child = Library(self.dir("library"), self.parent).assemble([tuple(v) for v in variants])
+        child = self.library().assemble([tuple(v) for v in variants])
         stats = uptrain(child, self.parent, self.split.train_batches(s.uptrain_tokens),
                         self.split.score_batches(self.settings.score_tokens),
                         UptrainSettings(tokens=s.uptrain_tokens, lr=s.uptrain_lr, seed=s.seed))

@@ -119,6 +119,34 @@ def decoupled_estimate(measured: dict[tuple[str, str], dict[str, float]], attent
     return {name: a_part[name] + f_part[name] - base[name] for name in base}
 
 
+def score_layer(parent: HeteroLlamaForCausalLM, library: Library, i: int, activations: ParentActivations,
+                teacher: Outputs, heldout_ids: torch.Tensor, metrics: list[Metric], costs: dict,
+                run: list[tuple[str, str]], pairs: list[tuple[str, str]], task: MultipleChoice | None = None,
+                advance: Callable[[], None] = lambda: None) -> dict:
+    """Block-library entries of layer ``i`` for ``pairs``: replace-1-block for those in ``run``, the others
+    estimated (``decoupled_estimate``, from pairs in ``run``). The parent's own pair is the teacher itself."""
+    attention_names, ffn_names = library.variant_names(i, "attention"), library.variant_names(i, "ffn")
+    own = (attention_names[0], ffn_names[0])
+    measured, blocks = {}, {}
+    for a, f, layer in library.layers(i, pairs):
+        blocks[(a, f)] = layer.block
+        if (a, f) not in run:
+            continue
+        student = teacher if (a, f) == own else outputs_of(
+            partial(activations.swapped_final_hidden, i=i, layer=layer), parent.lm_head, heldout_ids, task)
+        measured[(a, f)] = {m.name: m.compute(student, teacher) for m in metrics}
+        advance()
+    return {block_variant_name(a, f): {
+        "stats": block_stats(costs, a, f),
+        "metrics": measured.get((a, f)) or decoupled_estimate(measured, a, f, own),
+        "scored": "replace-1-block" if (a, f) in measured else "decoupled",
+        "attention": a,
+        "ffn": f,
+        "parent": (a, f) == own,
+        "block_config": block.to_json(parent.config.hidden_size),
+    } for (a, f), block in blocks.items()}
+
+
 @torch.inference_mode()
 def score(parent: HeteroLlamaForCausalLM, library: Library, heldout_ids: torch.Tensor, metrics: list[Metric],
           costs: dict, out_dir: Path, task: MultipleChoice | None = None, pairs: str = "decoupled") -> dict:
@@ -135,34 +163,32 @@ def score(parent: HeteroLlamaForCausalLM, library: Library, heldout_ids: torch.T
     runs = [pairs_to_run(a, f, pairs) for a, f in names]
     block_library = {}
     with progress(f"score (replace-1-block, {pairs})", total=sum(map(len, runs))) as advance:
-        for i in range(num_layers):
+        for i, (attention_names, ffn_names) in enumerate(names):
             unit = out_dir / "layers" / f"layer_{i}.json"
-            attention_names, ffn_names = names[i]
-            own = (attention_names[0], ffn_names[0])
             if not unit.is_file():
-                measured, blocks = {}, {}
-                for a, f, layer in library.layers(i, [(a, f) for a in attention_names for f in ffn_names]):
-                    blocks[(a, f)] = layer.block
-                    if (a, f) not in runs[i]:
-                        continue
-                    student = teacher if (a, f) == own else outputs_of(
-                        partial(activations.swapped_final_hidden, i=i, layer=layer), parent.lm_head, heldout_ids, task)
-                    measured[(a, f)] = {m.name: m.compute(student, teacher) for m in metrics}
-                    advance()
-                entries = {}
-                for (a, f), block in blocks.items():
-                    entries[block_variant_name(a, f)] = {
-                        "stats": block_stats(costs, a, f),
-                        "metrics": measured.get((a, f)) or decoupled_estimate(measured, a, f, own),
-                        "scored": "replace-1-block" if (a, f) in measured else "decoupled",
-                        "attention": a,
-                        "ffn": f,
-                        "parent": (a, f) == own,
-                        "block_config": block.to_json(parent.config.hidden_size),
-                    }
-                atomic_write_json(unit, entries)
+                every_pair = [(a, f) for a in attention_names for f in ffn_names]
+                atomic_write_json(unit, score_layer(parent, library, i, activations, teacher, heldout_ids, metrics,
+                                                    costs, runs[i], every_pair, task, advance))
             else:
                 advance(len(runs[i]))
             block_library[f"layer_{i}"] = json.loads(unit.read_text())
     atomic_write_json(out_dir / "block_library.json", block_library)
     return block_library
+
+
+@torch.inference_mode()
+def rescore_coupled(parent: HeteroLlamaForCausalLM, library: Library, block_library: dict,
+                    subspace: dict[int, list[tuple[str, str]]], heldout_ids: torch.Tensor, metrics: list[Metric],
+                    costs: dict, task: MultipleChoice | None = None) -> dict:
+    """``block_library`` with the entries of ``subspace``'s pairs (layer -> pairs) scored again by
+    replace-1-block with their coupled-BLD weights (``library`` built with ``coupled_dir``); marked
+    ``"coupled": true``."""
+    activations = ParentActivations(parent)
+    teacher = outputs_of(activations.final_hidden, parent.lm_head, heldout_ids, task)
+    out = {layer: dict(entries) for layer, entries in block_library.items()}
+    with progress("score (coupled pairs)", total=sum(map(len, subspace.values()))) as advance:
+        for i, pairs in subspace.items():
+            entries = score_layer(parent, library, i, activations, teacher, heldout_ids, metrics, costs, pairs, pairs,
+                                  task, advance)
+            out[f"layer_{i}"].update({name: {**entry, "coupled": True} for name, entry in entries.items()})
+    return out
