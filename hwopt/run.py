@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
-import torch
 
 from hwopt.builtin.models import cache_root
 from hwopt.data import cached_parent_samples, check_data_files, general_heldout, load_split
