@@ -88,6 +88,9 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--min-diversity", type=int, help="each solution differs from every earlier one in at least "
                                                      "this many layers (default 1)")
     g.add_argument("--time-limit", type=float, help="solver seconds per solution (default 60)")
+    g.add_argument("--speedup-checks", type=int, help="with --speedup on this CPU: time the chosen child against "
+                                                      "the parent and solve again with a tighter budget while it "
+                                                      "measures slower, at most this many times (default 3; 0: off)")
     g.add_argument("--coupled-bld", type=int, help="coupled BLD (Puzzle Table 6): train the (attention, FFN) pairs "
                                                    "of this many diverse decoupled solutions as whole layers, score "
                                                    "them again and solve again (default 0: off)")
