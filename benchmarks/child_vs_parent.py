@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from hwopt.plugins import block_types
 from hwopt.model.checkpoint import load_checkpoint
 from hwopt.models import load_model
 from hwopt.evaluate import measure_runtimes
@@ -32,7 +33,7 @@ def main() -> None:
 
     settings = json.loads((args.workdir / "run.json").read_text())
     parent = load_model(settings["model"])
-    child = load_checkpoint(args.workdir / "lower" / "nemotron-nas")
+    child = load_checkpoint(args.workdir / "lower" / "nemotron-nas", block_types())
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; parent {parent.num_parameters():,} "
           f"params, child {child.num_parameters():,}")
     print(f"{'scenario':>10} {'batch':>5} {'parent ms':>10} {'child ms':>10} {'speedup':>8}")

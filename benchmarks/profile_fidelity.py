@@ -33,6 +33,7 @@ from hwopt.model.config import BlockConfig
 from hwopt.model.modeling import HeteroLlamaForCausalLM
 from hwopt.models import resolve_model
 from hwopt.passes.profile import choose_backend, measure_costs, profile_variants
+from hwopt.plugins import block_types
 from hwopt.report import measure_runtimes
 from hwopt.roofline import CalibrationRow, roof_of
 from hwopt.search_space import Scenario, SearchSpace, model_sub_variants
@@ -86,7 +87,8 @@ def main() -> None:
     children = random_children(variants, config.num_hidden_layers, args.children)
     models = {"parent": model_sub_variants(source), **{f"child {i + 1}": c for i, c in enumerate(children)}}
     torch.manual_seed(0)
-    built = {name: HeteroLlamaForCausalLM(config, [BlockConfig(a.config, f.config) for a, f in layers]).eval()
+    built = {name: HeteroLlamaForCausalLM(config, [BlockConfig(a.config, f.config) for a, f in layers],
+                                          block_types()).eval()
              for name, layers in models.items()}
     chosen = {name: [(a.name, f.name) for a, f in layers] for name, layers in models.items()}
     print(f"{args.model} on {target.description}, torch {torch.__version__}, {torch.get_num_threads()} threads")

@@ -13,6 +13,7 @@ import sys
 
 from hwopt import __version__
 from hwopt.errors import HwoptError
+from hwopt.lowering.runtimes import RUNTIMES
 from hwopt.run import PASSES, Run, load_settings
 
 
@@ -23,6 +24,18 @@ def _csv(cast):
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}") from None
     return parse
+
+
+def number(text: str) -> int | float:
+    value = float(text)
+    return int(value) if value.is_integer() else value
+
+
+def block_type_options() -> dict[str, str]:
+    """The search-space options of every installed block type (``--window``), name -> help."""
+    from hwopt.plugins import block_types
+
+    return block_types().options()
 
 
 def add_scenario_options(p: argparse.ArgumentParser) -> None:
@@ -37,13 +50,20 @@ def add_scenario_options(p: argparse.ArgumentParser) -> None:
                                      "torch where it can measure on the target here, else the roofline estimate)")
     g.add_argument("--require-measured", action="store_const", const=True,
                    help="stop with an error rather than estimate when nothing can measure on the target here")
-    g.add_argument("--repeats", type=int, help="timed repeats per measurement (default 5)")
+    g.add_argument("--repeats", type=int, help="timed rounds of every block, interleaved (default 5; more while "
+                                               "a block's timings spread by over 10%%, for a bounded time)")
 
 
 def add_run_options(p: argparse.ArgumentParser) -> None:
     """Options every pass command takes; unset ones come from the run's run.json, then defaults."""
     g = p.add_argument_group("run")
     g.add_argument("--workdir", default="runs/default", help="run directory (default: runs/default)")
+    g.add_argument("--force", action="store_true", help="run the pass(es) even if their inputs did not change")
+    g.add_argument("--max-spread", type=float, help="stop with an error when a measured block's timings spread "
+                                                    "(IQR / median over rounds) by more than this, e.g. 0.1, or the "
+                                                    "machine is too busy to measure (default: warn above 0.1)")
+    g.add_argument("--threads", type=int, help="torch CPU threads for this run (default: chosen by its first "
+                                               "command, one per core other processes leave idle, then kept)")
     g.add_argument("--model", help="model name (smollm2-135m, llama-3.1-8b, llama-3.1-70b) or checkpoint directory")
     g.add_argument("--target", help="hardware target: cpu, h100, a100, 4090, auto (the GPU NVML sees, else the CPU), "
                                      "or a profile .toml")
@@ -53,9 +73,14 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ffn-fractions", type=_csv(float), help="FFN widths to offer (default 0.75,0.5,0.25)")
     g.add_argument("--no-linear", dest="linear", action="store_const", const=False, help="offer no linear blocks")
     g.add_argument("--no-noop", dest="no_op", action="store_const", const=False, help="offer no removed blocks")
+    g.add_argument("--block-types", type=_csv(str), metavar="PLUGIN[,PLUGIN]",
+                   help="also offer the variants of these plugins' block types (default: built-ins only; "
+                        "`hwopt plugins` lists them)")
+    for option, text in block_type_options().items():
+        g.add_argument(f"--{option}", type=_csv(number), help=f"{text} (a block type's option)")
     g = p.add_argument_group("data and training")
-    g.add_argument("--data", nargs="+", help="text or JSONL files (default: Python's own documentation); text sampled from the parent is "
-                                            "mixed in (--distill-samples)")
+    g.add_argument("--data", nargs="+", help="text or JSONL files (default: Python's own documentation); text "
+                                            "sampled from the parent is mixed in (--distill-samples)")
     g.add_argument("--distill-samples", type=int, help="tokens sampled from the parent and mixed 1:1 into training "
                                                        "(data-free distillation; default 16384, 0 for none)")
     g.add_argument("--seq-len", type=int, help="tokens per training sequence (default 128)")
@@ -94,7 +119,13 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--coupled-bld", type=int, help="coupled BLD (Puzzle Table 6): train the (attention, FFN) pairs "
                                                    "of this many diverse decoupled solutions as whole layers, score "
                                                    "them again and solve again (default 0: off)")
-    g.add_argument("--format", dest="formats", action="append", help="output format (repeatable; default nemotron-nas)")
+    g = p.add_argument_group("lower")
+    g.add_argument("--format", dest="formats", action="extend", type=_csv(str),
+                   help="output formats, comma-separated or repeated (default nemotron-nas; `hwopt lower --help` "
+                        "lists them)")
+    g.add_argument("--runtime", help=f"the runtime that will serve the child: {', '.join(RUNTIMES)} (default: "
+                                     "tensorrt-llm on a GPU target, transformers on the CPU); the search leaves out "
+                                     "what it cannot run and lower refuses what it would misread")
 
 
 # options of `hwopt solve --library`, which works on a library file instead of a run directory
@@ -115,6 +146,21 @@ def add_library_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--json", help="write the solutions here (a sweep also writes <name>.sweep.csv and .png)")
 
 
+def add_standalone_lower_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", help="lower --model (any Llama or nemotron-nas checkpoint directory) into OUT/<format>, "
+                                 "outside any run directory")
+    p.format_help = lambda: argparse.ArgumentParser.format_help(p) + formats_help()  # the formats plugins register
+
+
+def formats_help() -> str:
+    from hwopt.plugins import lowerings
+
+    lines = ["", "formats:"]
+    for lowering in lowerings():
+        lines += [f"  {lowering.name}: {lowering.description}", f"    needs: {lowering.needs}"]
+    return "\n".join(lines) + "\n"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hwopt", description="Hardware-aware LLM optimisation (Puzzle).")
     parser.add_argument("--version", action="version", version=f"hwopt {__version__}")
@@ -127,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
         add_run_options(p := sub.add_parser(name, help=f"run the {name} pass alone"))
         if name == "solve":
             add_library_options(p)
+        if name == "lower":
+            add_standalone_lower_options(p)
     p = sub.add_parser("estimate", help="runtime, memory and tokens/s of an architecture on a target "
                                         "(no weights needed)")
     p.add_argument("--model", required=True,
@@ -210,7 +258,8 @@ def cmd_estimate(args: argparse.Namespace) -> None:
     if args.parent:
         child, parent = results["model"]["total"], results["parent"]["total"]
         print(f"{args.model} / {args.parent}: {parent['runtime_ms'] / child['runtime_ms']:.2f}x the throughput, "
-              f"{child['memory_mib'] / parent['memory_mib']:.2f}x the memory")
+              f"{child['memory_mib'] / parent['memory_mib']:.2f}x the memory, KV cache "
+              f"{parent['kv_cache_mib'] - child['kv_cache_mib']:,.0f} MiB smaller")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -307,6 +356,28 @@ def cmd_solve_library(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_lower_standalone(args: argparse.Namespace) -> None:
+    """`hwopt lower --model DIR --out DIR`: any checkpoint in the chosen formats, no run directory."""
+    from pathlib import Path
+
+    from hwopt.hardware import resolve_target
+    from hwopt.lowering.runtimes import resolve_runtime
+    from hwopt.models import resolve_model
+    from hwopt.passes.lower import LowerOptions, lower
+    from hwopt.search_space import Scenario
+
+    if not args.model:
+        raise HwoptError("hwopt lower --out needs --model DIR (a Llama or nemotron-nas checkpoint)")
+    target = resolve_target(args.target or "cpu")
+    scenario = Scenario.for_target(target, args.scenario or "128/64", args.batch or 1, args.dtype)
+    source = resolve_model(args.model)
+    model = source.load()
+    tokenizer = source.tokenizer() if any(Path(source.require_weights()).glob("tokenizer*")) else None
+    options = LowerOptions(resolve_runtime(args.runtime, target), target, scenario, Path(args.model).name)
+    lower(model, tokenizer, args.formats or ["nemotron-nas"], Path(args.out), options)
+    print(f"wrote {', '.join(args.formats or ['nemotron-nas'])} into {args.out}")
+
+
 def run_command(args: argparse.Namespace) -> None:
     if args.command == "plugins":
         return cmd_plugins()
@@ -320,17 +391,23 @@ def run_command(args: argparse.Namespace) -> None:
         return cmd_targets()
     if args.command == "solve" and args.library:
         return cmd_solve_library(args)
+    if args.command == "lower" and args.out:
+        return cmd_lower_standalone(args)
     given = [f"--{k}" for k in LIBRARY_OPTIONS if vars(args).get(k) is not None]
     if given:
         raise HwoptError(f"{', '.join(given)}: only with --library FILE (in a run directory, the budgets are "
                          "--speedup, --memory, --throughput, --latency, --ttft, --params)")
-    skip = ("command", "workdir", "start", "until", *LIBRARY_OPTIONS)
+    options = {name.replace("-", "_"): name for name in block_type_options()}
+    skip = ("command", "workdir", "start", "until", "out", "force", *LIBRARY_OPTIONS, *options)
     overrides = {k: v for k, v in vars(args).items() if k not in skip}
+    given = {name: vars(args)[dest] for dest, name in options.items() if vars(args).get(dest) is not None}
+    if given:
+        overrides["block_options"] = {**load_settings(args.workdir, {}).block_options, **given}
     run = Run(args.workdir, load_settings(args.workdir, overrides))
     if args.command == "optimize":
-        run.optimize(args.start, args.until)
+        run.optimize(args.start, args.until, args.force)
     else:
-        run.run_pass(args.command)
+        run.run_pass(args.command, args.force)
 
 
 def main(argv: list[str] | None = None) -> int:

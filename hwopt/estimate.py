@@ -20,6 +20,7 @@ from hwopt.search_space import Scenario, model_sub_variants
 from hwopt.workload import MIB
 
 TIME_KEYS = ("runtime_ms", "prefill_ms", "decode_ms")
+SIZE_KEYS = ("num_params", "memory_mib", "kv_cache_mib")
 
 
 def layer_rows(costs: dict, variants: list[tuple[str, str]]) -> list[dict]:
@@ -29,7 +30,7 @@ def layer_rows(costs: dict, variants: list[tuple[str, str]]) -> list[dict]:
         a, f = costs["attention"][attention], costs["ffn"][ffn]
         rows.append({"layer": i, "attention": attention, "ffn": ffn,
                      "attention_ms": a["runtime_ms"], "ffn_ms": f["runtime_ms"],
-                     **{key: a[key] + f[key] for key in (*TIME_KEYS, "num_params", "memory_mib")}})
+                     **{key: a[key] + f[key] for key in (*TIME_KEYS, *SIZE_KEYS)}})
     return rows
 
 
@@ -41,7 +42,7 @@ def model_variants(source) -> list[tuple[str, str]]:
 def model_total(costs: dict, rows: list[dict]) -> dict:
     """Whole-model figures: the layers' rows plus the part outside the layers."""
     outside = costs["outside_layers"]
-    return {key: outside[key] + sum(r[key] for r in rows) for key in (*TIME_KEYS, "num_params", "memory_mib")}
+    return {key: outside[key] + sum(r[key] for r in rows) for key in (*TIME_KEYS, *SIZE_KEYS)}
 
 
 def estimate(source, target: HardwareProfile, scenario: Scenario, backend_name: str = "roofline",
@@ -61,7 +62,7 @@ def estimate(source, target: HardwareProfile, scenario: Scenario, backend_name: 
         total["fits_in_memory"] = total["memory_mib"] * MIB <= target.memory_gib * 2**30
     return {"model": source.label, "target": target.name, "target_description": target.description,
             "scenario": scenario.to_json(), "source": label, "layers": rows,
-            "outside_layers": {key: outside[key] for key in (*TIME_KEYS, "num_params", "memory_mib")},
+            "outside_layers": {key: outside[key] for key in (*TIME_KEYS, *SIZE_KEYS)},
             "total": total}
 
 
@@ -81,6 +82,6 @@ def print_estimate(result: dict) -> None:
         f"whole model, batch {s['batch']}, {s['input_len']}/{s['output_len']} tokens, {s['dtype']} "
         f"(KV {s['kv_dtype']}): runtime {t['runtime_ms']:.1f} ms, time to first token {t['ttft_ms']:.1f} ms, "
         f"{t['tokens_per_s']:.0f} tokens/s, {t['num_params'] / 1e9:.3f}B parameters, "
-        f"memory {t['memory_mib'] / 1024:.2f} GiB{fits}")
+        f"memory {t['memory_mib'] / 1024:.2f} GiB{fits} (KV cache {t['kv_cache_mib']:,.0f} MiB)")
     if result["source"]["kind"] == "estimated":
         console.print(f"[dim]estimated ({result['source']['reason']})[/dim]")

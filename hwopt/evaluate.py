@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from hwopt.builtin.metrics import kl_divergence
-from hwopt.model.modeling import GroupedQueryAttention, HeteroLlamaForCausalLM, generate
+from hwopt.model.modeling import HeteroLlamaForCausalLM, greedy_tokens
+from hwopt.model.modeling_nemotron_nas import GroupedQueryAttention
 from hwopt.search_space import Scenario
 from hwopt.tasks import MultipleChoice, task_accuracy
 from hwopt.workload import MIB
@@ -52,12 +53,12 @@ def measure_runtimes(models: dict[str, HeteroLlamaForCausalLM], scenario: Scenar
     torch.manual_seed(0)
     prompts = torch.randint(0, vocab_size, (scenario.batch, scenario.input_len))
     for model in models.values():
-        generate(model, prompts, 2)
+        greedy_tokens(model, prompts, 2)
     times = {name: [] for name in models}
     for _ in range(repeats):
         for name, model in models.items():
             start = time.perf_counter()
-            generate(model, prompts, scenario.output_len)
+            greedy_tokens(model, prompts, scenario.output_len)
             times[name].append((time.perf_counter() - start) * 1e3)
     return {name: statistics.median(t) for name, t in times.items()}
 

@@ -7,9 +7,14 @@ and datasette::
     def hwopt_register_metrics(register):
         register(MyMetric())
 
-The built-in block types, metrics, backends, hardware profiles, solvers,
-lowerings and models use these same hooks (see ``hwopt/builtin``).
-What each registered object must provide is described on its hook.
+``register(obj)`` files ``obj`` under ``obj.name``; a name another plugin
+has registered already is an error naming both, unless the plugin asks to
+take it over with ``register(obj, replace=True)``. A hook implementation
+whose name is not one of these hooks is an error (``hwopt.plugins.check_pending``).
+
+What each registered object provides is one protocol in ``hwopt.protocols``
+(real signatures, shapes and units); the built-ins in ``hwopt/builtin`` use
+these same hooks and implement those protocols.
 """
 
 import pluggy
@@ -20,79 +25,67 @@ hookimpl = pluggy.HookimplMarker("hwopt")
 
 @hookspec
 def hwopt_register_block_types(register):
-    """Register variant families for attention or FFN sub-blocks.
+    """Register attention or FFN variant families: ``hwopt.protocols.BlockType`` objects.
 
-    A block type has ``name``, ``kind`` ("attention" or "ffn") and:
-    ``variants(parent, options) -> list[sub-block config]`` (what to offer for
-    a parent layer), ``matches(config) -> bool``, ``build(config, model_config)
-    -> nn.Module``, ``init_from_parent(module, parent_module, inputs)``,
-    ``variant_name(config) -> str``, ``num_params(config, model_config)``,
-    ``kv_cache_elements_per_token(config, model_config)`` and, for the
-    roofline model, ``cost_terms(config, model_config, phase) ->
-    hwopt.roofline.CostTerms`` (FLOPs and elements moved in one forward).
+    A block type owns its configs end to end: the variants it offers for a
+    parent layer, its ``block_configs`` entry (read, checked, written), how
+    its sub-block is built, initialised from the parent and called, its
+    parameter count, its KV cache per token (``KVCacheShape``) and its cost
+    terms per phase. A run uses the built-in block types plus those of the
+    plugins it names (``--block-types PLUGIN``); reading a config.json uses
+    every installed one.
     """
 
 
 @hookspec
 def hwopt_register_metrics(register):
-    """Register replace-1-block scores.
+    """Register replace-1-block scores: ``hwopt.metric.Metric`` objects.
 
-    A metric has ``name``, ``higher_is_better`` (the solver maximises the
-    metric when True, minimises it otherwise), an optional ``needs``
-    (``{"task"}`` for a metric that reads the ``--task-data`` questions) and
-    ``compute(student, teacher) -> float``. Both arguments are
-    ``hwopt.metric.Outputs`` on the same held-out tokens: ``logits``
-    ``[tokens, vocab]``, ``hidden`` ``[tokens, hidden]`` (the final hidden
-    states, after the final norm), ``labels`` ``[tokens]`` (next token, -100
-    where none), ``model`` (token ids to logits, for a metric that runs its
-    own evaluation; the student's starts from the parent's cached
-    activations at the swapped layer) and ``task`` (those questions,
-    tokenised; see ``hwopt.tasks``).
+    ``compute(student, teacher) -> float`` compares two
+    ``hwopt.metric.Outputs`` on the same held-out tokens; ``higher_is_better``
+    tells the solver which way to optimise it.
     """
 
 
 @hookspec
 def hwopt_register_backends(register):
-    """Register measurement backends: how a block's cost on a target is found.
+    """Register measurement backends: ``hwopt.protocols.Backend`` objects.
 
-    A backend has ``name``; ``measures`` (True when it times real runs on a
-    device, False when it estimates); ``available(target, scenario) ->
-    (bool, reason)`` (whether it can work here, and if not, why not);
-    ``describe(target, scenario) -> dict`` (the source every figure it makes
-    carries: ``device``, ``backend`` and ``method`` for a measurement,
-    ``model`` for an estimate); and ``time_phases(workload, target, repeats)
-    -> list[float]``, the milliseconds of each of ``workload.phases`` (see
-    ``hwopt.workload``: a sub-block variant, or the model outside its layers,
-    in a prefill or decode phase).
+    ``prepare(workload, target) -> timer``: everything set up to time
+    ``workload`` (a sub-block variant, or the model outside its layers, in
+    prefill and decode phases), warmed up, and a callable whose every call is
+    one round: the milliseconds of each of ``workload.phases``. The profile
+    calls the timers of all variants in turn, round after round
+    (``hwopt.timing``), so a round should be short and must not depend on the
+    rounds before it. ``available`` says whether it can run here and why not.
     """
 
 
 @hookspec
 def hwopt_register_hardware_profiles(register):
-    """Register targets (``hwopt.hardware.HardwareProfile`` objects)."""
+    """Register targets: ``hwopt.hardware.HardwareProfile`` objects (memory in GiB, bandwidth in GB/s,
+    dense peak TFLOP/s per dtype; the dtypes it computes in default to those with a peak rate)."""
 
 
 @hookspec
 def hwopt_register_solvers(register):
-    """Register search backends.
+    """Register search backends: ``hwopt.problem.Solver`` objects.
 
-    A solver has ``name`` and ``solve(problem, time_limit_s) -> Solution | None``
-    (``None`` when it found no choice that meets the budgets); optionally
-    ``exact`` (False for a heuristic, whose None proves nothing; default True)
-    and ``compile(problem)``, a model that Pareto sweeps re-solve under a
-    moving budget. See ``hwopt.problem.Solver`` and ``hwopt.builtin.solvers``.
+    ``solve(problem, time_limit_s) -> Solution | None`` (None: no choice meets
+    the budgets); optionally ``exact`` (False for a heuristic, whose None
+    proves nothing; default True) and ``compile(problem)``, a model that
+    Pareto sweeps re-solve under a moving budget.
     """
 
 
 @hookspec
 def hwopt_register_lowerings(register):
-    """Register output formats.
+    """Register output formats: ``hwopt.protocols.Lowering`` objects (``lower(model, tokenizer, out_dir, options)``).
 
-    A lowering has ``name`` and ``lower(model, tokenizer, out_dir)``; it
-    writes into ``out_dir``, which the pipeline then renames into place.
+    ``hwopt lower --help`` lists each one's ``description`` and ``needs``.
     """
 
 
 @hookspec
 def hwopt_register_models(register):
-    """Register model names (``hwopt.models.ModelSpec`` objects)."""
+    """Register model names: ``hwopt.models.ModelSpec`` objects (a name to an architecture and its weights)."""

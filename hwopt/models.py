@@ -20,6 +20,7 @@ from hwopt.model.architecture import read_architecture
 from hwopt.model.checkpoint import load_checkpoint
 from hwopt.model.config import BlockConfig, parent_block_config
 from hwopt.model.modeling import HeteroLlamaForCausalLM
+from hwopt.plugins import block_types, models
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ class ModelSource:
         return self.weights_dir
 
     def load(self) -> HeteroLlamaForCausalLM:
-        return load_checkpoint(self.require_weights())
+        return load_checkpoint(self.require_weights(), block_types())
 
     def tokenizer(self):
         directory = self.require_weights()
@@ -73,11 +74,13 @@ class ModelSource:
 
 
 def resolve_model(name_or_path: str) -> ModelSource:
-    from hwopt.plugins import models
+    """A model name (built in or a plugin's) or a checkpoint directory or config.json.
 
+    A config.json's ``block_configs`` are read by every installed block type.
+    """
     path = Path(name_or_path).expanduser()
     if path.is_dir() or (path.is_file() and path.suffix == ".json"):  # a checkpoint, or just its config.json
-        config, blocks = read_architecture(path)
+        config, blocks = read_architecture(path, block_types())
         directory = path if path.is_dir() else path.parent
         weights = directory if any(directory.glob("*.safetensors")) else None
         return ModelSource(str(path), config, blocks, weights, f"{directory} holds no *.safetensors")

@@ -40,7 +40,7 @@ def input_names(workload: Workload, count: int) -> list[str]:
 def output_names(workload: Workload) -> list[str]:
     if workload.variant is None:
         return ["next_token", "cos", "sin"]
-    if workload.num_kv_heads:
+    if workload.kv_cache.elements_per_token:
         return ["y", "keys", "values"]
     return ["y"]
 

@@ -9,7 +9,8 @@ and carries on from there.
 
 A pass's fingerprint hashes its settings and the content hashes of the
 artifacts it reads; a pass whose fingerprint matches its manifest is
-skipped.
+skipped, unless forced. A pass that failed its own checks (a profile too
+noisy to trust) keeps its outputs but no fingerprint, so it is redone.
 """
 
 from __future__ import annotations
@@ -88,6 +89,14 @@ def output_hash(pass_dir: Path) -> str:
 def is_up_to_date(pass_dir: Path, fp: str) -> bool:
     manifest = read_manifest(pass_dir)
     return manifest is not None and manifest.get("fingerprint") == fp
+
+
+def mark_not_up_to_date(pass_dir: Path, problems: list[str]) -> None:
+    """Keep a finished pass's outputs (later passes may read them) but never skip it: it failed its checks."""
+    manifest = read_manifest(pass_dir)
+    manifest["fingerprint"] = None
+    manifest["failed_checks"] = problems
+    atomic_write_json(Path(pass_dir) / MANIFEST, manifest)
 
 
 @contextmanager

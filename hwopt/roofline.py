@@ -73,8 +73,9 @@ from scipy.optimize import least_squares
 
 from hwopt.errors import HwoptError
 from hwopt.hardware import HardwareProfile
-from hwopt.model.config import head_dim, sub_block_from_json, sub_block_json
-from hwopt.search_space import DTYPE_BYTES, SearchSpace, SubVariant, sub_variant_of, sub_variants
+from hwopt.model.config import head_dim
+from hwopt.search_space import DTYPE_BYTES, SearchSpace, SubVariant, sub_variant_from_json, sub_variants
+from hwopt.timing import median_phases
 from hwopt.workload import TORCH_DTYPES, Phase, Workload, scenario_phases
 
 SILU_PRODUCT_FLOPS = 5  # silu(g) * u: negate, exp, add one, divide, multiply
@@ -119,10 +120,14 @@ def norm_and_residual(tokens: int, hidden: int) -> CostTerms:
     return CostTerms(activations=5 * tokens * hidden)
 
 
-def attended_pairs(phase: Phase) -> int:
-    """(query, key) pairs per head: each new token sees the cache and, causally, the new tokens up to itself."""
-    n = phase.new_tokens
-    return phase.batch * (n * phase.cached + n * (n + 1) // 2)
+def attended_pairs(phase: Phase, window: int | None = None) -> int:
+    """(query, key) pairs per head: each new token sees the cache and, causally, the new tokens up to itself.
+
+    With a ``window``, a token sees at most the last ``window`` tokens (itself included).
+    """
+    n, cached = phase.new_tokens, phase.cached
+    unclipped = n if window is None else max(0, min(n, window - cached))  # new tokens that see everything before
+    return phase.batch * (unclipped * cached + unclipped * (unclipped + 1) // 2 + (n - unclipped) * (window or 0))
 
 
 def outside_layers_terms(config, phase: Phase) -> CostTerms:
@@ -353,7 +358,7 @@ class CalibrationRow:
         config = resolve_model(self.model).config
         variant = None
         if self.kind in ("attention", "ffn"):
-            variant = sub_variant_of(config, sub_block_from_json(self.kind, self.block, config, "field 'block'"))
+            variant = sub_variant_from_json(self.kind, self.block, config, "field 'block'")
         phase = Phase(self.phase, self.batch, self.new_tokens, self.cached)
         return Workload(variant, config, self.dtype, self.kv_dtype, (phase,))
 
@@ -477,8 +482,9 @@ def measure_rows(source, target: HardwareProfile, scenarios: list, backend, repe
             about = backend.describe(target, scenario)
             kind = variant.kind if variant else "outside_layers"
             block = None if variant is None else {
-                k: v for k, v in sub_block_json(variant.config, config.hidden_size).items() if v is not None}
-            for phase, ms in zip(phases, backend.time_phases(workload, target, repeats)):
+                k: v for k, v in variant.to_json(config).items() if v is not None}
+            timer = backend.prepare(workload, target)
+            for phase, ms in zip(phases, median_phases([timer() for _ in range(repeats)])):
                 rows.append(CalibrationRow(about["device"], about["backend"], today, source.label, kind, block,
                                            scenario.dtype, scenario.kv_dtype, phase.name, phase.batch,
                                            phase.new_tokens, phase.cached, float(ms)))

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
+import torch
 
 from hwopt.builtin.models import cache_root
 from hwopt.data import cached_parent_samples, check_data_files, general_heldout, load_split
@@ -24,19 +25,28 @@ from hwopt.hardware import resolve_target
 from hwopt.model.checkpoint import load_checkpoint, save_nemotron_nas
 from hwopt.models import resolve_model
 from hwopt.passes.library import BLDSettings, Library, build_coupled, build_library, coupled_subspace
-from hwopt.passes.lower import lower
-from hwopt.passes.profile import choose_backend, profile
+from hwopt.lowering.runtimes import Runtime, resolve_runtime, runnable_library
+from hwopt.passes.lower import LowerOptions, lower
+from hwopt.passes.profile import choose_backend, print_checks, profile
 from hwopt.passes.score import SCORE_PAIRS, rescore_coupled, score
 from hwopt.passes.solve import Budgets, maximizes, solve
 from hwopt.passes.uptrain import UptrainSettings, uptrain
-from hwopt.pipeline import atomic_write_json, fingerprint, is_up_to_date, output_hash, staged_pass
+from hwopt.pipeline import (
+    atomic_write_json,
+    fingerprint,
+    is_up_to_date,
+    mark_not_up_to_date,
+    output_hash,
+    staged_pass,
+)
 from hwopt.plots import per_layer_runtime
-from hwopt.plugins import metrics
+from hwopt.plugins import block_types, metrics
 from hwopt.progress import console
 from hwopt.evaluate import measure_runtimes
 from hwopt.report import build_report, measured_here, print_report
 from hwopt.search_space import Scenario, SearchSpace
 from hwopt.tasks import read_task
+from hwopt.timing import idle_cores
 
 PASSES = ("profile", "library", "score", "solve", "uptrain", "lower")
 
@@ -52,6 +62,8 @@ class Settings:
     backend: str = "auto"
     require_measured: bool = False
     repeats: int = 5
+    max_spread: float | None = None  # a measured figure's IQR / median above this is an error
+    threads: int | None = None  # torch's CPU threads; chosen by the run's first command (idle cores), then kept
     data: list[str] | None = None
     distill_samples: int = 16384  # tokens sampled from the parent, mixed into training (0: none)
     seq_len: int = 128
@@ -59,6 +71,8 @@ class Settings:
     ffn_fractions: list[float] = field(default_factory=lambda: [0.75, 0.5, 0.25])
     linear: bool = True
     no_op: bool = True
+    block_types: list[str] = field(default_factory=list)  # plugins whose block types the run uses, besides built-ins
+    block_options: dict[str, list] = field(default_factory=dict)  # their options (--window 64,256), by name
     bld_tokens: int = 16384
     bld_lr: float = 5e-4
     score_tokens: int = 512
@@ -81,6 +95,7 @@ class Settings:
     uptrain_tokens: int = 32768
     uptrain_lr: float = 1e-4
     formats: list[str] = field(default_factory=lambda: ["nemotron-nas"])
+    runtime: str | None = None  # the runtime that serves the child (default: the target's, see hwopt.lowering.runtimes)
     seed: int = 0
 
     @property
@@ -93,19 +108,19 @@ class Settings:
         return Budgets(self.speedup, self.memory, self.throughput, self.latency, self.ttft, self.params)
 
 
-SEARCH_SPACE = ["model", "kv_heads", "ffn_fractions", "linear", "no_op"]
+SEARCH_SPACE = ["model", "kv_heads", "ffn_fractions", "linear", "no_op", "block_types", "block_options"]
 DATA = ["data", "distill_samples", "seq_len", "seed"]
 # pass -> (settings it depends on, passes whose outputs it reads)
 PASS_INPUTS = {
     "profile": (SEARCH_SPACE + ["target", "scenario", "batch", "dtype", "kv_dtype", "backend", "require_measured",
-                                "repeats"], []),
+                                "repeats", "max_spread", "threads"], []),
     "library": (SEARCH_SPACE + DATA + ["bld_tokens", "bld_lr", "seed"], []),
     "score": (DATA + ["score_tokens", "score_pairs", "metrics", "task_data"], ["library", "profile"]),
-    "solve": (DATA + ["objective", "speedup", "memory", "throughput", "latency", "ttft", "params", "solver",
-                      "num_solutions", "min_diversity", "time_limit", "coupled_bld", "speedup_checks", "bld_tokens", "bld_lr",
-                      "score_tokens", "metrics", "task_data"], ["score", "profile", "library"]),
+    "solve": (DATA + ["runtime", "objective", "speedup", "memory", "throughput", "latency", "ttft", "params", "solver",
+                      "num_solutions", "min_diversity", "time_limit", "coupled_bld", "speedup_checks", "bld_tokens",
+                      "bld_lr", "score_tokens", "metrics", "task_data"], ["score", "profile", "library"]),
     "uptrain": (DATA + ["uptrain_tokens", "uptrain_lr", "seed"], ["library", "solve"]),
-    "lower": (["formats"], ["uptrain"]),
+    "lower": (["formats", "runtime", "dtype"], ["uptrain"]),
 }
 
 
@@ -140,7 +155,13 @@ class Run:
     @cached_property
     def space(self) -> SearchSpace:
         s = self.settings
-        return SearchSpace(tuple(s.kv_heads) if s.kv_heads else None, tuple(s.ffn_fractions), s.linear, s.no_op)
+        linear = s.linear and self.runtime.linear  # vLLM and SGLang run no linear blocks
+        return SearchSpace(tuple(s.kv_heads) if s.kv_heads else None, tuple(s.ffn_fractions), linear, s.no_op,
+                           tuple(s.block_types), tuple((k, tuple(v)) for k, v in sorted(s.block_options.items())))
+
+    @cached_property
+    def runtime(self) -> Runtime:
+        return resolve_runtime(self.settings.runtime, self.target)
 
     @cached_property
     def parent(self):
@@ -188,6 +209,8 @@ class Run:
                 raise HwoptError(f"{name} needs the output of {up} in {self.dir(up)}: run `hwopt {up}` first "
                                  f"(or `hwopt optimize`)")
         settings = {k: getattr(self.settings, k) for k in keys}
+        if "linear" in keys:  # what --runtime leaves of --no-linear's choice
+            settings["linear"] = self.space.linear
         if name in ("profile", "library"):
             settings["architecture"] = self.source.config.to_json_string(use_diff=False)
         if name == "profile":  # `cpu` names whichever machine this is: timings from another one are stale
@@ -205,22 +228,49 @@ class Run:
         """Remember this command's settings for the next command on the run (once they proved valid)."""
         atomic_write_json(self.workdir / "run.json", dataclasses.asdict(self.settings))
 
-    def run_pass(self, name: str) -> None:
-        self._validate(name)
+    def use_threads(self) -> None:
+        """Run torch on ``--threads`` CPU threads; without it, on one per core other processes leave idle now.
+
+        The choice is saved with the run's settings, so that every later
+        command (the profile, its check, the closing report) times with the
+        same count.
+        """
+        s = self.settings
+        if s.threads is None:
+            s.threads, load = idle_cores()
+            console.print(f"threads: {s.threads} ({load.describe()}); the run keeps this number, --threads N "
+                          "changes it")
+        if s.threads < 1:
+            raise HwoptError(f"--threads must be at least 1, not {s.threads}")
+        torch.set_num_threads(s.threads)
+
+    def run_pass(self, name: str, force: bool = False) -> None:
+        """Run one pass, unless it is up to date (``force``: run it anyway)."""
+        self._validate(name)  # bad input fails before anything is said or chosen
+        self.use_threads()
         self.save_settings()
         fp = self.fingerprint(name)
-        if is_up_to_date(self.dir(name), fp):
-            console.print(f"[dim]{name}: up to date, skipped[/dim]")
+        if is_up_to_date(self.dir(name), fp) and not force:
+            console.print(f"[dim]{name}: up to date, skipped (--force runs it again)[/dim]")
             return
         console.print(f"[bold]{name}[/bold]")
         with staged_pass(self.dir(name), fp) as out:
-            getattr(self, f"_{name}")(out)
+            problems = getattr(self, f"_{name}")(out)
+        if problems:  # only the profile checks itself so far
+            for line in problems:
+                console.print(f"[yellow]{name}: warning: {line}[/yellow]", soft_wrap=True)  # one line, however long
+            mark_not_up_to_date(self.dir(name), problems)
+            console.print(f"[yellow]{name}: failed its checks, so it is not recorded as up to date: the next command "
+                          "runs it again (this one goes on with it)[/yellow]", soft_wrap=True)
 
     def _validate(self, name: str) -> None:
         """Resolve what a pass will need before it starts, so bad input fails at once."""
-        _ = self.source, self.target, self.scenario
+        _ = self.source, self.target, self.scenario, self.runtime, self.space.block_types()
         if name == "profile":
             choose_backend(self.settings.backend, self.target, self.scenario, self.settings.require_measured)
+            if self.settings.max_spread is not None and not self.settings.max_spread > 0:
+                raise HwoptError(f"--max-spread must be a positive fraction (0.1 is 10%), not "
+                                 f"{self.settings.max_spread:g}")
         if name in ("library", "score", "uptrain", "lower"):
             self.source.require_weights()
         if "data" in PASS_INPUTS[name][0]:
@@ -238,10 +288,12 @@ class Run:
         if name == "solve" and not self.settings.budgets.keys():
             raise HwoptError("solve needs a budget: --speedup, --memory, --throughput, --latency, --ttft or --params")
 
-    def _profile(self, out: Path) -> None:
+    def _profile(self, out: Path) -> list[str]:
         s = self.settings
-        profile(self.source, self.target, self.scenario, self.space, s.backend, s.repeats, out / "costs.json",
-                s.require_measured)
+        costs = profile(self.source, self.target, self.scenario, self.space, s.backend, s.repeats,
+                        out / "costs.json", s.require_measured, s.max_spread)
+        print_checks(costs)
+        return costs["checks"]["problems"]
 
     def _library(self, out: Path) -> None:
         s = self.settings
@@ -259,7 +311,8 @@ class Run:
 
     def _solve(self, out: Path) -> None:
         s = self.settings
-        library, costs = self.read_json("score/block_library.json"), self.read_json("profile/costs.json")
+        costs = self.read_json("profile/costs.json")
+        library = runnable_library(self.read_json("score/block_library.json"), self.runtime, self.source.config)
         if s.coupled_bld:
             library = self._coupled_bld(library, costs, out)
         budgets, checks = s.budgets, []
@@ -328,7 +381,9 @@ class Run:
                       + ("" if stats["kept_uptrained_weights"] else " (worse: kept the weights from before)"))
 
     def _lower(self, out: Path) -> None:
-        lower(load_checkpoint(self.dir("uptrain") / "model"), self.tokenizer, self.settings.formats, out)
+        options = LowerOptions(self.runtime, self.target, self.scenario, self.source.label)
+        child = load_checkpoint(self.dir("uptrain") / "model", block_types())
+        lower(child, self.tokenizer, self.settings.formats, out, options)
 
     def report(self) -> dict:
         """Parent against the child, both timed here; recomputed only when the child or scenario changed."""
@@ -340,7 +395,7 @@ class Run:
         if path.is_file() and (old := json.loads(path.read_text())).get("fingerprint") == fp:
             print_report(old)
             return old
-        child = load_checkpoint(self.dir("uptrain") / "model")
+        child = load_checkpoint(self.dir("uptrain") / "model", block_types())
         texts = {"heldout": self.split.heldout_batches(self.settings.score_tokens), "general": self.general_heldout}
         report = build_report(self.parent, child, self.read_json("solve/solutions.json"), self.scenario, texts,
                               measured_here(), self.task)
@@ -349,11 +404,13 @@ class Run:
         print_report(report)
         return report
 
-    def optimize(self, start: str = "profile", until: str = "lower") -> None:
+    def optimize(self, start: str = "profile", until: str = "lower", force: bool = False) -> None:
+        """Run the passes from ``start`` to ``until`` (``force``: every one of them, even if up to date)."""
         span = PASSES[PASSES.index(start): PASSES.index(until) + 1]
         for name in span:
             self._validate(name)
+        self.use_threads()
         for name in span:
-            self.run_pass(name)
+            self.run_pass(name, force)
         if until == "lower":
             self.report()

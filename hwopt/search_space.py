@@ -9,12 +9,29 @@ from hwopt.errors import HwoptError
 
 @dataclass(frozen=True)
 class SearchSpace:
-    """Which variants the library offers per layer (the parent's own block is always in)."""
+    """Which variants the library offers per layer (the parent's own block is always in).
+
+    ``block_type_plugins`` names the plugins whose block types the run uses
+    besides the built-ins (none by default); ``options`` holds the values of
+    the search-space options those block types take (``--window 64,256``).
+    """
 
     kv_heads: tuple[int, ...] | None = None  # None: every divisor of the parent's KV heads
     ffn_fractions: tuple[float, ...] = (0.75, 0.5, 0.25)
     linear: bool = True
     no_op: bool = True
+    block_type_plugins: tuple[str, ...] = ()
+    options: tuple[tuple[str, tuple], ...] = ()  # (option name, values), e.g. (("window", (64, 256)),)
+
+    def option(self, name: str, default: tuple = ()) -> tuple:
+        """The values given for a block type's option, or ``default``."""
+        return dict(self.options).get(name, default)
+
+    def block_types(self):
+        """The block types this space draws its variants from (``hwopt.plugins.BlockTypes``)."""
+        from hwopt.plugins import block_types
+
+        return block_types().select(self.block_type_plugins)
 
 
 @dataclass(frozen=True)
@@ -23,30 +40,36 @@ class SubVariant:
 
     kind: str  # "attention" or "ffn"
     name: str  # e.g. "kv1", "ffn768", "attn_linear"
-    config: object  # AttentionConfig or FFNConfig
+    config: object  # the block type's own config (hwopt.protocols.BlockType)
     block_type: object
+
+    def to_json(self, model_config) -> dict:
+        """Its ``block_configs`` entry."""
+        return self.block_type.to_json(self.config, model_config)
 
 
 def sub_variants(config, space: SearchSpace, kind: str) -> list[SubVariant]:
-    """Every variant of one kind that the registered block types offer for a parent config."""
-    from hwopt.plugins import block_types
-
+    """Every variant of one kind that the space's block types offer for a parent config."""
     out = []
-    for block_type in block_types():
-        if block_type.kind == kind:
-            for cfg in block_type.variants(config, space):
-                out.append(SubVariant(kind, block_type.variant_name(cfg, config), cfg, block_type))
+    for block_type in space.block_types().of_kind(kind):
+        for cfg in block_type.variants(config, space):
+            out.append(SubVariant(kind, block_type.variant_name(cfg, config), cfg, block_type))
     return out
 
 
 def sub_variant_of(config, cfg) -> SubVariant:
-    """The variant (and its block type) for one given attention or FFN config."""
+    """The variant (and its block type, among every installed one) for one given sub-block config."""
     from hwopt.plugins import block_types
 
-    for block_type in block_types():
-        if block_type.matches(cfg):
-            return SubVariant(block_type.kind, block_type.variant_name(cfg, config), cfg, block_type)
-    raise HwoptError(f"no registered block type handles {cfg}")
+    block_type = block_types().of(cfg)
+    return SubVariant(block_type.kind, block_type.variant_name(cfg, config), cfg, block_type)
+
+
+def sub_variant_from_json(kind: str, entry: dict, config, where: str) -> SubVariant:
+    """The variant a ``block_configs``-style entry describes (library index, calibration rows)."""
+    from hwopt.plugins import block_types
+
+    return sub_variant_of(config, block_types().from_json(kind, entry, config, where))
 
 
 def model_sub_variants(source) -> list[tuple[SubVariant, SubVariant]]:

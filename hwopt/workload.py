@@ -12,9 +12,9 @@ inputs and outputs are plain tensors (``build_step`` and ``step_inputs``),
 so the same module is timed by torch and exported to ONNX:
 
 * a sub-block step is ``x + sub_block(norm(x))``, with the rotary ``cos``
-  and ``sin`` as inputs (the model computes them once per forward, outside
-  the layers) and, for attention, the cached keys and values in and the
-  grown cache out;
+  and ``sin`` as inputs for attention (the model computes them once per
+  forward, outside the layers) and, for a sub-block that caches (its block
+  type's ``kv_cache``), the cached keys and values in and the new cache out;
 * the outside step is what a generation step does besides the layers:
   embed the tokens, make the rotary tables, normalise the last position,
   the LM head, and pick the next token.
@@ -29,8 +29,9 @@ import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding
 
-from hwopt.model.config import head_dim
+from hwopt.errors import HwoptError
 from hwopt.model.modeling import KVCache
+from hwopt.protocols import NO_CACHE, KVCacheShape
 from hwopt.search_space import Scenario, SubVariant
 
 MIB = 2**20
@@ -72,16 +73,11 @@ class Workload:
         return self.variant.name if self.variant is not None else "outside_layers"
 
     @property
-    def head_dim(self) -> int:
-        return head_dim(self.config)
-
-    @property
-    def num_kv_heads(self) -> int:
-        """KV heads this piece caches (0 for anything but grouped-query attention)."""
+    def kv_cache(self) -> KVCacheShape:
+        """What this piece caches per sequence (its block type's ``kv_cache``; nothing outside the layers)."""
         if self.variant is None:
-            return 0
-        per_token = self.variant.block_type.kv_cache_elements_per_token(self.variant.config, self.config)
-        return per_token // (2 * self.head_dim)
+            return NO_CACHE
+        return self.variant.block_type.kv_cache(self.variant.config, self.config)
 
 
 def decode_contexts(scenario: Scenario) -> list[int]:
@@ -119,25 +115,23 @@ def phase_totals(workload: Workload, phase_ms: list[float], scenario: Scenario) 
 
 
 class SubBlockStep(nn.Module):
-    """``x + sub_block(norm(x))`` with plain tensors in and out (attention also passes its cache through)."""
+    """``x + sub_block(norm(x))`` with plain tensors in and out (a sub-block that caches passes its cache through)."""
 
     def __init__(self, workload: Workload, block: nn.Module):
         super().__init__()
         config = workload.config
-        self.is_attention = workload.variant.kind == "attention"
-        self.caches_kv = workload.num_kv_heads > 0
+        self.caches_kv = workload.kv_cache.elements_per_token > 0
         self.block = block
         self.norm = LlamaRMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x, cos=None, sin=None, past_keys=None, past_values=None):
-        if not self.is_attention:
-            return x + self.block(self.norm(x))
+        positions = None if cos is None else (cos, sin)
         if not self.caches_kv:
-            return x + self.block(self.norm(x), (cos, sin))
+            return x + self.block(self.norm(x), positions, None, 0)
         cache = KVCache(1)
         if past_keys is not None:
             cache.keys[0], cache.values[0], cache.length = past_keys, past_values, past_keys.shape[2]
-        y = x + self.block(self.norm(x), (cos, sin), cache, 0)
+        y = x + self.block(self.norm(x), positions, cache, 0)
         return y, cache.keys[0], cache.values[0]
 
 
@@ -191,9 +185,14 @@ def step_inputs(workload: Workload, phase: Phase, device="cpu", generator: torch
         return (x.to(dtype),)
     with torch.device(device):
         cos, sin = LlamaRotaryEmbedding(config)(x, positions)
-    if workload.num_kv_heads == 0 or phase.cached == 0:
+    kv = workload.kv_cache
+    if kv.elements_per_token == 0 or phase.cached == 0:
         return x.to(dtype), cos.to(dtype), sin.to(dtype)
-    shape = (phase.batch, workload.num_kv_heads, phase.cached, workload.head_dim)
+    if len(kv.per_token) != 3 or kv.per_token[0] != 2:
+        raise HwoptError(f"{workload.name}: the measuring backends pass a KV cache of shape (2, heads, head_dim) "
+                         f"per token (K and V), not {kv.per_token}; price it with --backend roofline")
+    _, heads, width = kv.per_token
+    shape = (phase.batch, heads, kv.tokens(phase.cached), width)
     kv_dtype = TORCH_DTYPES[workload.kv_dtype]
     past = [torch.randn(shape, device=device, generator=generator).to(kv_dtype) for _ in range(2)]
     return x.to(dtype), cos.to(dtype), sin.to(dtype), *past

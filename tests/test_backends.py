@@ -19,6 +19,7 @@ from hwopt.errors import HwoptError
 from hwopt.hardware import resolve_target
 from hwopt.onnx_export import export_step, named_inputs, output_names
 from hwopt.search_space import Scenario, SearchSpace, sub_variants
+from hwopt.timing import median_phases
 from hwopt.workload import Workload, build_step, scenario_phases, step_inputs
 
 CONFIG = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
@@ -65,7 +66,7 @@ def test_onnxruntime_uses_torchs_thread_count(tmp_path):
     path = export_step(build_step(wl), wl, PHASES["prefill"], tmp_path / "step.onnx")
     assert new_session(path).get_session_options().intra_op_num_threads == torch.get_num_threads()
     describe = OnnxRuntimeBackend().describe(resolve_target("cpu"), SCENARIO)
-    assert f"CPUExecutionProvider, {torch.get_num_threads()} threads" in describe["backend"]
+    assert f"CPUExecutionProvider, {torch.get_num_threads()} thread" in describe["backend"]
 
 
 @contextlib.contextmanager
@@ -79,21 +80,27 @@ def one_thread():
         torch.set_num_threads(threads)
 
 
+def median_ms(backend, wl: Workload, rounds: int) -> list[float]:
+    """Per phase, the median of ``rounds`` rounds of the backend's timer."""
+    timer = backend.prepare(wl, resolve_target("cpu"))
+    return median_phases([timer() for _ in range(rounds)])
+
+
 @pytest.fixture(scope="module")
 def onnxruntime_swiglu_ms() -> list[float]:
     with one_thread():
-        return OnnxRuntimeBackend().time_phases(workload("ffn128"), resolve_target("cpu"), repeats=20)
+        return median_ms(OnnxRuntimeBackend(), workload("ffn128"), rounds=20)
 
 
 def test_onnxruntime_times_every_phase(onnxruntime_swiglu_ms):
     assert len(onnxruntime_swiglu_ms) == len(PHASES)
     assert all(math.isfinite(ms) and ms > 0 for ms in onnxruntime_swiglu_ms)
-    assert OnnxRuntimeBackend().time_phases(workload("ffn_noop"), resolve_target("cpu"), repeats=3) == [0.0, 0.0]
+    assert OnnxRuntimeBackend().prepare(workload("ffn_noop"), resolve_target("cpu"))() == [0.0, 0.0]
 
 
 def test_onnxruntime_and_torch_agree_within_a_sane_factor(onnxruntime_swiglu_ms):
     with one_thread():
-        torch_ms = TorchBackend().time_phases(workload("ffn128"), resolve_target("cpu"), repeats=20)
+        torch_ms = median_ms(TorchBackend(), workload("ffn128"), rounds=20)
     for ort_ms, eager_ms in zip(onnxruntime_swiglu_ms, torch_ms):
         assert 0.1 < ort_ms / eager_ms < 10, (onnxruntime_swiglu_ms, torch_ms)
 

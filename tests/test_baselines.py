@@ -46,7 +46,7 @@ def test_block_influence_is_zero_for_a_removed_layer(tiny_llama_dir):
     parent = resolve_model(str(tiny_llama_dir)).load()
     blocks = list(parent.block_configs)
     blocks[2] = BlockConfig(AttentionConfig(no_op=True), FFNConfig(no_op=True))
-    model = HeteroLlamaForCausalLM(parent.config, blocks)
+    model = HeteroLlamaForCausalLM(parent.config, blocks, parent.block_types)
     state = parent.state_dict()
     model.load_state_dict({k: v for k, v in state.items() if k in model.state_dict()})
     influence = block_influence(model, torch.randint(0, 1000, (2, 16)))

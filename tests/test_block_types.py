@@ -9,7 +9,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from hwopt.builtin.block_types import ffn_width, least_squares_linear
 from hwopt.model.config import AttentionConfig, FFNConfig
-from hwopt.model.modeling import GroupedQueryAttention, LinearFFN, SwiGLU
+from hwopt.model.modeling_nemotron_nas import GroupedQueryAttention, LinearFFN, SwiGLU
 from hwopt.search_space import SearchSpace, sub_variant_of, sub_variants
 
 

@@ -7,6 +7,7 @@ import json
 import pytest
 from transformers import LlamaConfig
 
+from hwopt.plugins import block_types
 from hwopt.errors import HwoptError
 from hwopt.model.architecture import architecture_from_dict
 from hwopt.model.checkpoint import nemotron_nas_config
@@ -47,11 +48,11 @@ BLOCKS = [
 
 @pytest.mark.parametrize("block", BLOCKS, ids=["parent", "sized", "linear", "no_op"])
 def test_block_config_json_round_trip(block):
-    d = block.to_json(HIDDEN)
+    d = block.to_json(block_types(), tiny_config())
     assert set(d) == {"attention", "ffn"}
     assert set(d["attention"]) == {"no_op", "replace_with_linear", "n_heads_in_group"}
     assert set(d["ffn"]) == {"no_op", "replace_with_linear", "ffn_mult", "intermediate_size"}
-    assert BlockConfig.from_json(json.loads(json.dumps(d)), tiny_config()) == block
+    assert BlockConfig.from_json(json.loads(json.dumps(d)), tiny_config(), block_types()) == block
     if block.ffn.intermediate_size is None:
         assert d["ffn"]["ffn_mult"] is None and d["ffn"]["intermediate_size"] is None
     else:
@@ -74,7 +75,8 @@ def test_no_op_and_linear_together_is_an_error():
     with pytest.raises(HwoptError, match="ffn.no_op and ffn.replace_with_linear are both true"):
         FFNConfig.from_json(both, HIDDEN)
     with pytest.raises(HwoptError, match="layer 3: ffn.no_op and ffn.replace_with_linear are both true"):
-        BlockConfig.from_json({"attention": {"n_heads_in_group": 1}, "ffn": both}, tiny_config(), "layer 3")
+        BlockConfig.from_json({"attention": {"n_heads_in_group": 1}, "ffn": both}, tiny_config(), block_types(),
+                              "layer 3")
 
 
 def test_sized_sub_blocks_need_a_size():
@@ -83,12 +85,12 @@ def test_sized_sub_blocks_need_a_size():
     with pytest.raises(HwoptError, match=r"ffn.ffn_mult is missing \(or intermediate_size\)"):
         FFNConfig.from_json({"no_op": False}, HIDDEN)
     with pytest.raises(HwoptError, match="ffn is missing"):
-        BlockConfig.from_json({"attention": {"n_heads_in_group": 1}}, tiny_config())
+        BlockConfig.from_json({"attention": {"n_heads_in_group": 1}}, tiny_config(), block_types())
 
 
 def test_nemotron_nas_config_fields():
     config = tiny_config()
-    out = nemotron_nas_config(config, BLOCKS)
+    out = nemotron_nas_config(config, BLOCKS, block_types())
     out = json.loads(json.dumps(out))  # what config.json holds
     assert out["model_type"] == "nemotron-nas"
     assert out["architectures"] == ["DeciLMForCausalLM"]
@@ -96,13 +98,13 @@ def test_nemotron_nas_config_fields():
     assert "num_key_value_heads" in out and out["num_key_value_heads"] is None
     assert out["rope_theta"] == pytest.approx(config.rope_parameters["rope_theta"])
     assert out["num_hidden_layers"] == len(out["block_configs"]) == 4
-    assert out["block_configs"] == [b.to_json(HIDDEN) for b in BLOCKS]
+    assert out["block_configs"] == [b.to_json(block_types(), config) for b in BLOCKS]
 
 
 def test_architecture_from_dict_reads_it_back():
     config = tiny_config()
-    raw = json.loads(json.dumps(nemotron_nas_config(config, BLOCKS)))
-    back, blocks = architecture_from_dict(raw, "config.json")
+    raw = json.loads(json.dumps(nemotron_nas_config(config, BLOCKS, block_types())))
+    back, blocks = architecture_from_dict(raw, "config.json", block_types())
     assert blocks == BLOCKS
     assert back.hidden_size == HIDDEN and back.num_hidden_layers == 4 and back.vocab_size == 101
     # the nulled Llama fields come back as the largest per-layer value
@@ -114,18 +116,18 @@ def test_architecture_from_dict_reads_it_back():
 def test_llama_dict_gives_the_parent_block_everywhere():
     config = tiny_config()
     raw = {**config.to_dict(), "model_type": "llama"}
-    back, blocks = architecture_from_dict(raw, "config.json")
+    back, blocks = architecture_from_dict(raw, "config.json", block_types())
     assert blocks == [parent_block_config(config)] * 4
 
 
 def test_wrong_block_config_count_is_an_error():
-    raw = nemotron_nas_config(tiny_config(), BLOCKS)
+    raw = nemotron_nas_config(tiny_config(), BLOCKS, block_types())
     raw["block_configs"] = raw["block_configs"][:3]
     with pytest.raises(HwoptError, match="3 block_configs for 4 layers"):
-        architecture_from_dict(raw, "somewhere/config.json")
+        architecture_from_dict(raw, "somewhere/config.json", block_types())
 
 
 def test_unknown_model_type_is_an_error():
     raw = {**tiny_config().to_dict(), "model_type": "mistral"}
     with pytest.raises(HwoptError, match="'mistral'"):
-        architecture_from_dict(raw, "config.json")
+        architecture_from_dict(raw, "config.json", block_types())

@@ -14,6 +14,7 @@ from hwopt.model.checkpoint import load_checkpoint, save_nemotron_nas
 from hwopt.model.config import AttentionConfig, BlockConfig, FFNConfig
 from hwopt.model.modeling import HeteroLlamaForCausalLM
 from hwopt.models import resolve_model
+from hwopt.plugins import block_types
 
 FAST = ["--scenario", "8/4", "--repeats", "1", "--seq-len", "16", "--tokens", "64"]
 
@@ -26,7 +27,7 @@ def tiny_child_dir(tiny_llama_dir, tmp_path_factory):
     blocks = list(parent.block_configs)
     blocks[1] = BlockConfig(blocks[1].attention, FFNConfig(no_op=True))
     blocks[2] = BlockConfig(AttentionConfig(replace_with_linear=True), blocks[2].ffn)
-    child = HeteroLlamaForCausalLM(parent.config, blocks)
+    child = HeteroLlamaForCausalLM(parent.config, blocks, parent.block_types)
     torch.manual_seed(0)
     state = child.state_dict()
     state.update({k: v for k, v in parent.state_dict().items() if k in state and v.shape == state[k].shape})
@@ -45,7 +46,7 @@ def test_evaluate_writes_report_with_every_figure(tiny_child_dir, tiny_llama_dir
                  "--task-data", str(task), *FAST]) == 0
     report = json.loads((out / "evaluation.json").read_text())
     assert set(report["texts"]) == {"heldout", "general"}
-    child, parent = load_checkpoint(tiny_child_dir), load_checkpoint(tiny_llama_dir)
+    child, parent = load_checkpoint(tiny_child_dir, block_types()), load_checkpoint(tiny_llama_dir, block_types())
     for name, q in report["texts"].items():
         assert q["kl_div"] > 0 and 0 <= q["top1_agreement"] < 1 and q["perplexity"] > 1
     general = report["texts"]["general"]

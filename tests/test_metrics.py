@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from conftest import FAST_RUN
 from transformers import LlamaConfig
 
+from hwopt.plugins import block_types
 from hwopt import plugins
 from hwopt.cli import main
 from hwopt.errors import HwoptError
@@ -185,7 +186,7 @@ def tiny_parent() -> HeteroLlamaForCausalLM:
     config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
                          num_key_value_heads=2, head_dim=8, vocab_size=VOCAB, tie_word_embeddings=False)
     blocks = [BlockConfig(AttentionConfig(n_heads_in_group=2), FFNConfig(intermediate_size=64))] * 4
-    return HeteroLlamaForCausalLM(config, blocks).eval()
+    return HeteroLlamaForCausalLM(config, blocks, block_types()).eval()
 
 
 @torch.no_grad()
@@ -193,7 +194,7 @@ def tiny_parent() -> HeteroLlamaForCausalLM:
 def test_swapped_forward_from_cache_equals_the_assembled_model(i):
     parent = tiny_parent()
     layer = DecoderLayer(parent.config, BlockConfig(AttentionConfig(replace_with_linear=True),
-                                                    FFNConfig(intermediate_size=16))).eval()
+                                                    FFNConfig(intermediate_size=16)), block_types()).eval()
     assembled = copy.deepcopy(parent)
     assembled.model.layers[i] = layer
     forwards = []

@@ -1,6 +1,7 @@
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from hwopt.plugins import block_types
 from hwopt.model.checkpoint import parent_from_hf_state
 
 
@@ -12,7 +13,7 @@ def tiny():
 
 def test_parent_logits_match():
     cfg, hf = tiny()
-    ours = parent_from_hf_state(cfg, hf.state_dict())
+    ours = parent_from_hf_state(cfg, hf.state_dict(), block_types())
     ids = torch.randint(0, 101, (2, 17))
     with torch.no_grad():
         a, b = hf(ids).logits, ours(ids).logits

@@ -12,8 +12,12 @@ import pytest
 import torch
 from conftest import env_with_pythonpath
 
-from hwopt import plugins
+from hwopt import hookimpl, plugins
+from hwopt.errors import HwoptError
+from hwopt.hardware import HardwareProfile
 from hwopt.metric import Outputs
+from hwopt.model.config import AttentionConfig, FFNConfig
+from hwopt.search_space import Scenario
 
 EXPECTED = {
     # registry accessor -> (built-in module, {name} standing for the registered name; names that must be there; exact?)
@@ -54,8 +58,6 @@ def test_listing_attributes_builtins_to_their_modules():
 
 
 def test_unknown_name_lists_the_known_ones():
-    from hwopt.errors import HwoptError
-
     with pytest.raises(HwoptError, match="kl_div"):
         plugins.metrics().get("no_such_metric")
 
@@ -166,3 +168,99 @@ def test_broken_entry_point_plugin_only_warns(tmp_path):
     assert "no_such_module_xyz" in named[0] and "failed to load" in named[0]
     assert "kl_div" in out["metrics"]
     assert "broken" not in out["plugins"]
+
+
+class _Metric:
+    def __init__(self, name):
+        self.name = name
+        self.higher_is_better = False
+
+    def compute(self, student, teacher) -> float:
+        return 0.0
+
+
+class _MetricPlugin:
+    """A plugin as an object: hook implementations are its methods."""
+
+    def __init__(self, metric, replace=False):
+        self.metric, self.replace = metric, replace
+
+    @hookimpl
+    def hwopt_register_metrics(self, register):
+        register(self.metric, replace=self.replace)
+
+
+def test_a_plugin_registered_in_process_is_there_for_the_block_only():
+    metric = _Metric("always_zero")
+    with plugins.registered(_MetricPlugin(metric), name="zero_plugin") as name:
+        assert name == "zero_plugin"
+        assert plugins.metrics().get("always_zero") is metric
+        assert plugins.metrics().plugin_of["always_zero"] == "zero_plugin"
+        assert plugins.listing()["zero_plugin"] == {"metric": ["always_zero"]}
+    assert "always_zero" not in plugins.metrics().names()
+    assert "zero_plugin" not in plugins.listing()
+
+
+def test_a_name_registered_twice_is_an_error_naming_both_plugins_unless_replaced():
+    with pytest.raises(HwoptError, match=r"^metric 'kl_div' is registered by both hwopt.builtin.metrics and "
+                                         r"my_kl; .*replace=True"):
+        with plugins.registered(_MetricPlugin(_Metric("kl_div")), name="my_kl"):
+            pass
+    assert plugins.metrics().plugin_of["kl_div"] == "hwopt.builtin.metrics"  # nothing left behind
+    mine = _Metric("kl_div")
+    with plugins.registered(_MetricPlugin(mine, replace=True), name="my_kl"):
+        assert plugins.metrics().get("kl_div") is mine
+        assert plugins.metrics().plugin_of["kl_div"] == "my_kl"
+    assert plugins.metrics().get("kl_div") is not mine
+
+
+def test_a_misspelt_hook_is_an_error_naming_the_plugin_and_the_hook_meant():
+    class Misspelt:
+        @hookimpl
+        def hwopt_register_metric(self, register):
+            register(_Metric("never"))
+
+    with pytest.raises(HwoptError, match=r"^plugin 'typo' implements hwopt_register_metric, which is not a hwopt "
+                                         r"hook \(did you mean hwopt_register_metrics\?\)"):
+        with plugins.registered(Misspelt(), name="typo"):
+            pass
+    assert "typo" not in plugins.listing()
+
+
+def test_two_block_types_claiming_one_config_is_an_error_naming_both():
+    class WideSwiGLU:  # a plugin FFN family that wrongly reuses the built-in FFNConfig
+        name = "wide_swiglu"
+        kind = "ffn"
+        keys = {"intermediate_size"}
+
+        def variants(self, config, space):
+            return []
+
+        def matches(self, cfg):
+            return isinstance(cfg, FFNConfig) and cfg.intermediate_size is not None
+
+        def claims(self, entry):
+            return entry.get("intermediate_size") is not None
+
+    class Plugin:
+        @hookimpl
+        def hwopt_register_block_types(self, register):
+            register(WideSwiGLU())
+
+    with plugins.registered(Plugin(), name="wide"):
+        with pytest.raises(HwoptError, match=r"block types swiglu \(hwopt.builtin.block_types\) and wide_swiglu "
+                                             r"\(wide\) both claim FFNConfig"):
+            plugins.block_types().of(FFNConfig(intermediate_size=256))
+        with pytest.raises(HwoptError, match=r"^config.json: layer 2: the ffn entry .* is claimed by block types "
+                                             r"swiglu \(hwopt.builtin.block_types\) and wide_swiglu \(wide\)"):
+            plugins.block_types().from_json("ffn", {"intermediate_size": 256}, None, "config.json: layer 2")
+        assert plugins.block_types().of(AttentionConfig(n_heads_in_group=1)).name == "gqa"  # the others still work
+
+
+def test_a_target_built_in_python_gets_its_dtypes_from_its_peak_rates():
+    l40s = HardwareProfile(name="l40s", kind="gpu", description="NVIDIA L40S", nvml_names=("L40S",),
+                           memory_gib=48, bandwidth_gbs=864, peak_tflops={"bf16": 362, "fp8": 733})
+    assert l40s.dtypes == ("bf16", "fp8")
+    assert Scenario.for_target(l40s, "128/64", 1).dtype == "bf16"
+    with pytest.raises(HwoptError, match=r"^l40s has no fp32 \(--dtype\); it computes in bf16, fp8$"):
+        Scenario.for_target(l40s, "128/64", 1, "fp32")

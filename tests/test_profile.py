@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 
 import pytest
@@ -10,7 +11,9 @@ import torch
 from conftest import hwopt_cli
 from transformers import LlamaConfig
 
+from hwopt.plugins import block_types
 from hwopt import hardware
+from hwopt.builtin import backend_torch
 from hwopt.errors import HwoptError
 from hwopt.hardware import resolve_target
 from hwopt.model.checkpoint import nemotron_nas_config
@@ -150,9 +153,26 @@ def test_torch_backend_times_every_phase_and_a_no_op_costs_nothing():
     torch_backend = backends().get("torch")
     for cfg in (AttentionConfig(n_heads_in_group=2), FFNConfig(intermediate_size=64),
                 FFNConfig(replace_with_linear=True)):
-        ms = torch_backend.time_phases(_tiny_workload(cfg, scenario), cpu, repeats=2)
-        assert len(ms) == 4 and all(0 < t < 1000 for t in ms)
-    assert torch_backend.time_phases(_tiny_workload(FFNConfig(no_op=True), scenario), cpu, 2) == [0.0] * 4
+        timer = torch_backend.prepare(_tiny_workload(cfg, scenario), cpu)
+        for _ in range(2):  # a timer's every call is one round
+            ms = timer()
+            assert len(ms) == 4 and all(0 < t < 1000 for t in ms)
+    assert torch_backend.prepare(_tiny_workload(FFNConfig(no_op=True), scenario), cpu)() == [0.0] * 4
+
+
+def test_a_wall_clock_round_makes_whole_passes_lasting_at_least_min_round_ms(monkeypatch):
+    clock = {"now": 0.0, "calls": 0}
+
+    def one_ms_call():
+        clock["now"] += 1e-3
+        clock["calls"] += 1
+
+    monkeypatch.setattr(backend_torch.time, "perf_counter", lambda: clock["now"])
+    timer = backend_torch.wall_clock_timer([[(one_ms_call, ())] * 3])  # one phase, a rotation of 3 calls
+    assert clock["calls"] == backend_torch.WARMUP + 3  # warm-up, then one pass to size the rounds
+    clock["calls"] = 0
+    assert timer() == [pytest.approx(1.0)]
+    assert clock["calls"] == 3 * math.ceil(backend_torch.MIN_ROUND_MS / 3)  # 7 passes of 3 ms make 21 ms
 
 
 @torch.inference_mode()
@@ -198,7 +218,7 @@ def _nemotron_child_config(path):
     blocks = [BlockConfig(AttentionConfig(n_heads_in_group=8), FFNConfig(intermediate_size=28672))] * 40 + \
              [BlockConfig(AttentionConfig(n_heads_in_group=64), FFNConfig(intermediate_size=14336))] * 30 + \
              [BlockConfig(AttentionConfig(no_op=True), FFNConfig(intermediate_size=14336))] * 10
-    path.write_text(json.dumps(nemotron_nas_config(config, blocks)))
+    path.write_text(json.dumps(nemotron_nas_config(config, blocks, block_types())))
     return path
 
 

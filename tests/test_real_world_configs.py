@@ -13,16 +13,18 @@ from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import hwopt_cli
+from hwopt.plugins import block_types
 from hwopt import load_model
 from hwopt.builtin.block_types import ffn_width
-from hwopt.builtin.lowerings import NemotronNASLowering
 from hwopt.errors import HwoptError
 from hwopt.hardware import resolve_target
+from hwopt.lowering.runtimes import RUNTIMES
 from hwopt.model.architecture import read_architecture
 from hwopt.model.checkpoint import weight_files
 from hwopt.model.config import AttentionConfig, BlockConfig, FFNConfig, rebuilt_by_ffn_mult
 from hwopt.model.modeling import HeteroLlamaForCausalLM
 from hwopt.models import resolve_model
+from hwopt.passes.lower import LowerOptions, lower
 from hwopt.search_space import Scenario, SearchSpace, sub_variants
 
 CASES = Path(__file__).parent / "data" / "real_world"
@@ -37,7 +39,7 @@ def total_params(path: Path) -> int:
 
 def test_puzzletron_child_is_read_as_the_child_not_its_parent():
     path = CASES / "puzzletron-child-llama8b.config.json"
-    config, blocks = read_architecture(path)
+    config, blocks = read_architecture(path, block_types())
     assert total_params(path) == 6_285_398_016
     assert config.intermediate_size == 14336 and config.num_key_value_heads == 8  # the parent's, kept
     assert [b.ffn.intermediate_size for b in blocks] == [14336] * 16 + [7168] * 16
@@ -61,7 +63,7 @@ def test_deci_model_type_is_nemotron_nas():
 def test_bad_kv_grouping_from_the_field(name, key):
     path = CASES / f"{name}.config.json"
     with pytest.raises(HwoptError) as err:
-        read_architecture(path)
+        read_architecture(path, block_types())
     assert str(err.value).startswith(f"{path}: layer 0: attention.{key}")
 
 
@@ -125,7 +127,7 @@ def test_each_invalid_block_field_is_one_line_naming_file_layer_and_key(tmp_path
     path = tmp_path / "config.json"
     path.write_text(json.dumps(raw))
     with pytest.raises(HwoptError) as err:
-        read_architecture(tmp_path)
+        read_architecture(tmp_path, block_types())
     assert str(err.value).startswith(f"{path}: layer 2: {message}"), str(err.value)
     assert "\n" not in str(err.value)
 
@@ -148,10 +150,10 @@ def test_each_invalid_top_level_field_is_one_line_naming_file_and_key(tmp_path, 
     path = tmp_path / "config.json"
     path.write_text(json.dumps(raw))
     if message is None:
-        assert len(read_architecture(path)[1]) == 3
+        assert len(read_architecture(path, block_types())[1]) == 3
         return
     with pytest.raises(HwoptError) as err:
-        read_architecture(path)
+        read_architecture(path, block_types())
     assert str(err.value) .startswith(f"{path}: {message}"), str(err.value)
 
 
@@ -161,7 +163,7 @@ def test_a_llama_config_with_kv_heads_that_do_not_divide_the_heads(tmp_path):
     raw["num_key_value_heads"] = 3
     (tmp_path / "config.json").write_text(json.dumps(raw))
     with pytest.raises(HwoptError, match=r"config.json: num_key_value_heads = 3 does not divide"):
-        read_architecture(tmp_path)
+        read_architecture(tmp_path, block_types())
 
 
 def test_neutral_foreign_keys_are_accepted_and_unknown_ones_are_named(tmp_path):
@@ -173,11 +175,11 @@ def test_neutral_foreign_keys_are_accepted_and_unknown_ones_are_named(tmp_path):
     path.write_text(json.dumps(raw))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        read_architecture(path)
+        read_architecture(path, block_types())
     raw["block_configs"][1]["ffn"]["frobnicate"] = 3
     path.write_text(json.dumps(raw))
     with pytest.warns(UserWarning, match=r"layer 1: ffn.frobnicate = 3 is not a key hwopt knows"):
-        read_architecture(path)
+        read_architecture(path, block_types())
 
 
 def test_every_entry_point_gives_the_same_error_line(tmp_path):
@@ -259,7 +261,7 @@ def test_a_puzzletron_child_checkpoint_loads_with_its_blocks(tmp_path):
     blocks = [BlockConfig(AttentionConfig(n_heads_in_group=2), FFNConfig(intermediate_size=512)),
               BlockConfig(AttentionConfig(n_heads_in_group=4), FFNConfig(intermediate_size=256)),
               BlockConfig(AttentionConfig(no_op=True), FFNConfig(intermediate_size=256))]
-    child = HeteroLlamaForCausalLM(config, blocks).eval()
+    child = HeteroLlamaForCausalLM(config, blocks, block_types()).eval()
     save_file({k: v.contiguous() for k, v in child.state_dict().items()}, tmp_path / "model.safetensors")
     puzzletron_blocks = [
         {"attention": {"no_op": b.attention.no_op, "replace_with_linear": False, "sparsify": None,
@@ -289,9 +291,13 @@ def test_every_width_the_search_space_offers_is_rebuilt_exactly_from_ffn_mult(hi
         if width != parent:
             assert rebuilt_by_ffn_mult(width, hidden) == width, (hidden, width)
             written = BlockConfig(AttentionConfig(n_heads_in_group=1), FFNConfig(intermediate_size=width))
-            assert FFNConfig.from_json({"ffn_mult": written.to_json(hidden)["ffn"]["ffn_mult"]}, hidden).\
+            assert FFNConfig.from_json({"ffn_mult": written.to_json(block_types(), config)["ffn"]["ffn_mult"]}, hidden).\
                 intermediate_size == width
     assert ffn_width(8640, 0.5) == 4352  # open_llama_3b: its half, on the grid
+
+
+def lower_for(runtime: str, model, out):
+    lower(model, None, ["nemotron-nas"], out, LowerOptions(RUNTIMES[runtime]))
 
 
 def test_lower_refuses_an_off_grid_child_width_and_warns_for_an_off_grid_parent(tmp_path):
@@ -299,12 +305,16 @@ def test_lower_refuses_an_off_grid_child_width_and_warns_for_an_off_grid_parent(
                          num_key_value_heads=2, vocab_size=97)
     parent_block = BlockConfig(AttentionConfig(n_heads_in_group=2), FFNConfig(intermediate_size=320))
     off_grid = HeteroLlamaForCausalLM(config, [parent_block, BlockConfig(AttentionConfig(n_heads_in_group=2),
-                                                                         FFNConfig(intermediate_size=96))])
-    with pytest.raises(HwoptError, match="layer 1: FFN width 96 is not on the ffn_mult grid: .* would build 256"):
-        NemotronNASLowering().lower(off_grid, None, tmp_path / "refused")
+                                                                         FFNConfig(intermediate_size=96))],
+                                      block_types())
+    for runtime in ("vllm", "tensorrt-llm", "llama.cpp"):
+        with pytest.raises(HwoptError, match=f"layer 1's FFN width 96 is rebuilt as 256 from its ffn_mult by {runtime}"):
+            lower_for(runtime, off_grid, tmp_path / "refused")
     assert not (tmp_path / "refused").exists()
+    lower_for("transformers", off_grid, tmp_path / "transformers")  # reads intermediate_size: no refusal
     parent_only = HeteroLlamaForCausalLM(config, [parent_block, BlockConfig(AttentionConfig(n_heads_in_group=2),
-                                                                            FFNConfig(intermediate_size=256))])
-    with pytest.warns(UserWarning, match=r"parent's FFN width 320 \(layers \[0\]\) is off the ffn_mult grid: vLLM"):
-        NemotronNASLowering().lower(parent_only, None, tmp_path / "warned")
-    assert load_model(str(tmp_path / "warned")).block_configs == parent_only.block_configs
+                                                                            FFNConfig(intermediate_size=256))],
+                                         block_types())
+    with pytest.warns(UserWarning, match=r"parent's FFN width 320 \(layers \[0\]\) is off the ffn_mult grid: vllm, sglang"):
+        lower_for("tensorrt-llm", parent_only, tmp_path / "warned")
+    assert load_model(str(tmp_path / "warned" / "nemotron-nas")).block_configs == parent_only.block_configs

@@ -209,8 +209,8 @@ def test_llama_70b_search_space_in_well_under_a_second():
     h100, scenario = resolve_target("h100"), Scenario.parse("128/1024", 64, "bf16")
     pieces = [v for kind in ("attention", "ffn") for v in sub_variants(LLAMA_70B, SearchSpace(), kind)] + [None]
     start = time.perf_counter()
-    times = {getattr(v, "name", "outside_layers"): backend().time_phases(
-        Workload(v, LLAMA_70B, "bf16", "bf16", scenario_phases(scenario)), h100, repeats=5) for v in pieces}
+    times = {getattr(v, "name", "outside_layers"): backend().prepare(
+        Workload(v, LLAMA_70B, "bf16", "bf16", scenario_phases(scenario)), h100)() for v in pieces}
     assert time.perf_counter() - start < 0.5
     assert times["ffn28672"][0] == pytest.approx(6 * 8192 * 8192 * 28672 / 989e9, rel=1e-3)  # compute-bound
     assert times["kv1"][-1] < times["kv8"][-1]
@@ -257,9 +257,10 @@ class FakeMeasuringBackend:
     def describe(self, target, scenario):
         return {"device": "NVIDIA H100 80GB HBM3", "backend": "fake", "method": "arithmetic"}
 
-    def time_phases(self, workload, target, repeats):
-        return [roofline_ms(t, roof_of(target), workload.dtype, workload.kv_dtype, KNOWN)
-                for t in roofline.workload_terms(workload)]
+    def prepare(self, workload, target):
+        ms = [roofline_ms(t, roof_of(target), workload.dtype, workload.kv_dtype, KNOWN)
+              for t in roofline.workload_terms(workload)]
+        return lambda: ms
 
 
 def test_calibrate_command_writes_a_profile_the_roofline_uses(tmp_path, monkeypatch, capsys):

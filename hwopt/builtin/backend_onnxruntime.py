@@ -6,8 +6,8 @@ threads as torch uses, so the two CPU backends are compared on equal terms.
 Several InferenceSessions over the same file each hold their own copy of
 the weights; they are run in turn, each with its own input
 (``hwopt.workload.rotation``), so that no call reads weights the previous
-one left in the cache. Timing is torch's: wall clock, warm-up first, then
-the median of ``repeats`` calls.
+one left in the cache. Timing is torch's (``wall_clock_timer``): warm-up
+first, then rounds of one pass over the rotation per phase.
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ from pathlib import Path
 import onnxruntime
 import torch
 
-from hwopt.builtin.backend_torch import time_wall_clock
+from hwopt.builtin.backend_torch import cpu_threads, wall_clock_timer
 from hwopt.hookspecs import hookimpl
 from hwopt.onnx_export import export_phases, named_inputs
+from hwopt.timing import Timer
 from hwopt.workload import Workload, kv_dtype_unsupported, rotation, rotation_size, step_inputs
 
 PROVIDER = "CPUExecutionProvider"
@@ -52,26 +53,25 @@ class OnnxRuntimeBackend:
 
     def describe(self, target, scenario) -> dict:
         return {"device": target.description,
-                "backend": f"onnxruntime {onnxruntime.__version__} {PROVIDER}, {torch.get_num_threads()} threads",
+                "backend": f"onnxruntime {onnxruntime.__version__} {PROVIDER}, {cpu_threads()}",
                 "method": "wall clock around InferenceSession.run"}
 
-    def time_phases(self, workload: Workload, target, repeats: int) -> list[float]:
+    def prepare(self, workload: Workload, target) -> Timer:
         with tempfile.TemporaryDirectory(prefix="hwopt-onnxruntime-") as directory:
             step = export_phases(workload, Path(directory))
             if step is None:
-                return [0.0] * len(workload.phases)
+                return lambda: [0.0] * len(workload.phases)
             copies = rotation_size(step.weight_bytes)
             generator = torch.Generator().manual_seed(0)
-            out = []
+            phase_calls = []
             for phase, path in zip(workload.phases, step.paths):
-                sessions = [new_session(path) for _ in range(copies)]
                 calls = []
-                for session in rotation(sessions):
+                for session in rotation([new_session(path) for _ in range(copies)]):  # sessions hold the weights
                     inputs = named_inputs(workload, step_inputs(workload, phase, generator=generator))
                     feed = {i.name: inputs[i.name].numpy() for i in session.get_inputs()}
                     calls.append((functools.partial(session.run, None), (feed,)))
-                out.append(time_wall_clock(calls, repeats))
-            return out
+                phase_calls.append(calls)
+            return wall_clock_timer(phase_calls)
 
 
 @hookimpl

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from hwopt.hookspecs import hookimpl
 from hwopt.roofline import DATASHEET, calibration_of, roof_of, roofline_ms, workload_terms
+from hwopt.timing import Timer
 from hwopt.workload import Workload
 
 
@@ -33,12 +34,13 @@ class RooflineBackend:
             return {"model": f"roofline with {ceilings}"}
         return {"model": f"roofline calibrated on {fit.provenance()}: {fit.summary()}; {ceilings}"}
 
-    def time_phases(self, workload: Workload, target, repeats: int) -> list[float]:
-        """The roofline's milliseconds per phase (``repeats`` is for backends that measure)."""
+    def prepare(self, workload: Workload, target) -> Timer:
+        """The roofline's milliseconds per phase, the same every round."""
         roof, fit = roof_of(target), calibration_of(target)
         efficiency = fit.efficiency if fit else DATASHEET
-        return [roofline_ms(terms, roof, workload.dtype, workload.kv_dtype, efficiency)
-                for terms in workload_terms(workload)]
+        ms = [roofline_ms(terms, roof, workload.dtype, workload.kv_dtype, efficiency)
+              for terms in workload_terms(workload)]
+        return lambda: ms
 
 
 @hookimpl

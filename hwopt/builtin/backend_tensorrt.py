@@ -10,23 +10,24 @@ Several engines deserialized from the same plan each hold their own copy of
 the weights; they run in turn, each with its own input
 (``hwopt.workload.rotation``), so that no call reads weights the previous
 one left in the GPU's L2 cache. The ``execute_async_v3`` calls of one pass
-round the rotation are timed by CUDA events: warm-up first, then the median
-of ``repeats`` passes, divided by the calls in a pass.
+round the rotation are timed by CUDA events: warm-up first, then one pass
+per phase in each round of the timer ``prepare`` returns.
 """
 
 from __future__ import annotations
 
-import statistics
+import functools
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from hwopt.builtin.backend_torch import WARMUP, gpu_name, target_gpu_missing
+from hwopt.builtin.backend_torch import WARMUP, cuda_events_ms, gpu_name, target_gpu_missing
 from hwopt.errors import HwoptError
 from hwopt.hookspecs import hookimpl
 from hwopt.onnx_export import export_phases, named_inputs
+from hwopt.timing import Timer
 from hwopt.workload import Workload, kv_dtype_unsupported, rotation, rotation_size, step_inputs
 
 ENGINE_DTYPES = ("fp32", "fp16", "bf16")
@@ -63,8 +64,12 @@ def major_version(trt) -> int:
     return int(trt.__version__.split(".")[0])
 
 
-def build_engine(trt, logger, onnx_path: Path, plan: BuildPlan) -> bytes:
-    """A serialized engine for this GPU from one exported phase."""
+def build_engine(trt, logger, onnx_path: Path, plan: BuildPlan, profile_shapes: dict | None = None) -> bytes:
+    """A serialized engine for this GPU from an ONNX file.
+
+    A graph with dynamic dimensions needs ``profile_shapes``: input name →
+    (min, opt, max) shapes, one optimization profile.
+    """
     builder = trt.Builder(logger)
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if plan.strongly_typed else 0
     network = builder.create_network(flags)
@@ -76,6 +81,11 @@ def build_engine(trt, logger, onnx_path: Path, plan: BuildPlan) -> bytes:
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
     for flag in plan.precision_flags:
         config.set_flag(getattr(trt.BuilderFlag, flag))
+    if profile_shapes:
+        profile = builder.create_optimization_profile()
+        for name, (low, opt, high) in profile_shapes.items():
+            profile.set_shape(name, low, opt, high)
+        config.add_optimization_profile(profile)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise HwoptError(f"TensorRT failed to build an engine from {onnx_path.name} (see its log above)")
@@ -106,23 +116,24 @@ def bind(trt, engine, inputs: dict[str, torch.Tensor]) -> tuple:
     return context, buffers
 
 
-def time_contexts(contexts: list, repeats: int) -> float:
-    """Median milliseconds of one call: passes round the rotation of contexts, timed by CUDA events."""
+def contexts_timer(phase_contexts: list[list], keep_alive: list) -> Timer:
+    """A timer whose round runs, for each phase, one pass round its rotation of execution contexts.
+
+    ``keep_alive`` holds the engines and bound buffers the contexts use.
+    """
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())  # the inputs were written on the default stream
-    for context in contexts:
-        for _ in range(WARMUP):
-            context.execute_async_v3(stream.cuda_stream)
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record(stream)
-        for context in contexts:
-            context.execute_async_v3(stream.cuda_stream)
-        end.record(stream)
-        end.synchronize()
-        times.append(start.elapsed_time(end) / len(contexts))
-    return statistics.median(times)
+    launches = [[functools.partial(context.execute_async_v3, stream.cuda_stream) for context in contexts]
+                for contexts in phase_contexts]
+    for phase_launches in launches:
+        for launch in phase_launches:
+            for _ in range(WARMUP):
+                launch()
+
+    def one_round(_held=keep_alive) -> list[float]:  # the closure keeps the engines and buffers alive
+        return [cuda_events_ms(phase_launches, stream) for phase_launches in launches]
+
+    return one_round
 
 
 class TensorRTBackend:
@@ -156,7 +167,7 @@ class TensorRTBackend:
         return {"device": gpu_name(), "backend": f"TensorRT {trt.__version__}, CUDA {torch.version.cuda}",
                 "method": "CUDA events around execute_async_v3"}
 
-    def time_phases(self, workload: Workload, target, repeats: int) -> list[float]:
+    def prepare(self, workload: Workload, target) -> Timer:
         import tensorrt as trt
 
         logger = trt.Logger(trt.Logger.WARNING)
@@ -166,16 +177,17 @@ class TensorRTBackend:
         with tempfile.TemporaryDirectory(prefix="hwopt-tensorrt-") as directory:
             step = export_phases(workload, Path(directory))
             if step is None:
-                return [0.0] * len(workload.phases)
+                return lambda: [0.0] * len(workload.phases)
             copies = rotation_size(step.weight_bytes)
-            out = []
+            phase_contexts, keep_alive = [], []
             for phase, path in zip(workload.phases, step.paths):
                 serialized = build_engine(trt, logger, path, plan)
                 engines = [runtime.deserialize_cuda_engine(serialized) for _ in range(copies)]
                 bound = [bind(trt, engine, named_inputs(workload, step_inputs(workload, phase, "cuda", generator)))
                          for engine in rotation(engines)]
-                out.append(time_contexts([context for context, _ in bound], repeats))
-            return out
+                phase_contexts.append([context for context, _ in bound])
+                keep_alive += [runtime, engines, bound]
+            return contexts_timer(phase_contexts, keep_alive)
 
 
 @hookimpl

@@ -4,7 +4,10 @@ Each type says which variants it offers for a parent layer, builds the
 module, and initialises it from the parent block before blockwise
 distillation: KV heads are merged by averaging the heads of a group, FFN
 channels are kept by activation-based importance, and linear layers are
-the least-squares fit of the parent sub-block on its own inputs.
+the least-squares fit of the parent sub-block on its own inputs. Each type
+reads and writes its ``block_configs`` entry in nemotron-nas spelling
+(``hwopt.model.config``'s ``AttentionConfig``/``FFNConfig``); which type an
+entry belongs to is decided by its flags (``claims``).
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ import torch
 
 from hwopt.hookspecs import hookimpl
 from hwopt.model.config import FFN_MULT_GRID, AttentionConfig, FFNConfig, head_dim
-from hwopt.model.modeling import GroupedQueryAttention, LinearAttention, LinearFFN, SwiGLU
+from hwopt.model.modeling_nemotron_nas import GroupedQueryAttention, LinearAttention, LinearFFN, SwiGLU
+from hwopt.protocols import NO_CACHE, KVCacheShape
 from hwopt.roofline import SILU_PRODUCT_FLOPS, CostTerms, attended_pairs, matmul, norm_and_residual
 from hwopt.search_space import SearchSpace
 
@@ -40,9 +44,60 @@ def ffn_width(parent_size: int, fraction: float) -> int | None:
     return width if 0 < width < parent_size else None
 
 
-class GQAttentionType:
+def is_set(entry: dict, key: str) -> bool:
+    """Whether a ``block_configs`` entry sets a key (to anything but its neutral null or false)."""
+    return isinstance(entry, dict) and entry.get(key) not in (None, False)
+
+
+ATTENTION_KEYS = frozenset({"no_op", "replace_with_linear", "n_heads_in_group", "num_key_value_heads"})
+FFN_KEYS = frozenset({"no_op", "replace_with_linear", "ffn_mult", "intermediate_size", "gated", "hidden_act"})
+
+
+class BuiltinJSON:
+    """The nemotron-nas entry of the built-in configs: ``AttentionConfig``/``FFNConfig`` read and write it."""
+
+    @property
+    def keys(self) -> frozenset[str]:
+        return FFN_KEYS if self.kind == "ffn" else ATTENTION_KEYS
+
+    def to_json(self, cfg, config) -> dict:
+        return cfg.to_json(config.hidden_size) if self.kind == "ffn" else cfg.to_json()
+
+    def from_json(self, entry: dict, config, where: str):
+        if self.kind == "ffn":
+            return FFNConfig.from_json(entry, config.hidden_size, where)
+        return AttentionConfig.from_json(entry, config.num_attention_heads, where)
+
+
+def grouped_query_terms(config, n_heads_in_group: int, phase, window: int | None = None) -> CostTerms:
+    """Q, K, V and O projections (K and V into the cache), then QKᵀ and AV over the attended pairs.
+
+    With a ``window``, each token attends to (and the cache holds) at most the last ``window`` tokens.
+    """
+    hidden, width, heads = config.hidden_size, head_dim(config), config.num_attention_heads
+    q, kv = heads * width, heads // n_heads_in_group * width
+    tokens, cached = phase.tokens, phase.cached if window is None else min(phase.cached, window)
+    core = CostTerms(flops=2 * (2 * width) * heads * attended_pairs(phase, window),  # QKᵀ and AV
+                     kv_read=2 * phase.batch * cached * kv, activations=2 * tokens * q)
+    return (CostTerms(weights=gqa_params(config, n_heads_in_group)) + norm_and_residual(tokens, hidden)
+            + matmul(tokens, hidden, q) + 2 * matmul(tokens, hidden, kv, into_cache=True) + core
+            + matmul(tokens, q, hidden))
+
+
+def gqa_params(config, n_heads_in_group: int) -> int:
+    """Q, K, V and O weights (and biases), and the RMSNorm before them."""
+    kv = config.num_attention_heads // n_heads_in_group
+    q = config.num_attention_heads * head_dim(config)
+    bias = 2 * q + 2 * kv * head_dim(config) if config.attention_bias else 0
+    return 2 * q * config.hidden_size + 2 * kv * head_dim(config) * config.hidden_size + bias + config.hidden_size
+
+
+class GQAttentionType(BuiltinJSON):
     name = "gqa"
     kind = "attention"
+
+    def claims(self, entry: dict) -> bool:
+        return not (is_set(entry, "no_op") or is_set(entry, "replace_with_linear"))
 
     def variants(self, config, space: SearchSpace) -> list[AttentionConfig]:
         parent_kv = config.num_key_value_heads
@@ -60,24 +115,14 @@ class GQAttentionType:
         return GroupedQueryAttention(config, cfg.n_heads_in_group)
 
     def num_params(self, cfg, config) -> int:
-        kv = config.num_attention_heads // cfg.n_heads_in_group
-        q = config.num_attention_heads * head_dim(config)
-        bias = 2 * q + 2 * kv * head_dim(config) if config.attention_bias else 0
-        return 2 * q * config.hidden_size + 2 * kv * head_dim(config) * config.hidden_size + bias + config.hidden_size
+        return gqa_params(config, cfg.n_heads_in_group)
 
-    def kv_cache_elements_per_token(self, cfg, config) -> int:
-        return 2 * (config.num_attention_heads // cfg.n_heads_in_group) * head_dim(config)
+    def kv_cache(self, cfg, config) -> KVCacheShape:
+        """K and V of every token, per KV head."""
+        return KVCacheShape((2, config.num_attention_heads // cfg.n_heads_in_group, head_dim(config)))
 
     def cost_terms(self, cfg, config, phase) -> CostTerms:
-        """Q, K, V and O projections (K and V into the cache), then QKᵀ and AV over the attended pairs."""
-        hidden, width, heads = config.hidden_size, head_dim(config), config.num_attention_heads
-        q, kv = heads * width, heads // cfg.n_heads_in_group * width
-        tokens = phase.tokens
-        core = CostTerms(flops=2 * (2 * width) * heads * attended_pairs(phase),  # QKᵀ and AV
-                         kv_read=2 * phase.batch * phase.cached * kv, activations=2 * tokens * q)
-        return (CostTerms(weights=self.num_params(cfg, config)) + norm_and_residual(tokens, hidden)
-                + matmul(tokens, hidden, q) + 2 * matmul(tokens, hidden, kv, into_cache=True) + core
-                + matmul(tokens, q, hidden))
+        return grouped_query_terms(config, cfg.n_heads_in_group, phase)
 
     @torch.no_grad()
     def init_from_parent(self, module, parent, x, position_embeddings) -> None:
@@ -93,9 +138,12 @@ class GQAttentionType:
                 dst.bias.copy_(src.bias.view(module.num_kv_heads, merge, -1).mean(dim=1).reshape(-1))
 
 
-class SwiGLUType:
+class SwiGLUType(BuiltinJSON):
     name = "swiglu"
     kind = "ffn"
+
+    def claims(self, entry: dict) -> bool:
+        return not (is_set(entry, "no_op") or is_set(entry, "replace_with_linear"))
 
     def variants(self, config, space: SearchSpace) -> list[FFNConfig]:
         parent = config.intermediate_size
@@ -122,8 +170,8 @@ class SwiGLUType:
         return (CostTerms(weights=self.num_params(cfg, config)) + norm_and_residual(tokens, hidden)
                 + 2 * matmul(tokens, hidden, width) + product + matmul(tokens, width, hidden))
 
-    def kv_cache_elements_per_token(self, cfg, config) -> int:
-        return 0
+    def kv_cache(self, cfg, config) -> KVCacheShape:
+        return NO_CACHE
 
     @torch.no_grad()
     def init_from_parent(self, module, parent, x, position_embeddings) -> None:
@@ -140,7 +188,7 @@ class SwiGLUType:
             module.down_proj.bias.copy_(parent.down_proj.bias)
 
 
-class LinearType:
+class LinearType(BuiltinJSON):
     """A sub-block replaced by one hidden x hidden matrix, fitted by least squares to the parent's output."""
 
     def __init__(self, kind: str):
@@ -154,6 +202,9 @@ class LinearType:
 
     def matches(self, cfg) -> bool:
         return isinstance(cfg, self._config) and cfg.replace_with_linear
+
+    def claims(self, entry: dict) -> bool:
+        return is_set(entry, "replace_with_linear") and not is_set(entry, "no_op")
 
     def variant_name(self, cfg, config) -> str:
         return "attn_linear" if self.kind == "attention" else "ffn_linear"
@@ -170,16 +221,16 @@ class LinearType:
         return (CostTerms(weights=self.num_params(cfg, config)) + norm_and_residual(tokens, config.hidden_size)
                 + matmul(tokens, config.hidden_size, config.hidden_size))
 
-    def kv_cache_elements_per_token(self, cfg, config) -> int:
-        return 0
+    def kv_cache(self, cfg, config) -> KVCacheShape:
+        return NO_CACHE
 
     @torch.no_grad()
     def init_from_parent(self, module, parent, x, position_embeddings) -> None:
-        target = parent(x, position_embeddings) if self.kind == "attention" else parent(x)
+        target = parent(x, position_embeddings)
         module.linear.weight.copy_(least_squares_linear(x, target))
 
 
-class NoOpType:
+class NoOpType(BuiltinJSON):
     """A sub-block removed: no weights, no norm, nothing to compute."""
 
     def __init__(self, kind: str):
@@ -193,6 +244,9 @@ class NoOpType:
     def matches(self, cfg) -> bool:
         return isinstance(cfg, self._config) and cfg.no_op
 
+    def claims(self, entry: dict) -> bool:
+        return is_set(entry, "no_op")  # with replace_with_linear too, from_json says both are set
+
     def variant_name(self, cfg, config) -> str:
         return "attn_noop" if self.kind == "attention" else "ffn_noop"
 
@@ -205,8 +259,8 @@ class NoOpType:
     def cost_terms(self, cfg, config, phase) -> CostTerms:
         return CostTerms()
 
-    def kv_cache_elements_per_token(self, cfg, config) -> int:
-        return 0
+    def kv_cache(self, cfg, config) -> KVCacheShape:
+        return NO_CACHE
 
     def init_from_parent(self, module, parent, x, position_embeddings) -> None:
         pass

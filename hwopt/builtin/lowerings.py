@@ -1,18 +1,106 @@
-"""Built-in lowering: the Hugging Face nemotron-nas checkpoint."""
+"""Built-in lowerings: the nemotron-nas checkpoint, ONNX with its KV cache, and TensorRT engines.
 
+A lowering has ``name``, ``description`` (what it writes), ``needs`` (what
+must be installed or present to write it), optionally ``available(options)
+-> (bool, reason)``, and ``lower(model, tokenizer, out_dir, options)`` with
+``options`` a ``hwopt.passes.lower.LowerOptions``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hwopt.builtin.backend_tensorrt import TensorRTBackend
 from hwopt.hookspecs import hookimpl
-from hwopt.model.checkpoint import check_ffn_mult_readers, save_nemotron_nas
+from hwopt.lowering.transformers_code import TORCH_DTYPES, write_remote_code
+from hwopt.model.checkpoint import save_nemotron_nas
+from hwopt.progress import console
+
+
+def weights_dtype(options, fmt: str) -> str:
+    """The dtype a format is written in: ``options.dtype``, or bf16 for fp8 (which needs a quantizer's scales)."""
+    if options.dtype in TORCH_DTYPES:
+        return options.dtype
+    console.print(f"[yellow]{fmt}: {options.dtype} weights need a quantizer (TensorRT-LLM, ModelOpt); "
+                  "writing bf16[/yellow]")
+    return "bf16"
 
 
 class NemotronNASLowering:
     name = "nemotron-nas"
-    description = "Hugging Face nemotron-nas checkpoint (DeciLMForCausalLM): config.json with block_configs"
+    description = ("Hugging Face nemotron-nas checkpoint (DeciLMForCausalLM): config.json with block_configs, "
+                   "safetensors in --dtype (sharded beyond 5 GB), tokenizer, and its own modeling code (auto_map) "
+                   "for transformers; read by vLLM, SGLang, TensorRT-LLM, llama.cpp's converter")
+    needs = "nothing beyond hwopt"
 
-    def lower(self, model, tokenizer, out_dir) -> None:
-        check_ffn_mult_readers(model)
-        save_nemotron_nas(model, out_dir, tokenizer)
+    def lower(self, model, tokenizer, out_dir, options) -> None:
+        save_nemotron_nas(model, out_dir, tokenizer, TORCH_DTYPES[weights_dtype(options, self.name)])
+        write_remote_code(out_dir)
+
+
+class OnnxLowering:
+    name = "onnx"
+    description = ("model.onnx: the whole child with its KV cache in Optimum / onnxruntime-genai names "
+                   "(input_ids, attention_mask, position_ids, past_key_values.{i}.key/value -> logits, "
+                   "present.{i}.key/value), dynamic batch and lengths, weights in --dtype (external data beyond "
+                   "2 GB), and the tokenizer")
+    needs = "onnx and onnxscript (installed with hwopt); onnxruntime to run it"
+
+    def lower(self, model, tokenizer, out_dir, options) -> None:
+        import onnx
+
+        from hwopt.lowering.onnx_kv import export_onnx
+
+        path = export_onnx(model, Path(out_dir) / "model.onnx", TORCH_DTYPES[weights_dtype(options, self.name)])
+        onnx.checker.check_model(str(path))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out_dir)
+
+
+class TensorRTLowering:
+    name = "tensorrt"
+    description = ("<model>.<target>.<dtype>.engine built from that ONNX for the --target GPU, one optimization "
+                   "profile covering --scenario and --batch, with a manifest (<engine>.json: target, NVML device "
+                   "name, dtype, scenario, TensorRT version, date)")
+    needs = "TensorRT 10 or 11 and the target GPU on this machine"
+
+    def available(self, options) -> tuple[bool, str]:
+        if options.target is None:
+            return False, "TensorRT engines are built for a GPU --target"
+        return TensorRTBackend().available(options.target, options.scenario)
+
+    def lower(self, model, tokenizer, out_dir, options) -> None:
+        import tempfile
+
+        from hwopt.hardware import nvml_gpu_name
+        from hwopt.lowering.onnx_kv import export_onnx
+        from hwopt.lowering.tensorrt_engine import build_tensorrt_engine
+
+        with tempfile.TemporaryDirectory(prefix="hwopt-trt-") as tmp:
+            onnx_path = export_onnx(model, Path(tmp) / "model.onnx", TORCH_DTYPES[weights_dtype(options, self.name)])
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            build_tensorrt_engine(onnx_path, out_dir, options.model_name, options.target, options.scenario,
+                                  nvml_gpu_name())
+
+
+class AOTInductorLowering:
+    name = "aoti"
+    description = ("model.<device>.pt2: torch.export + AOTInductor package for this CPU (and the GPU where torch "
+                   "sees one), called as the ONNX graph is (see hwopt.lowering.aoti for its decode signature)")
+    needs = "a C++ compiler (compiling takes minutes)"
+
+    def lower(self, model, tokenizer, out_dir, options) -> None:
+        import torch
+
+        from hwopt.lowering.aoti import export_aoti
+
+        dtype = TORCH_DTYPES[weights_dtype(options, self.name)]
+        for device in ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",):
+            export_aoti(model, Path(out_dir) / f"model.{device}.pt2", device, dtype)
+        model.to("cpu")
 
 
 @hookimpl
 def hwopt_register_lowerings(register):
-    register(NemotronNASLowering())
+    for lowering in (NemotronNASLowering(), OnnxLowering(), TensorRTLowering(), AOTInductorLowering()):
+        register(lowering)

@@ -30,13 +30,17 @@ class HardwareProfile:
     description: str
     aliases: tuple[str, ...] = ()
     nvml_names: tuple[str, ...] = ()  # substrings of the name NVML reports for this device
-    memory_gib: float | None = None
-    bandwidth_gbs: float | None = None
+    memory_gib: float | None = None  # device memory in GiB (2**30 bytes)
+    bandwidth_gbs: float | None = None  # memory bandwidth in GB/s (1e9 bytes per second)
     peak_tflops: dict[str, float] = field(default_factory=dict)  # dtype -> dense TFLOP/s
     sources: dict[str, str] = field(default_factory=dict)  # spec -> where it comes from
     dtypes: tuple[str, ...] = ()  # what the chip computes in (default: the dtypes with a peak rate)
     calibration: tuple[dict, ...] = ()  # measured block timings, one dict per row
     path: Path | None = None  # the TOML file it was read from
+
+    def __post_init__(self):
+        if not self.dtypes:  # however the profile is built (TOML or Python), its peak rates name its dtypes
+            object.__setattr__(self, "dtypes", tuple(self.peak_tflops))
 
     def recognises(self, device_name: str) -> bool:
         """Whether NVML's (or torch's) name for a device is this target."""
@@ -67,7 +71,7 @@ class HardwareProfile:
                 bandwidth_gbs=data.get("bandwidth_gbs"),
                 peak_tflops=dict(data.get("peak_tflops", {})),
                 sources=dict(data.get("sources", {})),
-                dtypes=tuple(data.get("dtypes", data.get("peak_tflops", {}))),
+                dtypes=tuple(data.get("dtypes", ())),
                 calibration=tuple(data.get("calibration", ())),
                 path=Path(path),
             )

@@ -40,8 +40,10 @@ def config_path(path: Path) -> Path:
     return path if path.is_file() else path / "config.json"
 
 
-def read_architecture(path: Path) -> tuple[LlamaConfig, list[BlockConfig]]:
+def read_architecture(path: Path, block_types) -> tuple[LlamaConfig, list[BlockConfig]]:
     """The Llama config and per-layer blocks of a model directory or config.json.
+
+    ``block_types`` (``hwopt.plugins.BlockTypes``) read each ``block_configs`` entry.
 
     Raises:
         HwoptError: one line naming the file (and the layer and key where there is one) when the
@@ -54,7 +56,7 @@ def read_architecture(path: Path) -> tuple[LlamaConfig, list[BlockConfig]]:
         raise HwoptError(f"{path} has no config.json: not a Hugging Face model directory") from None
     except json.JSONDecodeError as exc:
         raise HwoptError(f"{file} is not valid JSON: {exc}") from None
-    return architecture_from_dict(raw, str(file))
+    return architecture_from_dict(raw, str(file), block_types)
 
 
 def is_nemotron_nas(raw: dict) -> bool:
@@ -63,7 +65,7 @@ def is_nemotron_nas(raw: dict) -> bool:
         NEMOTRON_NAS_MODEL_TYPES
 
 
-def architecture_from_dict(raw: dict, where: str) -> tuple[LlamaConfig, list[BlockConfig]]:
+def architecture_from_dict(raw: dict, where: str, block_types) -> tuple[LlamaConfig, list[BlockConfig]]:
     """The Llama config and per-layer blocks of a parsed config.json; ``where`` names it in errors."""
     top = Fields(raw, where)
     nas = is_nemotron_nas(raw)
@@ -75,10 +77,10 @@ def architecture_from_dict(raw: dict, where: str) -> tuple[LlamaConfig, list[Blo
     if not nas and raw.get("block_configs") is None:  # a plain Llama: the parent
         config = llama_config(fields, where)
         return config, [parent_block_config(config)] * config.num_hidden_layers
-    blocks = read_block_configs(raw, where)
+    blocks = read_block_configs(raw, where, block_types)
     if nas:  # the Llama fields a child leaves null get their largest per-layer value
-        kv_groups = [b.attention.n_heads_in_group for b in blocks if b.attention.n_heads_in_group]
-        widths = [b.ffn.intermediate_size for b in blocks if b.ffn.intermediate_size]
+        kv_groups = [g for b in blocks if (g := getattr(b.attention, "n_heads_in_group", None))]
+        widths = [w for b in blocks if (w := getattr(b.ffn, "intermediate_size", None))]
         heads, hidden = raw["num_attention_heads"], raw["hidden_size"]
         fields["num_key_value_heads"] = heads // min(kv_groups, default=heads)
         fields["intermediate_size"] = max(widths, default=4 * hidden)
@@ -104,14 +106,14 @@ def check_llama_fields(top: Fields, sized: bool) -> None:
             top.fail("num_key_value_heads", f"= {kv} does not divide num_attention_heads = {heads}")
 
 
-def read_block_configs(raw: dict, where: str) -> list[BlockConfig]:
+def read_block_configs(raw: dict, where: str, block_types) -> list[BlockConfig]:
     layers, blocks = raw["num_hidden_layers"], raw.get("block_configs")
     if not isinstance(blocks, list):
         raise HwoptError(f"{where}: block_configs must be a list with one entry per layer, not {blocks!r}")
     if len(blocks) != layers:
         raise HwoptError(f"{where}: {len(blocks)} block_configs for {layers} layers (num_hidden_layers)")
     shape = SimpleNamespace(num_attention_heads=raw["num_attention_heads"], hidden_size=raw["hidden_size"])
-    return [BlockConfig.from_json(b, shape, f"{where}: layer {i}") for i, b in enumerate(blocks)]
+    return [BlockConfig.from_json(b, shape, block_types, f"{where}: layer {i}") for i, b in enumerate(blocks)]
 
 
 def llama_config(fields: dict, where: str) -> LlamaConfig:

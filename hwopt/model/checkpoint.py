@@ -14,18 +14,20 @@ import warnings
 from pathlib import Path
 
 import torch
+from huggingface_hub import save_torch_state_dict
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from transformers import LlamaConfig
 
 from hwopt.errors import HwoptError
 from hwopt.model.architecture import LLAMA_FIELDS_NULLED_IN_CHILD, NEMOTRON_NAS, read_architecture
-from hwopt.model.config import FFN_MULT_READERS, BlockConfig, ffn_mult_mismatches, parent_block_config
+from hwopt.model.config import BlockConfig, parent_block_config
 from hwopt.model.modeling import HeteroLlamaForCausalLM
 
 INDEX_FILE = "model.safetensors.index.json"
 
-def nemotron_nas_config(config: LlamaConfig, blocks: list[BlockConfig]) -> dict:
+
+def nemotron_nas_config(config: LlamaConfig, blocks: list[BlockConfig], block_types) -> dict:
+    """The config.json of a child: the parent's Llama fields and one ``block_configs`` entry per layer."""
     out = config.to_dict()
     for key in ("quantization_config", "_name_or_path", "_model_name_or_path", "dtype", "torch_dtype"):
         out.pop(key, None)
@@ -35,7 +37,7 @@ def nemotron_nas_config(config: LlamaConfig, blocks: list[BlockConfig]) -> dict:
     out.update({k: None for k in LLAMA_FIELDS_NULLED_IN_CHILD})
     out["model_type"] = NEMOTRON_NAS
     out["architectures"] = ["DeciLMForCausalLM"]
-    out["block_configs"] = [b.to_json(config.hidden_size) for b in blocks]
+    out["block_configs"] = [b.to_json(block_types, config) for b in blocks]
     out["torch_dtype"] = "float32"
     return out
 
@@ -106,51 +108,36 @@ def load_weights(model: HeteroLlamaForCausalLM, directory: Path) -> None:
                          f"missing {missing[:3]}, unexpected {unexpected[:3]}")
 
 
-def load_checkpoint(directory: Path) -> HeteroLlamaForCausalLM:
-    config, blocks = read_architecture(directory)
-    model = HeteroLlamaForCausalLM(config, blocks)
+def load_checkpoint(directory: Path, block_types) -> HeteroLlamaForCausalLM:
+    """A Llama or nemotron-nas checkpoint as our model; ``block_types`` read and build its sub-blocks."""
+    config, blocks = read_architecture(directory, block_types)
+    model = HeteroLlamaForCausalLM(config, blocks, block_types)
     load_weights(model, directory)
     return model.eval()
 
 
-def check_ffn_mult_readers(model: HeteroLlamaForCausalLM) -> None:
-    """Refuse FFN widths that readers using only ``ffn_mult`` would build differently.
+def save_nemotron_nas(model: HeteroLlamaForCausalLM, directory: Path, tokenizer=None,
+                      dtype: torch.dtype = torch.float32, max_shard_size: int | str = "5GB") -> None:
+    """Write config.json, the weights in ``dtype`` and (if given) the tokenizer into ``directory``.
 
-    A width the parent itself has is only warned about (once): the parent's
-    own checkpoint is misread by those readers too, and they are named.
-
-    Raises:
-        HwoptError: naming the first layer whose width does not come back from its ``ffn_mult``.
+    Weights beyond ``max_shard_size`` are split into shards with a
+    ``model.safetensors.index.json`` (huggingface_hub's sharding).
     """
-    mismatches = ffn_mult_mismatches(model.block_configs, model.config.hidden_size)
-    parent_width = model.config.intermediate_size
-    for layer, width, rebuilt in mismatches:
-        if width != parent_width:
-            raise HwoptError(f"layer {layer}: FFN width {width} is not on the ffn_mult grid: {FFN_MULT_READERS} "
-                             f"would build {rebuilt}; choose widths that are multiples of 256")
-    if mismatches:
-        layers = [layer for layer, _, _ in mismatches]
-        warnings.warn(f"the parent's FFN width {parent_width} (layers {layers}) is off the ffn_mult grid: "
-                      f"{FFN_MULT_READERS} will build {mismatches[0][2]} and fail to load these weights; hwopt and "
-                      f"transformers read intermediate_size and load them", stacklevel=2)
-
-
-def save_nemotron_nas(model: HeteroLlamaForCausalLM, directory: Path, tokenizer=None) -> None:
-    """Write config.json, model.safetensors and (if given) the tokenizer into ``directory``."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    config = nemotron_nas_config(model.config, model.block_configs)
+    config = nemotron_nas_config(model.config, model.block_configs, model.block_types)
+    config["torch_dtype"] = str(dtype).removeprefix("torch.")
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().to(dtype) for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight")
-    save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
+    save_torch_state_dict(state, directory, max_shard_size=max_shard_size, metadata={"format": "pt"})
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
 
 
-def parent_from_hf_state(config: LlamaConfig, state: dict[str, torch.Tensor]) -> HeteroLlamaForCausalLM:
+def parent_from_hf_state(config: LlamaConfig, state: dict[str, torch.Tensor], block_types) -> HeteroLlamaForCausalLM:
     """The parent as our model, from a transformers Llama state dict."""
-    model = HeteroLlamaForCausalLM(config, [parent_block_config(config)] * config.num_hidden_layers)
+    model = HeteroLlamaForCausalLM(config, [parent_block_config(config)] * config.num_hidden_layers, block_types)
     model.load_state_dict(state, strict=True)
     return model.eval()

@@ -20,14 +20,14 @@ from dataclasses import dataclass
 from hwopt.errors import HwoptError
 
 FFN_MULT_GRID = 256  # readers that rebuild the FFN width from ffn_mult round it up to a multiple of this
-FFN_MULT_READERS = "vLLM, SGLang, TensorRT-LLM, llama.cpp, mlx-lm and NVIDIA's remote code"
 
-# Keys of other tools' block configs that hwopt cannot honour unless they hold their neutral value
-# (None or False); a config that sets one is refused rather than silently run without it.
+# Keys of other tools' block configs that the built-in block types cannot honour unless they hold their neutral
+# value (None or False). An entry that sets one is read only by a block type that claims it (a plugin's); with none
+# installed it is refused with this reason, rather than silently run without it.
 UNSUPPORTED_WHEN_SET = {
     "attention": {
-        "window_length": "sliding-window attention needs a block type that supports it (the hwopt-sliding-window "
-                         "plugin)",
+        "window_length": "sliding-window attention needs the hwopt-sliding-window plugin (pip install "
+                         "./plugins/hwopt-sliding-window)",
         "num_sink_tokens": "attention sink tokens are not supported",
         "sparsify": "sparsified attention weights are not supported",
         "use_prefill_window_in_sink_attention": "sink attention is not supported",
@@ -221,15 +221,24 @@ class FFNConfig:
 
 @dataclass(frozen=True)
 class BlockConfig:
-    attention: AttentionConfig
-    ffn: FFNConfig
+    """One layer: its attention's and its FFN's config, each owned by the block type that ``matches`` it.
 
-    def to_json(self, hidden_size: int) -> dict:
-        return {"attention": self.attention.to_json(), "ffn": self.ffn.to_json(hidden_size)}
+    Reading and writing the ``block_configs`` JSON goes through a block-type
+    collection handed in (``hwopt.plugins.BlockTypes``: ``to_json(cfg,
+    model_config)`` and ``from_json(kind, entry, model_config, where)``), so
+    that a plugin's sub-block keeps its own settings.
+    """
+
+    attention: object
+    ffn: object
+
+    def to_json(self, block_types, model_config) -> dict:
+        return {"attention": block_types.to_json(self.attention, model_config),
+                "ffn": block_types.to_json(self.ffn, model_config)}
 
     @classmethod
-    def from_json(cls, d: dict, config, where: str = "block config") -> BlockConfig:
-        """One ``block_configs`` entry of a model with ``config``'s heads and hidden size.
+    def from_json(cls, d: dict, model_config, block_types, where: str = "block config") -> BlockConfig:
+        """One ``block_configs`` entry of a model with ``model_config``'s heads and hidden size.
 
         Raises:
             HwoptError: one line naming ``where`` (file and layer) and the key of the first bad field.
@@ -239,20 +248,8 @@ class BlockConfig:
         for key in ("attention", "ffn"):
             if key not in d:
                 f.fail(key, "is missing")
-        return cls(AttentionConfig.from_json(d["attention"], config.num_attention_heads, where),
-                   FFNConfig.from_json(d["ffn"], config.hidden_size, where))
-
-
-def sub_block_json(cfg: AttentionConfig | FFNConfig, hidden_size: int) -> dict:
-    """The ``block_configs`` entry of one attention or FFN config."""
-    return cfg.to_json(hidden_size) if isinstance(cfg, FFNConfig) else cfg.to_json()
-
-
-def sub_block_from_json(kind: str, d: dict, config, where: str) -> AttentionConfig | FFNConfig:
-    """The attention or FFN config of a ``block_configs``-style entry that hwopt wrote (library, calibration)."""
-    if kind == "attention":
-        return AttentionConfig.from_json(d, config.num_attention_heads, where)
-    return FFNConfig.from_json(d, config.hidden_size, where)
+        return cls(block_types.from_json("attention", d["attention"], model_config, where),
+                   block_types.from_json("ffn", d["ffn"], model_config, where))
 
 
 def parent_block_config(llama_config) -> BlockConfig:
@@ -262,12 +259,3 @@ def parent_block_config(llama_config) -> BlockConfig:
         FFNConfig(intermediate_size=llama_config.intermediate_size),
     )
 
-
-def ffn_mult_mismatches(blocks: list[BlockConfig], hidden_size: int) -> list[tuple[int, int, int]]:
-    """(layer, width, width rebuilt from ffn_mult) for every FFN that readers using only ``ffn_mult`` misbuild."""
-    out = []
-    for i, b in enumerate(blocks):
-        width = b.ffn.intermediate_size
-        if width is not None and rebuilt_by_ffn_mult(width, hidden_size) != width:
-            out.append((i, width, rebuilt_by_ffn_mult(width, hidden_size)))
-    return out

@@ -11,6 +11,11 @@ are transformers' own).
 Module names follow the checkpoint's weight names
 (``model.layers.{i}.self_attn.linear_attn.weight`` and so on), so a state
 dict is a checkpoint.
+
+The sub-blocks are built by their block types (``hwopt.protocols.BlockType``),
+which the caller hands in (``hwopt.plugins.block_types()``): this module
+knows no registry. Every sub-block is called the same way,
+``module(norm(x), position_embeddings, cache, layer_idx)``.
 """
 
 from __future__ import annotations
@@ -18,12 +23,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb
+from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding
 
-from hwopt.model.config import AttentionConfig, BlockConfig, FFNConfig, head_dim
-from hwopt.search_space import sub_variant_of
+from hwopt.errors import HwoptError
+from hwopt.model.config import BlockConfig
+from hwopt.model.modeling_nemotron_nas import DecoderLayerBase, attention_mask_4d
 
 
 class KVCache:
@@ -34,7 +39,8 @@ class KVCache:
         self.values: list[torch.Tensor | None] = [None] * num_layers
         self.length = 0  # tokens already cached (advanced by the model after each forward)
 
-    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append ``k``, ``v`` [batch, kv_heads, new, head_dim] to layer ``layer_idx``; return all of them."""
         if self.keys[layer_idx] is not None:
             k = torch.cat([self.keys[layer_idx], k], dim=2)
             v = torch.cat([self.values[layer_idx], v], dim=2)
@@ -42,93 +48,14 @@ class KVCache:
         return k, v
 
 
-class GroupedQueryAttention(nn.Module):
-    """Causal self-attention where each KV head serves `n_heads_in_group` query heads."""
+class DecoderLayer(DecoderLayerBase):
+    """A layer whose sub-blocks its block types build (see ``DecoderLayerBase`` for its forward)."""
 
-    def __init__(self, config, n_heads_in_group: int):
-        super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.head_dim = head_dim(config)
-        self.num_kv_heads = self.num_heads // n_heads_in_group
-        bias = config.attention_bias
-        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
-
-    def forward(self, x, position_embeddings, cache: KVCache | None = None, layer_idx: int = 0):
-        batch, seq, _ = x.shape
-        q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = position_embeddings
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        past = 0 if cache is None else cache.length
-        if cache is not None:
-            k, v = cache.update(layer_idx, k, v)
-        if past == 0 or seq == 1:  # a prompt is causal; one new token sees everything cached
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=past == 0 and seq > 1, enable_gqa=True)
-        else:  # several new tokens see the whole cache and the causal part of themselves
-            mask = torch.ones(seq, past + seq, dtype=torch.bool, device=x.device).tril(diagonal=past)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-        return self.o_proj(y.transpose(1, 2).reshape(batch, seq, -1))
-
-
-class LinearReplacement(nn.Module):
-    """A sub-block replaced by one hidden x hidden linear map (no mixing across tokens).
-
-    The weight keeps the name checkpoints give it (``linear_attn`` or ``linear_mlp``).
-    """
-
-    weight_name: str
-
-    def __init__(self, config):
-        super().__init__()
-        setattr(self, self.weight_name, nn.Linear(config.hidden_size, config.hidden_size, bias=False))
-
-    @property
-    def linear(self) -> nn.Linear:
-        return getattr(self, self.weight_name)
-
-    def forward(self, x, position_embeddings=None, cache=None, layer_idx=0):
-        return self.linear(x)
-
-
-class LinearAttention(LinearReplacement):
-    weight_name = "linear_attn"
-
-
-class SwiGLU(nn.Module):
-    """down(silu(gate(x)) * up(x)), the Llama FFN, at any intermediate size."""
-
-    def __init__(self, config, intermediate_size: int):
-        super().__init__()
-        bias = config.mlp_bias
-        self.gate_proj = nn.Linear(config.hidden_size, intermediate_size, bias=bias)
-        self.up_proj = nn.Linear(config.hidden_size, intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=bias)
-
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-class LinearFFN(LinearReplacement):
-    weight_name = "linear_mlp"
-
-
-def build_sub_block(config, sub_config: AttentionConfig | FFNConfig) -> nn.Module | None:
-    """Ask the registered block type (built-in or plugin) that handles ``sub_config`` to build it."""
-    return sub_variant_of(config, sub_config).block_type.build(sub_config, config)
-
-
-class DecoderLayer(nn.Module):
-    """x + attn(norm(x)), then x + ffn(norm(x)); a missing sub-block is skipped with its norm."""
-
-    def __init__(self, config, block: BlockConfig):
+    def __init__(self, config, block: BlockConfig, block_types):
         super().__init__()
         self.block = block
-        self.self_attn = build_sub_block(config, block.attention)
-        self.mlp = build_sub_block(config, block.ffn)
+        self.self_attn = block_types.of(block.attention).build(block.attention, config)
+        self.mlp = block_types.of(block.ffn).build(block.ffn, config)
         self.input_layernorm = LlamaRMSNorm(config.hidden_size, config.rms_norm_eps) if self.self_attn else None
         self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, config.rms_norm_eps) if self.mlp else None
 
@@ -142,19 +69,6 @@ class DecoderLayer(nn.Module):
         layer.mlp, layer.post_attention_layernorm = mlp, post_attention_layernorm
         return layer
 
-    def attention_delta(self, x, position_embeddings, cache=None, layer_idx=0):
-        return self.self_attn(self.input_layernorm(x), position_embeddings, cache, layer_idx)
-
-    def ffn_delta(self, x):
-        return self.mlp(self.post_attention_layernorm(x))
-
-    def forward(self, x, position_embeddings, cache=None, layer_idx=0):
-        if self.self_attn is not None:
-            x = x + self.attention_delta(x, position_embeddings, cache, layer_idx)
-        if self.mlp is not None:
-            x = x + self.ffn_delta(x)
-        return x
-
 
 @dataclass
 class CausalLMOutput:
@@ -166,36 +80,42 @@ class CausalLMOutput:
 class Model(nn.Module):
     """Embeddings, the layers and the final norm (``model.*`` in checkpoints)."""
 
-    def __init__(self, config, block_configs: list[BlockConfig]):
+    def __init__(self, config, block_configs: list[BlockConfig], block_types):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, block) for block in block_configs)
+        self.layers = nn.ModuleList(DecoderLayer(config, block, block_types) for block in block_configs)
         self.norm = LlamaRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = LlamaRotaryEmbedding(config)
 
 
 class HeteroLlamaForCausalLM(nn.Module):
-    """A causal LM whose layers each have their own ``BlockConfig``."""
+    """A causal LM whose layers each have their own ``BlockConfig``.
 
-    def __init__(self, config, block_configs: list[BlockConfig]):
+    ``block_types`` (``hwopt.plugins.BlockTypes``) builds each sub-block, and
+    is kept to write the ``block_configs`` back (``block_configs_json``).
+    """
+
+    def __init__(self, config, block_configs: list[BlockConfig], block_types):
         super().__init__()
         if len(block_configs) != config.num_hidden_layers:
             raise ValueError(f"{len(block_configs)} block configs for {config.num_hidden_layers} layers")
         self.config = config
         self.block_configs = list(block_configs)
-        self.model = Model(config, self.block_configs)
+        self.block_types = block_types
+        self.model = Model(config, self.block_configs, block_types)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def position_embeddings(self, x: torch.Tensor, start: int):
+        """The rotary (cos, sin) tables for positions ``start`` onwards of ``x`` [batch, seq, hidden]."""
         positions = torch.arange(start, start + x.shape[1], device=x.device).unsqueeze(0)
         return self.model.rotary_emb(x, positions)
 
-    def run_layers(self, x, position_embeddings, start: int = 0, cache=None, hidden_states=None):
+    def run_layers(self, x, position_embeddings, start: int = 0, cache=None, hidden_states=None, attention_mask=None):
         """Layers ``start`` onwards; appends each layer's output to ``hidden_states`` if given."""
         for i in range(start, len(self.model.layers)):
-            x = self.model.layers[i](x, position_embeddings, cache, i)
+            x = self.model.layers[i](x, position_embeddings, cache, i, attention_mask)
             if hidden_states is not None:
                 hidden_states.append(x)
         return x
@@ -204,16 +124,28 @@ class HeteroLlamaForCausalLM(nn.Module):
         return self.lm_head(self.model.norm(x))
 
     def forward(self, input_ids, past_key_values: KVCache | None = None, use_cache: bool = False,
-                output_hidden_states: bool = False, logits_to_keep: int = 0) -> CausalLMOutput:
-        """Logits for every position, or for the last ``logits_to_keep`` (generation needs one)."""
+                output_hidden_states: bool = False, logits_to_keep: int = 0, attention_mask=None,
+                position_ids=None) -> CausalLMOutput:
+        """``input_ids`` [batch, new] → logits [batch, new (or the last ``logits_to_keep``), vocab].
+
+        ``past_key_values`` (a ``KVCache``, or anything with transformers'
+        ``update(k, v, layer_idx)``) holds the earlier tokens; ``use_cache``
+        starts one. ``attention_mask`` [batch, past + new] (1 real, 0
+        padding) and ``position_ids`` [batch, new] are optional: without them
+        every token is real and positions follow the cache.
+        """
         cache = past_key_values
         if cache is None and use_cache:
             cache = KVCache(len(self.model.layers))
-        x = self.model.embed_tokens(input_ids)
-        position_embeddings = self.position_embeddings(x, cache.length if cache is not None else 0)
+        x = self.model.embed_tokens(input_ids)  # [batch, new, hidden]
+        if position_ids is None:
+            start = cache.length if cache is not None else 0
+            position_ids = torch.arange(start, start + input_ids.shape[1], device=x.device).unsqueeze(0)
+        position_embeddings = self.model.rotary_emb(x, position_ids)
+        mask = attention_mask_4d(attention_mask, input_ids.shape[1]) if attention_mask is not None else None
         hidden_states = [x] if output_hidden_states else None
-        x = self.run_layers(x, position_embeddings, cache=cache, hidden_states=hidden_states)
-        if cache is not None:
+        x = self.run_layers(x, position_embeddings, cache=cache, hidden_states=hidden_states, attention_mask=mask)
+        if isinstance(cache, KVCache):
             cache.length += input_ids.shape[1]
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
@@ -222,10 +154,45 @@ class HeteroLlamaForCausalLM(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())  # tied weights are counted once
 
+    def to_transformers(self):
+        """This model as the transformers ``DeciLMForCausalLM`` that checkpoints ship, sharing its weights.
+
+        Raises HwoptError for a block a plugin added, which that code cannot build.
+        """
+        from hwopt.model.checkpoint import nemotron_nas_config
+        from hwopt.model.modeling_nemotron_nas import DeciLMForCausalLM, NemotronNASConfig
+
+        config = NemotronNASConfig(**nemotron_nas_config(self.config, self.block_configs, self.block_types))
+        with torch.device("meta"):
+            hf = DeciLMForCausalLM(config)
+        try:
+            hf.load_state_dict(self.state_dict(), strict=True, assign=True)
+        except RuntimeError as exc:
+            raise HwoptError(f"this model has blocks the nemotron-nas modeling code cannot build: "
+                             f"{str(exc).splitlines()[1].strip()}") from None
+        hf.model.rotary_emb = self.model.rotary_emb  # its tables are buffers, which a state dict does not carry
+        return hf.eval()
+
+    def generate(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+        """transformers' ``generate()`` on this model, with its KV cache: greedy by default.
+
+        ``input_ids`` [batch, prompt] (with ``attention_mask`` for padded
+        prompts) → [batch, prompt + new] token ids. Takes every option of
+        transformers' ``GenerationMixin.generate``: ``max_new_tokens``,
+        ``do_sample``, ``temperature``, ``top_k``, ``top_p``,
+        ``eos_token_id``, a ``streamer`` and so on.
+        """
+        with torch.inference_mode():
+            return self.to_transformers().generate(input_ids, **kwargs)
+
 
 @torch.inference_mode()
-def generate(model: HeteroLlamaForCausalLM, prompts: torch.Tensor, new_tokens: int) -> torch.Tensor:
-    """Greedy decoding with the KV cache: one prefill, then one step per further token."""
+def greedy_tokens(model: HeteroLlamaForCausalLM, prompts: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """The bare greedy loop that hwopt times: one prefill, then one step per further token; [batch, new_tokens].
+
+    No stopping at end of sequence and no sampling: every model generates the
+    same number of tokens, so their times compare. Users want ``model.generate``.
+    """
     out = model(prompts, use_cache=True, logits_to_keep=1)
     tokens = [out.logits[:, -1].argmax(-1, keepdim=True)]
     for _ in range(new_tokens - 1):

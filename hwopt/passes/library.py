@@ -26,11 +26,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from hwopt.model.config import BlockConfig, sub_block_from_json, sub_block_json
+from hwopt.model.config import BlockConfig
 from hwopt.model.modeling import DecoderLayer, HeteroLlamaForCausalLM
 from hwopt.pipeline import atomic_path, atomic_write_json
 from hwopt.progress import progress
-from hwopt.search_space import SearchSpace, SubVariant, sub_variant_of, sub_variants
+from hwopt.search_space import SearchSpace, SubVariant, sub_variant_from_json, sub_variant_of, sub_variants
 
 INDEX = "index.json"
 
@@ -44,15 +44,14 @@ class BLDSettings:
 
 
 class SubBlock(nn.Module):
-    """A sub-block with its own norm: the unit BLD trains."""
+    """A sub-block with its own norm: the unit BLD trains (called as every sub-block is, without a cache)."""
 
     def __init__(self, kind: str, norm: nn.Module, module: nn.Module):
         super().__init__()
         self.kind, self.norm, self.module = kind, norm, module
 
     def forward(self, x, position_embeddings):
-        h = self.norm(x)
-        return self.module(h, position_embeddings) if self.kind == "attention" else self.module(h)
+        return self.module(self.norm(x), position_embeddings, None, 0)
 
 
 def normalized_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -107,7 +106,7 @@ def variants_for_layer(config, block: BlockConfig, space: SearchSpace) -> dict[s
     out = {}
     for kind, own_cfg in (("attention", block.attention), ("ffn", block.ffn)):
         own = sub_variant_of(config, own_cfg)
-        if own_cfg.no_op:  # nothing cheaper than nothing
+        if own.block_type.num_params(own_cfg, config) == 0:  # a removed sub-block: nothing cheaper than nothing
             out[kind] = [own]
         else:
             out[kind] = [own] + [v for v in sub_variants(config, space, kind) if v.name != own.name]
@@ -117,8 +116,8 @@ def variants_for_layer(config, block: BlockConfig, space: SearchSpace) -> dict[s
 def library_entry(variant: SubVariant, seed: int, layer: DecoderLayer, config, activations: dict,
                   position_embeddings, settings: BLDSettings, layer_dir: Path) -> dict:
     """A trainable variant's index entry; trains and saves it first unless an earlier run already did."""
-    config_json = sub_block_json(variant.config, config.hidden_size)
-    if variant.block_type.num_params(variant.config, config) == 0:  # no-op: nothing to train
+    config_json = variant.to_json(config)
+    if variant.block_type.num_params(variant.config, config) == 0:  # removed: nothing to train
         return {"config": config_json, "weights": None}
     path = layer_dir / f"{variant.kind}_{variant.name}.safetensors"
     meta_path = path.with_suffix(".json")
@@ -139,7 +138,7 @@ def build_library(parent: HeteroLlamaForCausalLM, train_ids: torch.Tensor, space
     out_dir = Path(out_dir)
     config = parent.config
     plan = [variants_for_layer(config, block, space) for block in parent.block_configs]
-    index = {"parent_blocks": [b.to_json(config.hidden_size) for b in parent.block_configs], "layers": {}}
+    index = {"parent_blocks": [b.to_json(parent.block_types, config) for b in parent.block_configs], "layers": {}}
     parent.requires_grad_(False)
     total = sum(len(variants) - 1 for layer_plan in plan for variants in layer_plan.values())
     with progress("library (BLD)", total=total) as advance, torch.no_grad():
@@ -148,12 +147,11 @@ def build_library(parent: HeteroLlamaForCausalLM, train_ids: torch.Tensor, space
         for i, layer in enumerate(parent.model.layers):
             # each sub-block's input and the parent's contribution to the residual stream
             mid = x + layer.attention_delta(x, position_embeddings) if layer.self_attn else x
-            ffn_out = layer.ffn_delta(mid) if layer.mlp else torch.zeros_like(mid)
+            ffn_out = layer.ffn_delta(mid, position_embeddings) if layer.mlp else torch.zeros_like(mid)
             activations = {"attention": (x, mid - x), "ffn": (mid, ffn_out)}
             entries = index["layers"][f"layer_{i}"] = {}
             for kind, (own, *others) in plan[i].items():
-                entries[kind] = {own.name: {"config": sub_block_json(own.config, config.hidden_size),
-                                            "weights": "parent"}}
+                entries[kind] = {own.name: {"config": own.to_json(config), "weights": "parent"}}
                 for n, variant in enumerate(others, 1):
                     seed = settings.seed * 1_000_003 + i * 1000 + n
                     entries[kind][variant.name] = library_entry(variant, seed, layer, config, activations,
@@ -237,8 +235,7 @@ class Library:
 
     def sub_variant(self, layer: int, kind: str, name: str) -> SubVariant:
         entry = self.index["layers"][f"layer_{layer}"][kind][name]
-        cfg = sub_block_from_json(kind, entry["config"], self.config, f"{self.dir / INDEX}: layer {layer}")
-        return sub_variant_of(self.config, cfg)
+        return sub_variant_from_json(kind, entry["config"], self.config, f"{self.dir / INDEX}: layer {layer}")
 
     def load(self, layer: int, kind: str, name: str) -> tuple[nn.Module | None, nn.Module | None]:
         """(module, norm) of one variant: the parent's own, a trained one, or (None, None) for no-op."""
@@ -268,7 +265,7 @@ class Library:
                                 self.sub_variant(i, "ffn", ffn).config)
             coupled = self.coupled.get(f"layer_{i}", {}).get(f"{attention}+{ffn}")
             if coupled:
-                layer = DecoderLayer(self.config, block)
+                layer = DecoderLayer(self.config, block, self.parent.block_types)
                 layer.load_state_dict(load_file(self.coupled_dir / coupled["weights"]))
                 yield attention, ffn, layer
             else:
@@ -277,7 +274,7 @@ class Library:
     def assemble(self, choice: list[tuple[str, str]]) -> HeteroLlamaForCausalLM:
         """The child with the given (attention, ffn) variant names per layer; embeddings and head from the parent."""
         layers = [self.layer(i, a, f) for i, (a, f) in enumerate(choice)]
-        child = HeteroLlamaForCausalLM(self.config, [layer.block for layer in layers])
+        child = HeteroLlamaForCausalLM(self.config, [layer.block for layer in layers], self.parent.block_types)
         state = {k: v for k, v in self.parent.state_dict().items() if not k.startswith("model.layers.")}
         for i, layer in enumerate(layers):
             state.update({f"model.layers.{i}.{k}": v for k, v in layer.state_dict().items()})

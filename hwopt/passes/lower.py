@@ -1,12 +1,41 @@
-"""lower: the child in each requested output format (``lower/<format>/``)."""
+"""lower: the child in each requested output format (``lower/<format>/``).
+
+Before anything is written, the child is checked against the runtime that
+will serve it (``--runtime``): lower refuses a checkpoint that runtime would
+fail on or misread.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from hwopt.errors import HwoptError
+from hwopt.lowering.runtimes import Runtime, check_checkpoint
 from hwopt.plugins import lowerings
+from hwopt.search_space import Scenario
 
 
-def lower(model, tokenizer, formats: list[str], out_dir: Path) -> None:
-    for name in formats:
-        lowerings().get(name).lower(model, tokenizer, Path(out_dir) / name)
+@dataclass(frozen=True)
+class LowerOptions:
+    """What every lowering is told besides the model."""
+
+    runtime: Runtime  # the runtime that will serve the child
+    target: object = None  # the hardware profile engines are built for (None: this CPU)
+    scenario: Scenario = field(default_factory=Scenario)  # its dtype is the weights' (fp8 lowers as bf16)
+    model_name: str = "model"  # engines are named after it
+
+    @property
+    def dtype(self) -> str:
+        return self.scenario.dtype
+
+
+def lower(model, tokenizer, formats: list[str], out_dir: Path, options: LowerOptions) -> None:
+    """Write ``model`` in each of ``formats`` under ``out_dir/<format>``; HwoptError if the runtime would misread it."""
+    chosen = [lowerings().get(name) for name in formats]  # an unknown format fails before anything is written
+    for lowering in chosen:
+        if hasattr(lowering, "available") and not (found := lowering.available(options))[0]:
+            raise HwoptError(f"cannot lower to {lowering.name} here: {found[1]}")
+    check_checkpoint(options.runtime, model.block_configs, model.config)
+    for lowering in chosen:
+        lowering.lower(model, tokenizer, Path(out_dir) / lowering.name, options)

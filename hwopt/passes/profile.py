@@ -13,30 +13,52 @@ measured).
 ``--backend auto`` measures with torch when it can run on the target here,
 and otherwise estimates with the roofline model, saying why;
 ``--require-measured`` turns that fallback into an error.
+
+Measured figures are made to hold on a busy machine (``hwopt.timing``):
+every variant is timed in interleaved rounds, each figure carries its
+spread and rounds, and the profile checks itself (noise, a machine too busy
+for its threads, the whole model end to end against the sum of its blocks);
+a profile that fails a check is not recorded as up to date.
 """
 
 from __future__ import annotations
 
 import datetime
 
+import psutil
+import torch
+
 from hwopt.errors import HwoptError
-from hwopt.model.config import sub_block_json
+from hwopt.model.modeling import HeteroLlamaForCausalLM
 from hwopt.pipeline import atomic_write_json
-from hwopt.plugins import backends
-from hwopt.progress import progress
+from hwopt.plugins import backends, block_types
+from hwopt.progress import console, progress
+from hwopt.report import measure_runtimes
 from hwopt.search_space import Scenario, SearchSpace, SubVariant, model_sub_variants, sub_variants
-from hwopt.workload import MIB, Workload, decode_contexts, phase_totals, scenario_phases
+from hwopt.timing import (
+    SPREAD_BOUND,
+    CpuLoad,
+    describe_load,
+    interleaved_rounds,
+    median_phases,
+    oversubscribed,
+    spread,
+)
+from hwopt.workload import MIB, TORCH_DTYPES, Workload, decode_contexts, phase_totals, scenario_phases
 
 AUTO_MEASURED, AUTO_ESTIMATED = "torch", "roofline"
+SPREAD_KEYS = ("prefill_ms", "decode_ms", "runtime_ms")
+SELF_CHECK_BOUND = 0.15  # the whole model end to end within 15% of the sum of its blocks
+SELF_CHECK_RUNS = 3  # generations of the whole model; the median is compared
 
 
 def cost_entry(variant: SubVariant, config, scenario: Scenario, timing: dict, source: dict) -> dict:
     params = variant.block_type.num_params(variant.config, config)
-    kv_elements = variant.block_type.kv_cache_elements_per_token(variant.config, config)
+    kv_elements = variant.block_type.kv_cache(variant.config, config).elements(scenario.max_context)
     weights = params * scenario.bytes_per_element / MIB
-    kv_cache = scenario.batch * scenario.max_context * kv_elements * scenario.kv_bytes_per_element / MIB
+    kv_cache = scenario.batch * kv_elements * scenario.kv_bytes_per_element / MIB
     return {
-        "config": sub_block_json(variant.config, config.hidden_size),
+        "config": variant.to_json(config),
         "num_params": params,
         "weights_mib": weights,
         "kv_cache_mib": kv_cache,
@@ -82,8 +104,9 @@ def choose_backend(name: str, target, scenario: Scenario, require_measured: bool
     label["summary"] = (f"measured on {label['device']} with {label['backend']}" if backend.measures
                         else f"estimated for {target.description} by {label['model']}")
     if backend.measures:
-        label["method"] += (f"; median of repeats after warm-up, rotating inputs and weight copies; decode timed "
-                            f"at contexts {decode_contexts(scenario)} and integrated linearly")
+        label["method"] += (f"; median over rounds that time every variant in turn, after warm-up, rotating "
+                            f"inputs and weight copies; decode timed at contexts {decode_contexts(scenario)} and "
+                            "integrated linearly")
     else:
         label["reason"] = f"not measured: {why_not_measured}"
     return backend, label
@@ -98,30 +121,154 @@ def profile_variants(source, space: SearchSpace) -> list[SubVariant]:
     return [*variants["attention"].values(), *variants["ffn"].values()]
 
 
+def round_spreads(workload: Workload, rounds: list[list[float]], scenario: Scenario) -> dict[str, float]:
+    """Each figure's spread over the rounds: its interquartile range relative to its median."""
+    per_round = [phase_totals(workload, ms, scenario) for ms in rounds]
+    return {key: spread([t[key] for t in per_round]) for key in SPREAD_KEYS}
+
+
 def measure_costs(config, variants: list[SubVariant], target, scenario: Scenario, backend, label: dict,
-                  repeats: int, title: str) -> dict:
-    """Costs of ``variants`` and of the part outside the layers, by kind and variant name."""
+                  repeats: int, title: str, spread_bound: float = SPREAD_BOUND) -> dict:
+    """Costs of ``variants`` and of the part outside the layers, by kind and variant name.
+
+    A backend that measures times every piece in ``repeats`` interleaved
+    rounds, and in further rounds (for a bounded time, ``hwopt.timing``)
+    while a figure's spread exceeds ``spread_bound``; each entry carries its
+    ``rounds`` and the ``spread`` of its figures. An estimate is made once.
+    """
     phases = scenario_phases(scenario)
-    costs = {"attention": {}, "ffn": {}}
-    with progress(title, total=len(variants) + 1) as advance:
-        for v in variants:
-            workload = Workload(v, config, scenario.dtype, scenario.kv_dtype, phases)
-            timing = phase_totals(workload, backend.time_phases(workload, target, repeats), scenario)
-            costs[v.kind][v.name] = cost_entry(v, config, scenario, timing, label)
+    workloads = {(v.kind, v.name): Workload(v, config, scenario.dtype, scenario.kv_dtype, phases) for v in variants}
+    workloads["outside_layers", None] = Workload(None, config, scenario.dtype, scenario.kv_dtype, phases)
+    rounds = repeats if backend.measures else 1
+
+    def noisy(results: dict) -> list:
+        return [key for key, ms in results.items()
+                if max(round_spreads(workloads[key], ms, scenario).values()) > spread_bound]
+
+    with progress(title, total=len(workloads) + rounds) as advance:
+        timers = {}
+        for key, workload in workloads.items():
+            timers[key] = backend.prepare(workload, target)
             advance()
-        workload = Workload(None, config, scenario.dtype, scenario.kv_dtype, phases)
-        timing = phase_totals(workload, backend.time_phases(workload, target, repeats), scenario)
-        costs["outside_layers"] = outside_layers_entry(config, scenario, timing, label)
-        advance()
+        results = interleaved_rounds(timers, rounds, noisy if backend.measures else lambda _: [],
+                                     after_round=advance)
+    costs = {"attention": {}, "ffn": {}}
+    for (kind, name), workload in workloads.items():
+        timing = phase_totals(workload, median_phases(results[kind, name]), scenario)
+        if backend.measures:
+            timing |= {"rounds": len(results[kind, name]),
+                       "spread": round_spreads(workload, results[kind, name], scenario)}
+        if workload.variant is None:
+            costs["outside_layers"] = outside_layers_entry(config, scenario, timing, label)
+        else:
+            costs[kind][name] = cost_entry(workload.variant, config, scenario, timing, label)
     return costs
 
 
+def cost_entries(costs: dict) -> dict[str, dict]:
+    """Every entry of a costs.json by name: the variants, and ``outside_layers``."""
+    return {**costs["attention"], **costs["ffn"], "outside_layers": costs["outside_layers"]}
+
+
+def noisy_entries(costs: dict, bound: float) -> dict[str, float]:
+    """The entries whose largest spread exceeds ``bound``, with that spread."""
+    worst = {name: max(e["spread"].values()) for name, e in cost_entries(costs).items() if "spread" in e}
+    return {name: s for name, s in worst.items() if s > bound}
+
+
+def self_check(source, target, scenario: Scenario, backend, costs: dict) -> dict:
+    """The whole model timed end to end against the sum of its blocks' costs, or why that was skipped.
+
+    The model (random weights: timing does not depend on them) generates in
+    the scenario ``SELF_CHECK_RUNS`` times; the median is compared. Only
+    torch on the CPU runs the same kernels end to end as block by block.
+    """
+    from hwopt.estimate import layer_rows, model_total, model_variants  # hwopt.estimate builds on this module
+
+    if not (backend.name == "torch" and target.kind == "cpu"):
+        return {"skipped": f"the end-to-end check runs torch on the CPU, not {backend.name} on {target.name}"}
+    totals = model_total(costs, layer_rows(costs, model_variants(source)))
+    if totals["memory_mib"] * MIB > psutil.virtual_memory().available / 2:
+        return {"skipped": f"the whole model ({totals['memory_mib'] / 1024:.1f} GiB with its KV cache) would take "
+                           "more than half the free memory"}
+    blocks = totals["runtime_ms"]
+    torch.manual_seed(0)
+    model = HeteroLlamaForCausalLM(source.config, source.block_configs, block_types())
+    model = model.to(TORCH_DTYPES[scenario.dtype]).eval()
+    whole = measure_runtimes({"model": model}, scenario, source.config.vocab_size, SELF_CHECK_RUNS)["model"]
+    ratio = whole / blocks
+    return {"end_to_end_ms": whole, "blocks_ms": blocks, "ratio": ratio, "bound": SELF_CHECK_BOUND,
+            "ok": abs(ratio - 1) <= SELF_CHECK_BOUND}
+
+
+def check_profile(costs: dict, check: dict, load: CpuLoad, threads: int | None, bound: float,
+                  max_spread: float | None) -> list[str]:
+    """One line per check the profile failed: figures that stayed noisy, a machine too busy for the
+    ``threads`` timing threads (None: timed off the CPU), a whole model off the sum of its blocks.
+
+    Raises HwoptError for the first two when ``max_spread`` is given.
+    """
+    problems = []
+    if noisy := noisy_entries(costs, bound):
+        rounds = max(e["rounds"] for e in cost_entries(costs).values())
+        worst = ", ".join(f"{name} {s:.0%}" for name, s in sorted(noisy.items(), key=lambda kv: -kv[1]))
+        problems.append(f"timings stayed noisy after {rounds} rounds: {worst} (spread = IQR / median; bound "
+                        f"{bound:.0%}); while measuring, {load.describe()}")
+    if threads is not None and oversubscribed(load.others, threads, len(load.cores)):
+        problems.append(f"the machine is too busy to measure: {load.describe()} beside the profile's {threads} "
+                        f"timing thread{'s' if threads > 1 else ''}")
+    if problems and max_spread is not None:
+        raise HwoptError(f"--max-spread {max_spread:g}: {problems[0]}")
+    if not check.get("ok", True):
+        problems.append(f"the whole model took {check['end_to_end_ms']:.1f} ms end to end, the sum of its blocks "
+                        f"{check['blocks_ms']:.1f} ms (ratio {check['ratio']:.2f}, outside 1 ± "
+                        f"{SELF_CHECK_BOUND:.2f}); while measuring, {load.describe()}")
+    return problems
+
+
+def print_checks(costs: dict) -> None:
+    """What the profile's checks found, for a measured profile (failed checks are the caller's to warn about)."""
+    checks = costs["checks"]
+    if "self_check" not in checks:
+        return
+    spreads = {name: max(e["spread"].values()) for name, e in cost_entries(costs).items()}
+    worst = max(spreads, key=spreads.get)
+    rounds = max(e["rounds"] for e in cost_entries(costs).values())
+    console.print(f"profile: {len(spreads)} pieces timed in {rounds} interleaved rounds, largest spread "
+                  f"{spreads[worst]:.1%} ({worst}); {describe_load(checks['other_busy_cores'], checks['cores'])}",
+                  soft_wrap=True)
+    check = checks["self_check"]
+    if "skipped" in check:
+        console.print(f"profile: self-check skipped: {check['skipped']}", soft_wrap=True)
+    else:
+        console.print(f"profile: self-check: the whole model took {check['end_to_end_ms']:.1f} ms end to end, the "
+                      f"sum of its blocks {check['blocks_ms']:.1f} ms (ratio {check['ratio']:.3f})", soft_wrap=True)
+
+
 def profile(source, target, scenario: Scenario, space: SearchSpace, backend_name: str, repeats: int,
-            out_path, require_measured: bool = False) -> dict:
-    """Write ``costs.json``: the cost of every sub-block variant and of the rest of the model."""
+            out_path, require_measured: bool = False, max_spread: float | None = None) -> dict:
+    """Write ``costs.json``: the cost of every sub-block variant and of the rest of the model.
+
+    Measured costs come with their checks (``checks`` in costs.json): the
+    spread of every figure, the load other processes put on the machine,
+    and the whole model end to end against the sum of its blocks. Returns
+    costs.json's content; ``costs["checks"]["problems"]`` holds one line per
+    failed check (empty: the profile can be trusted). Raises HwoptError,
+    when ``max_spread`` (a fraction, e.g. 0.1) is given, if a figure's spread
+    stays above it or the machine is too busy to measure.
+    """
     backend, label = choose_backend(backend_name, target, scenario, require_measured)
-    costs = {"target": target.name, "scenario": scenario.to_json(), "source": label,
-             **measure_costs(source.config, profile_variants(source, space), target, scenario, backend, label,
-                             repeats, f"profile on {target.name} ({label['kind']})")}
+    bound = SPREAD_BOUND if max_spread is None else max_spread
+    threads = torch.get_num_threads() if target.kind == "cpu" else None  # None: timed off the CPU
+    with CpuLoad() as load:
+        pieces = measure_costs(source.config, profile_variants(source, space), target, scenario, backend, label,
+                               repeats, f"profile on {target.name} ({label['kind']})", bound)
+        check = self_check(source, target, scenario, backend, pieces) if backend.measures else None
+    checks = {"spread_bound": bound, "other_busy_cores": load.others, "cores": len(load.cores), "threads": threads,
+              "problems": []}
+    if backend.measures:
+        checks["self_check"] = check
+        checks["problems"] = check_profile(pieces, check, load, threads, bound, max_spread)
+    costs = {"target": target.name, "scenario": scenario.to_json(), "source": label, **pieces, "checks": checks}
     atomic_write_json(out_path, costs)
     return costs

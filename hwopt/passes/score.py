@@ -143,7 +143,7 @@ def score_layer(parent: HeteroLlamaForCausalLM, library: Library, i: int, activa
         "attention": a,
         "ffn": f,
         "parent": (a, f) == own,
-        "block_config": block.to_json(parent.config.hidden_size),
+        "block_config": block.to_json(parent.block_types, parent.config),
     } for (a, f), block in blocks.items()}
 
 

@@ -1,0 +1,127 @@
+"""Timings that hold on a busy machine: interleaved rounds, medians, their spread, and the load seen.
+
+Timing one variant after another lets a burst of outside load land on
+whichever variant happened to be running. Here every piece is timed once
+per round, in the same order each round (A B C ... A B C ...), so a burst
+lands on all of them alike, and each piece's figure is its median over the
+rounds. The spread of a figure is its interquartile range over the rounds
+relative to the median, as ``torch.utils.benchmark.Measurement`` computes
+it (that class warns above 10%, "significant environmental influence", the
+bound used here by default). While some piece stays noisier than the bound,
+more rounds are run, for a bounded time (``torch.utils.benchmark.Timer.
+adaptive_autorange`` does the same for one statement).
+
+``CpuLoad`` says how busy other processes kept this process's cores while
+it measured, which is what a too-noisy measurement is reported with, and
+``idle_cores`` how many threads fit beside them: two processes whose
+threads outnumber the cores spin against each other, and a small kernel
+then waits for a descheduled thread at every step (tens of times slower).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import psutil
+from torch.utils.benchmark import Measurement
+from torch.utils.benchmark.utils.common import TaskSpec
+
+PROBE_SECONDS = 1.0  # how long to watch other processes before choosing a thread count
+SPREAD_BOUND = 0.10  # IQR / median; torch.utils.benchmark warns above the same 10%
+REMEASURE_TIME = 2.0  # extra rounds for a noisy piece: at most this many times as long as the first rounds took
+
+Timer = Callable[[], list[float]]  # one round: milliseconds per phase
+
+
+def spread(values: list[float]) -> float:
+    """Interquartile range of ``values`` relative to their median (0 when the median is 0, as for a no-op)."""
+    if not any(values):
+        return 0.0
+    measurement = Measurement(number_per_run=1, raw_times=list(values), task_spec=TaskSpec(stmt="", setup=""))
+    return measurement.iqr / measurement.median
+
+
+def median_phases(rounds: list[list[float]]) -> list[float]:
+    """Per phase, the median over rounds of its milliseconds."""
+    return [statistics.median(column) for column in zip(*rounds)]
+
+
+def interleaved_rounds(timers: dict[object, Timer], rounds: int, noisy: Callable[[dict], list],
+                       extra_time_factor: float = REMEASURE_TIME, clock: Callable[[], float] = time.perf_counter,
+                       after_round: Callable[[], object] = lambda: None) -> dict[object, list[list[float]]]:
+    """Each timer's results, one per round: every timer once per round, in order, for ``rounds`` rounds.
+
+    Then, while ``noisy(results)`` names any timer, further rounds of all of
+    them (so that load still hits every piece alike), for at most
+    ``extra_time_factor`` times as long as the first ``rounds`` took.
+    """
+    results = {name: [] for name in timers}
+
+    def one_round():
+        for name, timer in timers.items():
+            results[name].append(timer())
+        after_round()
+
+    start = clock()
+    for _ in range(rounds):
+        one_round()
+    deadline = clock() + extra_time_factor * (clock() - start)
+    while noisy(results) and clock() < deadline:
+        one_round()
+    return results
+
+
+def usable_cores() -> list[int]:
+    """The CPU cores this process may run on."""
+    try:
+        return sorted(psutil.Process().cpu_affinity())
+    except (AttributeError, psutil.Error):  # no affinity on this platform
+        return list(range(psutil.cpu_count() or 1))
+
+
+def _busy_seconds(times) -> float:
+    """CPU-seconds a core spent on anything but idling (guest time is already in user time on Linux)."""
+    total = sum(times) - getattr(times, "guest", 0.0) - getattr(times, "guest_nice", 0.0)
+    return total - times.idle - getattr(times, "iowait", 0.0)
+
+
+class CpuLoad:
+    """How many of this process's cores other processes kept busy during a ``with`` block."""
+
+    def __enter__(self) -> CpuLoad:
+        self.cores = usable_cores()
+        self._start = self._sample()
+        self.others = 0.0
+        return self
+
+    def _sample(self) -> tuple[float, float, float]:
+        per_core = psutil.cpu_times(percpu=True)
+        busy = sum(_busy_seconds(per_core[c]) for c in self.cores if c < len(per_core))
+        own = psutil.Process().cpu_times()
+        return time.monotonic(), busy, own.user + own.system
+
+    def __exit__(self, *exc) -> None:
+        (t0, busy0, own0), (t1, busy1, own1) = self._start, self._sample()
+        if t1 > t0:
+            self.others = max(0.0, ((busy1 - busy0) - (own1 - own0)) / (t1 - t0))
+
+    def describe(self) -> str:
+        return describe_load(self.others, len(self.cores))
+
+
+def describe_load(others: float, cores: int) -> str:
+    return f"other processes kept {others:.1f} of this process's {cores} cores busy"
+
+
+def idle_cores(probe_seconds: float = PROBE_SECONDS) -> tuple[int, CpuLoad]:
+    """How many of this process's cores other processes leave idle (at least 1), watched for ``probe_seconds``."""
+    with CpuLoad() as load:
+        time.sleep(probe_seconds)
+    return max(1, round(len(load.cores) - load.others)), load
+
+
+def oversubscribed(others: float, threads: int, cores: int) -> bool:
+    """Whether other processes' load and ``threads`` threads did not fit on ``cores`` cores (half a core spare)."""
+    return others + threads > cores + 0.5
