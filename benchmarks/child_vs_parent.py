@@ -19,7 +19,7 @@ import torch
 from hwopt.plugins import block_types
 from hwopt.model.checkpoint import load_checkpoint
 from hwopt.models import load_model
-from hwopt.report import measure_runtimes
+from hwopt.evaluate import measure_runtimes
 from hwopt.search_space import Scenario
 
 

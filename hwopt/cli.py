@@ -94,17 +94,23 @@ def add_run_options(p: argparse.ArgumentParser, plugin_options: bool = True) -> 
     for option, text in block_type_options().items() if plugin_options else ():
         g.add_argument(f"--{option}", type=_csv(number), help=f"{text} (a block type's option)")
     g = p.add_argument_group("data and training")
-    g.add_argument("--data", nargs="+", help="text or JSONL files (default: Python's own documentation)")
+    g.add_argument("--data", nargs="+", help="text or JSONL files (default: Python's own documentation); text "
+                                            "sampled from the parent is mixed in (--distill-samples)")
+    g.add_argument("--distill-samples", type=int, help="tokens sampled from the parent and mixed 1:1 into training "
+                                                       "(data-free distillation; default 16384, 0 for none)")
     g.add_argument("--seq-len", type=int, help="tokens per training sequence (default 128)")
     g.add_argument("--bld-tokens", type=int, help="blockwise distillation tokens per variant (default 16384)")
     g.add_argument("--bld-lr", type=float, help="blockwise distillation learning rate (default 5e-4)")
     g.add_argument("--score-tokens", type=int, help="held-out tokens for scoring (default 512)")
+    g.add_argument("--score-pairs", choices=("decoupled", "coupled"),
+                   help="decoupled (default): run each attention and each FFN variant beside the parent's other "
+                        "half and estimate pairs to first order; coupled: run every (attention, FFN) pair")
     g.add_argument("--metric", dest="metrics", action="append",
                    help="replace-1-block metric (repeatable; default kl_div): kl_div, lm_loss, cosine, "
                         "top1_agreement, top5_agreement, task_accuracy, or a plugin's")
     g.add_argument("--task-data", help="multiple-choice JSONL for --metric task_accuracy, one "
                    '{"question": ..., "choices": [...], "answer": index or choice text} per line')
-    g.add_argument("--uptrain-tokens", type=int, help="global distillation tokens (default 16384)")
+    g.add_argument("--uptrain-tokens", type=int, help="global distillation tokens (default 32768)")
     g.add_argument("--uptrain-lr", type=float, help="global distillation learning rate (default 1e-4)")
     g.add_argument("--seed", type=int, help="random seed of training and data order (default 0)")
     g = p.add_argument_group("search", "budgets the run remembers; `none` forgets one (--memory none)")
@@ -122,6 +128,12 @@ def add_run_options(p: argparse.ArgumentParser, plugin_options: bool = True) -> 
     g.add_argument("--min-diversity", type=int, help="each solution differs from every earlier one in at least "
                                                      "this many layers (default 1)")
     g.add_argument("--time-limit", type=float, help="solver seconds per solution (default 60)")
+    g.add_argument("--speedup-checks", type=int, help="with --speedup on this CPU: time the chosen child against "
+                                                      "the parent and solve again with a tighter budget while it "
+                                                      "measures slower, at most this many times (default 3; 0: off)")
+    g.add_argument("--coupled-bld", type=int, help="coupled BLD (Puzzle Table 6): train the (attention, FFN) pairs "
+                                                   "of this many diverse decoupled solutions as whole layers, score "
+                                                   "them again and solve again (default 0: off)")
     g = p.add_argument_group("lower")
     g.add_argument("--format", dest="formats", action="extend", type=_csv(str),
                    help="output formats, comma-separated or repeated (default nemotron-nas; `hwopt lower --help` "
@@ -189,6 +201,19 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--plot", help="write the per-layer runtime picture (PNG) here")
     p.add_argument("--json", action="store_true", help="print the result as JSON (for machines)")
     add_scenario_options(p, backend_default="roofline")
+    p = sub.add_parser("evaluate", help="a child against its parent: held-out KL, perplexity, top-1 agreement, task "
+                                        "accuracy; runtime, tokens/s and memory measured here; report.md with pictures")
+    p.add_argument("--model", required=True, help="the child: a nemotron-nas (or Llama) checkpoint directory")
+    p.add_argument("--parent", required=True, help="its parent: a model name or checkpoint directory")
+    p.add_argument("--data", nargs="+", help="text or JSONL files whose last tenth is the held-out text (default: "
+                                            "Python's own documentation, as the runs use)")
+    p.add_argument("--task-data", help="multiple-choice JSONL to measure task accuracy on")
+    p.add_argument("--tokens", type=int, default=4096, help="held-out tokens from --data (default 4096)")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per held-out sequence (default 128)")
+    p.add_argument("--target", default="cpu", help="target the per-layer runtimes are predicted for (default cpu)")
+    p.add_argument("--out", default="evaluation", help="folder for report.md, evaluation.json and per_layer.png "
+                                                       "(default ./evaluation)")
+    add_scenario_options(p)
     p = sub.add_parser("calibrate", help="time every block variant with a measuring backend; write the target's "
                                          "profile with these timings, which fit the roofline estimate")
     p.add_argument("--target", required=True, help="hardware target to measure on: cpu, h100, ..., or a profile .toml")
@@ -252,6 +277,56 @@ def cmd_estimate(args: argparse.Namespace) -> None:
         print(f"{args.model} / {args.parent}: {parent['runtime_ms'] / child['runtime_ms']:.2f}x the throughput, "
               f"{child['memory_mib'] / parent['memory_mib']:.2f}x the memory, KV cache "
               f"{parent['kv_cache_mib'] - child['kv_cache_mib']:,.0f} MiB smaller")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    """Quality on the held-out text sets and the task, speed and memory measured here, predicted per layer."""
+    from pathlib import Path
+
+    from hwopt.data import GENERAL_HELDOUT, check_data_files, general_heldout, load_split
+    from hwopt.estimate import estimate
+    from hwopt.evaluate import evaluate
+    from hwopt.hardware import resolve_target
+    from hwopt.models import resolve_model
+    from hwopt.pipeline import atomic_write_json
+    from hwopt.plots import per_layer_runtime
+    from hwopt.report import measured_here, print_report, write_markdown
+    from hwopt.search_space import Scenario
+    from hwopt.tasks import read_task
+
+    if args.tokens < args.seq_len or args.seq_len < 2:
+        raise HwoptError(f"--tokens {args.tokens} must hold at least one sequence of --seq-len {args.seq_len} (>= 2)")
+    check_data_files(args.data)
+    target = resolve_target(args.target)
+    scenario = Scenario.for_target(target, args.scenario or "128/64", args.batch or 1, args.dtype, args.kv_dtype)
+    sources = {"child": resolve_model(args.model), "parent": resolve_model(args.parent)}
+    if sources["child"].config.vocab_size != sources["parent"].config.vocab_size:
+        raise HwoptError(f"{args.model} and {args.parent} have different vocabularies: not a child and its parent")
+    tokenizer = sources["parent"].tokenizer()
+    task = read_task(args.task_data, tokenizer) if args.task_data else None
+    split = load_split(args.data, tokenizer, args.seq_len)
+    texts = {"heldout": split.heldout_batches(args.tokens), "general": general_heldout(tokenizer, args.seq_len)}
+    child, parent = sources["child"].load(), sources["parent"].load()
+    report = evaluate(child, parent, texts, scenario, task, args.repeats or 3)
+    report["measured_on"] = measured_here()
+    report["texts"]["heldout"]["source"] = f"the last tenth of {split.source}"
+    report["texts"]["general"]["source"] = str(GENERAL_HELDOUT.name)
+    predicted = {role: estimate(source, target, scenario, args.backend or "roofline", args.repeats or 3)
+                 for role, source in sources.items()}
+    report["predicted_speedup"] = predicted["parent"]["total"]["runtime_ms"] / predicted["child"]["total"]["runtime_ms"]
+    report["predicted_on"] = f"{target.name}: {predicted['child']['source']['summary']}"
+    for role in ("parent", "child"):
+        report[role]["runtime_ms_predicted"] = predicted[role]["total"]["runtime_ms"]
+    out = Path(args.out)
+    kind = predicted["child"]["source"]["kind"]
+    per_layer_runtime(out / "per_layer.png", predicted["child"]["layers"], predicted["parent"]["layers"],
+                      f"{args.model} vs parent {args.parent}: {kind} on {target.name}, {scenario.describe()}\n"
+                      f"speedup predicted {report['predicted_speedup']:.2f}x ({kind}), measured "
+                      f"{report['measured_speedup']:.2f}x here", label_layers=True)
+    atomic_write_json(out / "evaluation.json", report)
+    write_markdown(report, out / "report.md", "per_layer.png", f"{args.model} against its parent {args.parent}")
+    print_report(report)
+    print(f"wrote {out / 'report.md'}, {out / 'evaluation.json'}, {out / 'per_layer.png'}")
 
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
@@ -327,6 +402,8 @@ def run_command(args: argparse.Namespace) -> None:
         return cmd_estimate(args)
     if args.command == "calibrate":
         return cmd_calibrate(args)
+    if args.command == "evaluate":
+        return cmd_evaluate(args)
     if args.command == "targets":
         return cmd_targets()
     if args.command == "solve" and args.library:

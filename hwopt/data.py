@@ -1,10 +1,25 @@
-"""Text for distillation and scoring: a corpus, tokenised, split once and for all.
+"""Text for distillation, scoring and evaluation, tokenised and split once and for all.
 
-``--data`` takes text files and JSONL files (one object per line with a
-``text`` field). Without it, the corpus is the English documentation that
-ships with Python itself (``pydoc_data.topics``), so every machine has it.
-The last tenth of the tokens is held out for scoring and evaluation; the
-split depends only on the text and the sequence length.
+Three sources, kept apart:
+
+- the corpus: ``--data`` text files and JSONL files (one object per line with
+  a ``text`` field); without it, the English documentation that ships with
+  Python itself (``pydoc_data.topics``), so every machine has it. Its last
+  tenth is held out: "the run's own held-out text".
+- text sampled from the parent itself (data-free distillation, as in
+  GKD, Agarwal et al. 2024, arXiv 2306.13649): ancestral sampling at
+  temperature 1 from the start-of-text token, so the child is taught the
+  parent's behaviour on text at large, not only on the corpus's domain.
+  Training alternates corpus and sample sequences 1:1 while samples last;
+  a tenth of the samples is held out and joins the scoring set.
+- general English (``hwopt/heldout/general_english.txt``): prose on
+  everyday subjects (baking, a lighthouse's history, rivers, language
+  learning, a dialogue, a council meeting, sleep, birds, a market, saving
+  money), written for hwopt and not drawn from any public corpus. No pass
+  trains or scores on it; it only measures how the child does on text that
+  is neither the corpus's domain nor anything it was distilled on.
+
+The split depends only on the texts, the samples and the sequence length.
 """
 
 from __future__ import annotations
@@ -19,6 +34,7 @@ import torch
 from hwopt.errors import HwoptError
 
 HELDOUT_FRACTION = 0.1
+GENERAL_HELDOUT = Path(__file__).parent / "heldout" / "general_english.txt"
 
 
 def check_data_files(paths: list[str] | None) -> None:
@@ -58,20 +74,27 @@ def read_corpus(paths: list[str] | None) -> tuple[str, str]:
 
 @dataclass
 class TokenSplit:
-    train: torch.Tensor  # [sequences, seq_len] token ids
-    heldout: torch.Tensor  # [sequences, seq_len]
+    train: torch.Tensor  # [sequences, seq_len] token ids: corpus and parent samples, alternating
+    heldout: torch.Tensor  # [sequences, seq_len]: the corpus's held-out tenth ("the run's own held-out text")
     source: str
-    sha256: str  # of the text, so passes can tell when the data changed
+    sha256: str  # of the texts and samples, so passes can tell when the data changed
+    samples_heldout: torch.Tensor | None = None  # [sequences, seq_len]: held-out parent samples
 
     def train_batches(self, tokens: int) -> torch.Tensor:
         """The first ``tokens`` worth of training sequences (cycled if the corpus is short)."""
-        return _take(self.train, tokens, "training")
+        return _take(self.train, tokens)
 
     def heldout_batches(self, tokens: int) -> torch.Tensor:
-        return _take(self.heldout, tokens, "held-out")
+        """``tokens`` worth of the corpus's held-out sequences (report and ``hwopt evaluate``)."""
+        return _take(self.heldout, tokens)
+
+    def score_batches(self, tokens: int) -> torch.Tensor:
+        """Held-out sequences for scoring and for uptraining's keep-or-revert check: corpus and samples alternating."""
+        mixed = self.heldout if self.samples_heldout is None else alternate(self.heldout, self.samples_heldout)
+        return _take(mixed, tokens)
 
 
-def _take(seqs: torch.Tensor, tokens: int, what: str) -> torch.Tensor:
+def _take(seqs: torch.Tensor, tokens: int) -> torch.Tensor:
     n = max(1, tokens // seqs.shape[1])
     if n > len(seqs):
         reps = -(-n // len(seqs))
@@ -79,12 +102,86 @@ def _take(seqs: torch.Tensor, tokens: int, what: str) -> torch.Tensor:
     return seqs[:n]
 
 
-def load_split(paths: list[str] | None, tokenizer, seq_len: int) -> TokenSplit:
+def alternate(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Rows of ``a`` and ``b`` taken in turn while both last, then the rest of the longer one."""
+    n = min(len(a), len(b))
+    return torch.cat([torch.stack([a[:n], b[:n]], 1).flatten(0, 1), a[n:], b[n:]])
+
+
+def _as_sequences(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
+    return ids[: len(ids) // seq_len * seq_len].view(-1, seq_len)
+
+
+def load_split(paths: list[str] | None, tokenizer, seq_len: int, samples: torch.Tensor | None = None) -> TokenSplit:
+    """The corpus split into training and held-out sequences, with ``samples`` ([sequences, seq_len]) mixed in."""
     text, source = read_corpus(paths)
     ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
     cut = int(len(ids) * (1 - HELDOUT_FRACTION))
     train, heldout = ids[:cut], ids[cut:]
     if len(heldout) < seq_len or len(train) < seq_len:
         raise HwoptError(f"the corpus ({len(ids)} tokens) is too short for sequences of {seq_len} tokens")
-    as_seqs = lambda t: t[: len(t) // seq_len * seq_len].view(-1, seq_len)  # noqa: E731
-    return TokenSplit(as_seqs(train), as_seqs(heldout), source, hashlib.sha256(text.encode()).hexdigest())
+    digest = hashlib.sha256(text.encode())
+    train, heldout = _as_sequences(train, seq_len), _as_sequences(heldout, seq_len)
+    if samples is None or not len(samples):
+        return TokenSplit(train, heldout, source, digest.hexdigest())
+    digest.update(samples.numpy().tobytes())
+    n_heldout = max(1, len(samples) // 10)
+    return TokenSplit(alternate(train, samples[:-n_heldout]), heldout,
+                      f"{source} + {len(samples) * samples.shape[1]} tokens sampled from the parent",
+                      digest.hexdigest(), samples[-n_heldout:])
+
+
+def general_heldout(tokenizer, seq_len: int, path: Path = GENERAL_HELDOUT) -> torch.Tensor:
+    """General English no pass trains on (see the module docstring), as [sequences, seq_len] token ids."""
+    ids = torch.tensor(tokenizer(Path(path).read_text(), add_special_tokens=False)["input_ids"], dtype=torch.long)
+    if len(ids) < seq_len:
+        raise HwoptError(f"{path} ({len(ids)} tokens) is too short for sequences of {seq_len} tokens")
+    return _as_sequences(ids, seq_len)
+
+
+@torch.inference_mode()
+def sample_from_parent(model, start_token: int, sequences: int, seq_len: int, seed: int,
+                       batch: int = 32) -> torch.Tensor:
+    """``sequences`` x ``seq_len`` token ids drawn from ``model`` at temperature 1, each after ``start_token``.
+
+    Ancestral sampling with the KV cache: one forward per token per batch. The start token itself is not kept.
+    """
+    from hwopt.progress import progress
+
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    with progress("sample from the parent", total=sequences * seq_len) as advance:
+        for n in range(0, sequences, batch):
+            tokens = torch.full((min(batch, sequences - n), 1), start_token)
+            out = model(tokens, use_cache=True, logits_to_keep=1)
+            drawn = []
+            for _ in range(seq_len):
+                probs = out.logits[:, -1].float().softmax(-1)
+                drawn.append(torch.multinomial(probs, 1, generator=generator))
+                out = model(drawn[-1], past_key_values=out.past_key_values, logits_to_keep=1)
+                advance(len(tokens))
+            rows.append(torch.cat(drawn, 1))
+    return torch.cat(rows)
+
+
+def cached_parent_samples(model, tokenizer, weights_id: str, tokens: int, seq_len: int, seed: int,
+                          cache_dir: Path) -> torch.Tensor:
+    """``tokens`` (plus a tenth to hold out) sampled from the parent, kept in ``cache_dir`` across runs.
+
+    ``weights_id`` names the parent's weights (the cache key, with the other arguments). Written atomically.
+    """
+    from safetensors.torch import load_file, save_file
+
+    from hwopt.pipeline import atomic_path
+
+    sequences = -(-tokens // seq_len)
+    sequences += max(1, sequences // 9)  # the held-out tenth
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    key = hashlib.sha256(json.dumps([weights_id, sequences, seq_len, seed, start]).encode()).hexdigest()[:16]
+    path = Path(cache_dir) / "parent-samples" / f"{key}.safetensors"
+    if path.is_file():
+        return load_file(path)["ids"]
+    ids = sample_from_parent(model, start, sequences, seq_len, seed)
+    with atomic_path(path) as tmp:
+        save_file({"ids": ids.contiguous()}, tmp)
+    return ids

@@ -1,13 +1,28 @@
-"""A child against its parent on held-out text: one forward of each gives KL and both perplexities."""
+"""A child against its parent: quality on held-out text and a task, speed and memory measured here.
+
+``compare_on_heldout`` is one forward of each model per batch: KL(parent ||
+child) per token, both perplexities, and how often the child's top token is
+the parent's. ``measure_runtimes`` times whole generations, runs
+interleaved so that drift on a shared machine affects both alike.
+``evaluate`` is ``hwopt evaluate``: every figure on every text set given,
+plus runtime, tokens/s and memory in one serving scenario.
+"""
 
 from __future__ import annotations
 
 import math
+import statistics
+import time
 
 import torch
 import torch.nn.functional as F
 
 from hwopt.metric import kl_divergence
+from hwopt.model.modeling import HeteroLlamaForCausalLM, greedy_tokens
+from hwopt.model.modeling_nemotron_nas import GroupedQueryAttention
+from hwopt.search_space import Scenario
+from hwopt.tasks import MultipleChoice, task_accuracy
+from hwopt.workload import MIB
 
 
 def _next_token_loss_sum(logits: torch.Tensor, ids: torch.Tensor) -> float:
@@ -16,13 +31,62 @@ def _next_token_loss_sum(logits: torch.Tensor, ids: torch.Tensor) -> float:
 
 @torch.no_grad()
 def compare_on_heldout(child, parent, ids: torch.Tensor, batch: int = 4) -> dict[str, float]:
-    """KL(parent || child) per token, and the perplexity of each model, on ``ids`` ([sequences, tokens])."""
-    kl = child_loss = parent_loss = 0.0
+    """On ``ids`` ([sequences, tokens]): KL(parent || child) per token (nats), the perplexity of each model
+    (exp of the mean next-token cross-entropy), and top-1 agreement (fraction of positions where the child's
+    most likely next token is the parent's)."""
+    kl = child_loss = parent_loss = agree = 0.0
     for rows in torch.split(ids, batch):
         student, teacher = child(rows).logits, parent(rows).logits
         kl += kl_divergence(student.flatten(0, 1), teacher.flatten(0, 1)).item() * len(rows)
         child_loss += _next_token_loss_sum(student, rows)
         parent_loss += _next_token_loss_sum(teacher, rows)
+        agree += (student.argmax(-1) == teacher.argmax(-1)).float().sum().item()
     predicted = ids.shape[0] * (ids.shape[1] - 1)
     return {"kl_div": kl / len(ids), "perplexity": math.exp(child_loss / predicted),
-            "parent_perplexity": math.exp(parent_loss / predicted)}
+            "parent_perplexity": math.exp(parent_loss / predicted), "top1_agreement": agree / ids.numel()}
+
+
+def measure_runtimes(models: dict[str, HeteroLlamaForCausalLM], scenario: Scenario, vocab_size: int,
+                     repeats: int = 3) -> dict[str, float]:
+    """Median wall-clock ms of a full greedy generation (``scenario``'s batch, input and output lengths) for
+    each model, runs interleaved, after one warm-up each."""
+    torch.manual_seed(0)
+    prompts = torch.randint(0, vocab_size, (scenario.batch, scenario.input_len))
+    for model in models.values():
+        greedy_tokens(model, prompts, 2)
+    times = {name: [] for name in models}
+    for _ in range(repeats):
+        for name, model in models.items():
+            start = time.perf_counter()
+            greedy_tokens(model, prompts, scenario.output_len)
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def memory_mib(model: HeteroLlamaForCausalLM, scenario: Scenario) -> dict[str, float]:
+    """Weights as loaded, and the KV cache its attention layers hold at the scenario's longest context (MiB)."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    tokens = scenario.batch * (scenario.input_len + scenario.output_len)
+    dtype_bytes = next(model.parameters()).element_size()
+    kv = sum(2 * layer.self_attn.num_kv_heads * layer.self_attn.head_dim * tokens * dtype_bytes
+             for layer in model.model.layers if isinstance(layer.self_attn, GroupedQueryAttention))
+    return {"weights_mib": weights / MIB, "kv_cache_mib": kv / MIB, "memory_mib": (weights + kv) / MIB}
+
+
+def evaluate(child: HeteroLlamaForCausalLM, parent: HeteroLlamaForCausalLM, texts: dict[str, torch.Tensor],
+             scenario: Scenario, task: MultipleChoice | None = None, repeats: int = 3) -> dict:
+    """Every figure of ``hwopt evaluate``: per text set (name -> [sequences, tokens] ids) the comparison of
+    ``compare_on_heldout``; task accuracy of each model when ``task`` is given; per model the measured
+    generation ms, tokens/s (batch x (input + output) / runtime) and memory; the measured speedup."""
+    result = {"scenario": scenario.to_json(), "texts": {}}
+    for name, ids in texts.items():
+        result["texts"][name] = {"tokens": ids.numel(), **compare_on_heldout(child, parent, ids)}
+    ms = measure_runtimes({"parent": parent, "child": child}, scenario, parent.config.vocab_size, repeats)
+    for role, model in (("parent", parent), ("child", child)):
+        result[role] = {"params": model.num_parameters(), "runtime_ms_measured": ms[role],
+                        "tokens_per_s": scenario.throughput(ms[role]), **memory_mib(model, scenario)}
+        if task is not None:
+            with torch.no_grad():
+                result[role]["task_accuracy"] = task_accuracy(lambda x, m=model: m(x).logits, task)
+    result["measured_speedup"] = ms["parent"] / ms["child"]
+    return result

@@ -11,8 +11,18 @@ from pathlib import Path
 from hwopt.pipeline import atomic_path
 
 
-def per_layer_runtime(path: Path, child_rows: list[dict], parent_rows: list[dict] | None, title: str) -> None:
-    """Two panels, attention above FFN: bars per layer, the parent's pale behind the child's."""
+def became(row: dict) -> str:
+    """What a layer became, for a tick label: e.g. ``kv1 / ffn768``, ``linear / removed``."""
+    short = {"attn_linear": "linear", "ffn_linear": "linear", "attn_noop": "removed", "ffn_noop": "removed"}
+    return f"{short.get(row['attention'], row['attention'])} / {short.get(row['ffn'], row['ffn'])}"
+
+
+def per_layer_runtime(path: Path, child_rows: list[dict], parent_rows: list[dict] | None, title: str,
+                      label_layers: bool = False) -> None:
+    """Two panels, attention above FFN: bars per layer, the parent's pale behind the child's.
+
+    ``label_layers``: each layer's tick names what it became (KV heads, FFN width, linear, removed).
+    """
     # imported here, and without pyplot: matplotlib takes half a second to load, and only a picture needs it
     from matplotlib.figure import Figure
 
@@ -27,6 +37,9 @@ def per_layer_runtime(path: Path, child_rows: list[dict], parent_rows: list[dict
         ax.set_ylabel(f"{label} runtime (ms)")
         ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
     axes[1].set_xlabel("layer")
+    if label_layers:
+        axes[1].set_xticks([r["layer"] for r in child_rows],
+                           [f"{r['layer']}: {became(r)}" for r in child_rows], rotation=90, fontsize=6)
     fig.suptitle(title)
     fig.tight_layout()
     with atomic_path(Path(path)) as tmp:

@@ -17,22 +17,23 @@ from pathlib import Path
 
 import torch
 
-from hwopt.data import check_data_files, load_split
+from hwopt.data import cached_parent_samples, check_data_files, general_heldout, load_split
 from hwopt.errors import HwoptError
 from hwopt.hardware import resolve_target
 from hwopt.model.checkpoint import load_checkpoint, save_nemotron_nas
 from hwopt.models import resolve_model
-from hwopt.passes.library import BLDSettings, Library, build_library
+from hwopt.passes.library import BLDSettings, Library, build_coupled, build_library, coupled_subspace
 from hwopt.lowering.runtimes import Runtime, resolve_runtime, runnable_library
 from hwopt.passes.lower import LowerOptions, lower
 from hwopt.passes.profile import choose_backend, layer_rows, model_variants, print_checks, profile
-from hwopt.passes.score import score
+from hwopt.passes.score import SCORE_PAIRS, rescore_coupled, score
 from hwopt.passes.solve import Budgets, maximizes, solve
 from hwopt.passes.uptrain import UptrainSettings, uptrain
 from hwopt.pipeline import (
     PASSES,
     UNSET,
     atomic_write_json,
+    cache_root,
     fingerprint,
     is_up_to_date,
     mark_not_up_to_date,
@@ -42,7 +43,8 @@ from hwopt.pipeline import (
 from hwopt.plots import per_layer_runtime
 from hwopt.plugins import block_types, metrics
 from hwopt.progress import console
-from hwopt.report import build_report, print_report
+from hwopt.evaluate import measure_runtimes
+from hwopt.report import build_report, measured_here, print_report
 from hwopt.search_space import Scenario, SearchSpace
 from hwopt.tasks import read_task
 from hwopt.timing import idle_cores
@@ -61,6 +63,7 @@ class Settings:
     max_spread: float | None = None  # a measured figure's IQR / median above this is an error
     threads: int | None = None  # torch's CPU threads; chosen by the run's first command (idle cores), then kept
     data: list[str] | None = None
+    distill_samples: int = 16384  # tokens sampled from the parent, mixed into training (0: none)
     seq_len: int = 128
     kv_heads: list[int] | None = None
     ffn_fractions: list[float] = field(default_factory=lambda: [0.75, 0.5, 0.25])
@@ -71,6 +74,7 @@ class Settings:
     bld_tokens: int = 16384
     bld_lr: float = 5e-4
     score_tokens: int = 512
+    score_pairs: str = "decoupled"  # or "coupled": run every (attention, FFN) pair
     metrics: list[str] = field(default_factory=lambda: ["kl_div"])
     task_data: str | None = None  # multiple-choice JSONL for metrics that need "task"
     objective: str | None = None  # default: the first metric
@@ -84,7 +88,9 @@ class Settings:
     num_solutions: int = 1
     min_diversity: int = 1
     time_limit: float = 60.0  # seconds per solution
-    uptrain_tokens: int = 16384
+    coupled_bld: int = 0  # coupled BLD on the pairs of this many diverse decoupled solutions, then solve again
+    speedup_checks: int = 3  # on this CPU: re-solves allowed when the chosen child measures below --speedup
+    uptrain_tokens: int = 32768
     uptrain_lr: float = 1e-4
     formats: list[str] = field(default_factory=lambda: ["nemotron-nas"])
     runtime: str | None = None  # the runtime that serves the child (default: the target's, see hwopt.lowering.runtimes)
@@ -101,15 +107,16 @@ class Settings:
 
 
 SEARCH_SPACE = ["model", "kv_heads", "ffn_fractions", "linear", "no_op", "block_types", "block_options"]
-DATA = ["data", "seq_len"]
+DATA = ["data", "distill_samples", "seq_len", "seed"]
 # pass -> (settings it depends on, passes whose outputs it reads)
 PASS_INPUTS = {
     "profile": (SEARCH_SPACE + ["target", "scenario", "batch", "dtype", "kv_dtype", "backend", "require_measured",
                                 "repeats", "max_spread", "threads"], []),
     "library": (SEARCH_SPACE + DATA + ["bld_tokens", "bld_lr", "seed"], []),
-    "score": (DATA + ["score_tokens", "metrics", "task_data"], ["library", "profile"]),
-    "solve": (["runtime", "objective", "speedup", "memory", "throughput", "latency", "ttft", "params", "solver", "num_solutions",
-               "min_diversity", "time_limit"], ["score", "profile"]),
+    "score": (DATA + ["score_tokens", "score_pairs", "metrics", "task_data"], ["library", "profile"]),
+    "solve": (DATA + ["runtime", "objective", "speedup", "memory", "throughput", "latency", "ttft", "params", "solver",
+                      "num_solutions", "min_diversity", "time_limit", "coupled_bld", "speedup_checks", "bld_tokens",
+                      "bld_lr", "score_tokens", "metrics", "task_data"], ["score", "profile", "library"]),
     "uptrain": (DATA + ["uptrain_tokens", "uptrain_lr", "seed"], ["library", "solve"]),
     "lower": (["formats", "runtime", "dtype"], ["uptrain"]),
 }
@@ -181,7 +188,19 @@ class Run:
 
     @cached_property
     def split(self):
-        return load_split(self.settings.data, self.tokenizer, self.settings.seq_len)
+        s = self.settings
+        samples = None
+        if s.distill_samples:
+            weights = self.source.require_weights()
+            weights_id = json.dumps([str(weights.resolve()),
+                                     sorted((f.name, f.stat().st_size) for f in weights.glob("*.safetensors"))])
+            samples = cached_parent_samples(self.parent, self.tokenizer, weights_id, s.distill_samples, s.seq_len,
+                                            s.seed, cache_root())
+        return load_split(s.data, self.tokenizer, s.seq_len, samples)
+
+    @cached_property
+    def general_heldout(self):
+        return general_heldout(self.tokenizer, self.settings.seq_len)
 
     @cached_property
     def metric_objects(self):
@@ -301,7 +320,11 @@ class Run:
             self.source.require_weights()
         if "data" in PASS_INPUTS[name][0]:
             check_data_files(self.settings.data)
+            if self.settings.distill_samples < 0:
+                raise HwoptError(f"--distill-samples must be 0 or more tokens, not {self.settings.distill_samples}")
         if name == "score":
+            if self.settings.score_pairs not in SCORE_PAIRS:
+                raise HwoptError(f"--score-pairs {self.settings.score_pairs!r}: choose {' or '.join(SCORE_PAIRS)}")
             needing = [m.name for m in self.metric_objects if "task" in getattr(m, "needs", ())]
             if needing and not self.settings.task_data:
                 raise HwoptError(f"metric {', '.join(needing)} needs --task-data FILE.jsonl (multiple-choice "
@@ -324,16 +347,48 @@ class Run:
 
     def _score(self, out: Path) -> None:
         library = Library(self.dir("library"), self.parent)
-        score(self.parent, library, self.split.heldout_batches(self.settings.score_tokens), self.metric_objects,
-              self.read_json("profile/costs.json"), out, self.task)
+        score(self.parent, library, self.split.score_batches(self.settings.score_tokens), self.metric_objects,
+              self.read_json("profile/costs.json"), out, self.task, self.settings.score_pairs)
+
+    def library(self, coupled: bool = True) -> Library:
+        """The run's block library, with the solve pass's coupled-BLD pairs unless ``coupled`` is false."""
+        return Library(self.dir("library"), self.parent, self.dir("solve") / "coupled" if coupled else None)
 
     def _solve(self, out: Path) -> None:
         s = self.settings
         costs = self.read_json("profile/costs.json")
         library = runnable_library(self.read_json("score/block_library.json"), self.runtime, self.source.config)
-        solution = solve(library, costs, s.budgets, s.objective_key, s.solver, out / "solutions.json",
-                         maximizes(s.objective_key), s.num_solutions, s.min_diversity, s.time_limit)
-        best = solution["solutions"][0]
+        if s.coupled_bld:
+            library = self._coupled_bld(library, costs, out)
+        budgets, checks = s.budgets, []
+        best = None
+        while True:
+            try:
+                solution = solve(library, costs, budgets, s.objective_key, s.solver, out / "solutions.json",
+                                 maximizes(s.objective_key), s.num_solutions, s.min_diversity, s.time_limit)
+            except HwoptError as exc:
+                if best is None:
+                    raise
+                console.print(f"[yellow]solve: no child meets {budgets.speedup:.2f}x predicted ({exc}); keeping the "
+                              f"{checks[-1]['measured_speedup']:.2f}x one[/yellow]")
+                break
+            best = solution["solutions"][0]
+            if not (s.speedup and self.target.kind == "cpu" and costs["source"]["kind"] == "measured"
+                    and len(checks) < s.speedup_checks):
+                break
+            # the target is this machine: time the chosen child against the parent, whole, as the report will
+            child = Library(self.dir("library"), self.parent, out / "coupled").assemble(
+                [tuple(v) for v in best["variants"]])
+            ms = measure_runtimes({"parent": self.parent, "child": child}, self.scenario,
+                                  self.parent.config.vocab_size)
+            checks.append({"budget_speedup": budgets.speedup, "predicted_speedup": best["predicted_speedup"],
+                           "measured_speedup": ms["parent"] / ms["child"], "measured_ms": ms})
+            console.print(f"solve: the child measures {checks[-1]['measured_speedup']:.2f}x here "
+                          f"(predicted {best['predicted_speedup']:.2f}x)")
+            if checks[-1]["measured_speedup"] >= s.speedup:
+                break
+            budgets = dataclasses.replace(budgets, speedup=budgets.speedup * s.speedup / checks[-1]["measured_speedup"])
+        atomic_write_json(out / "speedup_checks.json", checks)
         console.print(f"solve: predicted speedup {best['predicted_speedup']:.2f}x, "
                       f"objective {best['objective']:.4f} ({best['solver']}, {best['status']})")
         per_layer_runtime(out / "per_layer_runtime.png", layer_rows(costs, best["variants"]),
@@ -341,12 +396,29 @@ class Run:
                           f"child vs parent on {self.target.name}, {self.scenario.describe()} "
                           f"({costs['source']['kind']})")
 
+    def _coupled_bld(self, library: dict, costs: dict, out: Path) -> dict:
+        """Decoupled search, coupled BLD of the pairs it chose, those pairs scored again: the library to solve."""
+        s = self.settings
+        decoupled = solve(library, costs, s.budgets, s.objective_key, s.solver, out / "decoupled_solutions.json",
+                          maximizes(s.objective_key), s.coupled_bld, s.min_diversity, s.time_limit)
+        decoupled_library = self.library(coupled=False)
+        parent_choice = [(decoupled_library.variant_names(i, "attention")[0],
+                          decoupled_library.variant_names(i, "ffn")[0]) for i in range(len(self.parent.model.layers))]
+        subspace = coupled_subspace([sol["variants"] for sol in decoupled["solutions"]], parent_choice)
+        build_coupled(self.parent, decoupled_library, subspace, self.split.train_batches(s.bld_tokens),
+                      BLDSettings(tokens=s.bld_tokens, lr=s.bld_lr, seed=s.seed), out / "coupled")
+        rescored = rescore_coupled(self.parent, Library(self.dir("library"), self.parent, out / "coupled"), library,
+                                   subspace, self.split.score_batches(s.score_tokens), self.metric_objects, costs,
+                                   self.task)
+        atomic_write_json(out / "block_library.json", rescored)
+        return rescored
+
     def _uptrain(self, out: Path) -> None:
         s = self.settings
         variants = self.read_json("solve/solutions.json")["solutions"][0]["variants"]
-        child = Library(self.dir("library"), self.parent).assemble([tuple(v) for v in variants])
+        child = self.library().assemble([tuple(v) for v in variants])
         stats = uptrain(child, self.parent, self.split.train_batches(s.uptrain_tokens),
-                        self.split.heldout_batches(self.settings.score_tokens),
+                        self.split.score_batches(self.settings.score_tokens),
                         UptrainSettings(tokens=s.uptrain_tokens, lr=s.uptrain_lr, seed=s.seed))
         save_nemotron_nas(child, out / "model", self.tokenizer)
         atomic_write_json(out / "uptrain.json", stats)
@@ -361,16 +433,17 @@ class Run:
     def report(self) -> dict:
         """Parent against the child, both timed here; recomputed only when the child or scenario changed."""
         fp = fingerprint({"scenario": self.scenario.to_json(), "data_sha256": self.split.sha256,
-                          "score_tokens": self.settings.score_tokens},
+                          "general_heldout": self.general_heldout.tolist(), "score_tokens": self.settings.score_tokens,
+                          "task_data_sha256": self.task.sha256 if self.task else None},
                          {"lower": output_hash(self.dir("lower")), "solve": output_hash(self.dir("solve"))})
         path = self.workdir / "report.json"
         if path.is_file() and (old := json.loads(path.read_text())).get("fingerprint") == fp:
             print_report(old)
             return old
         child = load_checkpoint(self.dir("uptrain") / "model", block_types())
-        report = build_report(self.parent, child, self.read_json("solve/solutions.json"), self.scenario,
-                              self.split.heldout_batches(self.settings.score_tokens),
-                              f"{self.target.description} (torch {torch.__version__}, wall clock)")
+        texts = {"heldout": self.split.heldout_batches(self.settings.score_tokens), "general": self.general_heldout}
+        report = build_report(self.parent, child, self.read_json("solve/solutions.json"), self.scenario, texts,
+                              measured_here(), self.task)
         report["fingerprint"] = fp
         atomic_write_json(path, report)
         print_report(report)

@@ -147,7 +147,7 @@ def tiny_child(blocks=None, tie=True):
 
 
 # Small budgets that still run every pass for real.
-FAST_RUN = ["--scenario", "16/4", "--repeats", "2", "--seq-len", "32", "--bld-tokens", "512",
+FAST_RUN = ["--scenario", "16/4", "--repeats", "2", "--seq-len", "32", "--bld-tokens", "512", "--distill-samples", "64",
             "--score-tokens", "64", "--uptrain-tokens", "128"]
 
 

@@ -94,3 +94,42 @@ def test_empty_or_too_short_corpus_is_an_error(tmp_path):
     with pytest.raises(HwoptError, match=r"too short for sequences of 128 tokens"):
         load_split([str(short)], TOK, 128)
     assert load_split([str(short)], TOK, 32).heldout.shape == (1, 32)
+
+
+def test_parent_samples_alternate_with_the_corpus_and_a_tenth_is_held_out():
+    plain = load_split(None, TOK, 64)
+    samples = torch.arange(20 * 64).view(20, 64) + 1000  # ids a byte tokenizer never makes
+    split = load_split(None, TOK, 64, samples)
+    assert torch.equal(split.heldout, plain.heldout)  # the run's own held-out text is the corpus's, as before
+    assert torch.equal(split.samples_heldout, samples[-2:])
+    assert torch.equal(split.train[0:36:2], plain.train[:18]) and torch.equal(split.train[1:36:2], samples[:18])
+    assert torch.equal(split.train[36:], plain.train[18:])
+    assert split.sha256 != plain.sha256 and "sampled from the parent" in split.source
+    scoring = split.score_batches(64 * 4)
+    assert torch.equal(scoring[1::2], samples[-2:]) and torch.equal(scoring[0::2], plain.heldout[:2])
+
+
+def test_general_heldout_is_none_of_the_training_text():
+    from hwopt.data import GENERAL_HELDOUT, general_heldout
+
+    general = general_heldout(TOK, 64)
+    assert general.shape[1] == 64 and general.numel() > 8000
+    text = GENERAL_HELDOUT.read_text()
+    corpus, _ = read_corpus(None)
+    sentences = [s.strip() for s in re.split(r"[.!?]\s", text) if len(s.strip()) > 40]
+    assert sentences and not any(s in corpus for s in sentences)
+
+
+def test_sampling_from_the_parent_is_seeded_and_cached(tiny_llama_dir, tmp_path):
+    from hwopt.data import cached_parent_samples, sample_from_parent
+    from hwopt.models import resolve_model
+
+    source = resolve_model(str(tiny_llama_dir))
+    model, tokenizer = source.load(), source.tokenizer()
+    a, b = (sample_from_parent(model, 1, 3, 5, seed=7, batch=2) for _ in range(2))
+    assert a.shape == (3, 5) and torch.equal(a, b)
+    assert not torch.equal(a, sample_from_parent(model, 1, 3, 5, seed=8, batch=2))
+    first = cached_parent_samples(model, tokenizer, "tiny", 40, 8, 0, tmp_path)
+    assert first.shape == (6, 8)  # 5 sequences for 40 tokens, and one to hold out
+    assert len(list((tmp_path / "parent-samples").glob("*.safetensors"))) == 1
+    assert torch.equal(cached_parent_samples(None, tokenizer, "tiny", 40, 8, 0, tmp_path), first)  # from the cache

@@ -99,8 +99,8 @@ def test_hwopt_lower_any_checkpoint_to_onnx_and_nemotron_nas(tiny_llama_dir, tmp
     ids = torch.randint(0, 49152, (1, 8))
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, parent(ids).logits, atol=1e-5, rtol=0)
-    bad = hwopt_cli("lower", "--model", tiny_llama_dir, "--format", "gguf", "--out", tmp_path / "x")
-    assert bad.returncode == 2 and "unknown lowering 'gguf'" in bad.stderr and "Traceback" not in bad.stderr
+    bad = hwopt_cli("lower", "--model", tiny_llama_dir, "--format", "mlx", "--out", tmp_path / "x")
+    assert bad.returncode == 2 and "unknown lowering 'mlx'" in bad.stderr and "Traceback" not in bad.stderr
 
 
 @pytest.mark.slow  # AOTInductor compiles C++: about two minutes on two cores

@@ -271,7 +271,7 @@ def test_score_pass_with_several_metrics(tiny_llama_dir, tmp_path, task_file):
     assert code == 0
     library = json.loads((workdir / "score/block_library.json").read_text())
     run = Run(workdir, load_settings(workdir, {}))
-    ids = run.split.heldout_batches(run.settings.score_tokens)
+    ids = run.split.score_batches(run.settings.score_tokens)
     with torch.no_grad():
         parent_loss = F.cross_entropy(run.parent(ids).logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).item()
         parent_accuracy = task_accuracy(lambda x: run.parent(x).logits, run.task)
@@ -284,3 +284,67 @@ def test_score_pass_with_several_metrics(tiny_llama_dir, tmp_path, task_file):
         assert parent["cosine"] == pytest.approx(0, abs=1e-6) and parent["top5_agreement"] == 1
         assert parent["lm_loss"] == pytest.approx(parent_loss, rel=1e-5)
         assert parent["task_accuracy"] == pytest.approx(parent_accuracy)
+
+
+def test_decoupled_scoring_runs_halves_and_estimates_pairs_to_first_order(tiny_llama_dir, tmp_path):
+    workdir = tmp_path / "run"
+    assert main(["optimize", "--model", str(tiny_llama_dir), "--workdir", str(workdir), "--until", "score",
+                 *FAST_RUN, "--metric", "kl_div", "--metric", "lm_loss"]) == 0
+    decoupled = json.loads((workdir / "score/block_library.json").read_text())
+    assert main(["score", "--workdir", str(workdir), "--score-pairs", "coupled"]) == 0
+    coupled = json.loads((workdir / "score/block_library.json").read_text())
+    for layer, variants in decoupled.items():
+        own = next(e for e in variants.values() if e["parent"])
+        run_here = {(e["attention"], e["ffn"]) for e in variants.values() if e["scored"] == "replace-1-block"}
+        attention = {e["attention"] for e in variants.values()}
+        ffn = {e["ffn"] for e in variants.values()}
+        assert run_here == {(a, own["ffn"]) for a in attention} | {(own["attention"], f) for f in ffn}
+        assert own["metrics"]["kl_div"] == 0
+        for name, entry in variants.items():
+            exact = coupled[layer][name]
+            assert exact["scored"] == "replace-1-block"
+            if entry["scored"] == "replace-1-block":  # the same forward, the same figure
+                assert entry["metrics"] == pytest.approx(exact["metrics"], rel=1e-5, abs=1e-7)
+            else:
+                a_part = variants[f"{entry['attention']}+{own['ffn']}"]["metrics"]
+                f_part = variants[f"{own['attention']}+{entry['ffn']}"]["metrics"]
+                for m in ("kl_div", "lm_loss"):
+                    assert entry["metrics"][m] == pytest.approx(a_part[m] + f_part[m] - own["metrics"][m])
+
+
+def test_coupled_bld_trains_the_chosen_pairs_and_solves_again(tiny_llama_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from hwopt.passes.library import coupled_subspace
+
+    workdir = tmp_path / "run"
+    assert main(["optimize", "--model", str(tiny_llama_dir), "--workdir", str(workdir), "--until", "uptrain",
+                 "--speedup", "1.3", *FAST_RUN, "--coupled-bld", "2"]) == 0
+    decoupled = json.loads((workdir / "solve/decoupled_solutions.json").read_text())
+    scored = json.loads((workdir / "score/block_library.json").read_text())
+    parent_choice = [next((e["attention"], e["ffn"]) for e in v.values() if e["parent"]) for v in scored.values()]
+    subspace = coupled_subspace([s["variants"] for s in decoupled["solutions"]], parent_choice)
+    assert subspace, "the decoupled solutions chose something other than the parent"
+    index = json.loads((workdir / "solve/coupled/index.json").read_text())
+    library = json.loads((workdir / "solve/block_library.json").read_text())
+    for i, pairs in subspace.items():
+        for a, f in pairs:
+            entry = library[f"layer_{i}"][f"{a}+{f}"]
+            assert entry["coupled"] and entry["scored"] == "replace-1-block"
+            if f"{a}+{f}" in index.get(f"layer_{i}", {}):
+                bld = index[f"layer_{i}"][f"{a}+{f}"]["bld"]
+                assert bld["kept"] == (bld["final_nmse"] <= bld["init_nmse"])
+    coupled_names = {(int(layer.split("_")[1]), name) for layer, pairs in index.items() for name in pairs}
+    assert coupled_names == {(i, f"{a}+{f}") for i, pairs in subspace.items() for a, f in pairs
+                             if not (a.endswith("noop") and f.endswith("noop"))}
+    uncoupled = {(i, n) for i, layer in enumerate(library.values()) for n, e in layer.items() if not e.get("coupled")}
+    assert all(library[f"layer_{i}"][n] == scored[f"layer_{i}"][n] for i, n in uncoupled)
+    run = Run(workdir, load_settings(workdir, {}))
+    for i, name in sorted(coupled_names):
+        a, f = name.split("+")
+        layer = run.library().layer(i, a, f)
+        saved = load_file(workdir / "solve/coupled" / index[f"layer_{i}"][name]["weights"])
+        assert all(torch.equal(v, saved[k]) for k, v in layer.state_dict().items())
+        plain = run.library(coupled=False).layer(i, a, f).state_dict()
+        changed = any(not torch.equal(v, plain[k]) for k, v in saved.items())
+        assert changed == index[f"layer_{i}"][name]["bld"]["kept"]

@@ -14,9 +14,12 @@ The parent's own sub-blocks are not copied: the library refers to the parent.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cache, partial
 from pathlib import Path
 
 import torch
@@ -61,6 +64,29 @@ def parent_sub_block(layer: DecoderLayer, kind: str) -> SubBlock:
     return SubBlock(kind, layer.post_attention_layernorm, layer.mlp)
 
 
+def distil(block: nn.Module, forward, x: torch.Tensor, target: torch.Tensor, settings: BLDSettings) -> dict:
+    """Train ``block`` so that ``forward(x)`` reproduces ``target`` (normalised MSE, AdamW, cosine schedule, one
+    pass over ``x`` [sequences, tokens, hidden] in batches); the last tenth of the sequences only measures the
+    loss. Returns the held-out loss before and after, and the tokens trained on."""
+    n_val = max(1, len(x) // 10)
+    train_x, val_x, train_y, val_y = x[:-n_val], x[-n_val:], target[:-n_val], target[-n_val:]
+    with torch.no_grad():
+        init_loss = normalized_mse(forward(val_x), val_y).item()
+    steps = max(1, math.ceil(len(train_x) / settings.batch_sequences))
+    optimizer = torch.optim.AdamW(block.parameters(), lr=settings.lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    for step in range(steps):
+        rows = slice(step * settings.batch_sequences, (step + 1) * settings.batch_sequences)
+        loss = normalized_mse(forward(train_x[rows]), train_y[rows])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    with torch.no_grad():
+        final_loss = normalized_mse(forward(val_x), val_y).item()
+    return {"init_nmse": init_loss, "final_nmse": final_loss, "train_tokens": train_x.shape[0] * train_x.shape[1]}
+
+
 def train_variant(variant: SubVariant, parent: SubBlock, config, x: torch.Tensor, target: torch.Tensor,
                   position_embeddings, settings: BLDSettings, seed: int) -> tuple[SubBlock, dict]:
     """Initialise a variant from the parent sub-block, then distil it on (x, target)."""
@@ -69,27 +95,10 @@ def train_variant(variant: SubVariant, parent: SubBlock, config, x: torch.Tensor
     norm = type(parent.norm)(config.hidden_size, config.rms_norm_eps)
     norm.load_state_dict(parent.norm.state_dict())
     block = SubBlock(variant.kind, norm, module)
-    n_val = max(1, len(x) // 10)  # the last tenth only measures the loss
-    train_x, val_x, train_y, val_y = x[:-n_val], x[-n_val:], target[:-n_val], target[-n_val:]
     with torch.no_grad():
-        calib = norm(train_x[: settings.batch_sequences * 4])
+        calib = norm(x[:-max(1, len(x) // 10)][: settings.batch_sequences * 4])
         variant.block_type.init_from_parent(module, parent.module, calib, position_embeddings)
-        init_loss = normalized_mse(block(val_x, position_embeddings), val_y).item()
-    steps = max(1, math.ceil(len(train_x) / settings.batch_sequences))
-    optimizer = torch.optim.AdamW(block.parameters(), lr=settings.lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
-    for step in range(steps):
-        rows = slice(step * settings.batch_sequences, (step + 1) * settings.batch_sequences)
-        xb, yb = train_x[rows], train_y[rows]
-        loss = normalized_mse(block(xb, position_embeddings), yb)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-    with torch.no_grad():
-        final_loss = normalized_mse(block(val_x, position_embeddings), val_y).item()
-    train_tokens = train_x.shape[0] * train_x.shape[1]
-    return block, {"init_nmse": init_loss, "final_nmse": final_loss, "train_tokens": train_tokens}
+    return block, distil(block, lambda xb: block(xb, position_embeddings), x, target, settings)
 
 
 def variants_for_layer(config, block: BlockConfig, space: SearchSpace) -> dict[str, list[SubVariant]]:
@@ -152,14 +161,74 @@ def build_library(parent: HeteroLlamaForCausalLM, train_ids: torch.Tensor, space
     atomic_write_json(out_dir / INDEX, index)
 
 
-class Library:
-    """A built library: which variants each layer has, and their modules on demand."""
+def coupled_subspace(solutions: list[list[tuple[str, str]]], parent_choice: list[tuple[str, str]]
+                     ) -> dict[int, list[tuple[str, str]]]:
+    """Coupled BLD's subspace (Puzzle, Sec. 4.1 and Table 6): per layer, the (attention, FFN) pairs that any of
+    the decoupled search's ``solutions`` chose there, less the parent's own pair."""
+    subspace = {}
+    for i, own in enumerate(parent_choice):
+        pairs = list(dict.fromkeys(tuple(solution[i]) for solution in solutions))
+        if pairs := [p for p in pairs if p != tuple(own)]:
+            subspace[i] = pairs
+    return subspace
 
-    def __init__(self, library_dir: Path, parent: HeteroLlamaForCausalLM):
+
+def build_coupled(parent: HeteroLlamaForCausalLM, library: Library, subspace: dict[int, list[tuple[str, str]]],
+                  train_ids: torch.Tensor, settings: BLDSettings, out_dir: Path) -> None:
+    """Coupled BLD: each (attention, FFN) pair of ``subspace`` trained as one layer, both sub-blocks together,
+    to reproduce the parent layer's contribution to the residual stream from the parent's input to that layer
+    (normalised MSE), starting from the decoupled variants; a pair whose loss on the held-out tenth rose keeps
+    the decoupled weights (``"kept": false``). Writes ``out_dir/layer_<i>/<a>+<f>.safetensors``
+    (a finished pair is kept on a rerun) and ``out_dir/index.json``; pairs with no weights are left out."""
+    out_dir = Path(out_dir)
+    index = {}
+    parent.requires_grad_(False)
+    with progress("coupled BLD", total=sum(map(len, subspace.values()))) as advance, torch.no_grad():
+        x = parent.model.embed_tokens(train_ids)
+        position_embeddings = parent.position_embeddings(x, 0)
+        for i, parent_layer in enumerate(parent.model.layers):
+            if i > max(subspace, default=-1):
+                break
+            target = parent_layer(x, position_embeddings) - x
+            for n, (a, f, layer) in enumerate(library.layers(i, subspace.get(i, []))):
+                path = out_dir / f"layer_{i}" / f"{a}+{f}.safetensors"
+                layer = copy.deepcopy(layer)  # never train the parent's own modules in place
+                if not any(True for _ in layer.parameters()):
+                    advance()
+                    continue
+                if not (path.is_file() and path.with_suffix(".json").is_file()):
+                    torch.manual_seed(settings.seed * 1_000_003 + i * 1000 + 500 + n)
+                    before = copy.deepcopy(layer.state_dict())
+                    with torch.enable_grad():
+                        layer.requires_grad_(True)
+                        stats = distil(layer, lambda xb, layer=layer: layer(xb, position_embeddings) - xb, x, target,
+                                       settings)
+                    stats["kept"] = stats["final_nmse"] <= stats["init_nmse"]
+                    if not stats["kept"]:  # worse on its held-out tenth: keep the decoupled variants as they were
+                        layer.load_state_dict(before)
+                    with atomic_path(path) as tmp:
+                        save_file({k: v.contiguous() for k, v in layer.state_dict().items()}, tmp)
+                    atomic_write_json(path.with_suffix(".json"), stats)
+                index.setdefault(f"layer_{i}", {})[f"{a}+{f}"] = {
+                    "weights": str(path.relative_to(out_dir)), "bld": json.loads(path.with_suffix(".json").read_text())}
+                advance()
+            x = x + target
+    atomic_write_json(out_dir / INDEX, index)
+
+
+class Library:
+    """A built library: which variants each layer has, and their modules on demand.
+
+    With ``coupled_dir`` (written by ``build_coupled``), a pair trained by coupled BLD comes with those weights.
+    """
+
+    def __init__(self, library_dir: Path, parent: HeteroLlamaForCausalLM, coupled_dir: Path | None = None):
         self.dir = Path(library_dir)
         self.parent = parent
         self.index = json.loads((self.dir / INDEX).read_text())
         self.config = parent.config
+        self.coupled_dir = Path(coupled_dir) if coupled_dir and (Path(coupled_dir) / INDEX).is_file() else None
+        self.coupled = json.loads((self.coupled_dir / INDEX).read_text()) if self.coupled_dir else {}
 
     def variant_names(self, layer: int, kind: str) -> list[str]:
         return list(self.index["layers"][f"layer_{layer}"][kind])
@@ -186,10 +255,21 @@ class Library:
 
     def layer(self, i: int, attention: str, ffn: str) -> DecoderLayer:
         """Layer ``i`` assembled from one attention and one FFN variant."""
-        attn_module, attn_norm = self.load(i, "attention", attention)
-        ffn_module, ffn_norm = self.load(i, "ffn", ffn)
-        block = BlockConfig(self.sub_variant(i, "attention", attention).config, self.sub_variant(i, "ffn", ffn).config)
-        return DecoderLayer.from_parts(block, attn_module, attn_norm, ffn_module, ffn_norm)
+        return next(self.layers(i, [(attention, ffn)]))[2]
+
+    def layers(self, i: int, pairs: list[tuple[str, str]]) -> Iterator[tuple[str, str, DecoderLayer]]:
+        """Layer ``i`` assembled from each (attention, FFN) pair in turn; every variant is read from disk once."""
+        load = cache(partial(self.load, i))
+        for attention, ffn in pairs:
+            block = BlockConfig(self.sub_variant(i, "attention", attention).config,
+                                self.sub_variant(i, "ffn", ffn).config)
+            coupled = self.coupled.get(f"layer_{i}", {}).get(f"{attention}+{ffn}")
+            if coupled:
+                layer = DecoderLayer(self.config, block, self.parent.block_types)
+                layer.load_state_dict(load_file(self.coupled_dir / coupled["weights"]))
+                yield attention, ffn, layer
+            else:
+                yield attention, ffn, DecoderLayer.from_parts(block, *load("attention", attention), *load("ffn", ffn))
 
     def assemble(self, choice: list[tuple[str, str]]) -> HeteroLlamaForCausalLM:
         """The child with the given (attention, ffn) variant names per layer; embeddings and head from the parent."""

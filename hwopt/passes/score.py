@@ -5,7 +5,19 @@ the parent runs with exactly that one block swapped in, on held-out tokens,
 and each metric compares its output with the parent's (KL divergence by
 default; a task metric also runs the swapped model on the user's questions).
 The parent's activations at every layer are computed once per input, so a
-swapped forward starts at layer i rather than at the embeddings. The result
+swapped forward starts at layer i rather than at the embeddings; each
+layer's variants are loaded from disk once, not once per partner; the
+parent's own block is the teacher itself and is not run again.
+
+``pairs="coupled"`` runs every pair (|A| x |F| forwards per layer).
+``pairs="decoupled"`` (the default) runs each attention variant beside the
+parent's FFN and each FFN variant beside the parent's attention
+(|A| + |F| - 1 forwards per layer; SmolLM2: 9 instead of 24) and estimates
+the other pairs to first order: m(a, f) = m(a, F0) + m(A0, f) - m(A0, F0),
+with A0, F0 the parent's own. This is the decoupled approximation the
+Puzzle paper makes in decoupled BLD (Sec. 4.1), applied to scoring; each
+entry says which it got (``"scored": "replace-1-block" | "decoupled"``).
+The result
 is ``block_library.json`` in the format of NVIDIA's Puzzle demo library:
 per layer and variant, ``stats`` (costs from the profile) and ``metrics``.
 Each finished layer is saved on its own; a rerun picks up from there.
@@ -20,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from hwopt.errors import HwoptError
 from hwopt.metric import Metric, Outputs
 from hwopt.model.modeling import DecoderLayer, HeteroLlamaForCausalLM
 from hwopt.passes.library import Library
@@ -87,40 +100,95 @@ def outputs_of(final_hidden: Callable[[torch.Tensor], torch.Tensor], lm_head: to
                    model=lambda x: lm_head(final_hidden(x)), task=task)
 
 
+SCORE_PAIRS = ("decoupled", "coupled")
+
+
+def pairs_to_run(attention_names: list[str], ffn_names: list[str], pairs: str) -> list[tuple[str, str]]:
+    """The (attention, FFN) pairs whose replace-1-block forward is run; the parent's own names come first."""
+    if pairs == "coupled":
+        return [(a, f) for a in attention_names for f in ffn_names]
+    if pairs == "decoupled":
+        return [(a, ffn_names[0]) for a in attention_names] + [(attention_names[0], f) for f in ffn_names[1:]]
+    raise HwoptError(f"unknown scoring of pairs {pairs!r}: choose {' or '.join(SCORE_PAIRS)}")
+
+
+def decoupled_estimate(measured: dict[tuple[str, str], dict[str, float]], attention: str, ffn: str,
+                       own: tuple[str, str]) -> dict[str, float]:
+    """m(a, f) ~ m(a, F0) + m(A0, f) - m(A0, F0), per metric (first order in each sub-block's change)."""
+    a_part, f_part, base = measured[(attention, own[1])], measured[(own[0], ffn)], measured[own]
+    return {name: a_part[name] + f_part[name] - base[name] for name in base}
+
+
+def score_layer(parent: HeteroLlamaForCausalLM, library: Library, i: int, activations: ParentActivations,
+                teacher: Outputs, heldout_ids: torch.Tensor, metrics: list[Metric], costs: dict,
+                run: list[tuple[str, str]], pairs: list[tuple[str, str]], task: MultipleChoice | None = None,
+                advance: Callable[[], None] = lambda: None) -> dict:
+    """Block-library entries of layer ``i`` for ``pairs``: replace-1-block for those in ``run``, the others
+    estimated (``decoupled_estimate``, from pairs in ``run``). The parent's own pair is the teacher itself."""
+    attention_names, ffn_names = library.variant_names(i, "attention"), library.variant_names(i, "ffn")
+    own = (attention_names[0], ffn_names[0])
+    measured, blocks = {}, {}
+    for a, f, layer in library.layers(i, pairs):
+        blocks[(a, f)] = layer.block
+        if (a, f) not in run:
+            continue
+        student = teacher if (a, f) == own else outputs_of(
+            partial(activations.swapped_final_hidden, i=i, layer=layer), parent.lm_head, heldout_ids, task)
+        measured[(a, f)] = {m.name: m.compute(student, teacher) for m in metrics}
+        advance()
+    return {block_variant_name(a, f): {
+        "stats": block_stats(costs, a, f),
+        "metrics": measured.get((a, f)) or decoupled_estimate(measured, a, f, own),
+        "scored": "replace-1-block" if (a, f) in measured else "decoupled",
+        "attention": a,
+        "ffn": f,
+        "parent": (a, f) == own,
+        "block_config": block.to_json(parent.block_types, parent.config),
+    } for (a, f), block in blocks.items()}
+
+
 @torch.inference_mode()
 def score(parent: HeteroLlamaForCausalLM, library: Library, heldout_ids: torch.Tensor, metrics: list[Metric],
-          costs: dict, out_dir: Path, task: MultipleChoice | None = None) -> dict:
-    """Write ``block_library.json`` into ``out_dir`` (per-layer units are kept beside it until then)."""
+          costs: dict, out_dir: Path, task: MultipleChoice | None = None, pairs: str = "decoupled") -> dict:
+    """Write ``block_library.json`` into ``out_dir`` (per-layer units are kept beside it until then).
+
+    ``heldout_ids``: [sequences, tokens]. ``pairs``: ``"decoupled"`` or ``"coupled"`` (see the module
+    docstring); anything else raises ``HwoptError``.
+    """
     out_dir = Path(out_dir)
     activations = ParentActivations(parent)
     teacher = outputs_of(activations.final_hidden, parent.lm_head, heldout_ids, task)
     num_layers = len(parent.model.layers)
-    pairs = [(a, f) for i in range(num_layers)
-             for a in library.variant_names(i, "attention") for f in library.variant_names(i, "ffn")]
+    names = [(library.variant_names(i, "attention"), library.variant_names(i, "ffn")) for i in range(num_layers)]
+    runs = [pairs_to_run(a, f, pairs) for a, f in names]
     block_library = {}
-    with progress("score (replace-1-block)", total=len(pairs)) as advance:
-        for i in range(num_layers):
+    with progress(f"score (replace-1-block, {pairs})", total=sum(map(len, runs))) as advance:
+        for i, (attention_names, ffn_names) in enumerate(names):
             unit = out_dir / "layers" / f"layer_{i}.json"
-            attention_names, ffn_names = library.variant_names(i, "attention"), library.variant_names(i, "ffn")
             if not unit.is_file():
-                entries = {}
-                for a in attention_names:
-                    for f in ffn_names:
-                        layer = library.layer(i, a, f)
-                        student = outputs_of(partial(activations.swapped_final_hidden, i=i, layer=layer),
-                                             parent.lm_head, heldout_ids, task)
-                        entries[block_variant_name(a, f)] = {
-                            "stats": block_stats(costs, a, f),
-                            "metrics": {m.name: m.compute(student, teacher) for m in metrics},
-                            "attention": a,
-                            "ffn": f,
-                            "parent": a == attention_names[0] and f == ffn_names[0],
-                            "block_config": layer.block.to_json(parent.block_types, parent.config),
-                        }
-                        advance()
-                atomic_write_json(unit, entries)
+                every_pair = [(a, f) for a in attention_names for f in ffn_names]
+                atomic_write_json(unit, score_layer(parent, library, i, activations, teacher, heldout_ids, metrics,
+                                                    costs, runs[i], every_pair, task, advance))
             else:
-                advance(len(attention_names) * len(ffn_names))
+                advance(len(runs[i]))
             block_library[f"layer_{i}"] = json.loads(unit.read_text())
     atomic_write_json(out_dir / "block_library.json", block_library)
     return block_library
+
+
+@torch.inference_mode()
+def rescore_coupled(parent: HeteroLlamaForCausalLM, library: Library, block_library: dict,
+                    subspace: dict[int, list[tuple[str, str]]], heldout_ids: torch.Tensor, metrics: list[Metric],
+                    costs: dict, task: MultipleChoice | None = None) -> dict:
+    """``block_library`` with the entries of ``subspace``'s pairs (layer -> pairs) scored again by
+    replace-1-block with their coupled-BLD weights (``library`` built with ``coupled_dir``); marked
+    ``"coupled": true``."""
+    activations = ParentActivations(parent)
+    teacher = outputs_of(activations.final_hidden, parent.lm_head, heldout_ids, task)
+    out = {layer: dict(entries) for layer, entries in block_library.items()}
+    with progress("score (coupled pairs)", total=sum(map(len, subspace.values()))) as advance:
+        for i, pairs in subspace.items():
+            entries = score_layer(parent, library, i, activations, teacher, heldout_ids, metrics, costs, pairs, pairs,
+                                  task, advance)
+            out[f"layer_{i}"].update({name: {**entry, "coupled": True} for name, entry in entries.items()})
+    return out

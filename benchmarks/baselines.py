@@ -1,0 +1,121 @@
+"""Puzzle's MIP child against the baselines at equal budgets, each uptrained alike, on unseen general text.
+
+    python benchmarks/baselines.py runs/demo [--speedups 1.3 1.5 2] [--uptrain-tokens N] [--json out.json]
+
+Needs a run through the score pass (``hwopt optimize ... --until score``). For
+each speedup, five children are built from the run's block library under the
+same predicted-runtime budget (parent runtime / speedup, from the profile):
+
+- ``mip``: the solve pass (SCIP), least summed replace-1-block objective;
+- ``greedy``: the same objective, the budget-constrained greedy solver;
+- ``max_params``: the most parameters within the budget (Puzzle Table 12);
+- ``layer_drop``: whole layers of lowest block influence removed (ShortGPT);
+- ``uniform``: one KV-head count and FFN width for every layer.
+
+Each child gets the run's uptraining (GKD, same tokens and learning rate),
+then its generation time is measured against the parent's on this machine
+(runs interleaved) and its KL and perplexity are measured on general
+English text no pass trained on (``hwopt/heldout/general_english.txt``).
+Prints a table; writes ``<json>`` rows ``{"method", "measured_speedup",
+"heldout_kl", "heldout_ppl", ...}`` and a frontier plot ``<json stem>.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+from hwopt.baselines import block_influence, layer_drop, predicted_runtime_ms, uniform_width
+from hwopt.evaluate import compare_on_heldout, measure_runtimes
+from hwopt.passes.solve import Budgets, solve
+from hwopt.passes.uptrain import UptrainSettings, uptrain
+from hwopt.pipeline import atomic_path, atomic_write_json
+from hwopt.run import Run, load_settings
+
+SEARCHED = {"mip": ("scip", None, False), "greedy": ("greedy", None, False),
+            "max_params": ("scip", "stats.num_params", True)}
+
+
+def children(run: Run, library: dict, costs: dict, speedup: float) -> dict[str, list[tuple[str, str]]]:
+    """Each method's (attention, FFN) choice per layer at ``parent runtime / speedup``."""
+    lib = run.library()
+    layers = range(len(run.parent.model.layers))
+    parent_choice = [(lib.variant_names(i, "attention")[0], lib.variant_names(i, "ffn")[0]) for i in layers]
+    budget_ms = predicted_runtime_ms(costs, parent_choice) / speedup
+    choices = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for method, (solver, objective, maximize) in SEARCHED.items():
+            result = solve(library, costs, Budgets(speedup=speedup), objective or run.settings.objective_key, solver,
+                           Path(tmp) / "solutions.json", maximize, time_limit_s=run.settings.time_limit)
+            choices[method] = [tuple(v) for v in result["solutions"][0]["variants"]]
+    influence = block_influence(run.parent, run.split.score_batches(run.settings.score_tokens))
+    choices["layer_drop"] = layer_drop(parent_choice, influence, costs, budget_ms)[0]
+    choices["uniform"] = uniform_width(costs, len(parent_choice), budget_ms)
+    return choices
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4))
+    for ax, key, label in zip(fig.subplots(1, 2), ("heldout_kl", "heldout_ppl"),
+                              ("KL from parent, general English", "perplexity, general English")):
+        for method in dict.fromkeys(r["method"] for r in rows):
+            mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["measured_speedup"])
+            ax.plot([r["measured_speedup"] for r in mine], [r[key] for r in mine], marker="o", label=method)
+        ax.set_xlabel("measured speedup on this CPU")
+        ax.set_ylabel(label)
+    fig.axes[0].legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("workdir", type=Path)
+    parser.add_argument("--speedups", nargs="+", type=float, default=[1.3, 1.5, 2.0])
+    parser.add_argument("--methods", nargs="+", default=[*SEARCHED, "layer_drop", "uniform"])
+    parser.add_argument("--uptrain-tokens", type=int, help="default: the run's")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+
+    run = Run(args.workdir, load_settings(args.workdir, {}))
+    s = run.settings
+    # with --coupled-bld, the solve pass's library holds the coupled pairs' scores
+    coupled = (run.dir("solve") / "block_library.json").is_file()
+    library = run.read_json("solve/block_library.json" if coupled else "score/block_library.json")
+    costs = run.read_json("profile/costs.json")
+    lib = run.library()
+    tokens = args.uptrain_tokens or s.uptrain_tokens
+    rows = []
+    print(f"{'speedup':>7} {'method':>11} {'predicted':>9} {'measured':>8} {'KL':>7} {'ppl ratio':>9}")
+    for speedup in args.speedups:
+        for method, choice in children(run, library, costs, speedup).items():
+            if method not in args.methods:
+                continue
+            child = lib.assemble(choice)
+            uptrain(child, run.parent, run.split.train_batches(tokens), run.split.score_batches(s.score_tokens),
+                    UptrainSettings(tokens=tokens, lr=s.uptrain_lr, seed=s.seed))
+            ms = measure_runtimes({"parent": run.parent, "child": child}, run.scenario, run.parent.config.vocab_size)
+            quality = compare_on_heldout(child, run.parent, run.general_heldout)
+            parent_ms = predicted_runtime_ms(costs, [(lib.variant_names(i, "attention")[0],
+                                                      lib.variant_names(i, "ffn")[0]) for i in range(len(choice))])
+            row = {"method": method, "budget_speedup": speedup,
+                   "predicted_speedup": parent_ms / predicted_runtime_ms(costs, choice),
+                   "measured_speedup": ms["parent"] / ms["child"], "heldout_kl": quality["kl_div"],
+                   "heldout_ppl": quality["perplexity"], "parent_ppl": quality["parent_perplexity"],
+                   "uptrain_tokens": tokens, "choice": choice}
+            rows.append(row)
+            print(f"{speedup:>7.2f} {method:>11} {row['predicted_speedup']:>8.2f}x {row['measured_speedup']:>7.2f}x "
+                  f"{row['heldout_kl']:>7.3f} {row['heldout_ppl'] / row['parent_ppl']:>8.2f}x", flush=True)
+            if args.json:
+                atomic_write_json(args.json, rows)
+    if args.json:
+        plot(rows, args.json.with_suffix(".png"))
+
+
+if __name__ == "__main__":
+    main()
