@@ -23,7 +23,6 @@ Prints a table; writes ``<json>`` rows ``{"method", "measured_speedup",
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from hwopt.plugins import block_types
+from hwopt.evaluate import measure_runtimes
 from hwopt.model.checkpoint import load_checkpoint
 from hwopt.models import load_model
-from hwopt.evaluate import measure_runtimes
+from hwopt.plugins import block_types
 from hwopt.search_space import Scenario
 
 

@@ -1,6 +1,7 @@
 """Parent against child in three engines on this CPU: eager torch, ONNX Runtime and AOTInductor, in one run.
 
-    python benchmarks/engines.py [--child runs/demo/lower/nemotron-nas] [--scenario 64/32] [--engines eager,onnxruntime,aoti]
+    python benchmarks/engines.py [--child runs/demo/lower/nemotron-nas] [--scenario 64/32]
+        [--engines eager,onnxruntime,aoti]
 
 The parent is SmolLM2-135M's architecture. The child is the given
 nemotron-nas checkpoint, or else a demo child assembled from SmolLM2's config

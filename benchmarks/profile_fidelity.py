@@ -27,12 +27,11 @@ import statistics
 
 import torch
 
-from hwopt.passes.profile import layer_rows, model_total
 from hwopt.hardware import resolve_target
 from hwopt.model.config import BlockConfig
 from hwopt.model.modeling import HeteroLlamaForCausalLM
 from hwopt.models import resolve_model
-from hwopt.passes.profile import choose_backend, measure_costs, profile_variants
+from hwopt.passes.profile import choose_backend, layer_rows, measure_costs, model_total, profile_variants
 from hwopt.plugins import block_types
 from hwopt.report import measure_runtimes
 from hwopt.roofline import CalibrationRow, roof_of

@@ -29,8 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from hwopt.passes.profile import model_variants
 from hwopt.models import resolve_model
+from hwopt.passes.profile import model_variants
 from hwopt.timing import usable_cores
 
 REPO = Path(__file__).resolve().parents[1]

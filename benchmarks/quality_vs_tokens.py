@@ -42,7 +42,8 @@ def main() -> None:
                 UptrainSettings(tokens=tokens, lr=s.uptrain_lr, seed=s.seed))
         general, heldout = (compare_on_heldout(child, run.parent, ids) for ids in (run.general_heldout, own))
         row = {"uptrain_tokens": tokens, "distinct_training_tokens": min(tokens, distinct),
-               "general_kl": general["kl_div"], "general_ppl_ratio": general["perplexity"] / general["parent_perplexity"],
+               "general_kl": general["kl_div"],
+               "general_ppl_ratio": general["perplexity"] / general["parent_perplexity"],
                "own_kl": heldout["kl_div"], "own_ppl_ratio": heldout["perplexity"] / heldout["parent_perplexity"]}
         rows.append(row)
         print(f"{tokens:>8} {row['general_kl']:>10.3f} {row['general_ppl_ratio']:>10.2f}x {row['own_kl']:>7.3f} "

@@ -73,9 +73,9 @@ def add_run_options(p: argparse.ArgumentParser, plugin_options: bool = True) -> 
     g = p.add_argument_group("run")
     g.add_argument("--workdir", default="runs/default", help="run directory (default: runs/default)")
     g.add_argument("--force", action="store_true", help="run the pass(es) even if their inputs did not change")
-    g.add_argument("--max-spread", type=or_none(float), help="stop with an error when a measured block's timings spread "
-                                                    "(IQR / median over rounds) by more than this, e.g. 0.1, or the "
-                                                    "machine is too busy to measure (default: warn above 0.1)")
+    g.add_argument("--max-spread", type=or_none(float),
+                   help="stop with an error when a measured block's timings spread (IQR / median over rounds) by "
+                        "more than this, e.g. 0.1, or the machine is too busy to measure (default: warn above 0.1)")
     g.add_argument("--threads", type=or_none(int), help="torch CPU threads for this run (default: chosen by its first "
                                                "command, one per core other processes leave idle, then kept)")
     g.add_argument("--model", help="model name (smollm2-135m, llama-3.1-8b, llama-3.1-70b) or checkpoint directory "

@@ -19,6 +19,7 @@ from hwopt.passes.profile import SIZE_KEYS, TIME_KEYS, choose_backend, layer_row
 from hwopt.search_space import Scenario, model_sub_variants
 from hwopt.workload import MIB
 
+
 def estimate(source, target: HardwareProfile, scenario: Scenario, backend_name: str = "roofline",
              repeats: int = 3) -> dict:
     """Per-layer and whole-model runtime, memory and throughput of ``source`` on ``target``."""

@@ -38,7 +38,6 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from hwopt.model.modeling import KVCache
     from hwopt.roofline import CostTerms
     from hwopt.search_space import Scenario, SearchSpace
     from hwopt.workload import Phase, Workload

@@ -19,11 +19,12 @@ import torch
 
 from hwopt.data import cached_parent_samples, check_data_files, general_heldout, load_split
 from hwopt.errors import HwoptError
+from hwopt.evaluate import measure_runtimes
 from hwopt.hardware import resolve_target
+from hwopt.lowering.runtimes import Runtime, resolve_runtime, runnable_library
 from hwopt.model.checkpoint import load_checkpoint, save_nemotron_nas
 from hwopt.models import resolve_model
 from hwopt.passes.library import BLDSettings, Library, build_coupled, build_library, coupled_subspace
-from hwopt.lowering.runtimes import Runtime, resolve_runtime, runnable_library
 from hwopt.passes.lower import LowerOptions, lower
 from hwopt.passes.profile import choose_backend, layer_rows, model_variants, print_checks, profile
 from hwopt.passes.score import SCORE_PAIRS, rescore_coupled, score
@@ -43,11 +44,11 @@ from hwopt.pipeline import (
 from hwopt.plots import per_layer_runtime
 from hwopt.plugins import block_types, metrics
 from hwopt.progress import console
-from hwopt.evaluate import measure_runtimes
 from hwopt.report import build_report, measured_here, print_report
 from hwopt.search_space import Scenario, SearchSpace
 from hwopt.tasks import read_task
 from hwopt.timing import idle_cores
+
 
 @dataclass
 class Settings:

@@ -7,7 +7,6 @@ import json
 import pytest
 from transformers import LlamaConfig
 
-from hwopt.plugins import block_types
 from hwopt.errors import HwoptError
 from hwopt.model.architecture import architecture_from_dict
 from hwopt.model.checkpoint import nemotron_nas_config
@@ -19,6 +18,7 @@ from hwopt.model.config import (
     intermediate_size_to_ffn_mult,
     parent_block_config,
 )
+from hwopt.plugins import block_types
 
 HIDDEN = 64
 

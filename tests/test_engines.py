@@ -7,11 +7,17 @@ import pytest
 import torch
 from conftest import hwopt_cli, tiny_child
 
-from hwopt.lowering.tensorrt_engine import BuildPlan, engine_build_plan
 from hwopt.hardware import resolve_target
 from hwopt.lowering.aoti import empty_past, export_aoti, run_aoti_step
 from hwopt.lowering.onnx_kv import OnnxRuntimeModel, export_onnx, kv_layers
-from hwopt.lowering.tensorrt_engine import engine_file_name, manifest, onnx_input_shapes, profile_shapes
+from hwopt.lowering.tensorrt_engine import (
+    BuildPlan,
+    engine_build_plan,
+    engine_file_name,
+    manifest,
+    onnx_input_shapes,
+    profile_shapes,
+)
 from hwopt.model.checkpoint import load_checkpoint, save_nemotron_nas
 from hwopt.model.modeling import KVCache
 from hwopt.plugins import block_types
@@ -95,7 +101,8 @@ def test_hwopt_lower_any_checkpoint_to_onnx_and_nemotron_nas(tiny_llama_dir, tmp
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "onnx/model.onnx").is_file() and (tmp_path / "onnx/tokenizer.json").is_file()
     assert (tmp_path / "nemotron-nas/modeling_nemotron_nas.py").is_file()
-    ours, parent = load_checkpoint(tmp_path / "nemotron-nas", block_types()), load_checkpoint(tiny_llama_dir, block_types())
+    ours = load_checkpoint(tmp_path / "nemotron-nas", block_types())
+    parent = load_checkpoint(tiny_llama_dir, block_types())
     ids = torch.randint(0, 49152, (1, 8))
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, parent(ids).logits, atol=1e-5, rtol=0)

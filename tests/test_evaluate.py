@@ -47,7 +47,7 @@ def test_evaluate_writes_report_with_every_figure(tiny_child_dir, tiny_llama_dir
     report = json.loads((out / "evaluation.json").read_text())
     assert set(report["texts"]) == {"heldout", "general"}
     child, parent = load_checkpoint(tiny_child_dir, block_types()), load_checkpoint(tiny_llama_dir, block_types())
-    for name, q in report["texts"].items():
+    for q in report["texts"].values():
         assert q["kl_div"] > 0 and 0 <= q["top1_agreement"] < 1 and q["perplexity"] > 1
     general = report["texts"]["general"]
     from hwopt.data import general_heldout

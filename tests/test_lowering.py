@@ -20,6 +20,7 @@ from hwopt.passes.lower import LowerOptions, lower
 from hwopt.plugins import block_types
 from hwopt.search_space import Scenario
 
+
 @pytest.fixture(scope="module")
 def lowered(tmp_path_factory):
     model = tiny_child()

@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from conftest import FAST_RUN
 from transformers import LlamaConfig
 
-from hwopt.plugins import block_types
 from hwopt import plugins
 from hwopt.cli import main
 from hwopt.errors import HwoptError
@@ -20,6 +19,7 @@ from hwopt.metric import Outputs
 from hwopt.model.config import AttentionConfig, BlockConfig, FFNConfig
 from hwopt.model.modeling import DecoderLayer, HeteroLlamaForCausalLM
 from hwopt.passes.score import ParentActivations, outputs_of
+from hwopt.plugins import block_types
 from hwopt.run import Run, load_settings
 from hwopt.tasks import choice_loglikelihoods, read_task, task_accuracy
 

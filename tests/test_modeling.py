@@ -1,8 +1,8 @@
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from hwopt.plugins import block_types
 from hwopt.model.checkpoint import parent_from_hf_state
+from hwopt.plugins import block_types
 
 
 def tiny():

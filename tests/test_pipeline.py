@@ -15,11 +15,11 @@ import torch
 from conftest import FAST_RUN, REPO, env_with_pythonpath, hwopt_cli
 from safetensors.torch import load_file
 
-from hwopt.plugins import block_types
 from hwopt.model.checkpoint import load_checkpoint, save_nemotron_nas
 from hwopt.model.config import AttentionConfig, BlockConfig, FFNConfig
 from hwopt.model.modeling import HeteroLlamaForCausalLM, KVCache
 from hwopt.models import load_model
+from hwopt.plugins import block_types
 
 
 def assert_one_error_line(proc: subprocess.CompletedProcess, *needles: str) -> None:

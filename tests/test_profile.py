@@ -11,7 +11,6 @@ import torch
 from conftest import hwopt_cli
 from transformers import LlamaConfig
 
-from hwopt.plugins import block_types
 from hwopt import hardware
 from hwopt.builtin import backend_torch
 from hwopt.errors import HwoptError
@@ -21,7 +20,7 @@ from hwopt.model.config import AttentionConfig, BlockConfig, FFNConfig
 from hwopt.model.modeling import DecoderLayer, KVCache
 from hwopt.models import resolve_model
 from hwopt.passes.profile import choose_backend, cost_entry
-from hwopt.plugins import backends
+from hwopt.plugins import backends, block_types
 from hwopt.search_space import Scenario, sub_variant_of
 from hwopt.workload import Phase, Workload, build_step, integrate_decode, phase_totals, scenario_phases, step_inputs
 

@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import hwopt_cli
 from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from conftest import hwopt_cli
-from hwopt.plugins import block_types
 from hwopt import load_model
 from hwopt.builtin.block_types import ffn_width
 from hwopt.errors import HwoptError
@@ -25,6 +24,7 @@ from hwopt.model.config import AttentionConfig, BlockConfig, FFNConfig, rebuilt_
 from hwopt.model.modeling import HeteroLlamaForCausalLM
 from hwopt.models import resolve_model
 from hwopt.passes.lower import LowerOptions, lower
+from hwopt.plugins import block_types
 from hwopt.search_space import Scenario, SearchSpace, sub_variants
 
 CASES = Path(__file__).parent / "data" / "real_world"
@@ -291,8 +291,8 @@ def test_every_width_the_search_space_offers_is_rebuilt_exactly_from_ffn_mult(hi
         if width != parent:
             assert rebuilt_by_ffn_mult(width, hidden) == width, (hidden, width)
             written = BlockConfig(AttentionConfig(n_heads_in_group=1), FFNConfig(intermediate_size=width))
-            assert FFNConfig.from_json({"ffn_mult": written.to_json(block_types(), config)["ffn"]["ffn_mult"]}, hidden).\
-                intermediate_size == width
+            ffn_mult = written.to_json(block_types(), config)["ffn"]["ffn_mult"]
+            assert FFNConfig.from_json({"ffn_mult": ffn_mult}, hidden).intermediate_size == width
     assert ffn_width(8640, 0.5) == 4352  # open_llama_3b: its half, on the grid
 
 
@@ -308,13 +308,15 @@ def test_lower_refuses_an_off_grid_child_width_and_warns_for_an_off_grid_parent(
                                                                          FFNConfig(intermediate_size=96))],
                                       block_types())
     for runtime in ("vllm", "tensorrt-llm", "llama.cpp"):
-        with pytest.raises(HwoptError, match=f"layer 1's FFN width 96 is rebuilt as 256 from its ffn_mult by {runtime}"):
+        with pytest.raises(HwoptError, match=f"layer 1's FFN width 96 is rebuilt as 256 from its ffn_mult by {runtime}"
+                           ):
             lower_for(runtime, off_grid, tmp_path / "refused")
     assert not (tmp_path / "refused").exists()
     lower_for("transformers", off_grid, tmp_path / "transformers")  # reads intermediate_size: no refusal
     parent_only = HeteroLlamaForCausalLM(config, [parent_block, BlockConfig(AttentionConfig(n_heads_in_group=2),
                                                                             FFNConfig(intermediate_size=256))],
                                          block_types())
-    with pytest.warns(UserWarning, match=r"parent's FFN width 320 \(layers \[0\]\) is off the ffn_mult grid: vllm, sglang"):
+    off_grid_parent = r"parent's FFN width 320 \(layers \[0\]\) is off the ffn_mult grid: vllm, sglang"
+    with pytest.warns(UserWarning, match=off_grid_parent):
         lower_for("tensorrt-llm", parent_only, tmp_path / "warned")
     assert load_model(str(tmp_path / "warned" / "nemotron-nas")).block_configs == parent_only.block_configs

@@ -159,7 +159,8 @@ def test_malformed_rows_name_row_and_field():
                        ({**good[1], "kind": "moe"}, "field 'kind' is 'moe'"),
                        ({**good[1], "ms": 0.0}, "'ms' must be positive"),
                        ({**good[1], "model": "nope"}, "unknown model 'nope'"),
-                       ({**good[1], "block": {"no_op": True, "replace_with_linear": True}}, "field 'block': attention.no_op and attention.replace_with_linear are both true")):
+                       ({**good[1], "block": {"no_op": True, "replace_with_linear": True}},
+                        "field 'block': attention.no_op and attention.replace_with_linear are both true")):
         with pytest.raises(HwoptError, match=f"calibration row 2: .*{words}"):
             fit_calibration(dataclasses.replace(h100, calibration=(good[0], bad)))
 

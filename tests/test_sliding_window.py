@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import FAST_RUN, env_with_pythonpath, hwopt_cli
+from conftest import env_with_pythonpath, hwopt_cli
 from transformers import LlamaConfig
 
 from hwopt.errors import HwoptError
@@ -16,7 +16,7 @@ from hwopt.estimate import estimate
 from hwopt.hardware import resolve_target
 from hwopt.model.architecture import architecture_from_dict
 from hwopt.model.checkpoint import nemotron_nas_config
-from hwopt.model.config import AttentionConfig, BlockConfig, FFNConfig, parent_block_config
+from hwopt.model.config import AttentionConfig, BlockConfig, parent_block_config
 from hwopt.model.modeling import HeteroLlamaForCausalLM
 from hwopt.models import resolve_model
 from hwopt.passes.profile import cost_entry

@@ -16,6 +16,7 @@ import torch
 import hwopt.passes.profile
 import hwopt.plugins
 import hwopt.run
+from hwopt import timing
 from hwopt.cli import main
 from hwopt.errors import HwoptError
 from hwopt.hardware import resolve_target
@@ -23,7 +24,6 @@ from hwopt.models import resolve_model
 from hwopt.passes.profile import check_profile, print_checks, profile
 from hwopt.pipeline import read_manifest
 from hwopt.search_space import Scenario, SearchSpace
-from hwopt import timing
 from hwopt.timing import interleaved_rounds, median_phases, spread
 
 

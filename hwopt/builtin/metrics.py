@@ -6,7 +6,6 @@ loss, how often it keeps the parent's top token, and accuracy on a user's
 multiple-choice task.
 """
 
-import torch
 import torch.nn.functional as F
 
 from hwopt.hookspecs import hookimpl

@@ -9,7 +9,6 @@ a second, not half a minute.
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
 import tempfile
 from pathlib import Path

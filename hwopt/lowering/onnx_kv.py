@@ -42,7 +42,10 @@ def output_names(model) -> list[str]:
 
 
 class TensorCache:
-    """The past of each cached layer as given; ``update`` appends this step's keys and values (transformers' protocol)."""
+    """The past of each cached layer as given; ``update`` appends this step's keys and values.
+
+    ``update(k, v, layer_idx)`` is transformers' cache protocol.
+    """
 
     def __init__(self, past: dict[int, tuple[torch.Tensor, torch.Tensor]]):
         self.present = dict(past)

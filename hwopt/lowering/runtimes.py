@@ -50,7 +50,8 @@ class Runtime:
             if width and width != config.intermediate_size and self.width_from_ffn_mult:
                 rebuilt = rebuilt_by_ffn_mult(width, config.hidden_size)
                 if rebuilt != width:
-                    out.append(f"layer {i}'s FFN width {width} is rebuilt as {rebuilt} from its ffn_mult by {self.name}")
+                    out.append(f"layer {i}'s FFN width {width} is rebuilt as {rebuilt} from its ffn_mult "
+                               f"by {self.name}")
         return out
 
 

@@ -111,7 +111,7 @@ def onnx_input_shapes(onnx_path: Path) -> dict[str, tuple]:
 def manifest(target, device: str, dtype: str, scenario, trt_version: str, engine: str) -> dict:
     return {"engine": engine, "target": target.name, "device": device, "dtype": dtype,
             "scenario": scenario.to_json(), "tensorrt": trt_version,
-            "built": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+            "built": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
 
 
 def build_tensorrt_engine(onnx_path: Path, out_dir: Path, model_name: str, target, scenario, device: str) -> Path:

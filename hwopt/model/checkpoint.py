@@ -20,7 +20,7 @@ from transformers import LlamaConfig
 
 from hwopt.errors import HwoptError
 from hwopt.model.architecture import nemotron_nas_config, read_architecture
-from hwopt.model.config import BlockConfig, parent_block_config
+from hwopt.model.config import parent_block_config
 from hwopt.model.modeling import HeteroLlamaForCausalLM
 
 INDEX_FILE = "model.safetensors.index.json"

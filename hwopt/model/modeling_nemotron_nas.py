@@ -50,7 +50,8 @@ class NemotronNASConfig(PretrainedConfig):
     def __init__(self, vocab_size=32000, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
                  head_dim=None, block_configs=None, rms_norm_eps=1e-6, max_position_embeddings=2048,
                  attention_bias=False, mlp_bias=False, tie_word_embeddings=False, num_key_value_heads=None,
-                 intermediate_size=None, use_cache=True, rope_parameters=None, rope_theta=10000.0, rope_scaling=None, **kwargs):
+                 intermediate_size=None, use_cache=True, rope_parameters=None, rope_theta=10000.0, rope_scaling=None,
+                 **kwargs):
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers

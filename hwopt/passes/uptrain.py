@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from hwopt.metric import kl_divergence
 from hwopt.evaluate import compare_on_heldout
+from hwopt.metric import kl_divergence
 from hwopt.model.modeling import HeteroLlamaForCausalLM
 from hwopt.progress import progress
 

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 import hwopt
 from hwopt.builtin.block_types import ATTENTION_KEYS, gqa_params, grouped_query_terms, is_set
-from hwopt.model.config import AttentionConfig, Fields, head_dim
 from hwopt.errors import HwoptError
+from hwopt.model.config import AttentionConfig, Fields, head_dim
 from hwopt.model.modeling_nemotron_nas import GroupedQueryAttention
 from hwopt.protocols import KVCacheShape
 
