@@ -10,7 +10,7 @@ attention and FFN drawn from the search space), in each scenario:
   per-block timings of the first bullet;
 
 each against the median wall-clock time of generating with the whole model
-(``hwopt.report.measure_runtimes``, models interleaved). Blocks and whole
+(``hwopt.evaluate.measure_runtimes``, models interleaved). Blocks and whole
 models are measured by turns over several rounds and the medians compared,
 so that the slow drift of a shared machine does not favour one side.
 Goals: blocks within 5% of end to end, the roofline within 25%.
@@ -27,13 +27,13 @@ import statistics
 
 import torch
 
+from hwopt.evaluate import measure_runtimes
 from hwopt.hardware import resolve_target
 from hwopt.model.config import BlockConfig
 from hwopt.model.modeling import HeteroLlamaForCausalLM
 from hwopt.models import resolve_model
 from hwopt.passes.profile import choose_backend, layer_rows, measure_costs, model_total, profile_variants
 from hwopt.plugins import block_types
-from hwopt.report import measure_runtimes
 from hwopt.roofline import CalibrationRow, roof_of
 from hwopt.search_space import Scenario, SearchSpace, model_sub_variants
 from hwopt.workload import scenario_phases

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from hwopt.evaluate import evaluate, measure_runtimes  # noqa: F401 (measure_runtimes: the profile's self-check)
+from hwopt.evaluate import evaluate
 from hwopt.pipeline import atomic_write_text
 from hwopt.progress import console
 from hwopt.search_space import Scenario

@@ -95,11 +95,16 @@ class Fields:
             self.fail(key, f"= {value!r} must be true or false")
         return value
 
-    def positive_int(self, key: str, required: bool = True) -> int | None:
+    def value(self, key: str, required: bool, what: str):
+        """The raw value (None when absent or null); a missing required key is an error saying ``what`` it takes."""
         value = self.raw.get(key)
+        if value is None and required:
+            self.fail(key, f"is missing ({what})")
+        return value
+
+    def positive_int(self, key: str, required: bool = True) -> int | None:
+        value = self.value(key, required, "a positive integer")
         if value is None:
-            if required:
-                self.fail(key, "is missing (a positive integer)")
             return None
         if isinstance(value, float) and value.is_integer():
             value = int(value)
@@ -108,10 +113,8 @@ class Fields:
         return value
 
     def positive_number(self, key: str, required: bool = True) -> float | None:
-        value = self.raw.get(key)
+        value = self.value(key, required, "a positive number")
         if value is None:
-            if required:
-                self.fail(key, "is missing (a positive number)")
             return None
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
             self.fail(key, f"= {value!r} must be a positive number")

@@ -29,11 +29,11 @@ import psutil
 import torch
 
 from hwopt.errors import HwoptError
+from hwopt.evaluate import measure_runtimes
 from hwopt.model.modeling import HeteroLlamaForCausalLM
 from hwopt.pipeline import atomic_write_json
 from hwopt.plugins import backends, block_types
 from hwopt.progress import console, progress
-from hwopt.report import measure_runtimes
 from hwopt.search_space import Scenario, SearchSpace, SubVariant, model_sub_variants, sub_variants
 from hwopt.timing import (
     SPREAD_BOUND,
