@@ -37,8 +37,9 @@ SEARCHED = {"mip": ("scip", None, False), "greedy": ("greedy", None, False),
             "max_params": ("scip", "stats.num_params", True)}
 
 
-def children(run: Run, library: dict, costs: dict, speedup: float) -> dict[str, list[tuple[str, str]]]:
-    """Each method's (attention, FFN) choice per layer at ``parent runtime / speedup``."""
+def children(run: Run, library: dict, costs: dict, speedup: float) -> dict[str, dict]:
+    """Each method's child at ``parent runtime / speedup``: its (attention, FFN) choice per layer
+    (``"variants"``) and the layers holding two-layer blocks (``"spans"``), as ``Run.assemble`` takes them."""
     lib = run.library()
     layers = range(len(run.parent.model.layers))
     parent_choice = [(lib.variant_names(i, "attention")[0], lib.variant_names(i, "ffn")[0]) for i in layers]
@@ -48,10 +49,11 @@ def children(run: Run, library: dict, costs: dict, speedup: float) -> dict[str, 
         for method, (solver, objective, maximize) in SEARCHED.items():
             result = solve(library, costs, Budgets(speedup=speedup), objective or run.settings.objective_key, solver,
                            Path(tmp) / "solutions.json", maximize, time_limit_s=run.settings.time_limit)
-            choices[method] = [tuple(v) for v in result["solutions"][0]["variants"]]
+            best = result["solutions"][0]
+            choices[method] = {"variants": [tuple(v) for v in best["variants"]], "spans": best["spans"]}
     influence = block_influence(run.parent, run.split.score_batches(run.settings.score_tokens))
-    choices["layer_drop"] = layer_drop(parent_choice, influence, costs, budget_ms)[0]
-    choices["uniform"] = uniform_width(costs, len(parent_choice), budget_ms)
+    choices["layer_drop"] = {"variants": layer_drop(parent_choice, influence, costs, budget_ms)[0], "spans": []}
+    choices["uniform"] = {"variants": uniform_width(costs, len(parent_choice), budget_ms), "spans": []}
     return choices
 
 
@@ -92,10 +94,11 @@ def main() -> None:
     rows = []
     print(f"{'speedup':>7} {'method':>11} {'predicted':>9} {'measured':>8} {'KL':>7} {'ppl ratio':>9}")
     for speedup in args.speedups:
-        for method, choice in children(run, library, costs, speedup).items():
+        for method, solution in children(run, library, costs, speedup).items():
             if method not in args.methods:
                 continue
-            child = lib.assemble(choice)
+            choice = solution["variants"]
+            child = run.assemble(solution)
             uptrain(child, run.parent, run.split.train_batches(tokens), run.split.score_batches(s.score_tokens),
                     UptrainSettings(tokens=tokens, lr=s.uptrain_lr, seed=s.seed))
             ms = measure_runtimes({"parent": run.parent, "child": child}, run.scenario, run.parent.config.vocab_size)

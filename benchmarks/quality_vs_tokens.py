@@ -31,13 +31,13 @@ def main() -> None:
 
     run = Run(args.workdir, load_settings(args.workdir, {}))
     s = run.settings
-    variants = [tuple(v) for v in run.read_json("solve/solutions.json")["solutions"][0]["variants"]]
+    solution = run.read_json("solve/solutions.json")["solutions"][0]
     own = run.split.heldout_batches(s.score_tokens)
     distinct = len(run.split.train) * run.split.train.shape[1]
     rows = []
     print(f"{'tokens':>8} {'general KL':>10} {'general ppl':>11} {'own KL':>7} {'own ppl':>8}  (ppl as child / parent)")
     for tokens in args.tokens:
-        child = run.library().assemble(variants)
+        child = run.assemble(solution)
         uptrain(child, run.parent, run.split.train_batches(tokens), run.split.score_batches(s.score_tokens),
                 UptrainSettings(tokens=tokens, lr=s.uptrain_lr, seed=s.seed))
         general, heldout = (compare_on_heldout(child, run.parent, ids) for ids in (run.general_heldout, own))

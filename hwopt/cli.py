@@ -88,6 +88,11 @@ def add_run_options(p: argparse.ArgumentParser, plugin_options: bool = True) -> 
     g.add_argument("--ffn-fractions", type=_csv(float), help="FFN widths to offer (default 0.75,0.5,0.25)")
     g.add_argument("--no-linear", dest="linear", action="store_const", const=False, help="offer no linear blocks")
     g.add_argument("--no-noop", dest="no_op", action="store_const", const=False, help="offer no removed blocks")
+    g.add_argument("--two-layer", dest="two_layer", action="store_const", const=True,
+                   help="also offer blocks that replace two consecutive parent layers (the layer after one is a "
+                        "no-op): the parent's own block and the largest cheaper one, trained by BLD on both layers")
+    g.add_argument("--no-two-layer", dest="two_layer", action="store_const", const=False,
+                   help="offer one-layer blocks only (the default)")
     g.add_argument("--block-types", type=_csv(str), metavar="PLUGIN[,PLUGIN]",
                    help="also offer the variants of these plugins' block types (default: built-ins only; "
                         "`hwopt plugins` lists them)")

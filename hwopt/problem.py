@@ -5,6 +5,13 @@ objective (e.g. ``metrics.kl_div``) is best while summed costs stay within
 budgets (e.g. ``stats.runtime_ms <= 12.5``). Keys are dotted paths into the
 block-library entries (see DESIGN.md, "Block library").
 
+A library may hold blocks that replace two consecutive parent layers (the
+Puzzle paper's search space): such an entry of layer i says ``"span": 2``, and
+layer i + 1 then has one entry flagged ``"spanned": true`` (the no-op the
+block leaves there, costing nothing of its own). A ``Link`` ties them: layer
+i + 1 takes its spanned entry exactly when layer i takes a two-layer block, so
+every parent layer is covered exactly once (a set partition of the layers).
+
 A solver (registered through ``hwopt_register_solvers``) turns a ``Problem``
 into a ``Solution``. ``LinearForm`` is the problem as arrays, the one statement
 of the program that the built-in backends translate; ``diverse_solutions``
@@ -72,6 +79,19 @@ def _within(total: float, bound: float) -> bool:
     return total - bound <= FEASIBILITY_TOLERANCE * max(abs(total), abs(bound), 1.0)
 
 
+@dataclass(frozen=True)
+class Link:
+    """Layer ``next_layer`` takes ``spanned`` exactly when ``layer`` takes one of ``spanning`` (two-layer blocks)."""
+
+    layer: str
+    spanning: tuple[str, ...]
+    next_layer: str
+    spanned: str
+
+    def holds(self, choice: dict[str, str]) -> bool:
+        return (choice[self.layer] in self.spanning) == (choice[self.next_layer] == self.spanned)
+
+
 @dataclass
 class Problem:
     """Pick one variant per layer; values[layer][variant][key] is that entry's number for key."""
@@ -89,6 +109,8 @@ class Problem:
     min_diversity: int = 1
     # the variant flagged "parent": true in each layer, when the library flags them
     parent: dict[str, str] | None = None
+    # two-layer blocks and the spanned entries they leave in the next layer
+    links: list[Link] = field(default_factory=list)
 
     def value(self, layer: str, variant: str, key: str) -> float:
         return self.values[layer][variant][key]
@@ -145,7 +167,10 @@ class Problem:
         }
 
     def is_feasible(self, choice: dict[str, str]) -> bool:
-        """Whether the choice meets every constraint and differs enough from each excluded one."""
+        """Whether the choice covers every layer once, meets every constraint and differs enough from each
+        excluded one."""
+        if not all(link.holds(choice) for link in self.links):
+            return False
         totals = self.totals(choice)
         for c in self.constraints:
             if c.max is not None and not _within(totals[c.key], c.max):
@@ -216,7 +241,8 @@ class LinearForm:
 
     There is one row per constraint, in ``Problem.constraints`` order, then one
     per excluded solution: its entries, of which at most
-    ``n_layers - min_diversity`` may be chosen again. Offsets move into the
+    ``n_layers - min_diversity`` may be chosen again, then one per ``Link``:
+    its two-layer blocks minus its spanned entry, equal to 0. Offsets move into the
     bounds, and each row is divided by its largest |coefficient|: solvers'
     tolerances are absolute, and parameter counts (1e9 per block) would
     otherwise dwarf them.
@@ -243,12 +269,16 @@ class LinearForm:
         entries = [(layer, v) for layer in problem.layers for v in problem.variants[layer]]
         starts = np.cumsum([0] + [len(problem.variants[layer]) for layer in problem.layers])
         cost = np.array([problem.value(layer, v, problem.objective) for layer, v in entries])
-        n_rows = len(problem.constraints) + len(problem.exclude)
+        n_constraints, n_exclude = len(problem.constraints), len(problem.exclude)
+        n_rows = n_constraints + n_exclude + len(problem.links)
         rows = np.zeros((n_rows, len(entries)))
         for i, c in enumerate(problem.constraints):
             rows[i] = [problem.value(layer, v, c.key) for layer, v in entries]
-        for i, other in enumerate(problem.exclude, start=len(problem.constraints)):
+        for i, other in enumerate(problem.exclude, start=n_constraints):
             rows[i] = [other.get(layer) == v for layer, v in entries]
+        for i, link in enumerate(problem.links, start=n_constraints + n_exclude):
+            rows[i] = [(layer == link.layer and v in link.spanning) - (layer == link.next_layer and v == link.spanned)
+                       for layer, v in entries]
         scales = np.abs(rows).max(axis=1, initial=0.0)
         scales[scales == 0] = 1.0
         offsets = np.array([problem.offsets.get(c.key, 0.0) for c in problem.constraints])
@@ -256,8 +286,9 @@ class LinearForm:
                    np.full(n_rows, np.inf), list(problem.constraints), offsets, scales)
         for i, c in enumerate(problem.constraints):
             form.lower[i], form.upper[i] = form.bounds(i, c)
-        excluded = slice(len(problem.constraints), None)
+        excluded = slice(n_constraints, n_constraints + n_exclude)
         form.upper[excluded] = (len(problem.layers) - problem.min_diversity) / scales[excluded]
+        form.lower[n_constraints + n_exclude:] = form.upper[n_constraints + n_exclude:] = 0.0
         return form._without_dominated()
 
     def bounds(self, index: int, constraint: Constraint) -> tuple[float, float]:
@@ -374,6 +405,7 @@ def problem_from_library(
         constraints=constraints,
         offsets=dict(offsets or {}),
         parent=_parent(parents),
+        links=_links(library, layers),
     )
     problem.require([objective, *(c.key for c in constraints)])
     return problem
@@ -388,6 +420,36 @@ def _parent(flagged: dict[str, list[str]]) -> dict[str, str] | None:
             raise HwoptError(f"block library {layer} flags {len(names)} variants as the parent; "
                              "a library flags exactly one per layer, or none at all")
     return {layer: names[0] for layer, names in flagged.items()}
+
+
+def _links(library: dict, layers: list[str]) -> list[Link]:
+    """The two-layer blocks of a library (entries with ``"span": 2``) tied to the spanned entry they leave in
+    the next layer; a malformed span is one error naming the layer and variant."""
+    spanned = {layer: [v for v, e in library[layer].items() if e.get("spanned") is True] for layer in layers}
+    links = []
+    for layer in layers:
+        spanning = []
+        for variant, entry in library[layer].items():
+            span = entry.get("span", 1)
+            if span not in (1, 2) or isinstance(span, bool):
+                raise HwoptError(f"block library {layer} variant {variant!r}: span {span!r} is not 1 or 2 layers")
+            if span == 2:
+                spanning.append(variant)
+        if not spanning:
+            continue
+        following = f"layer_{_layer_index(layer) + 1}"
+        if following not in library:
+            raise HwoptError(f"block library {layer} variant {spanning[0]!r} spans two layers, but there is no "
+                             f"{following}")
+        if len(spanned[following]) != 1:
+            raise HwoptError(f"block library {layer} has two-layer variants, so {following} must flag exactly one "
+                             f"variant \"spanned\": true (it flags {len(spanned[following])})")
+        links.append(Link(layer, tuple(spanning), following, spanned[following][0]))
+    for layer in layers:
+        if spanned[layer] and not any(link.next_layer == layer for link in links):
+            raise HwoptError(f"block library {layer} variant {spanned[layer][0]!r} is flagged spanned, but no "
+                             "variant of the layer before spans two layers")
+    return links
 
 
 def diverse_solutions(

@@ -23,12 +23,14 @@ from hwopt.evaluate import measure_runtimes
 from hwopt.hardware import resolve_target
 from hwopt.lowering.runtimes import Runtime, resolve_runtime, runnable_library
 from hwopt.model.checkpoint import load_checkpoint, save_nemotron_nas
+from hwopt.model.modeling import HeteroLlamaForCausalLM
 from hwopt.models import resolve_model
 from hwopt.passes.library import BLDSettings, Library, build_coupled, build_library, coupled_subspace
 from hwopt.passes.lower import LowerOptions, lower
 from hwopt.passes.profile import choose_backend, layer_rows, model_variants, print_checks, profile
 from hwopt.passes.score import SCORE_PAIRS, rescore_coupled, score
 from hwopt.passes.solve import Budgets, maximizes, solve
+from hwopt.passes.two_layer import TWO_LAYER, add_two_layer_entries, assemble_child, build_two_layer
 from hwopt.passes.uptrain import UptrainSettings, uptrain
 from hwopt.pipeline import (
     PASSES,
@@ -70,6 +72,7 @@ class Settings:
     ffn_fractions: list[float] = field(default_factory=lambda: [0.75, 0.5, 0.25])
     linear: bool = True
     no_op: bool = True
+    two_layer: bool = False  # also blocks that replace two consecutive parent layers (hwopt.passes.two_layer)
     block_types: list[str] = field(default_factory=list)  # plugins whose block types the run uses, besides built-ins
     block_options: dict[str, list] = field(default_factory=dict)  # their options (--window 64,256), by name
     bld_tokens: int = 16384
@@ -113,8 +116,8 @@ DATA = ["data", "distill_samples", "seq_len", "seed"]
 PASS_INPUTS = {
     "profile": (SEARCH_SPACE + ["target", "scenario", "batch", "dtype", "kv_dtype", "backend", "require_measured",
                                 "repeats", "max_spread", "threads"], []),
-    "library": (SEARCH_SPACE + DATA + ["bld_tokens", "bld_lr", "seed"], []),
-    "score": (DATA + ["score_tokens", "score_pairs", "metrics", "task_data"], ["library", "profile"]),
+    "library": (SEARCH_SPACE + DATA + ["two_layer", "bld_tokens", "bld_lr", "seed"], []),
+    "score": (DATA + ["two_layer", "score_tokens", "score_pairs", "metrics", "task_data"], ["library", "profile"]),
     "solve": (DATA + ["runtime", "objective", "speedup", "memory", "throughput", "latency", "ttft", "params", "solver",
                       "num_solutions", "min_diversity", "time_limit", "coupled_bld", "speedup_checks", "bld_tokens",
                       "bld_lr", "score_tokens", "metrics", "task_data"], ["score", "profile", "library"]),
@@ -331,6 +334,8 @@ class Run:
                 raise HwoptError(f"metric {', '.join(needing)} needs --task-data FILE.jsonl (multiple-choice "
                                  "questions, one per line)")
             _ = self.task
+        if name == "library" and self.settings.two_layer and not self.settings.no_op:
+            raise HwoptError("--two-layer leaves a no-op layer after each two-layer block: drop --no-noop")
         if name == "solve" and not self.settings.budgets.keys():
             raise HwoptError("solve needs a budget: --speedup, --memory, --throughput, --latency, --ttft or --params")
 
@@ -343,17 +348,33 @@ class Run:
 
     def _library(self, out: Path) -> None:
         s = self.settings
-        build_library(self.parent, self.split.train_batches(s.bld_tokens), self.space,
-                      BLDSettings(tokens=s.bld_tokens, lr=s.bld_lr, seed=s.seed), out)
+        settings = BLDSettings(tokens=s.bld_tokens, lr=s.bld_lr, seed=s.seed)
+        build_library(self.parent, self.split.train_batches(s.bld_tokens), self.space, settings, out)
+        if s.two_layer:
+            build_two_layer(self.parent, Library(out, self.parent), self.split.train_batches(s.bld_tokens), settings,
+                            out / TWO_LAYER)
 
     def _score(self, out: Path) -> None:
         library = Library(self.dir("library"), self.parent)
-        score(self.parent, library, self.split.score_batches(self.settings.score_tokens), self.metric_objects,
-              self.read_json("profile/costs.json"), out, self.task, self.settings.score_pairs)
+        heldout, costs = self.split.score_batches(self.settings.score_tokens), self.read_json("profile/costs.json")
+        block_library = score(self.parent, library, heldout, self.metric_objects, costs, out, self.task,
+                              self.settings.score_pairs)
+        if self.settings.two_layer:
+            two_layer = Library(self.dir("library"), self.parent, self.dir("library") / TWO_LAYER)
+            atomic_write_json(out / "block_library.json", add_two_layer_entries(
+                self.parent, two_layer, block_library, heldout, self.metric_objects, costs, self.task))
 
     def library(self, coupled: bool = True) -> Library:
         """The run's block library, with the solve pass's coupled-BLD pairs unless ``coupled`` is false."""
         return Library(self.dir("library"), self.parent, self.dir("solve") / "coupled" if coupled else None)
+
+    def assemble(self, solution: dict, coupled_dir: Path | None = None) -> HeteroLlamaForCausalLM:
+        """A solution's child (an entry of ``solutions.json``), with its two-layer blocks and coupled-BLD pairs
+        (``coupled_dir``, default the solve pass's)."""
+        library = Library(self.dir("library"), self.parent, coupled_dir or self.dir("solve") / "coupled")
+        two_layer = Library(self.dir("library"), self.parent, self.dir("library") / TWO_LAYER)
+        return assemble_child(library, two_layer, [tuple(v) for v in solution["variants"]],
+                              solution.get("spans", []))
 
     def _solve(self, out: Path) -> None:
         s = self.settings
@@ -378,8 +399,7 @@ class Run:
                     and len(checks) < s.speedup_checks):
                 break
             # the target is this machine: time the chosen child against the parent, whole, as the report will
-            child = Library(self.dir("library"), self.parent, out / "coupled").assemble(
-                [tuple(v) for v in best["variants"]])
+            child = self.assemble(best, out / "coupled")
             ms = measure_runtimes({"parent": self.parent, "child": child}, self.scenario,
                                   self.parent.config.vocab_size)
             checks.append({"budget_speedup": budgets.speedup, "predicted_speedup": best["predicted_speedup"],
@@ -416,8 +436,7 @@ class Run:
 
     def _uptrain(self, out: Path) -> None:
         s = self.settings
-        variants = self.read_json("solve/solutions.json")["solutions"][0]["variants"]
-        child = self.library().assemble([tuple(v) for v in variants])
+        child = self.assemble(self.read_json("solve/solutions.json")["solutions"][0])
         stats = uptrain(child, self.parent, self.split.train_batches(s.uptrain_tokens),
                         self.split.score_batches(self.settings.score_tokens),
                         UptrainSettings(tokens=s.uptrain_tokens, lr=s.uptrain_lr, seed=s.seed))

@@ -174,22 +174,29 @@ def coupled_subspace(solutions: list[list[tuple[str, str]]], parent_choice: list
 
 
 def build_coupled(parent: HeteroLlamaForCausalLM, library: Library, subspace: dict[int, list[tuple[str, str]]],
-                  train_ids: torch.Tensor, settings: BLDSettings, out_dir: Path) -> None:
+                  train_ids: torch.Tensor, settings: BLDSettings, out_dir: Path, span: int = 1) -> None:
     """Coupled BLD: each (attention, FFN) pair of ``subspace`` trained as one layer, both sub-blocks together,
     to reproduce the parent layer's contribution to the residual stream from the parent's input to that layer
     (normalised MSE), starting from the decoupled variants; a pair whose loss on the held-out tenth rose keeps
     the decoupled weights (``"kept": false``). Writes ``out_dir/layer_<i>/<a>+<f>.safetensors``
-    (a finished pair is kept on a rerun) and ``out_dir/index.json``; pairs with no weights are left out."""
+    (a finished pair is kept on a rerun) and ``out_dir/index.json``; pairs with no weights are left out.
+
+    ``span=2`` trains two-layer blocks: the pair at layer i learns the contribution of parent layers i and
+    i + 1 together (their input to the output of i + 1), as one block that replaces both."""
     out_dir = Path(out_dir)
     index = {}
     parent.requires_grad_(False)
-    with progress("coupled BLD", total=sum(map(len, subspace.values()))) as advance, torch.no_grad():
+    what = "coupled BLD" if span == 1 else f"BLD of {span}-layer blocks"
+    with progress(what, total=sum(map(len, subspace.values()))) as advance, torch.no_grad():
         x = parent.model.embed_tokens(train_ids)
         position_embeddings = parent.position_embeddings(x, 0)
         for i, parent_layer in enumerate(parent.model.layers):
             if i > max(subspace, default=-1):
                 break
-            target = parent_layer(x, position_embeddings) - x
+            after = x
+            for spanned in parent.model.layers[i:i + span]:
+                after = spanned(after, position_embeddings)
+            target = after - x
             for n, (a, f, layer) in enumerate(library.layers(i, subspace.get(i, []))):
                 path = out_dir / f"layer_{i}" / f"{a}+{f}.safetensors"
                 layer = copy.deepcopy(layer)  # never train the parent's own modules in place
@@ -212,7 +219,7 @@ def build_coupled(parent: HeteroLlamaForCausalLM, library: Library, subspace: di
                 index.setdefault(f"layer_{i}", {})[f"{a}+{f}"] = {
                     "weights": str(path.relative_to(out_dir)), "bld": json.loads(path.with_suffix(".json").read_text())}
                 advance()
-            x = x + target
+            x = x + target if span == 1 else parent_layer(x, position_embeddings)
     atomic_write_json(out_dir / INDEX, index)
 
 

@@ -84,11 +84,12 @@ class ParentActivations:
         """The parent's last hidden states, after the final norm."""
         return self.parent.model.norm(self.at_layers(ids)[-1])
 
-    def swapped_final_hidden(self, ids: torch.Tensor, i: int, layer: DecoderLayer) -> torch.Tensor:
-        """The last hidden states, after the final norm, of the parent with layer ``i`` replaced by ``layer``."""
+    def swapped_final_hidden(self, ids: torch.Tensor, i: int, layer: DecoderLayer, span: int = 1) -> torch.Tensor:
+        """The last hidden states, after the final norm, of the parent with its ``span`` layers from ``i`` on
+        replaced by ``layer`` (``span=2``: a two-layer block, the layer after it a no-op)."""
         hidden = self.at_layers(ids)
         position_embeddings = self.parent.position_embeddings(hidden[i], 0)
-        x = self.parent.run_layers(layer(hidden[i], position_embeddings), position_embeddings, start=i + 1)
+        x = self.parent.run_layers(layer(hidden[i], position_embeddings), position_embeddings, start=i + span)
         return self.parent.model.norm(x)
 
 

@@ -261,6 +261,7 @@ def solve(library: dict, costs: dict, budgets: Budgets, objective: str, solver_n
             "predicted_speedup": parent_totals[RUNTIME] / totals[RUNTIME],
             "blocks": [e["block_config"] for e in entries],
             "variants": [[e[k] for k in ("attention", "ffn")] for e in entries],
+            "spans": [i for i, e in enumerate(entries) if e.get("span", 1) == 2],  # two-layer blocks' layers
         })
     atomic_write_json(out_path, result)
     print_solutions(problem, solutions)
