@@ -29,6 +29,7 @@ from hwopt.passes.two_layer import (
 )
 from hwopt.plugins import block_types, metrics
 from hwopt.problem import Constraint, problem_from_library
+from hwopt.run import Run, load_settings
 from hwopt.search_space import SearchSpace
 
 RUNTIME, KL = "stats.runtime_ms", "metrics.kl_div"
@@ -277,6 +278,21 @@ def test_pipeline_with_two_layer_blocks_through_solve(tiny_llama_dir, tmp_path):
     config = json.loads((workdir / "uptrain/model/config.json").read_text())
     for i in best["spans"]:
         assert config["block_configs"][i + 1]["attention"]["no_op"] and config["block_configs"][i + 1]["ffn"]["no_op"]
+
+    # the run's child with a two-layer block at layer 1 is the model its replace-2-blocks score measured
+    run = Run(workdir, load_settings(workdir, {}))
+    name, entry = min(((n, e) for n, e in library["layer_1"].items() if e.get("span") == 2),
+                      key=lambda item: item[1]["metrics"]["kl_div"])
+    parent_pairs = [next([e["attention"], e["ffn"]] for e in layer.values() if e["parent"]) for layer in
+                    library.values()]
+    variants = [parent_pairs[0], [entry["attention"], entry["ffn"]], ["attn_noop", "ffn_noop"], parent_pairs[3]]
+    child = run.assemble({"variants": variants, "spans": [1]})
+    ids = run.split.score_batches(run.settings.score_tokens)
+    with torch.no_grad():
+        kl = metrics().get("kl_div").compute(Outputs(logits=child(ids).logits.flatten(0, 1), hidden=None, labels=None),
+                                             Outputs(logits=run.parent(ids).logits.flatten(0, 1), hidden=None,
+                                                     labels=None))
+    assert kl == pytest.approx(entry["metrics"]["kl_div"], rel=1e-4, abs=1e-7), name
 
 
 def test_two_layer_without_no_ops_is_one_error_line(tiny_llama_dir, tmp_path, capsys):
