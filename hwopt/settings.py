@@ -128,3 +128,15 @@ def default(name: str):
     """The default of one setting (``default("bld_lr")``), for code that must not repeat it."""
     f = next(f for f in dataclasses.fields(Settings) if f.name == name)
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+RESOLVED = ["model", "target"]  # every pass resolves the run's model and target before it starts
+# settings a pass command reads beyond those its fingerprint covers
+ALSO_READS = {"solve": ["scenario", "batch", "dtype"],  # `solve --library`: the scenario its runtimes hold for
+              "lower": ["scenario", "batch", "dtype", "kv_dtype"]}  # what the lowered child is built for
+
+
+def settings_read_by(command: str) -> set[str]:
+    """The settings ``hwopt <command>`` reads: a pass's own, or every pass's for ``optimize``."""
+    passes = PASSES if command == "optimize" else [command]
+    return {k for p in passes for k in [*RESOLVED, *PASS_INPUTS[p][0], *ALSO_READS.get(p, [])]}
