@@ -15,8 +15,6 @@ import time
 
 import numpy as np
 from pyscipopt import SCIP_PARAMSETTING, ExprCons, Model, quicksum
-from scipy import sparse
-from scipy.optimize import Bounds, LinearConstraint, milp
 
 from hwopt.errors import HwoptError
 from hwopt.hookspecs import hookimpl
@@ -130,9 +128,14 @@ def _finite(bound: float) -> float | None:
 
 
 class HighsModel(_Compiled):
-    """The program in HiGHS (scipy.optimize.milp): one sparse matrix, the layers' rows first, built once."""
+    """The program in HiGHS (scipy.optimize.milp): one sparse matrix, the layers' rows first, built once.
+
+    scipy is imported here, not with the module: it takes longer to import than a whole solve with SCIP.
+    """
 
     def __init__(self, problem: Problem):
+        from scipy import sparse
+
         super().__init__(problem)
         form = self.form
         self.n_layers, n = len(form.starts) - 1, len(form.entries)
@@ -142,6 +145,8 @@ class HighsModel(_Compiled):
 
     def solve(self, time_limit_s: float = 60.0) -> Solution | None:
         """As ``ScipModel.solve``, with HiGHS's gap; no start is offered (scipy's milp takes none)."""
+        from scipy.optimize import Bounds, LinearConstraint, milp
+
         begin = time.perf_counter()
         one = np.ones(self.n_layers)
         result = milp(
