@@ -365,8 +365,8 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     """Measure, write --out, print the fit; ``--target OUT --backend roofline`` then uses it."""
     from pathlib import Path
 
+    from hwopt.calibration import calibrate
     from hwopt.hardware import resolve_target
-    from hwopt.roofline import calibrate
     from hwopt.search_space import Scenario
 
     target = resolve_target(args.target)
