@@ -381,8 +381,8 @@ def cmd_solve_library(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from hwopt.passes.solve import maximizes, parse_max, parse_range, solve_library
-    from hwopt.run import Settings
     from hwopt.search_space import Scenario
+    from hwopt.settings import Settings
     from hwopt.sweep import SweepSpec
 
     names = {f.name for f in dataclasses.fields(Settings)}
