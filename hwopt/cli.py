@@ -206,7 +206,8 @@ def formats_help() -> str:
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The parser; only the sub-command ``command`` offers the options plugins add (finding them loads torch)."""
+    """The parser; only the sub-command ``command``, if it reads the search space, offers the options plugins'
+    block types add (finding them loads every plugin)."""
     parser = argparse.ArgumentParser(prog="hwopt", description="Hardware-aware LLM optimisation (Puzzle).")
     parser.add_argument("--version", action="version", version=f"hwopt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -216,7 +217,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                    help="first pass to run; earlier ones must have run (default profile)")
     p.add_argument("--until", choices=PASSES, default="lower", help="last pass to run (default lower)")
     for name in PASSES:
-        add_run_options(p := sub.add_parser(name, help=f"run the {name} pass alone"), name, command == name)
+        add_run_options(p := sub.add_parser(name, help=f"run the {name} pass alone"), name,
+                        command == name and "block_options" in settings_read_by(name))
         if name == "solve":
             add_library_options(p)
         if name == "lower":

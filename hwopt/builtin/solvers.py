@@ -14,7 +14,6 @@ import math
 import time
 
 import numpy as np
-from pyscipopt import SCIP_PARAMSETTING, ExprCons, Model, quicksum
 
 from hwopt.errors import HwoptError
 from hwopt.hookspecs import hookimpl
@@ -50,15 +49,17 @@ class ScipModel(_Compiled):
     """The program in SCIP: objective coefficients on the binaries, a set-partitioning row per layer."""
 
     def __init__(self, problem: Problem):
+        import pyscipopt  # here, not with the module: listing the solvers (hwopt plugins, targets) needs none of it
+
         super().__init__(problem)
         form = self.form
-        self.model = model = Model("hwopt")
+        self.model = model = pyscipopt.Model("hwopt")
         model.hideOutput()
         self.x = [model.addVar(vtype="B", obj=c) for c in form.cost.tolist()]
         for a, b in zip(form.starts[:-1], form.starts[1:]):
-            model.addCons(quicksum(self.x[a:b]) == 1)
+            model.addCons(pyscipopt.quicksum(self.x[a:b]) == 1)
         self.rows = [
-            model.addCons(ExprCons(self._linear(row), lhs=_finite(lower), rhs=_finite(upper)))
+            model.addCons(pyscipopt.ExprCons(self._linear(row), lhs=_finite(lower), rhs=_finite(upper)))
             for row, lower, upper in zip(form.rows, form.lower, form.upper)
         ]
         if form.maximize:
@@ -67,12 +68,14 @@ class ScipModel(_Compiled):
         # relaxation of one-variant-per-layer under a few budgets is tight already, so cutting planes rarely
         # pay; light heuristics suffice once greedy's answer is the first incumbent; and plain pseudo-cost
         # branching skips the strong branching that dominates SCIP's default on these small trees.
-        model.setSeparating(SCIP_PARAMSETTING.OFF)
-        model.setHeuristics(SCIP_PARAMSETTING.FAST)
+        model.setSeparating(pyscipopt.SCIP_PARAMSETTING.OFF)
+        model.setHeuristics(pyscipopt.SCIP_PARAMSETTING.FAST)
         model.setIntParam("branching/pscost/priority", 1_000_000)
         self.previous: np.ndarray | None = None  # the entries of the last answer
 
     def _linear(self, row: np.ndarray):
+        from pyscipopt import quicksum
+
         return quicksum(coef * self.x[j] for j, coef in zip(np.flatnonzero(row).tolist(), row[row != 0].tolist()))
 
     def set_constraint(self, index: int, constraint: Constraint) -> None:
