@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
@@ -44,7 +46,7 @@ from hwopt.plugins import block_types, metrics
 from hwopt.progress import console
 from hwopt.report import build_report, measured_here, print_report
 from hwopt.search_space import Scenario, SearchSpace
-from hwopt.settings import PASS_INPUTS, Settings, load_settings, upstream
+from hwopt.settings import PASS_INFO, Settings, load_settings, upstream
 from hwopt.tasks import read_task
 from hwopt.timing import idle_cores
 
@@ -114,12 +116,17 @@ class Run:
     def dir(self, name: str) -> Path:
         return self.workdir / name
 
-    def read_json(self, path: str):
+    def output(self, name: str, artifact: str, folder: Path | None = None) -> Path:
+        """Pass ``name``'s artifact (``PassInfo.outputs``): in its finished folder, or in ``folder`` while it is
+        being written."""
+        return (folder or self.dir(name)) / PASS_INFO[name].outputs[artifact]
+
+    def read_json(self, path: str | Path):
         return json.loads((self.workdir / path).read_text())
 
     # --- passes ---------------------------------------------------------------------------------
     def fingerprint(self, name: str) -> str:
-        keys, upstream = PASS_INPUTS[name]
+        keys, upstream = PASS_INFO[name].settings, PASS_INFO[name].reads
         for up in upstream:
             if not output_hash(self.dir(up)):
                 raise HwoptError(f"{name} needs the output of {up} in {self.dir(up)}: run `hwopt {up}` first "
@@ -166,7 +173,7 @@ class Run:
         Raises:
             HwoptError: ``--workdir`` holds no run (most likely mistyped).
         """
-        if PASS_INPUTS[first][1] and not (self.workdir / "run.json").is_file():
+        if PASS_INFO[first].reads and not (self.workdir / "run.json").is_file():
             raise HwoptError(f"{self.workdir} holds no run (no run.json), and {first} needs the outputs of "
                              f"{', '.join(upstream(first))}: check --workdir, or start the run with `hwopt optimize`")
 
@@ -182,7 +189,7 @@ class Run:
         """
         saved = load_settings(self.workdir, {})
         for up in upstream(name):
-            changed = [k for k in PASS_INPUTS[up][0] if getattr(saved, k) != getattr(self.settings, k)]
+            changed = [k for k in PASS_INFO[up].settings if getattr(saved, k) != getattr(self.settings, k)]
             if changed and output_hash(self.dir(up)):
                 what = ", ".join(f"{k} {getattr(saved, k)} -> {getattr(self.settings, k)}" for k in changed)
                 raise HwoptError(f"{up} ran with other settings ({what}), so it is stale for {name}: run "
@@ -201,7 +208,7 @@ class Run:
             return
         console.print(f"[bold]{name}[/bold]")
         with staged_pass(self.dir(name), fp) as out:
-            problems = getattr(self, f"_{name}")(out)
+            problems = STEPS[name].run(self, out)
         if problems:  # only the profile checks itself so far
             for line in problems:
                 console.print(f"[yellow]{name}: warning: {line}[/yellow]", soft_wrap=True)  # one line, however long
@@ -210,34 +217,42 @@ class Run:
                           "runs it again (this one goes on with it)[/yellow]", soft_wrap=True)
 
     def _validate(self, name: str) -> None:
-        """Resolve what a pass will need before it starts, so bad input fails at once."""
+        """Resolve what a pass will need before it starts, then run its own check, so bad input fails at once."""
         _ = self.source, self.target, self.scenario, self.runtime, self.space.block_types()
-        if name == "profile":
-            choose_backend(self.settings.backend, self.target, self.scenario, self.settings.require_measured)
-            if self.settings.max_spread is not None and not self.settings.max_spread > 0:
-                raise HwoptError(f"--max-spread must be a positive fraction (0.1 is 10%), not "
-                                 f"{self.settings.max_spread:g}")
-        if name in ("library", "score", "uptrain", "lower"):
-            self.source.require_weights()
-        if "data" in PASS_INPUTS[name][0]:
+        if "data" in PASS_INFO[name].settings:
             check_data_files(self.settings.data)
             if self.settings.distill_samples < 0:
                 raise HwoptError(f"--distill-samples must be 0 or more tokens, not {self.settings.distill_samples}")
-        if name == "score":
-            if self.settings.score_pairs not in SCORE_PAIRS:
-                raise HwoptError(f"--score-pairs {self.settings.score_pairs!r}: choose {' or '.join(SCORE_PAIRS)}")
-            needing = [m.name for m in self.metric_objects if "task" in getattr(m, "needs", ())]
-            if needing and not self.settings.task_data:
-                raise HwoptError(f"metric {', '.join(needing)} needs --task-data FILE.jsonl (multiple-choice "
-                                 "questions, one per line)")
-            _ = self.task
-        if name == "solve" and not self.settings.budgets.keys():
+        STEPS[name].check(self)
+
+    # --- each pass: its check (run before any pass starts), then what it runs ----------------------------------
+    def _check_profile(self) -> None:
+        choose_backend(self.settings.backend, self.target, self.scenario, self.settings.require_measured)
+        if self.settings.max_spread is not None and not self.settings.max_spread > 0:
+            raise HwoptError(f"--max-spread must be a positive fraction (0.1 is 10%), not "
+                             f"{self.settings.max_spread:g}")
+
+    def _check_weights(self) -> None:
+        self.source.require_weights()
+
+    def _check_score(self) -> None:
+        self.source.require_weights()
+        if self.settings.score_pairs not in SCORE_PAIRS:
+            raise HwoptError(f"--score-pairs {self.settings.score_pairs!r}: choose {' or '.join(SCORE_PAIRS)}")
+        needing = [m.name for m in self.metric_objects if "task" in getattr(m, "needs", ())]
+        if needing and not self.settings.task_data:
+            raise HwoptError(f"metric {', '.join(needing)} needs --task-data FILE.jsonl (multiple-choice "
+                             "questions, one per line)")
+        _ = self.task
+
+    def _check_solve(self) -> None:
+        if not self.settings.budgets.keys():
             raise HwoptError("solve needs a budget: --speedup, --memory, --throughput, --latency, --ttft or --params")
 
     def _profile(self, out: Path) -> list[str]:
         s = self.settings
         costs = profile(self.source, self.target, self.scenario, self.space, s.backend, s.repeats,
-                        out / "costs.json", s.require_measured, s.max_spread)
+                        self.output("profile", "costs", out), s.require_measured, s.max_spread)
         print_checks(costs)
         return costs["checks"]["problems"]
 
@@ -249,24 +264,26 @@ class Run:
     def _score(self, out: Path) -> None:
         library = Library(self.dir("library"), self.parent)
         score(self.parent, library, self.split.score_batches(self.settings.score_tokens), self.metric_objects,
-              self.read_json("profile/costs.json"), out, self.task, self.settings.score_pairs)
+              self.read_json(self.output("profile", "costs")), out, self.task, self.settings.score_pairs)
 
     def library(self, coupled: bool = True) -> Library:
         """The run's block library, with the solve pass's coupled-BLD pairs unless ``coupled`` is false."""
-        return Library(self.dir("library"), self.parent, self.dir("solve") / "coupled" if coupled else None)
+        return Library(self.dir("library"), self.parent, self.output("solve", "coupled") if coupled else None)
 
     def _solve(self, out: Path) -> None:
         s = self.settings
-        costs = self.read_json("profile/costs.json")
-        library = runnable_library(self.read_json("score/block_library.json"), self.runtime, self.source.config)
+        costs = self.read_json(self.output("profile", "costs"))
+        library = runnable_library(self.read_json(self.output("score", "block_library")), self.runtime,
+                                   self.source.config)
         if s.coupled_bld:
             library = self._coupled_bld(library, costs, out)
         budgets, checks = s.budgets, []
         best = None
         while True:
             try:
-                solution = solve(library, costs, budgets, s.objective_key, s.solver, out / "solutions.json",
-                                 maximizes(s.objective_key), s.num_solutions, s.min_diversity, s.time_limit)
+                solution = solve(library, costs, budgets, s.objective_key, s.solver,
+                                 self.output("solve", "solutions", out), maximizes(s.objective_key), s.num_solutions,
+                                 s.min_diversity, s.time_limit)
             except HwoptError as exc:
                 if best is None:
                     raise
@@ -278,7 +295,7 @@ class Run:
                     and len(checks) < s.speedup_checks):
                 break
             # the target is this machine: time the chosen child against the parent, whole, as the report will
-            child = Library(self.dir("library"), self.parent, out / "coupled").assemble(
+            child = Library(self.dir("library"), self.parent, self.output("solve", "coupled", out)).assemble(
                 [tuple(v) for v in best["variants"]])
             ms = measure_runtimes({"parent": self.parent, "child": child}, self.scenario,
                                   self.parent.config.vocab_size)
@@ -307,28 +324,29 @@ class Run:
                           decoupled_library.variant_names(i, "ffn")[0]) for i in range(len(self.parent.model.layers))]
         subspace = coupled_subspace([sol["variants"] for sol in decoupled["solutions"]], parent_choice)
         build_coupled(self.parent, decoupled_library, subspace, self.split.train_batches(s.bld_tokens),
-                      BLDSettings(tokens=s.bld_tokens, lr=s.bld_lr, seed=s.seed), out / "coupled")
-        rescored = rescore_coupled(self.parent, Library(self.dir("library"), self.parent, out / "coupled"), library,
+                      BLDSettings(tokens=s.bld_tokens, lr=s.bld_lr, seed=s.seed), self.output("solve", "coupled", out))
+        rescored = rescore_coupled(self.parent, Library(self.dir("library"), self.parent,
+                                                        self.output("solve", "coupled", out)), library,
                                    subspace, self.split.score_batches(s.score_tokens), self.metric_objects, costs,
                                    self.task)
-        atomic_write_json(out / "block_library.json", rescored)
+        atomic_write_json(self.output("solve", "block_library", out), rescored)
         return rescored
 
     def _uptrain(self, out: Path) -> None:
         s = self.settings
-        variants = self.read_json("solve/solutions.json")["solutions"][0]["variants"]
+        variants = self.read_json(self.output("solve", "solutions"))["solutions"][0]["variants"]
         child = self.library().assemble([tuple(v) for v in variants])
         stats = uptrain(child, self.parent, self.split.train_batches(s.uptrain_tokens),
                         self.split.score_batches(self.settings.score_tokens),
                         UptrainSettings(tokens=s.uptrain_tokens, lr=s.uptrain_lr, seed=s.seed))
-        save_nemotron_nas(child, out / "model", self.tokenizer)
-        atomic_write_json(out / "uptrain.json", stats)
+        save_nemotron_nas(child, self.output("uptrain", "model", out), self.tokenizer)
+        atomic_write_json(self.output("uptrain", "stats", out), stats)
         console.print(f"uptrain: held-out KL {stats['heldout_kl_before']:.4f} -> {stats['heldout_kl_after']:.4f}"
                       + ("" if stats["kept_uptrained_weights"] else " (worse: kept the weights from before)"))
 
     def _lower(self, out: Path) -> None:
         options = LowerOptions(self.runtime, self.target, self.scenario, self.source.label)
-        child = load_checkpoint(self.dir("uptrain") / "model", block_types())
+        child = load_checkpoint(self.output("uptrain", "model"), block_types())
         lower(child, self.tokenizer, self.settings.formats, out, options)
 
     def report(self) -> dict:
@@ -341,10 +359,10 @@ class Run:
         if path.is_file() and (old := json.loads(path.read_text())).get("fingerprint") == fp:
             print_report(old)
             return old
-        child = load_checkpoint(self.dir("uptrain") / "model", block_types())
+        child = load_checkpoint(self.output("uptrain", "model"), block_types())
         texts = {"heldout": self.split.heldout_batches(self.settings.score_tokens), "general": self.general_heldout}
-        report = build_report(self.parent, child, self.read_json("solve/solutions.json"), self.scenario, texts,
-                              measured_here(), self.task)
+        report = build_report(self.parent, child, self.read_json(self.output("solve", "solutions")), self.scenario,
+                              texts, measured_here(), self.task)
         report["fingerprint"] = fp
         atomic_write_json(path, report)
         print_report(report)
@@ -361,3 +379,22 @@ class Run:
             self.run_pass(name, force)
         if until == "lower":
             self.report()
+
+
+@dataclass(frozen=True)
+class Step:
+    """How a run carries out one pass (``PassInfo`` in ``hwopt.settings`` says what it reads and writes)."""
+
+    check: Callable[[Run], None]  # run before any pass of the command starts: bad input fails at once
+    run: Callable[[Run, Path], list[str] | None]  # writes the outputs into the folder; returns failed self-checks
+
+
+STEPS = {
+    "profile": Step(Run._check_profile, Run._profile),
+    "library": Step(Run._check_weights, Run._library),
+    "score": Step(Run._check_score, Run._score),
+    "solve": Step(Run._check_solve, Run._solve),
+    "uptrain": Step(Run._check_weights, Run._uptrain),
+    "lower": Step(Run._check_weights, Run._lower),
+}
+assert tuple(STEPS) == PASSES

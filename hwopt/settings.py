@@ -82,26 +82,56 @@ class Settings:
         return Budgets(self.speedup, self.memory, self.throughput, self.latency, self.ttft, self.params)
 
 
-SEARCH_SPACE = ["model", "kv_heads", "ffn_fractions", "linear", "no_op", "block_types", "block_options"]
-DATA = ["data", "distill_samples", "seq_len", "seed"]
-# pass -> (settings it depends on, passes whose outputs it reads)
-PASS_INPUTS = {
-    "profile": (SEARCH_SPACE + ["target", "scenario", "batch", "dtype", "kv_dtype", "backend", "require_measured",
-                                "repeats", "max_spread", "threads"], []),
-    "library": (SEARCH_SPACE + DATA + ["bld_tokens", "bld_lr", "seed"], []),
-    "score": (DATA + ["score_tokens", "score_pairs", "metrics", "task_data"], ["library", "profile"]),
-    "solve": (DATA + ["runtime", "objective", "speedup", "memory", "throughput", "latency", "ttft", "params", "solver",
-                      "num_solutions", "min_diversity", "time_limit", "coupled_bld", "speedup_checks", "bld_tokens",
-                      "bld_lr", "score_tokens", "metrics", "task_data"], ["score", "profile", "library"]),
-    "uptrain": (DATA + ["uptrain_tokens", "uptrain_lr", "seed"], ["library", "solve"]),
-    "lower": (["formats", "runtime", "dtype"], ["uptrain"]),
-}
+SEARCH_SPACE = ("model", "kv_heads", "ffn_fractions", "linear", "no_op", "block_types", "block_options")
+DATA = ("data", "distill_samples", "seq_len", "seed")
+
+
+@dataclass(frozen=True)
+class PassInfo:
+    """What a pass declares about itself, in the manner of TVM's ``PassInfo``: the settings it reads, the passes
+    whose outputs it reads (requires), and the outputs it writes into ``<workdir>/<name>/`` (ensures).
+
+    ``settings`` are those its fingerprint covers: a change to one reruns
+    the pass, and the passes after it. ``also_reads``: settings it reads
+    that leave its outputs unchanged (its command's help lists them too).
+    ``outputs``: artifact -> its path inside the pass's folder, named here
+    once for the pass that writes it and the passes that read it.
+    """
+
+    name: str
+    settings: tuple[str, ...]
+    reads: tuple[str, ...] = ()
+    outputs: dict[str, str] = field(default_factory=dict)
+    also_reads: tuple[str, ...] = ()
+
+
+
+PASS_INFO = {p.name: p for p in (
+    PassInfo("profile", (*SEARCH_SPACE, "target", "scenario", "batch", "dtype", "kv_dtype", "backend",
+                         "require_measured", "repeats", "max_spread", "threads"),
+             outputs={"costs": "costs.json"}),
+    PassInfo("library", (*SEARCH_SPACE, *DATA, "bld_tokens", "bld_lr")),  # a folder of trained variants
+    PassInfo("score", (*DATA, "score_tokens", "score_pairs", "metrics", "task_data"), reads=("library", "profile"),
+             outputs={"block_library": "block_library.json"}),
+    PassInfo("solve", (*DATA, "runtime", "objective", "speedup", "memory", "throughput", "latency", "ttft", "params",
+                       "solver", "num_solutions", "min_diversity", "time_limit", "coupled_bld", "speedup_checks",
+                       "bld_tokens", "bld_lr", "score_tokens", "metrics", "task_data"),
+             reads=("score", "profile", "library"),
+             outputs={"solutions": "solutions.json", "coupled": "coupled",  # coupled BLD's pairs, trained
+                      "block_library": "block_library.json"},  # rescored with them
+             also_reads=("scenario", "batch", "dtype")),  # `solve --library`: the scenario its runtimes hold for
+    PassInfo("uptrain", (*DATA, "uptrain_tokens", "uptrain_lr"), reads=("library", "solve"),
+             outputs={"model": "model", "stats": "uptrain.json"}),
+    PassInfo("lower", ("formats", "runtime", "dtype"), reads=("uptrain",),  # a folder per format
+             also_reads=("scenario", "batch", "kv_dtype")),  # what the lowered child is built for
+)}
+assert tuple(PASS_INFO) == PASSES
 
 
 def upstream(name: str) -> list[str]:
     """Every pass whose outputs ``name`` reads, directly or through another pass, in pipeline order."""
-    found = set(PASS_INPUTS[name][1])
-    for up in PASS_INPUTS[name][1]:
+    found = set(PASS_INFO[name].reads)
+    for up in PASS_INFO[name].reads:
         found.update(upstream(up))
     return [p for p in PASSES if p in found]
 
@@ -130,13 +160,10 @@ def default(name: str):
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
-RESOLVED = ["model", "target"]  # every pass resolves the run's model and target before it starts
-# settings a pass command reads beyond those its fingerprint covers
-ALSO_READS = {"solve": ["scenario", "batch", "dtype"],  # `solve --library`: the scenario its runtimes hold for
-              "lower": ["scenario", "batch", "dtype", "kv_dtype"]}  # what the lowered child is built for
+RESOLVED = ("model", "target")  # every pass resolves the run's model and target before it starts
 
 
 def settings_read_by(command: str) -> set[str]:
     """The settings ``hwopt <command>`` reads: a pass's own, or every pass's for ``optimize``."""
     passes = PASSES if command == "optimize" else [command]
-    return {k for p in passes for k in [*RESOLVED, *PASS_INPUTS[p][0], *ALSO_READS.get(p, [])]}
+    return {k for p in passes for k in (*RESOLVED, *PASS_INFO[p].settings, *PASS_INFO[p].also_reads)}
