@@ -227,7 +227,7 @@ class GreedyModel(_Compiled):
                                      time.perf_counter() - begin)
 
 
-class _Backend:
+class _Solver:
     """A solver that builds its model from the problem once (``compile``), then solves it."""
 
     name: str
@@ -242,21 +242,21 @@ class _Backend:
         return dataclasses.replace(solution, wall_s=time.perf_counter() - start)
 
 
-class ScipSolver(_Backend):
+class ScipSolver(_Solver):
     name = "scip"
 
     def compile(self, problem: Problem) -> ScipModel:
         return ScipModel(problem)
 
 
-class HighsSolver(_Backend):
+class HighsSolver(_Solver):
     name = "highs"
 
     def compile(self, problem: Problem) -> HighsModel:
         return HighsModel(problem)
 
 
-class GreedySolver(_Backend):
+class GreedySolver(_Solver):
     name = "greedy"
     exact = False
 
