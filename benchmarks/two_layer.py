@@ -30,7 +30,7 @@ from hwopt.errors import HwoptError
 from hwopt.evaluate import compare_on_heldout, measure_runtimes
 from hwopt.passes.library import BLDSettings, Library
 from hwopt.passes.solve import Budgets, solve
-from hwopt.passes.two_layer import TWO_LAYER, add_two_layer_entries, assemble_child, build_two_layer
+from hwopt.passes.two_layer import add_two_layer_entries, assemble_child, build_two_layer
 from hwopt.passes.uptrain import UptrainSettings, uptrain
 from hwopt.pipeline import atomic_write_json
 from hwopt.run import Run, load_settings
@@ -45,9 +45,9 @@ def one_layer_only(block_library: dict) -> dict:
 def with_two_layer_blocks(run: Run) -> tuple[dict, Path, dict]:
     """The run's block library with two-layer blocks, their folder, and the wall time spent making them."""
     s = run.settings
-    scored = run.read_json("score/block_library.json")
+    scored = run.read_json(run.output("score", "block_library"))
     if s.two_layer:
-        return scored, run.dir("library") / TWO_LAYER, {}
+        return scored, run.output("library", "two_layer"), {}
     out = run.workdir / "bench_two_layer"
     library = Library(run.dir("library"), run.parent)
     start = time.perf_counter()
@@ -56,7 +56,7 @@ def with_two_layer_blocks(run: Run) -> tuple[dict, Path, dict]:
     bld_s = time.perf_counter() - start
     blocks = Library(run.dir("library"), run.parent, out / "blocks")
     extended = add_two_layer_entries(run.parent, blocks, scored, run.split.score_batches(s.score_tokens),
-                                     run.metric_objects, run.read_json("profile/costs.json"), run.task)
+                                     run.metric_objects, run.read_json(run.output("profile", "costs")), run.task)
     timing = {"two_layer_bld_s": bld_s, "two_layer_score_s": time.perf_counter() - start - bld_s}
     atomic_write_json(out / "block_library.json", extended)
     return extended, out / "blocks", timing
@@ -73,7 +73,7 @@ def main() -> None:
     run = Run(args.workdir, load_settings(args.workdir, {}))
     s = run.settings
     run.use_threads()
-    costs = run.read_json("profile/costs.json")
+    costs = run.read_json(run.output("profile", "costs"))
     extended, blocks_dir, timing = with_two_layer_blocks(run)
     if timing:
         print(f"two-layer blocks: BLD {timing['two_layer_bld_s']:.0f} s, replace-2-blocks scoring "

@@ -42,7 +42,6 @@ from hwopt.search_space import block_variant_name
 from hwopt.tasks import MultipleChoice
 
 SPAN = 2
-TWO_LAYER = "two_layer"  # the library pass's folder of two-layer blocks
 SPANNED = "spanned"  # the entry a two-layer block leaves in the layer after it
 
 
