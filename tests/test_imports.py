@@ -117,11 +117,14 @@ HEAVY = ("torch", "transformers")
 
 @pytest.mark.parametrize("argv", [["--help"], ["--version"], ["targets"], ["plugins"], ["solve", "--help"],
                                   ["solve", "--library", "{library}", "--max", "stats.runtime_ms=9",
-                                   "--json", "{out}"]], ids=" ".join)
+                                   "--json", "{out}"],
+                                  ["estimate", "--model", "llama-3.1-70b", "--target", "h100", "--json"],
+                                  ["estimate", "--model", "{child}", "--target", "h100"]], ids=" ".join)
 def test_light_commands_import_neither_torch_nor_transformers(argv, tmp_path):
     library = tmp_path / "block_library.json"
     library.write_text(json.dumps(LIBRARY))
-    argv = [a.format(library=library, out=tmp_path / "solutions.json") for a in argv]
+    child = PACKAGE.parent / "tests" / "data" / "real_world" / "puzzletron-child-llama8b.config.json"
+    argv = [a.format(library=library, out=tmp_path / "solutions.json", child=child) for a in argv]
     code = ("import sys, contextlib, io\n"
             "from hwopt.cli import main\n"
             "with contextlib.redirect_stdout(io.StringIO()):\n"
