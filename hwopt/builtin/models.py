@@ -28,7 +28,7 @@ def smollm2_config() -> ModelConfig:
         num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=8192,
         rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True,
         bos_token_id=1, eos_token_id=2, pad_token_id=2,
-    ), "smollm2-135m")
+    ), "the built-in smollm2-135m config")
 
 
 def smollm2_weights() -> Path:
@@ -67,7 +67,7 @@ def llama31_config(hidden: int, layers: int, heads: int, intermediate: int) -> M
         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                       "original_max_position_embeddings": 8192},
         bos_token_id=128000, eos_token_id=[128001, 128008, 128009],
-    ), f"llama-3.1 ({layers} layers)")
+    ), f"the built-in Llama-3.1 config (hidden {hidden}, {layers} layers)")
 
 
 def llama31_spec(size: str, hidden: int, layers: int, heads: int, intermediate: int) -> ModelSpec:
