@@ -240,8 +240,9 @@ def read_block_configs(raw: dict, where: str, block_types) -> list[BlockConfig]:
     return [BlockConfig.from_json(b, shape, block_types, f"{where}: layer {i}") for i, b in enumerate(blocks)]
 
 
-def nemotron_nas_config(config: LlamaConfig, blocks: list[BlockConfig], block_types) -> dict:
-    """The config.json of a child: the parent's Llama fields and one ``block_configs`` entry per layer."""
+def nemotron_nas_config(config: ModelConfig | LlamaConfig, blocks: list[BlockConfig], block_types) -> dict:
+    """The config.json of a child: the parent's Llama fields (as transformers writes them; imports transformers)
+    and one ``block_configs`` entry per layer."""
     out = transformers_config(config).to_dict()
     for key in ("quantization_config", "_name_or_path", "_model_name_or_path", "dtype", "torch_dtype"):
         out.pop(key, None)
