@@ -95,7 +95,7 @@ def load_weights(model: HeteroLlamaForCausalLM, directory: Path) -> None:
 def load_checkpoint(directory: Path, block_types) -> HeteroLlamaForCausalLM:
     """A Llama or nemotron-nas checkpoint as our model; ``block_types`` read and build its sub-blocks."""
     config, blocks = read_architecture(directory, block_types)
-    model = HeteroLlamaForCausalLM(config, blocks, block_types)
+    model = HeteroLlamaForCausalLM(config.transformers(), blocks, block_types)
     load_weights(model, directory)
     return model.eval()
 
