@@ -10,7 +10,7 @@ import torch
 from conftest import FAST_RUN
 from transformers import LlamaConfig
 
-from hwopt.builtin.solvers import GreedySolver, HighsSolver, ScipSolver
+from hwopt.builtin.mip_solvers import GreedySolver, HighsSolver, ScipSolver
 from hwopt.cli import main
 from hwopt.errors import HwoptError
 from hwopt.metric import Outputs
