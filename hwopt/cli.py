@@ -14,7 +14,7 @@ import sys
 from hwopt import __version__
 from hwopt.errors import HwoptError
 from hwopt.lowering.runtimes import RUNTIMES
-from hwopt.pipeline import PASSES, UNSET, locked_run_dir
+from hwopt.pipeline import PASSES, UNSET
 
 
 def _csv(cast):
@@ -78,6 +78,16 @@ def add_run_options(p: argparse.ArgumentParser, plugin_options: bool = True) -> 
                         "more than this, e.g. 0.1, or the machine is too busy to measure (default: warn above 0.1)")
     g.add_argument("--threads", type=or_none(int), help="torch CPU threads for this run (default: chosen by its first "
                                                "command, one per core other processes leave idle, then kept)")
+    g.add_argument("--device", help="where library, score, uptrain and the report run: auto (the target's GPU when "
+                                    "it is here, else the CPU), cpu, cuda, cuda:N (default auto; under torchrun, "
+                                    "cuda is each rank's LOCAL_RANK)")
+    g.add_argument("--train-dtype", choices=("bf16", "fp32"), help="the parent and activations there; trained "
+                                                                   "weights and AdamW state stay fp32 (default: bf16 "
+                                                                   "on a GPU, fp32 on the CPU)")
+    g.add_argument("--max-memory", type=or_none(str), help="host memory per rank a pass may plan for, e.g. 8GiB: a "
+                                                           "pass whose memory plan needs more stops before it starts "
+                                                           "(default: no limit; score carries up to 1 GiB of hidden "
+                                                           "states)")
     g.add_argument("--model", help="model name (smollm2-135m, llama-3.1-8b, llama-3.1-70b) or checkpoint directory "
                                     "(default smollm2-135m)")
     g.add_argument("--target", help="hardware target: cpu, h100, a100, 4090, auto (the GPU NVML sees, else the CPU), "
@@ -284,13 +294,14 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from hwopt.data import GENERAL_HELDOUT, check_data_files, general_heldout, load_split
+    from hwopt.devices import FP32_CPU
     from hwopt.estimate import estimate
     from hwopt.evaluate import evaluate
     from hwopt.hardware import resolve_target
     from hwopt.models import resolve_model
     from hwopt.pipeline import atomic_write_json
     from hwopt.plots import per_layer_runtime
-    from hwopt.report import measured_here, print_report, write_markdown
+    from hwopt.report import label_measurement, print_report, write_markdown
     from hwopt.search_space import Scenario
     from hwopt.tasks import read_task
 
@@ -308,7 +319,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     texts = {"heldout": split.heldout_batches(args.tokens), "general": general_heldout(tokenizer, args.seq_len)}
     child, parent = sources["child"].load(), sources["parent"].load()
     report = evaluate(child, parent, texts, scenario, task, args.repeats or 3)
-    report["measured_on"] = measured_here()
+    label_measurement(report, FP32_CPU, target)
     report["texts"]["heldout"]["source"] = f"the last tenth of {split.source}"
     report["texts"]["general"]["source"] = str(GENERAL_HELDOUT.name)
     predicted = {role: estimate(source, target, scenario, args.backend or "roofline", args.repeats or 3)
@@ -418,13 +429,17 @@ def run_command(args: argparse.Namespace) -> None:
     skip = ("command", "workdir", "start", "until", "out", "force", *LIBRARY_OPTIONS, *options)
     overrides = {k: v for k, v in vars(args).items() if k not in skip}
     given = {name: vars(args)[dest] for dest, name in options.items() if vars(args).get(dest) is not None}
+    from hwopt.distributed import locked_for_job
+    from hwopt.progress import console
     from hwopt.run import Run, load_settings
 
     if given:
         overrides["block_options"] = {**load_settings(args.workdir, {}).block_options, **given}
     run = Run(args.workdir, load_settings(args.workdir, overrides))
     run.require_run(args.start if args.command == "optimize" else args.command)
-    with locked_run_dir(args.workdir):
+    if not run.ranks.is_main:  # under torchrun, rank 0 speaks for the job
+        console.quiet = True
+    with locked_for_job(args.workdir, run.ranks):
         if args.command == "optimize":
             run.optimize(args.start, args.until, args.force)
         else:

@@ -35,7 +35,8 @@ def compare_on_heldout(child, parent, ids: torch.Tensor, batch: int = 4) -> dict
     (exp of the mean next-token cross-entropy), and top-1 agreement (fraction of positions where the child's
     most likely next token is the parent's)."""
     kl = child_loss = parent_loss = agree = 0.0
-    for rows in torch.split(ids, batch):
+    device = next(child.parameters()).device
+    for rows in torch.split(ids.to(device), batch):
         student, teacher = child(rows).logits, parent(rows).logits
         kl += kl_divergence(student.flatten(0, 1), teacher.flatten(0, 1)).item() * len(rows)
         child_loss += _next_token_loss_sum(student, rows)
@@ -51,14 +52,18 @@ def measure_runtimes(models: dict[str, HeteroLlamaForCausalLM], scenario: Scenar
     """Median wall-clock ms of a full greedy generation (``scenario``'s batch, input and output lengths) for
     each model, runs interleaved, after one warm-up each."""
     torch.manual_seed(0)
-    prompts = torch.randint(0, vocab_size, (scenario.batch, scenario.input_len))
+    device = next(next(iter(models.values())).parameters()).device
+    prompts = torch.randint(0, vocab_size, (scenario.batch, scenario.input_len)).to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     for model in models.values():
         greedy_tokens(model, prompts, 2)
     times = {name: [] for name in models}
     for _ in range(repeats):
         for name, model in models.items():
+            sync()
             start = time.perf_counter()
             greedy_tokens(model, prompts, scenario.output_len)
+            sync()
             times[name].append((time.perf_counter() - start) * 1e3)
     return {name: statistics.median(t) for name, t in times.items()}
 

@@ -18,16 +18,27 @@ from pathlib import Path
 import torch
 
 from hwopt.data import cached_parent_samples, check_data_files, general_heldout, load_split
+from hwopt.devices import Placement, resolve_placement
+from hwopt.distributed import Ranks, local_world, ranks, staged_on_ranks
 from hwopt.errors import HwoptError
 from hwopt.evaluate import measure_runtimes
 from hwopt.hardware import resolve_target
 from hwopt.lowering.runtimes import Runtime, resolve_runtime, runnable_library
+from hwopt.memory_plan import MemoryPlan, library_plan, score_plan, uptrain_plan
 from hwopt.model.checkpoint import load_checkpoint, save_nemotron_nas
+from hwopt.model.layerwise import LayerwiseParent
 from hwopt.models import resolve_model
-from hwopt.passes.library import BLDSettings, Library, build_coupled, build_library, coupled_subspace
+from hwopt.passes.library import (
+    BLDSettings,
+    Library,
+    build_coupled,
+    build_library,
+    coupled_subspace,
+    variants_for_layer,
+)
 from hwopt.passes.lower import LowerOptions, lower
 from hwopt.passes.profile import choose_backend, layer_rows, model_variants, print_checks, profile
-from hwopt.passes.score import SCORE_PAIRS, rescore_coupled, score
+from hwopt.passes.score import SCORE_PAIRS, pairs_to_run, rescore_coupled, score
 from hwopt.passes.solve import Budgets, maximizes, solve
 from hwopt.passes.uptrain import UptrainSettings, uptrain
 from hwopt.pipeline import (
@@ -39,12 +50,11 @@ from hwopt.pipeline import (
     is_up_to_date,
     mark_not_up_to_date,
     output_hash,
-    staged_pass,
 )
 from hwopt.plots import per_layer_runtime
 from hwopt.plugins import block_types, metrics
 from hwopt.progress import console
-from hwopt.report import build_report, measured_here, print_report
+from hwopt.report import build_report, print_report
 from hwopt.search_space import Scenario, SearchSpace
 from hwopt.tasks import read_task
 from hwopt.timing import idle_cores
@@ -96,6 +106,9 @@ class Settings:
     formats: list[str] = field(default_factory=lambda: ["nemotron-nas"])
     runtime: str | None = None  # the runtime that serves the child (default: the target's, see hwopt.lowering.runtimes)
     seed: int = 0
+    device: str = "auto"  # where library, score, uptrain and the report run: auto, cpu, cuda, cuda:N
+    train_dtype: str | None = None  # parent and activations there: bf16 on a GPU, fp32 on the CPU
+    max_memory: str | None = None  # host memory per rank a pass may plan for (e.g. 8GiB); none: no limit
 
     @property
     def objective_key(self) -> str:
@@ -107,18 +120,20 @@ class Settings:
         return Budgets(self.speedup, self.memory, self.throughput, self.latency, self.ttft, self.params)
 
 
+PLACEMENT = ["device", "train_dtype"]
+SHARDED = ("library", "score", "uptrain")  # the passes every rank of a torchrun job runs
 SEARCH_SPACE = ["model", "kv_heads", "ffn_fractions", "linear", "no_op", "block_types", "block_options"]
 DATA = ["data", "distill_samples", "seq_len", "seed"]
 # pass -> (settings it depends on, passes whose outputs it reads)
 PASS_INPUTS = {
     "profile": (SEARCH_SPACE + ["target", "scenario", "batch", "dtype", "kv_dtype", "backend", "require_measured",
                                 "repeats", "max_spread", "threads"], []),
-    "library": (SEARCH_SPACE + DATA + ["bld_tokens", "bld_lr", "seed"], []),
-    "score": (DATA + ["score_tokens", "score_pairs", "metrics", "task_data"], ["library", "profile"]),
+    "library": (SEARCH_SPACE + DATA + PLACEMENT + ["bld_tokens", "bld_lr", "seed"], []),
+    "score": (DATA + PLACEMENT + ["score_tokens", "score_pairs", "metrics", "task_data"], ["library", "profile"]),
     "solve": (DATA + ["runtime", "objective", "speedup", "memory", "throughput", "latency", "ttft", "params", "solver",
                       "num_solutions", "min_diversity", "time_limit", "coupled_bld", "speedup_checks", "bld_tokens",
                       "bld_lr", "score_tokens", "metrics", "task_data"], ["score", "profile", "library"]),
-    "uptrain": (DATA + ["uptrain_tokens", "uptrain_lr", "seed"], ["library", "solve"]),
+    "uptrain": (DATA + PLACEMENT + ["uptrain_tokens", "uptrain_lr", "seed"], ["library", "solve"]),
     "lower": (["formats", "runtime", "dtype"], ["uptrain"]),
 }
 
@@ -180,8 +195,24 @@ class Run:
         return resolve_runtime(self.settings.runtime, self.target)
 
     @cached_property
+    def placement(self) -> Placement:
+        return resolve_placement(self.settings.device, self.settings.train_dtype, self.target.kind)
+
+    @cached_property
+    def ranks(self) -> Ranks:
+        return ranks()
+
+    @cached_property
     def parent(self):
-        return self.source.load()
+        """The whole parent, on the run's device in its train dtype."""
+        return load_checkpoint(self.source.require_weights(), block_types(), self.placement.device,
+                               self.placement.dtype)
+
+    @cached_property
+    def layerwise_parent(self) -> LayerwiseParent:
+        """The parent read a layer at a time (library and score never hold it whole)."""
+        return LayerwiseParent(self.source.require_weights(), block_types(), self.placement.device,
+                               self.placement.dtype)
 
     @cached_property
     def tokenizer(self):
@@ -252,8 +283,9 @@ class Run:
         same count.
         """
         s = self.settings
-        if s.threads is None:
-            s.threads, load = idle_cores()
+        if s.threads is None:  # under torchrun: rank 0 shares the idle cores among this machine's ranks
+            threads, load = idle_cores()
+            s.threads = self.ranks.from_main(max(1, threads // local_world()))
             console.print(f"threads: {s.threads} ({load.describe()}); the run keeps this number, --threads N "
                           "changes it")
         if s.threads < 1:
@@ -290,18 +322,26 @@ class Run:
                                  f"new settings, or leave them out")
 
     def run_pass(self, name: str, force: bool = False) -> None:
-        """Run one pass, unless it is up to date (``force``: run it anyway)."""
+        """Run one pass, unless it is up to date (``force``: run it anyway).
+
+        Under torchrun, library, score and uptrain run on every rank; the other passes on rank 0 while the
+        others wait (``hwopt.distributed``).
+        """
         self._validate(name)  # bad input fails before anything is said or chosen
         self.check_upstream_settings(name)
         self.use_threads()
-        self.save_settings()
+        if self.ranks.is_main:
+            self.save_settings()
         fp = self.fingerprint(name)
         if is_up_to_date(self.dir(name), fp) and not force:
             console.print(f"[dim]{name}: up to date, skipped (--force runs it again)[/dim]")
             return
         console.print(f"[bold]{name}[/bold]")
-        with staged_pass(self.dir(name), fp) as out:
-            problems = getattr(self, f"_{name}")(out)
+        if plan := self.memory_plan(name):
+            console.print("\n".join(plan.lines(self.ranks.world)), highlight=False)
+        works_here = name in SHARDED or self.ranks.is_main
+        with staged_on_ranks(self.dir(name), fp, self.ranks) as out:
+            problems = getattr(self, f"_{name}")(out) if works_here else None
         if problems:  # only the profile checks itself so far
             for line in problems:
                 console.print(f"[yellow]{name}: warning: {line}[/yellow]", soft_wrap=True)  # one line, however long
@@ -312,6 +352,10 @@ class Run:
     def _validate(self, name: str) -> None:
         """Resolve what a pass will need before it starts, so bad input fails at once."""
         _ = self.source, self.target, self.scenario, self.runtime, self.space.block_types()
+        if name in SHARDED or name == "lower":
+            _ = self.placement
+        if plan := self.memory_plan(name):
+            plan.check(self.settings.max_memory)
         if name == "profile":
             choose_backend(self.settings.backend, self.target, self.scenario, self.settings.require_measured)
             if self.settings.max_spread is not None and not self.settings.max_spread > 0:
@@ -341,19 +385,43 @@ class Run:
         print_checks(costs)
         return costs["checks"]["problems"]
 
+    def memory_plan(self, name: str) -> MemoryPlan | None:
+        """What ``name`` will hold at its peak per rank (``hwopt.memory_plan``); None for the passes that do not
+        run the parent."""
+        s, config, blocks = self.settings, self.source.config, self.source.block_configs
+        if name == "library":
+            return library_plan(config, blocks, self.space, s.bld_tokens, s.seq_len, BLDSettings.batch_sequences,
+                                self.placement)
+        if name == "score":
+            return self.score_plan()[0]
+        if name == "uptrain":
+            return uptrain_plan(config, blocks, blocks, UptrainSettings.batch_sequences * s.seq_len, s.seq_len,
+                                self.placement)
+        return None
+
+    def score_plan(self) -> tuple[MemoryPlan, int]:
+        """score's memory plan, and the bytes of carried hidden states it leaves room for."""
+        s, config, blocks = self.settings, self.source.config, self.source.block_configs
+        forwards = sum(len(pairs_to_run([v.name for v in plan["attention"]], [v.name for v in plan["ffn"]],
+                                        s.score_pairs)) - 1
+                       for plan in (variants_for_layer(config, b, self.space) for b in blocks))
+        return score_plan(config, blocks, s.score_tokens, s.seq_len, forwards, self.placement, s.max_memory)
+
     def _library(self, out: Path) -> None:
         s = self.settings
-        build_library(self.parent, self.split.train_batches(s.bld_tokens), self.space,
-                      BLDSettings(tokens=s.bld_tokens, lr=s.bld_lr, seed=s.seed), out)
+        build_library(self.layerwise_parent, self.split.train_batches(s.bld_tokens), self.space,
+                      BLDSettings(tokens=s.bld_tokens, lr=s.bld_lr, seed=s.seed), out, self.placement, self.ranks)
 
     def _score(self, out: Path) -> None:
-        library = Library(self.dir("library"), self.parent)
-        score(self.parent, library, self.split.score_batches(self.settings.score_tokens), self.metric_objects,
-              self.read_json("profile/costs.json"), out, self.task, self.settings.score_pairs)
+        s = self.settings
+        score(self.layerwise_parent, self.library(coupled=False), self.split.score_batches(s.score_tokens),
+              self.metric_objects, self.read_json("profile/costs.json"), out, self.task, s.score_pairs, self.ranks,
+              self.score_plan()[1])
 
     def library(self, coupled: bool = True) -> Library:
         """The run's block library, with the solve pass's coupled-BLD pairs unless ``coupled`` is false."""
-        return Library(self.dir("library"), self.parent, self.dir("solve") / "coupled" if coupled else None)
+        return Library(self.dir("library"), self.layerwise_parent, self.dir("solve") / "coupled" if coupled else None,
+                       self.placement)
 
     def _solve(self, out: Path) -> None:
         s = self.settings
@@ -378,7 +446,7 @@ class Run:
                     and len(checks) < s.speedup_checks):
                 break
             # the target is this machine: time the chosen child against the parent, whole, as the report will
-            child = Library(self.dir("library"), self.parent, out / "coupled").assemble(
+            child = Library(self.dir("library"), self.layerwise_parent, out / "coupled", self.placement).assemble(
                 [tuple(v) for v in best["variants"]])
             ms = measure_runtimes({"parent": self.parent, "child": child}, self.scenario,
                                   self.parent.config.vocab_size)
@@ -403,14 +471,15 @@ class Run:
         decoupled = solve(library, costs, s.budgets, s.objective_key, s.solver, out / "decoupled_solutions.json",
                           maximizes(s.objective_key), s.coupled_bld, s.min_diversity, s.time_limit)
         decoupled_library = self.library(coupled=False)
-        parent_choice = [(decoupled_library.variant_names(i, "attention")[0],
-                          decoupled_library.variant_names(i, "ffn")[0]) for i in range(len(self.parent.model.layers))]
+        names = decoupled_library.variant_names
+        layers = range(self.source.config.num_hidden_layers)
+        parent_choice = [(names(i, "attention")[0], names(i, "ffn")[0]) for i in layers]
         subspace = coupled_subspace([sol["variants"] for sol in decoupled["solutions"]], parent_choice)
-        build_coupled(self.parent, decoupled_library, subspace, self.split.train_batches(s.bld_tokens),
-                      BLDSettings(tokens=s.bld_tokens, lr=s.bld_lr, seed=s.seed), out / "coupled")
-        rescored = rescore_coupled(self.parent, Library(self.dir("library"), self.parent, out / "coupled"), library,
-                                   subspace, self.split.score_batches(s.score_tokens), self.metric_objects, costs,
-                                   self.task)
+        build_coupled(self.layerwise_parent, decoupled_library, subspace, self.split.train_batches(s.bld_tokens),
+                      BLDSettings(tokens=s.bld_tokens, lr=s.bld_lr, seed=s.seed), out / "coupled", self.placement)
+        coupled_library = Library(self.dir("library"), self.layerwise_parent, out / "coupled", self.placement)
+        rescored = rescore_coupled(self.layerwise_parent, coupled_library, library, subspace,
+                                   self.split.score_batches(s.score_tokens), self.metric_objects, costs, self.task)
         atomic_write_json(out / "block_library.json", rescored)
         return rescored
 
@@ -420,9 +489,11 @@ class Run:
         child = self.library().assemble([tuple(v) for v in variants])
         stats = uptrain(child, self.parent, self.split.train_batches(s.uptrain_tokens),
                         self.split.score_batches(self.settings.score_tokens),
-                        UptrainSettings(tokens=s.uptrain_tokens, lr=s.uptrain_lr, seed=s.seed))
-        save_nemotron_nas(child, out / "model", self.tokenizer)
-        atomic_write_json(out / "uptrain.json", stats)
+                        UptrainSettings(tokens=s.uptrain_tokens, lr=s.uptrain_lr, seed=s.seed), self.placement,
+                        self.ranks)
+        if self.ranks.is_main:
+            save_nemotron_nas(child, out / "model", self.tokenizer)
+            atomic_write_json(out / "uptrain.json", stats)
         console.print(f"uptrain: held-out KL {stats['heldout_kl_before']:.4f} -> {stats['heldout_kl_after']:.4f}"
                       + ("" if stats["kept_uptrained_weights"] else " (worse: kept the weights from before)"))
 
@@ -441,10 +512,11 @@ class Run:
         if path.is_file() and (old := json.loads(path.read_text())).get("fingerprint") == fp:
             print_report(old)
             return old
-        child = load_checkpoint(self.dir("uptrain") / "model", block_types())
+        child = load_checkpoint(self.dir("uptrain") / "model", block_types(), self.placement.device,
+                                self.placement.dtype)
         texts = {"heldout": self.split.heldout_batches(self.settings.score_tokens), "general": self.general_heldout}
         report = build_report(self.parent, child, self.read_json("solve/solutions.json"), self.scenario, texts,
-                              measured_here(), self.task)
+                              self.placement, self.target, self.task)
         report["fingerprint"] = fp
         atomic_write_json(path, report)
         print_report(report)
@@ -459,5 +531,5 @@ class Run:
         self.use_threads()
         for name in span:
             self.run_pass(name, force)
-        if until == "lower":
+        if until == "lower" and self.ranks.is_main:
             self.report()
