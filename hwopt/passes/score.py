@@ -89,10 +89,10 @@ def outputs_of(final_hidden: torch.Tensor, head: tuple[torch.nn.Module, torch.nn
 def waves(jobs: dict[int, list], state_bytes: int, budget_bytes: int) -> list[list[int]]:
     """The swapped layers of ``jobs`` (layer -> forwards to run) in groups, in order, whose carried hidden states
     (``state_bytes`` each) fit ``budget_bytes`` together; a layer whose own forwards do not fit is a group."""
-    groups, size = [], budget_bytes + 1
+    groups, size = [], 0
     for i in sorted(jobs):
         need = len(jobs[i]) * state_bytes
-        if size + need > budget_bytes:
+        if not groups or (need and size + need > budget_bytes):
             groups.append([])
             size = 0
         groups[-1].append(i)
