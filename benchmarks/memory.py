@@ -50,13 +50,19 @@ def layer_tensors(config: LlamaConfig, i: int, generator: torch.Generator) -> di
     return out
 
 
-def write_parent(directory: Path, layers: int) -> int:
-    """The random parent, a shard per layer (plus one for the embedding, one for the norm and head); its bytes."""
+def benchmark_config(layers: int) -> LlamaConfig:
+    """The 4.7 GB parent: hidden 2048, FFN 8192, 16 layers, SmolLM2's vocabulary, untied head."""
+    return LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=layers, num_attention_heads=16,
+                       num_key_value_heads=4, head_dim=128, vocab_size=49152, max_position_embeddings=2048,
+                       tie_word_embeddings=False, torch_dtype="float32")
+
+
+def write_parent(directory: Path, config: LlamaConfig) -> int:
+    """A random parent of ``config`` (fp32, SmolLM2's tokenizer), a shard per layer (plus one for the embedding,
+    one for the norm and head), written a shard at a time; its bytes."""
     from hwopt.builtin.models import smollm2_weights
 
-    config = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=layers, num_attention_heads=16,
-                         num_key_value_heads=4, head_dim=128, vocab_size=49152, max_position_embeddings=2048,
-                         tie_word_embeddings=False, torch_dtype="float32")
+    layers = config.num_hidden_layers
     directory.mkdir(parents=True, exist_ok=True)
     index_path = directory / "model.safetensors.index.json"
     if index_path.is_file():
@@ -108,7 +114,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     args = parser.parse_args()
-    parent_bytes = write_parent(args.dir / "parent", args.layers)
+    parent_bytes = write_parent(args.dir / "parent", benchmark_config(args.layers))
     print(f"parent: {parent_bytes / 1e9:.2f} GB of fp32 weights in {args.dir / 'parent'}; load: "
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(f"{'ranks':>5} {'pass':<8} {'wall s':>8} {'peak RSS GB':>12} {'RSS / parent':>13}  plan")

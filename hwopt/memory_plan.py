@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 from hwopt.devices import Placement
 from hwopt.errors import HwoptError
 from hwopt.model.config import BlockConfig
+from hwopt.passes.library import variants_for_layer
 from hwopt.passes.solve import parse_memory_mib
-from hwopt.search_space import SearchSpace, sub_variant_of, sub_variants
+from hwopt.search_space import SearchSpace, sub_variant_of
 
 GIB = 2**30
 PROCESS_BYTES = 400 * 2**20  # peak RSS after `import hwopt.run` (torch 2.13 CPU, transformers 5.24)
@@ -35,6 +36,7 @@ class MemoryPlan:
 
     pass_name: str
     placement: Placement
+    transit: int = 0  # the largest checkpoint tensor, staged on the host on its way to a GPU
     host: list[tuple[str, int]] = field(default_factory=list)
     device: list[tuple[str, int]] = field(default_factory=list)
 
@@ -45,7 +47,7 @@ class MemoryPlan:
     def host_items(self) -> list[tuple[str, int]]:
         items = [("process (python, torch)", PROCESS_BYTES), *self.host]
         if self.device:
-            items.append(("one tensor in transit to the device", max(n for _, n in self.device)))
+            items.append(("the largest checkpoint tensor, on its way to the device", self.transit))
         return items
 
     @property
@@ -66,19 +68,21 @@ class MemoryPlan:
         out += [f"  device  {n / GIB:8.2f} GiB  {what}" for what, n in self.device]
         return out
 
-    def check(self, max_memory: str | None) -> None:
-        """Refuse a plan over ``--max-memory`` (host bytes per rank).
+    def check(self, max_memory: str | None, device_memory: int | None = None) -> None:
+        """Refuse a plan over ``--max-memory`` (host bytes per rank) or over ``device_memory`` (the GPU's bytes).
 
         Raises:
-            HwoptError: one line with the plan's host total, the budget and its largest item.
+            HwoptError: one line with the plan's total, the budget and its largest item.
         """
-        if max_memory is None:
-            return
-        budget = parse_max_memory(max_memory)
-        if self.host_bytes > budget:
+        if max_memory is not None and self.host_bytes > parse_max_memory(max_memory):
             what, n = max(self.host_items(), key=lambda item: item[1])
             raise HwoptError(f"{self.pass_name} needs {self.host_bytes / GIB:.2f} GiB of host memory per rank by its "
                              f"memory plan, over --max-memory {max_memory} (largest: {what}, {n / GIB:.2f} GiB)")
+        if device_memory is not None and self.device_bytes > device_memory:
+            what, n = max(self.device, key=lambda item: item[1])
+            raise HwoptError(f"{self.pass_name} needs {self.device_bytes / GIB:.2f} GiB of memory on "
+                             f"{self.placement.device} by its memory plan, over its {device_memory / GIB:.2f} GiB "
+                             f"(largest: {what}, {n / GIB:.2f} GiB)")
 
 
 def parse_max_memory(text: str) -> int:
@@ -111,26 +115,28 @@ def transient(config, sequences: int, seq_len: int) -> int:
 def library_plan(config, block_configs: list[BlockConfig], space: SearchSpace, tokens: int, seq_len: int,
                  batch_sequences: int, placement: Placement) -> MemoryPlan:
     """library: one parent layer (or the embedding), one layer's activations, one variant in training."""
-    plan = MemoryPlan("library", placement)
     w = weights(config, block_configs, placement)
+    plan = MemoryPlan("library", placement, w["embedding"])
     plan.add("parent layer (the largest), or the embedding", max(w["layer"], w["embedding"]))
     plan.add(f"activations of one layer ({tokens} tokens)",
              ACTIVATION_COPIES["library"] * tokens * config.hidden_size * placement.dtype.itemsize)
-    largest = max((v.block_type.num_params(v.config, config) for kind in ("attention", "ffn")
-                   for v in sub_variants(config, space, kind)), default=0)
+    largest = max((v.block_type.num_params(v.config, config) for block in set(block_configs)
+                   for variants in variants_for_layer(config, block, space).values() for v in variants[1:]), default=0)
     plan.add("variant in training (fp32 weights, gradients, AdamW state)", largest * FP32_TRAINING_BYTES)
     plan.add(f"forward and backward of {batch_sequences} sequences", transient(config, batch_sequences, seq_len))
     return plan
 
 
 def score_plan(config, block_configs: list[BlockConfig], tokens: int, seq_len: int, candidates: int,
-               placement: Placement, max_memory: str | None) -> tuple[MemoryPlan, int]:
+               placement: Placement, max_memory: str | None, device_memory: int | None = None
+               ) -> tuple[MemoryPlan, int]:
     """score: one parent layer, the final norm and LM head, the logits of the teacher and one student, and the
-    carried hidden states of a wave. Returns the plan and the carry budget in bytes: all candidates at once
-    when they fit (within ``--max-memory`` when given, else 1 GiB), else what the budget leaves, at least one
-    layer's worth."""
-    plan = MemoryPlan("score", placement)
+    carried hidden states of a wave of the rank's ``candidates`` (swapped forwards). Returns the plan and the
+    carry budget in bytes: all candidates at once when they fit, else what the budget leaves (at least one
+    candidate's worth). The budget is ``--max-memory`` on the CPU (1 GiB without it), nine tenths of
+    ``device_memory`` on a GPU."""
     w = weights(config, block_configs, placement)
+    plan = MemoryPlan("score", placement, w["embedding"])
     plan.add("parent layer (the largest) or the embedding, and the LM head",
              max(w["layer"], w["embedding"]) + w["head"])
     state = tokens * config.hidden_size * placement.dtype.itemsize
@@ -138,11 +144,13 @@ def score_plan(config, block_configs: list[BlockConfig], tokens: int, seq_len: i
     plan.add("logits of the teacher and one student, with their log-softmax (fp32)",
              4 * tokens * config.vocab_size * 4)
     plan.add("forward of one layer", transient(config, max(1, tokens // seq_len), seq_len) // 3)
-    everything = candidates * state
-    if max_memory is None:
-        carry = min(everything, GIB)
+    if placement.device.type == "cuda" and device_memory is not None:
+        room = int(0.9 * device_memory) - plan.device_bytes
+    elif max_memory is not None:
+        room = parse_max_memory(max_memory) - plan.host_bytes
     else:
-        carry = min(everything, max(parse_max_memory(max_memory) - plan.host_bytes, state))
+        room = GIB
+    carry = min(candidates * state, max(room, state))
     plan.add(f"carried hidden states of a wave ({carry // max(state, 1)} of {candidates} candidates)", carry)
     return plan, carry
 
@@ -151,8 +159,8 @@ def uptrain_plan(config, child_blocks: list[BlockConfig], parent_blocks: list[Bl
                  seq_len: int, placement: Placement, shards: int = 1) -> MemoryPlan:
     """uptrain: the child in training (fp32 with AdamW, sharded over ``shards`` ranks by FSDP), the parent as
     its teacher in the train dtype, and one step's activations of both with every layer's hidden states."""
-    plan = MemoryPlan("uptrain", placement)
     table = config.vocab_size * config.hidden_size
+    plan = MemoryPlan("uptrain", placement, table * placement.dtype.itemsize)
     child = sum(layer_params(config, b) for b in child_blocks) + 2 * table
     parent = sum(layer_params(config, b) for b in parent_blocks) + 2 * table
     plan.add(f"child in training (fp32, AdamW state){' / ' + str(shards) + ' ranks' if shards > 1 else ''}",

@@ -355,7 +355,9 @@ class Run:
         if name in SHARDED or name == "lower":
             _ = self.placement
         if plan := self.memory_plan(name):
-            plan.check(self.settings.max_memory)
+            device = self.placement.device
+            plan.check(self.settings.max_memory,
+                       torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None)
         if name == "profile":
             choose_backend(self.settings.backend, self.target, self.scenario, self.settings.require_measured)
             if self.settings.max_spread is not None and not self.settings.max_spread > 0:
@@ -403,9 +405,11 @@ class Run:
         """score's memory plan, and the bytes of carried hidden states it leaves room for."""
         s, config, blocks = self.settings, self.source.config, self.source.block_configs
         forwards = sum(len(pairs_to_run([v.name for v in plan["attention"]], [v.name for v in plan["ffn"]],
-                                        s.score_pairs)) - 1
-                       for plan in (variants_for_layer(config, b, self.space) for b in blocks))
-        return score_plan(config, blocks, s.score_tokens, s.seq_len, forwards, self.placement, s.max_memory)
+                                        s.score_pairs)) - 1  # rank 0's layers: the most of any rank
+                       for plan in (variants_for_layer(config, b, self.space) for b in blocks[::self.ranks.world]))
+        device = self.placement.device
+        return score_plan(config, blocks, s.score_tokens, s.seq_len, forwards, self.placement, s.max_memory,
+                          torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None)
 
     def _library(self, out: Path) -> None:
         s = self.settings
