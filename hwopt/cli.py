@@ -221,6 +221,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=4096, help="held-out tokens from --data (default 4096)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per held-out sequence (default 128)")
     p.add_argument("--target", default="cpu", help="target the per-layer runtimes are predicted for (default cpu)")
+    p.add_argument("--device", default="auto", help="where both models run: auto (the target's GPU when it is here, "
+                                                    "else the CPU), cpu, cuda, cuda:N (default auto)")
+    p.add_argument("--train-dtype", choices=("bf16", "fp32"), help="the models' dtype there (default: bf16 on a GPU, "
+                                                                   "fp32 on the CPU)")
     p.add_argument("--out", default="evaluation", help="folder for report.md, evaluation.json and per_layer.png "
                                                        "(default ./evaluation)")
     add_scenario_options(p)
@@ -294,7 +298,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from hwopt.data import GENERAL_HELDOUT, check_data_files, general_heldout, load_split
-    from hwopt.devices import FP32_CPU
+    from hwopt.devices import resolve_placement
     from hwopt.estimate import estimate
     from hwopt.evaluate import evaluate
     from hwopt.hardware import resolve_target
@@ -317,9 +321,10 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     task = read_task(args.task_data, tokenizer) if args.task_data else None
     split = load_split(args.data, tokenizer, args.seq_len)
     texts = {"heldout": split.heldout_batches(args.tokens), "general": general_heldout(tokenizer, args.seq_len)}
-    child, parent = sources["child"].load(), sources["parent"].load()
+    placement = resolve_placement(args.device, args.train_dtype, target.kind)
+    child, parent = (sources[role].load(placement.device, placement.dtype) for role in ("child", "parent"))
     report = evaluate(child, parent, texts, scenario, task, args.repeats or 3)
-    label_measurement(report, FP32_CPU, target)
+    label_measurement(report, placement, target)
     report["texts"]["heldout"]["source"] = f"the last tenth of {split.source}"
     report["texts"]["general"]["source"] = str(GENERAL_HELDOUT.name)
     predicted = {role: estimate(source, target, scenario, args.backend or "roofline", args.repeats or 3)

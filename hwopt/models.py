@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from transformers import AutoTokenizer, LlamaConfig
 
 from hwopt.errors import HwoptError
@@ -62,8 +63,9 @@ class ModelSource:
             raise HwoptError(f"no weights for {self.label}: {self.weights_hint}")
         return self.weights_dir
 
-    def load(self) -> HeteroLlamaForCausalLM:
-        return load_checkpoint(self.require_weights(), block_types())
+    def load(self, device="cpu", dtype=None) -> HeteroLlamaForCausalLM:
+        """The whole model on ``device`` (a ``torch.device`` or its name) in ``dtype`` (None: fp32)."""
+        return load_checkpoint(self.require_weights(), block_types(), device, dtype or torch.float32)
 
     def tokenizer(self):
         directory = self.require_weights()
