@@ -77,6 +77,12 @@ def swapped_logits(parent: Parent, ids: torch.Tensor, swap: tuple[int, DecoderLa
     return lm_head(norm(x))
 
 
+def swapped_student_logits(parent: Parent, library: Library, swap: tuple[int, str, str], ids: torch.Tensor
+                           ) -> torch.Tensor:
+    """``swapped_logits`` with layer ``swap[0]`` assembled from the library's (attention, FFN) pair ``swap[1:]``."""
+    return swapped_logits(parent, ids, swap=(swap[0], library.layer(*swap)))
+
+
 def outputs_of(final_hidden: torch.Tensor, head: tuple[torch.nn.Module, torch.nn.Module], ids: torch.Tensor,
                model: Callable[[torch.Tensor], torch.Tensor], task: MultipleChoice | None) -> Outputs:
     """What a metric sees of a model given its last layer's output [sequences, tokens, hidden] on ``ids``."""
@@ -189,8 +195,8 @@ def measure(parent: Parent, library: Library, ids: torch.Tensor, jobs: dict[int,
         for i in group:
             measured = {own[i]: {m.name: m.compute(teacher, teacher) for m in metrics}} if own[i] in jobs[i] else {}
             for a, f in forwards[i]:
-                student = outputs_of(swapped.pop((i, a, f)), head, ids,
-                                     partial(swapped_logits, parent, swap=(i, library.layer(i, a, f))), task)
+                model = partial(swapped_student_logits, parent, library, (i, a, f))  # read only if a metric asks
+                student = outputs_of(swapped.pop((i, a, f)), head, ids, model, task)
                 measured[(a, f)] = {m.name: m.compute(student, teacher) for m in metrics}
             yield i, measured
 
