@@ -76,8 +76,9 @@ def add_run_options(p: argparse.ArgumentParser, plugin_options: bool = True) -> 
     g.add_argument("--max-spread", type=or_none(float),
                    help="stop with an error when a measured block's timings spread (IQR / median over rounds) by "
                         "more than this, e.g. 0.1, or the machine is too busy to measure (default: warn above 0.1)")
-    g.add_argument("--threads", type=or_none(int), help="torch CPU threads for this run (default: chosen by its first "
-                                               "command, one per core other processes leave idle, then kept)")
+    g.add_argument("--threads", type=or_none(int), help="torch CPU threads for this run, per process under torchrun "
+                                               "(default: chosen by its first command, one per core other "
+                                               "processes leave idle, shared among a node's ranks, then kept)")
     g.add_argument("--device", help="where library, score, uptrain and the report run: auto (the target's GPU when "
                                     "it is here, else the CPU), cpu, cuda, cuda:N (default auto; under torchrun, "
                                     "cuda is each rank's LOCAL_RANK)")
