@@ -8,9 +8,10 @@ normalised MSE ||y' - y||^2 / ||y||^2 of the sub-block's contribution to
 the residual stream. Layers are visited in order with the parent's
 activations carried from one to the next, so memory holds one parent
 layer, the variant in training and one layer's activations at a time (the
-parent is read a layer at a time, ``hwopt.model.layerwise``). Under
-torchrun the (layer, variant) units are dealt over the ranks. Each trained variant is saved on its own
-(``layer_<i>/<variant>.safetensors``); a rerun skips the ones already saved.
+parent is read a layer at a time, ``hwopt.model.layerwise``). Each trained
+variant is saved on its own (``layer_<i>/<variant>.safetensors``); a rerun
+skips the ones already saved. Under torchrun the (layer, variant) units are
+dealt over the ranks.
 The parent's own sub-blocks are not copied: the library refers to the parent.
 """
 
