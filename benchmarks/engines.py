@@ -79,7 +79,7 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    config = smollm2_config()
+    config = smollm2_config().transformers()
     types = block_types()
     parent = HeteroLlamaForCausalLM(config, [parent_block_config(config)] * config.num_hidden_layers, types).eval()
     child = (load_checkpoint(args.child, types) if args.child

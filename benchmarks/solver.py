@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from pyscipopt import SCIP_PARAMSETTING
 
-from hwopt.builtin.solvers import GreedySolver, HighsSolver, ScipModel, ScipSolver
+from hwopt.builtin.mip_solvers import GreedySolver, HighsSolver, ScipModel, ScipSolver
 from hwopt.passes.solve import MEMORY, PARAMS, RUNTIME, read_library
 from hwopt.problem import Constraint, LinearForm, Problem, Solution, problem_from_library
 from hwopt.sweep import SweepSpec, pareto_sweep

@@ -33,7 +33,6 @@ from pathlib import Path
 
 import numpy as np
 import tomli_w
-from scipy.optimize import least_squares
 
 from hwopt.cpu_roof import roof_of
 from hwopt.errors import HwoptError
@@ -159,6 +158,8 @@ def fit_efficiency(compute_ms: np.ndarray, memory_ms: np.ndarray, measured_ms: n
     makes the objective piecewise, so one start can stall on the wrong side
     of a kink; the best of a small grid of starts does not.
     """
+    from scipy.optimize import least_squares  # here: only a target with calibration rows is fitted (1 s to import)
+
     def log_ratio(x):
         return np.log(roofline(compute_ms, memory_ms, Efficiency(*x)) / measured_ms)
 

@@ -347,7 +347,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     scenario = Scenario.for_target(target, args.scenario or DEFAULT_SCENARIO, args.batch or 1, args.dtype,
                                    args.kv_dtype)
     sources = {"child": resolve_model(args.model), "parent": resolve_model(args.parent)}
-    if sources["child"].config.vocab_size != sources["parent"].config.vocab_size:
+    if sources["child"].architecture.vocab_size != sources["parent"].architecture.vocab_size:
         raise HwoptError(f"{args.model} and {args.parent} have different vocabularies: not a child and its parent")
     tokenizer = sources["parent"].tokenizer()
     task = read_task(args.task_data, tokenizer) if args.task_data else None

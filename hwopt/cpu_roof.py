@@ -15,11 +15,8 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
 from hwopt.hardware import HardwareProfile
 from hwopt.roofline import Roof
-from hwopt.workload import TORCH_DTYPES
 
 CPU_BENCH_DTYPES = ("fp32", "bf16")  # what torch computes in on a CPU
 BENCH_MATMUL = 1536  # square matmul side: big enough to reach the GEMM peak, about a second in all on 2 cores
@@ -30,6 +27,8 @@ BENCH_REPEATS = 3
 def roof_of(target: HardwareProfile) -> Roof:
     """The profile's peaks; for a CPU whose profile gives none, this machine's, measured once and cached."""
     if target.kind == "cpu" and target.bandwidth_gbs is None and not target.peak_tflops:
+        import torch  # here: a target with datasheet peaks (every GPU's) is priced without torch
+
         return measured_cpu_roof(f"{target.description}, torch with {torch.get_num_threads()} threads")
     where = target.path.name if target.path else f"the {target.name} profile"
     return Roof(dict(target.peak_tflops), target.bandwidth_gbs, f"the peaks of {target.description} in {where}")
@@ -69,6 +68,10 @@ def best_seconds(call) -> float:
 
 
 def matmul_tflops(dtype: str) -> float:
+    import torch
+
+    from hwopt.steps import TORCH_DTYPES
+
     n = BENCH_MATMUL
     a, b = (torch.randn(n, n).to(TORCH_DTYPES[dtype]) for _ in range(2))
     return 2 * n**3 / best_seconds(lambda: a @ b) / 1e12
@@ -80,16 +83,21 @@ def gemv_gbs() -> float:
     A plain copy reaches a different (on small VMs, several times higher)
     figure than the GEMV kernels an LLM's decode actually runs.
     """
+    import torch
+
     side = int((BENCH_GEMV_MIB * 2**20 // 4) ** 0.5)
     matrix, vector = torch.randn(side, side), torch.randn(side)
     return matrix.nbytes / best_seconds(lambda: matrix @ vector) / 1e9
 
 
-@torch.inference_mode()
 def measure_cpu_roof(machine: str) -> Roof:
     """Micro-benchmarks (a couple of seconds): a square matmul per dtype, and a big fp32 matrix-vector product."""
-    peaks = {dtype: round(matmul_tflops(dtype), 5) for dtype in CPU_BENCH_DTYPES}
+    import torch
+
+    with torch.inference_mode():
+        peaks = {dtype: round(matmul_tflops(dtype), 5) for dtype in CPU_BENCH_DTYPES}
+        bandwidth = round(gemv_gbs(), 2)
     source = (f"peaks measured by hwopt on {datetime.date.today().isoformat()} on {machine}: best of "
               f"{BENCH_REPEATS} {BENCH_MATMUL}x{BENCH_MATMUL} matmuls per dtype and {BENCH_GEMV_MIB} MiB matrix-vector "
               "products")
-    return Roof(peaks, round(gemv_gbs(), 2), source)
+    return Roof(peaks, bandwidth, source)

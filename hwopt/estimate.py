@@ -26,7 +26,7 @@ def estimate(source, target: HardwareProfile, scenario: Scenario, backend_name: 
     backend, label = choose_backend(backend_name, target, scenario)
     layers = model_sub_variants(source)
     unique = {(v.kind, v.name): v for pair in layers for v in pair}
-    costs = measure_costs(source.config, list(unique.values()), target, scenario, backend, label, repeats,
+    costs = measure_costs(source.architecture, list(unique.values()), target, scenario, backend, label, repeats,
                           f"estimate on {target.name} ({label['kind']})")
     rows = layer_rows(costs, [(a.name, f.name) for a, f in layers])
     outside = costs["outside_layers"]

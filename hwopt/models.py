@@ -5,8 +5,9 @@ gives an architecture without weights; weights are found on disk when
 needed. A path gives a Hugging Face Llama directory (the parent) or a
 nemotron-nas directory (a child).
 
-transformers and torch are imported where a config is read or a model
-loaded, so that naming the models (``hwopt plugins``) needs neither.
+An architecture is a ``ModelConfig``, read without transformers or torch
+(``hwopt estimate`` needs neither); transformers' ``LlamaConfig`` is made
+on first use of ``ModelSource.config``, where a torch model is built.
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hwopt.errors import HwoptError
+from hwopt.model.architecture import ModelConfig, read_architecture
 from hwopt.model.config import BlockConfig, parent_block_config
 from hwopt.plugins import block_types, models
 
@@ -33,7 +36,7 @@ class ModelSpec:
 
     name: str
     description: str
-    make_config: Callable[[], LlamaConfig]
+    make_config: Callable[[], ModelConfig]
     find_weights: Callable[[], Path | None]  # a Hugging Face directory with weights, or None
     weights_hint: str  # where find_weights looks, for the error message
     aliases: tuple[str, ...] = ()
@@ -52,11 +55,16 @@ class ModelSource:
     """A resolved ``--model``: architecture now, weights on demand."""
 
     label: str
-    config: LlamaConfig
+    architecture: ModelConfig
     block_configs: list[BlockConfig]
     weights_dir: Path | None
     weights_hint: str
     find_weights: Callable[[], Path | None] | None = None
+
+    @cached_property
+    def config(self) -> LlamaConfig:
+        """transformers' config of the architecture, to build torch models with (imports transformers)."""
+        return self.architecture.transformers()
 
     def require_weights(self) -> Path:
         if self.weights_dir is None and self.find_weights is not None:
@@ -92,8 +100,6 @@ def resolve_model(name_or_path: str) -> ModelSource:
     """
     path = Path(name_or_path).expanduser()
     if path.is_dir() or (path.is_file() and path.suffix == ".json"):  # a checkpoint, or just its config.json
-        from hwopt.model.architecture import read_architecture
-
         config, blocks = read_architecture(path, block_types())
         directory = path if path.is_dir() else path.parent
         weights = directory if any(directory.glob("*.safetensors")) else None

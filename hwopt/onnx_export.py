@@ -1,6 +1,6 @@
 """A workload's step as ONNX: what the onnxruntime and tensorrt backends run.
 
-The step module (``hwopt.workload.build_step``) is exported once per phase,
+The step module (``hwopt.steps.build_step``) is exported once per phase,
 with that phase's shapes fixed: prefill and each decode context get their
 own file, so a runtime can plan every phase for its exact shapes. Inputs and
 outputs carry stable names (``x``, ``cos``, ``sin``, ``past_keys``,
@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from hwopt.workload import Phase, Workload, build_step, step_inputs, weight_bytes
+from hwopt.steps import build_step, step_inputs, weight_bytes
+from hwopt.workload import Phase, Workload
 
 # Pinned so that a newer torch does not quietly emit operators that an installed runtime cannot read.
 OPSET = 20

@@ -18,9 +18,12 @@ hook                                       registers
 =========================================  ==========================================
 
 Shapes below: ``batch`` sequences of ``tokens`` each, ``hidden`` the model's
-width. A "model config" is the parent's transformers ``LlamaConfig`` (or, when
-a config.json is read, an object with at least ``hidden_size`` and
-``num_attention_heads``).
+width. A "model config" is the parent's Llama fields: a
+``hwopt.model.architecture.ModelConfig`` where hwopt only prices the model
+(``hwopt estimate``), transformers' ``LlamaConfig`` where it builds one in
+torch; both have the same attributes (``hidden_size``, ``num_attention_heads``,
+``num_key_value_heads``, ``head_dim``, ...). While a ``block_configs`` entry is
+read, it is an object with at least ``hidden_size`` and ``num_attention_heads``.
 """
 
 from __future__ import annotations

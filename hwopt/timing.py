@@ -25,8 +25,6 @@ import time
 from collections.abc import Callable
 
 import psutil
-from torch.utils.benchmark import Measurement
-from torch.utils.benchmark.utils.common import TaskSpec
 
 PROBE_SECONDS = 1.0  # how long to watch other processes before choosing a thread count
 SPREAD_BOUND = 0.10  # IQR / median; torch.utils.benchmark warns above the same 10%
@@ -39,6 +37,9 @@ def spread(values: list[float]) -> float:
     """Interquartile range of ``values`` relative to their median (0 when the median is 0, as for a no-op)."""
     if not any(values):
         return 0.0
+    from torch.utils.benchmark import Measurement  # here: only measured figures have a spread; estimates need no torch
+    from torch.utils.benchmark.utils.common import TaskSpec
+
     measurement = Measurement(number_per_run=1, raw_times=list(values), task_spec=TaskSpec(stmt="", setup=""))
     return measurement.iqr / measurement.median
 

@@ -20,8 +20,9 @@ from hwopt.hardware import resolve_target
 from hwopt.lowering.tensorrt_engine import BuildPlan, engine_build_plan
 from hwopt.onnx_export import export_step, named_inputs, output_names
 from hwopt.search_space import Scenario, SearchSpace, sub_variants
+from hwopt.steps import build_step, step_inputs
 from hwopt.timing import median_phases
-from hwopt.workload import Workload, build_step, scenario_phases, step_inputs
+from hwopt.workload import Workload, scenario_phases
 
 CONFIG = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
                      num_hidden_layers=2, vocab_size=256, head_dim=16)

@@ -110,7 +110,9 @@ def test_architecture_from_dict_reads_it_back():
     # the nulled Llama fields come back as the largest per-layer value
     assert back.intermediate_size == 128
     assert back.num_key_value_heads == 2
-    assert back.rope_parameters["rope_theta"] == pytest.approx(config.rope_parameters["rope_theta"])
+    assert back.rope_theta == pytest.approx(config.rope_parameters["rope_theta"])
+    assert back.transformers().to_dict() == {**config.to_dict(), "intermediate_size": 128, "num_key_value_heads": 2,
+                                             "dtype": "float32"}  # as the child file says
 
 
 def test_llama_dict_gives_the_parent_block_everywhere():

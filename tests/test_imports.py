@@ -113,15 +113,21 @@ def test_model_code_does_not_import_the_plugin_layer():
 LIBRARY = {f"layer_{i}": {f"v{j}": {"stats": {"runtime_ms": 1.0 + i + j, "memory_mib": 10.0 * (4 - j)},
                                       "metrics": {"kl_div": 0.1 * j}} for j in range(4)} for i in range(3)}
 HEAVY = ("torch", "transformers")
+NUMERIC = ("numpy", "scipy")  # what solving and costing need, and nothing that only lists or explains
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["targets"], ["plugins"], ["solve", "--help"],
-                                  ["solve", "--library", "{library}", "--max", "stats.runtime_ms=9",
-                                   "--json", "{out}"]], ids=" ".join)
-def test_light_commands_import_neither_torch_nor_transformers(argv, tmp_path):
+@pytest.mark.parametrize("argv, heavy", [
+    (["--help"], HEAVY + NUMERIC), (["--version"], HEAVY + NUMERIC), (["targets"], HEAVY + NUMERIC),
+    (["plugins"], HEAVY + NUMERIC), (["solve", "--help"], HEAVY + NUMERIC),
+    (["solve", "--library", "{library}", "--max", "stats.runtime_ms=9", "--json", "{out}"], HEAVY),
+    (["estimate", "--model", "llama-3.1-70b", "--target", "h100", "--json"], HEAVY),
+    (["estimate", "--model", "{child}", "--target", "h100"], HEAVY),
+], ids=lambda a: " ".join(a) if isinstance(a, list) else "")
+def test_light_commands_import_neither_torch_nor_transformers(argv, heavy, tmp_path):
     library = tmp_path / "block_library.json"
     library.write_text(json.dumps(LIBRARY))
-    argv = [a.format(library=library, out=tmp_path / "solutions.json") for a in argv]
+    child = PACKAGE.parent / "tests" / "data" / "real_world" / "puzzletron-child-llama8b.config.json"
+    argv = [a.format(library=library, out=tmp_path / "solutions.json", child=child) for a in argv]
     code = ("import sys, contextlib, io\n"
             "from hwopt.cli import main\n"
             "with contextlib.redirect_stdout(io.StringIO()):\n"
@@ -129,7 +135,7 @@ def test_light_commands_import_neither_torch_nor_transformers(argv, tmp_path):
             f"        rc = main({argv!r})\n"
             "    except SystemExit as exc:\n"
             "        rc = exc.code\n"
-            f"print(rc, sorted(m for m in {HEAVY!r} if m in sys.modules))\n")
+            f"print(rc, sorted(m for m in {heavy!r} if m in sys.modules))\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           cwd=PACKAGE.parent)
     assert proc.returncode == 0, proc.stderr

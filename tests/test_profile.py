@@ -22,7 +22,8 @@ from hwopt.models import resolve_model
 from hwopt.passes.profile import choose_backend, cost_entry
 from hwopt.plugins import backends, block_types
 from hwopt.search_space import Scenario, sub_variant_of
-from hwopt.workload import Phase, Workload, build_step, integrate_decode, phase_totals, scenario_phases, step_inputs
+from hwopt.steps import build_step, step_inputs
+from hwopt.workload import Phase, Workload, integrate_decode, phase_totals, scenario_phases
 
 TINY = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, head_dim=16, vocab_size=256, max_position_embeddings=512)

@@ -139,11 +139,21 @@ TOP_FAULTS = [
     ("rms_norm_eps", "tiny", "rms_norm_eps = 'tiny' must be a positive number"),
     ("tie_word_embeddings", "yes", "tie_word_embeddings = 'yes' must be true or false"),
     ("block_configs", None, "block_configs must be a list"),
+    # what transformers' LlamaConfig refused (or let through to a traceback), now refused by hwopt's reader
+    ("hidden_act", 3, "hidden_act = 3 must be a string"),
+    ("attention_bias", "no", "attention_bias = 'no' must be true or false"),
+    ("eos_token_id", "x", "eos_token_id = 'x' must be a token id (an integer) or a list of them"),
+    ("initializer_range", 5, "initializer_range = 5 must be a number from 0 to 1"),
+    ("torch_dtype", "nope", "torch_dtype = 'nope' must be one of float32"),
+    ("rope_scaling", "abc", "rope_scaling = 'abc' must be a JSON object or null"),
+    ("rope_scaling", {"rope_type": "llama3"}, "rope_scaling of rope_type 'llama3' is missing factor, low_freq_factor"),
+    ("rope_scaling", {"rope_type": "nope"}, "rope_scaling has rope_type 'nope'; a Llama takes one of default"),
+    ("rope_scaling", {"rope_type": "linear", "factor": 0.5}, "rope_scaling.factor = 0.5 must be at least 1"),
     ("model_type", "mistral", None),  # architectures still say DeciLM: read as nemotron-nas
 ]
 
 
-@pytest.mark.parametrize("key, value, message", TOP_FAULTS, ids=[k for k, _, _ in TOP_FAULTS])
+@pytest.mark.parametrize("key, value, message", TOP_FAULTS, ids=[f"{k}={v}" for k, v, _ in TOP_FAULTS])
 def test_each_invalid_top_level_field_is_one_line_naming_file_and_key(tmp_path, key, value, message):
     raw = nemotron_dict()
     set_path(raw, key, value)
@@ -155,6 +165,32 @@ def test_each_invalid_top_level_field_is_one_line_naming_file_and_key(tmp_path, 
     with pytest.raises(HwoptError) as err:
         read_architecture(path, block_types())
     assert str(err.value) .startswith(f"{path}: {message}"), str(err.value)
+
+
+LIGHT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
+                "attention_bias", "mlp_bias")
+
+
+@pytest.mark.parametrize("model", ["puzzletron-child-llama8b", "deci-model-type", "smollm2-135m", "llama-3.1-70b"])
+def test_the_config_read_without_transformers_is_the_one_transformers_makes(model):
+    path = CASES / f"{model}.config.json"
+    config = resolve_model(str(path) if path.is_file() else model).architecture
+    llama = config.transformers()
+    assert {key: getattr(config, key) for key in LIGHT_FIELDS} == {key: getattr(llama, key) for key in LIGHT_FIELDS}
+    rope = dict(llama.rope_parameters)
+    assert config.rope_theta == rope.pop("rope_theta")
+    assert config.rope_scaling == (rope if rope["rope_type"] != "default" else None)
+
+
+def test_estimate_and_load_model_give_the_same_line_for_a_field_transformers_checks(tmp_path):
+    raw = {**json.loads((CASES / "deci-model-type.config.json").read_text()), "rope_scaling": {"rope_type": "llama3"}}
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(HwoptError) as err:
+        load_model(str(tmp_path))
+    assert "rope_scaling of rope_type 'llama3' is missing factor" in str(err.value)
+    proc = hwopt_cli("estimate", "--target", "h100", "--model", tmp_path)
+    assert proc.returncode != 0 and proc.stderr.strip().splitlines() == [f"hwopt: error: {err.value}"], proc.stderr
 
 
 def test_a_llama_config_with_kv_heads_that_do_not_divide_the_heads(tmp_path):

@@ -6,7 +6,7 @@ import itertools
 import numpy as np
 import pytest
 
-from hwopt.builtin.solvers import GreedySolver, HighsSolver, ScipSolver
+from hwopt.builtin.mip_solvers import GreedySolver, HighsSolver, ScipSolver
 from hwopt.errors import HwoptError
 from hwopt.problem import Constraint, LinearForm, diverse_solutions, explain_infeasible, problem_from_library
 

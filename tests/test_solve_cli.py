@@ -7,7 +7,7 @@ import pytest
 import scipy.optimize
 from test_solve import brute_force, library_total, random_library
 
-from hwopt.builtin import solvers as builtin
+from hwopt.builtin import mip_solvers as builtin
 from hwopt.cli import main
 from hwopt.errors import HwoptError
 from hwopt.passes.solve import PREFILL, RUNTIME, TTFT, Budgets, parse_count, solve, with_budgets

@@ -21,8 +21,9 @@ import torch
 
 from hwopt.builtin.backend_torch import cpu_threads, wall_clock_timer
 from hwopt.onnx_export import export_phases, named_inputs
+from hwopt.steps import step_inputs
 from hwopt.timing import Timer
-from hwopt.workload import Workload, kv_dtype_unsupported, rotation, rotation_size, step_inputs
+from hwopt.workload import Workload, kv_dtype_unsupported, rotation, rotation_size
 
 PROVIDER = "CPUExecutionProvider"
 

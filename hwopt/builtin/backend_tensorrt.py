@@ -26,8 +26,9 @@ from hwopt.builtin.backend_torch import WARMUP, cuda_events_ms, gpu_name, target
 from hwopt.errors import HwoptError
 from hwopt.lowering.tensorrt_engine import build_engine, engine_build_plan, major_version
 from hwopt.onnx_export import export_phases, named_inputs
+from hwopt.steps import step_inputs
 from hwopt.timing import Timer
-from hwopt.workload import Workload, kv_dtype_unsupported, rotation, rotation_size, step_inputs
+from hwopt.workload import Workload, kv_dtype_unsupported, rotation, rotation_size
 
 MIN_MAJOR = 10  # the name-based tensor API (set_tensor_address, execute_async_v3)
 NOT_INSTALLED = ("tensorrt is not installed (pip install 'hwopt[tensorrt]'; its wheels download from NVIDIA's "

@@ -17,16 +17,9 @@ import time
 
 import torch
 
+from hwopt.steps import build_step, step_inputs, weight_bytes
 from hwopt.timing import Timer, usable_cores
-from hwopt.workload import (
-    Workload,
-    build_step,
-    kv_dtype_unsupported,
-    rotation,
-    rotation_size,
-    step_inputs,
-    weight_bytes,
-)
+from hwopt.workload import Workload, kv_dtype_unsupported, rotation, rotation_size
 
 WARMUP = 2
 MIN_ROUND_MS = 20.0  # wall-clock time of each phase in a round, at least

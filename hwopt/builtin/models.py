@@ -12,28 +12,23 @@ import importlib.util
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from hwopt.errors import HwoptError
 from hwopt.hookspecs import hookimpl
+from hwopt.model.architecture import ModelConfig, model_config
 from hwopt.models import ModelSpec, hf_cache_snapshot
 from hwopt.pipeline import cache_root
-
-if TYPE_CHECKING:
-    from transformers import LlamaConfig
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def smollm2_config() -> LlamaConfig:
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
+def smollm2_config() -> ModelConfig:
+    return model_config(dict(
         vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
         num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=8192,
         rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True,
         bos_token_id=1, eos_token_id=2, pad_token_id=2,
-    )
+    ), "the built-in smollm2-135m config")
 
 
 def smollm2_weights() -> Path:
@@ -64,17 +59,15 @@ def smollm2_weights() -> Path:
     return target
 
 
-def llama31_config(hidden: int, layers: int, heads: int, intermediate: int) -> LlamaConfig:
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
+def llama31_config(hidden: int, layers: int, heads: int, intermediate: int) -> ModelConfig:
+    return model_config(dict(
         vocab_size=128256, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072,
         rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=False,
         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                       "original_max_position_embeddings": 8192},
         bos_token_id=128000, eos_token_id=[128001, 128008, 128009],
-    )
+    ), f"the built-in Llama-3.1 config (hidden {hidden}, {layers} layers)")
 
 
 def llama31_spec(size: str, hidden: int, layers: int, heads: int, intermediate: int) -> ModelSpec:

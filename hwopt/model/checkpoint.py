@@ -138,7 +138,7 @@ def load_checkpoint(directory: Path, block_types, device: torch.device | str = "
     """
     config, blocks = read_architecture(directory, block_types)
     with torch.device("meta"):
-        model = HeteroLlamaForCausalLM(config, blocks, block_types)
+        model = HeteroLlamaForCausalLM(config.transformers(), blocks, block_types)
     load_weights(model, directory, device, dtype)
     return model.eval()
 

@@ -120,6 +120,37 @@ class Fields:
             self.fail(key, f"= {value!r} must be a positive number")
         return float(value)
 
+    def text(self, key: str) -> str | None:
+        """A string, or None when absent or null."""
+        value = self.raw.get(key)
+        if value is not None and not isinstance(value, str):
+            self.fail(key, f"= {value!r} must be a string")
+        return value
+
+    def fraction(self, key: str) -> float | None:
+        """A number from 0 to 1, or None when absent or null."""
+        value = self.raw.get(key)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+            self.fail(key, f"= {value!r} must be a number from 0 to 1")
+        return float(value)
+
+    def token_ids(self, key: str, several: bool) -> int | list[int] | None:
+        """A token id (an integer; some files use -1 for none), a list of them where ``several``, or None."""
+        value = self.raw.get(key)
+        ids = value if several and isinstance(value, list) else [value]
+        if value is not None and not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            self.fail(key, f"= {value!r} must be a token id (an integer){' or a list of them' * several}")
+        return value
+
+    def one_of(self, key: str, allowed: tuple[str, ...]) -> str | None:
+        """One of ``allowed``, or None when absent or null."""
+        value = self.raw.get(key)
+        if value is not None and value not in allowed:
+            self.fail(key, f"= {value!r} must be one of {', '.join(allowed)}")
+        return value
+
     def check_foreign_keys(self, kind: str, known: set[str]) -> None:
         """Refuse keys that would change the block and that hwopt cannot honour; warn about unknown ones."""
         for key, value in self.raw.items():

@@ -30,7 +30,8 @@ class LayerwiseParent:
     def __init__(self, directory: Path, block_types, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32):
         self.directory = Path(directory)
-        self.config, self.block_configs = read_architecture(self.directory, block_types)
+        architecture, self.block_configs = read_architecture(self.directory, block_types)
+        self.config = architecture.transformers()  # transformers' LlamaConfig, which the torch modules are built from
         self.block_types = block_types
         self.device, self.dtype = torch.device(device), dtype
         self.where = weight_files(self.directory)

@@ -26,11 +26,8 @@ from __future__ import annotations
 import datetime
 
 import psutil
-import torch
 
 from hwopt.errors import HwoptError
-from hwopt.evaluate import measure_runtimes
-from hwopt.model.modeling import HeteroLlamaForCausalLM
 from hwopt.pipeline import atomic_write_json
 from hwopt.plugins import backends, block_types
 from hwopt.progress import console, progress
@@ -44,7 +41,7 @@ from hwopt.timing import (
     oversubscribed,
     spread,
 )
-from hwopt.workload import MIB, TORCH_DTYPES, Workload, decode_contexts, phase_totals, scenario_phases
+from hwopt.workload import MIB, Workload, decode_contexts, phase_totals, scenario_phases
 
 AUTO_MEASURED, AUTO_ESTIMATED = "torch", "roofline"
 SPREAD_KEYS = ("prefill_ms", "decode_ms", "runtime_ms")
@@ -217,6 +214,12 @@ def self_check(source, target, scenario: Scenario, backend, costs: dict) -> dict
         return {"skipped": f"the whole model ({totals['memory_mib'] / 1024:.1f} GiB with its KV cache) would take "
                            "more than half the free memory"}
     blocks = totals["runtime_ms"]
+    import torch  # here and in profile(): ``hwopt estimate`` prices blocks with this module without torch
+
+    from hwopt.evaluate import measure_runtimes
+    from hwopt.model.modeling import HeteroLlamaForCausalLM
+    from hwopt.steps import TORCH_DTYPES
+
     torch.manual_seed(0)
     model = HeteroLlamaForCausalLM(source.config, source.block_configs, block_types())
     model = model.to(TORCH_DTYPES[scenario.dtype]).eval()
@@ -282,6 +285,8 @@ def profile(source, target, scenario: Scenario, space: SearchSpace, backend_name
     when ``max_spread`` (a fraction, e.g. 0.1) is given, if a figure's spread
     stays above it or the machine is too busy to measure.
     """
+    import torch
+
     backend, label = choose_backend(backend_name, target, scenario, require_measured)
     bound = SPREAD_BOUND if max_spread is None else max_spread
     threads = torch.get_num_threads() if target.kind == "cpu" else None  # None: timed off the CPU
