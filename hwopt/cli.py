@@ -62,7 +62,7 @@ def add_scenario_options(p: argparse.ArgumentParser, backend_default: str = AUTO
     g.add_argument("--require-measured", action="store_const", const=True,
                    help="stop with an error rather than estimate when nothing can measure on the target here")
     g.add_argument("--repeats", type=int, help="timed rounds of every block, interleaved (default 5; more while "
-                                               "a block's timings spread by over 10%%, for a bounded time)")
+                                               "a block's median is not known to within 4%%, for a bounded time)")
 
 
 def add_run_options(p: argparse.ArgumentParser, plugin_options: bool = True) -> None:
@@ -75,7 +75,8 @@ def add_run_options(p: argparse.ArgumentParser, plugin_options: bool = True) -> 
     g.add_argument("--force", action="store_true", help="run the pass(es) even if their inputs did not change")
     g.add_argument("--max-spread", type=or_none(float),
                    help="stop with an error when a measured block's timings spread (IQR / median over rounds) by "
-                        "more than this, e.g. 0.1, or the machine is too busy to measure (default: warn above 0.1)")
+                        "more than this, e.g. 0.1, or the machine is too busy to measure (default: warn when a "
+                        "median's standard error exceeds 4%%)")
     g.add_argument("--threads", type=or_none(int), help="torch CPU threads for this run (default: chosen by its first "
                                                "command, one per core other processes leave idle, then kept)")
     g.add_argument("--model", help="model name (smollm2-135m, llama-3.1-8b, llama-3.1-70b) or checkpoint directory "
@@ -129,8 +130,9 @@ def add_run_options(p: argparse.ArgumentParser, plugin_options: bool = True) -> 
                                                      "this many layers (default 1)")
     g.add_argument("--time-limit", type=float, help="solver seconds per solution (default 60)")
     g.add_argument("--speedup-checks", type=int, help="with --speedup on this CPU: time the chosen child against "
-                                                      "the parent and solve again with a tighter budget while it "
-                                                      "measures slower, at most this many times (default 3; 0: off)")
+                                                      "the parent and solve again with a budget tighter by the "
+                                                      "shortfall while it measures slower; at most this many "
+                                                      "children (default 3; 0: off)")
     g.add_argument("--coupled-bld", type=int, help="coupled BLD (Puzzle Table 6): train the (attention, FFN) pairs "
                                                    "of this many diverse decoupled solutions as whole layers, score "
                                                    "them again and solve again (default 0: off)")

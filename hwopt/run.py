@@ -19,7 +19,7 @@ import torch
 
 from hwopt.data import cached_parent_samples, check_data_files, general_heldout, load_split
 from hwopt.errors import HwoptError
-from hwopt.evaluate import measure_runtimes
+from hwopt.evaluate import measured_speedup
 from hwopt.hardware import resolve_target
 from hwopt.lowering.runtimes import Runtime, resolve_runtime, runnable_library
 from hwopt.model.checkpoint import load_checkpoint, save_nemotron_nas
@@ -28,7 +28,7 @@ from hwopt.passes.library import BLDSettings, Library, build_coupled, build_libr
 from hwopt.passes.lower import LowerOptions, lower
 from hwopt.passes.profile import choose_backend, layer_rows, model_variants, print_checks, profile
 from hwopt.passes.score import SCORE_PAIRS, rescore_coupled, score
-from hwopt.passes.solve import Budgets, maximizes, solve
+from hwopt.passes.solve import Budgets, maximizes, meet_measured_speedup, solve
 from hwopt.passes.uptrain import UptrainSettings, uptrain
 from hwopt.pipeline import (
     PASSES,
@@ -90,7 +90,7 @@ class Settings:
     min_diversity: int = 1
     time_limit: float = 60.0  # seconds per solution
     coupled_bld: int = 0  # coupled BLD on the pairs of this many diverse decoupled solutions, then solve again
-    speedup_checks: int = 3  # on this CPU: re-solves allowed when the chosen child measures below --speedup
+    speedup_checks: int = 3  # on this CPU: children solved and timed at most until one measures --speedup
     uptrain_tokens: int = 32768
     uptrain_lr: float = 1e-4
     formats: list[str] = field(default_factory=lambda: ["nemotron-nas"])
@@ -333,6 +333,8 @@ class Run:
             _ = self.task
         if name == "solve" and not self.settings.budgets.keys():
             raise HwoptError("solve needs a budget: --speedup, --memory, --throughput, --latency, --ttft or --params")
+        if name == "solve" and self.settings.speedup_checks < 0:
+            raise HwoptError(f"--speedup-checks must be 0 (off) or more, not {self.settings.speedup_checks}")
 
     def _profile(self, out: Path) -> list[str]:
         s = self.settings
@@ -361,34 +363,25 @@ class Run:
         library = runnable_library(self.read_json("score/block_library.json"), self.runtime, self.source.config)
         if s.coupled_bld:
             library = self._coupled_bld(library, costs, out)
-        budgets, checks = s.budgets, []
-        best = None
-        while True:
-            try:
-                solution = solve(library, costs, budgets, s.objective_key, s.solver, out / "solutions.json",
-                                 maximizes(s.objective_key), s.num_solutions, s.min_diversity, s.time_limit)
-            except HwoptError as exc:
-                if best is None:
-                    raise
-                console.print(f"[yellow]solve: no child meets {budgets.speedup:.2f}x predicted ({exc}); keeping the "
-                              f"{checks[-1]['measured_speedup']:.2f}x one[/yellow]")
-                break
-            best = solution["solutions"][0]
-            if not (s.speedup and self.target.kind == "cpu" and costs["source"]["kind"] == "measured"
-                    and len(checks) < s.speedup_checks):
-                break
+
+        def solve_at(speedup: float | None) -> dict:
+            return solve(library, costs, dataclasses.replace(s.budgets, speedup=speedup), s.objective_key, s.solver,
+                         out / "solutions.json", maximizes(s.objective_key), s.num_solutions, s.min_diversity,
+                         s.time_limit)
+
+        if s.speedup and s.speedup_checks and self.target.kind == "cpu" and costs["source"]["kind"] == "measured":
             # the target is this machine: time the chosen child against the parent, whole, as the report will
-            child = Library(self.dir("library"), self.parent, out / "coupled").assemble(
-                [tuple(v) for v in best["variants"]])
-            ms = measure_runtimes({"parent": self.parent, "child": child}, self.scenario,
-                                  self.parent.config.vocab_size)
-            checks.append({"budget_speedup": budgets.speedup, "predicted_speedup": best["predicted_speedup"],
-                           "measured_speedup": ms["parent"] / ms["child"], "measured_ms": ms})
-            console.print(f"solve: the child measures {checks[-1]['measured_speedup']:.2f}x here "
-                          f"(predicted {best['predicted_speedup']:.2f}x)")
-            if checks[-1]["measured_speedup"] >= s.speedup:
-                break
-            budgets = dataclasses.replace(budgets, speedup=budgets.speedup * s.speedup / checks[-1]["measured_speedup"])
+            children = Library(self.dir("library"), self.parent, out / "coupled")
+
+            def measure(result: dict) -> dict:
+                child = children.assemble([tuple(v) for v in result["solutions"][0]["variants"]])
+                return measured_speedup(self.parent, child, self.scenario)
+
+            result, checks = meet_measured_speedup(solve_at, measure, s.speedup, s.speedup_checks)
+            atomic_write_json(out / "solutions.json", result)  # the child kept, which need not be the last solved
+        else:
+            result, checks = solve_at(s.speedup), []
+        best = result["solutions"][0]
         atomic_write_json(out / "speedup_checks.json", checks)
         console.print(f"solve: predicted speedup {best['predicted_speedup']:.2f}x, "
                       f"objective {best['objective']:.4f} ({best['solver']}, {best['status']})")
