@@ -27,6 +27,8 @@ import statistics
 
 import torch
 
+from hwopt.calibration import CalibrationRow
+from hwopt.cpu_roof import roof_of
 from hwopt.evaluate import measure_runtimes
 from hwopt.hardware import resolve_target
 from hwopt.model.config import BlockConfig
@@ -34,7 +36,6 @@ from hwopt.model.modeling import HeteroLlamaForCausalLM
 from hwopt.models import resolve_model
 from hwopt.passes.profile import choose_backend, layer_rows, measure_costs, model_total, profile_variants
 from hwopt.plugins import block_types
-from hwopt.roofline import CalibrationRow, roof_of
 from hwopt.search_space import Scenario, SearchSpace, model_sub_variants
 from hwopt.workload import scenario_phases
 
@@ -52,7 +53,7 @@ def random_children(variants, num_layers: int, count: int, seed: int = 0) -> lis
 
 
 def calibration_rows(costs: dict, model: str, scenario: Scenario) -> tuple[dict, ...]:
-    """The profile's per-phase block timings as calibration rows (``hwopt.roofline.CalibrationRow``)."""
+    """The profile's per-phase block timings as calibration rows (``hwopt.calibration.CalibrationRow``)."""
     pieces = [(kind, entry) for kind in ("attention", "ffn") for entry in costs[kind].values()]
     rows = []
     for kind, entry in [*pieces, ("outside_layers", costs["outside_layers"])]:

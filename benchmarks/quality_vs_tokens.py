@@ -24,7 +24,8 @@ from pathlib import Path
 from hwopt.evaluate import compare_on_heldout
 from hwopt.passes.uptrain import UptrainSettings, uptrain
 from hwopt.pipeline import atomic_path, atomic_write_json
-from hwopt.run import Run, load_settings
+from hwopt.run import Run
+from hwopt.settings import load_settings
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ the user's input print one line and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -15,6 +16,9 @@ from hwopt import __version__
 from hwopt.errors import HwoptError
 from hwopt.lowering.runtimes import RUNTIMES
 from hwopt.pipeline import PASSES, UNSET, locked_run_dir
+from hwopt.settings import DEFAULT_SCENARIO, Settings, settings_read_by
+
+SETTINGS_DEFAULTS = {f.name: getattr(Settings(), f.name) for f in dataclasses.fields(Settings)}
 
 
 def _csv(cast):
@@ -49,100 +53,125 @@ def block_type_options() -> dict[str, str]:
 AUTO_BACKEND = "torch where it can measure on the target here, else the roofline estimate"
 
 
-def add_scenario_options(p: argparse.ArgumentParser, backend_default: str = AUTO_BACKEND) -> None:
+class Options:
+    """Adds a command's options to its parser, each with its help and its default from ``Settings``.
+
+    ``shown``: the settings the command reads (``settings_read_by``); an option
+    for any other setting is still accepted, and remembered for the run's
+    later commands, but left out of the help. None shows every option.
+    """
+
+    def __init__(self, parser: argparse.ArgumentParser, shown: set[str] | None = None):
+        self.parser, self.shown = parser, shown
+        self.group = parser
+
+    def section(self, title: str, description: str | None = None) -> Options:
+        self.group = self.parser.add_argument_group(title, description)
+        return self
+
+    def add(self, flag: str, help: str, setting: str | None = None, **kwargs) -> None:
+        """Add ``flag``; ``setting``: the ``Settings`` field it sets (default: its dest), if any."""
+        setting = setting or kwargs.get("dest") or flag.removeprefix("--").replace("-", "_")
+        if setting in SETTINGS_DEFAULTS:
+            if self.shown is not None and setting not in self.shown:
+                help = argparse.SUPPRESS
+            elif SETTINGS_DEFAULTS[setting] not in (None, [], {}) and "default" not in help:
+                value = SETTINGS_DEFAULTS[setting]
+                help += f" (default {','.join(map(str, value)) if isinstance(value, list) else value})"
+        self.group.add_argument(flag, help=help, **kwargs)
+
+
+def add_scenario_options(o: Options, backend_default: str = AUTO_BACKEND) -> None:
     """The serving scenario and how its costs are found (shared by the passes and ``estimate``)."""
-    g = p.add_argument_group("scenario")
-    g.add_argument("--scenario", help="INPUT/OUTPUT tokens per request (default 128/64)")
-    g.add_argument("--batch", type=int, help="requests served together (default 1)")
-    g.add_argument("--dtype", help="weights and activations: fp32, bf16, fp16, fp8 (default: bf16 on a GPU, fp32 on "
-                                   "the CPU)")
-    g.add_argument("--kv-dtype", help="KV cache dtype (default: the --dtype)")
-    g.add_argument("--backend", help="measurement backend: torch, onnxruntime, tensorrt, roofline, or auto (default: "
-                                     f"{backend_default})")
-    g.add_argument("--require-measured", action="store_const", const=True,
-                   help="stop with an error rather than estimate when nothing can measure on the target here")
-    g.add_argument("--repeats", type=int, help="timed rounds of every block, interleaved (default 5; more while "
-                                               "a block's median is not known to within 4%%, for a bounded time)")
+    o.section("scenario")
+    o.add("--scenario", "INPUT/OUTPUT tokens per request")
+    o.add("--batch", "requests served together", type=int)
+    o.add("--dtype", "weights and activations: fp32, bf16, fp16, fp8 (default: bf16 on a GPU, fp32 on the CPU)")
+    o.add("--kv-dtype", "KV cache dtype (default: the --dtype)")
+    o.add("--backend", "measurement backend: torch, onnxruntime, tensorrt, roofline, or auto (default: "
+                       f"{backend_default})")
+    o.add("--require-measured", "stop with an error rather than estimate when nothing can measure on the target here",
+          action="store_const", const=True)
+    o.add("--repeats", "timed rounds of every block, interleaved (default 5; more while a block's median is not "
+                       "known to within 4%%, for a bounded time)", type=int)
 
 
-def add_run_options(p: argparse.ArgumentParser, plugin_options: bool = True) -> None:
-    """Options every pass command takes; unset ones come from the run's run.json, then defaults.
+def add_run_options(p: argparse.ArgumentParser, command: str, plugin_options: bool = True) -> None:
+    """The options of ``hwopt <command>`` (a pass, or ``optimize``); unset ones come from the run's run.json, then
+    the defaults in ``hwopt.settings``.
 
     ``plugin_options``: also the installed block types' options, which loads every plugin (and torch).
     """
-    g = p.add_argument_group("run")
-    g.add_argument("--workdir", default="runs/default", help="run directory (default: runs/default)")
-    g.add_argument("--force", action="store_true", help="run the pass(es) even if their inputs did not change")
-    g.add_argument("--max-spread", type=or_none(float),
-                   help="stop with an error when a measured block's timings spread (IQR / median over rounds) by "
-                        "more than this, e.g. 0.1, or the machine is too busy to measure (default: warn when a "
-                        "median's standard error exceeds 4%%)")
-    g.add_argument("--threads", type=or_none(int), help="torch CPU threads for this run (default: chosen by its first "
-                                               "command, one per core other processes leave idle, then kept)")
-    g.add_argument("--model", help="model name (smollm2-135m, llama-3.1-8b, llama-3.1-70b) or checkpoint directory "
-                                    "(default smollm2-135m)")
-    g.add_argument("--target", help="hardware target: cpu, h100, a100, 4090, auto (the GPU NVML sees, else the CPU), "
-                                     "or a profile .toml (default cpu)")
-    add_scenario_options(p)
-    g = p.add_argument_group("search space")
-    g.add_argument("--kv-heads", type=or_none(_csv(int)), help="KV-head counts to offer (default: every divisor)")
-    g.add_argument("--ffn-fractions", type=_csv(float), help="FFN widths to offer (default 0.75,0.5,0.25)")
-    g.add_argument("--no-linear", dest="linear", action="store_const", const=False, help="offer no linear blocks")
-    g.add_argument("--no-noop", dest="no_op", action="store_const", const=False, help="offer no removed blocks")
-    g.add_argument("--block-types", type=_csv(str), metavar="PLUGIN[,PLUGIN]",
-                   help="also offer the variants of these plugins' block types (default: built-ins only; "
-                        "`hwopt plugins` lists them)")
+    o = Options(p, None if command == "optimize" else settings_read_by(command))
+    if command != "optimize":
+        p.epilog = ("Options of the other passes are accepted too, and remembered for the run's later commands: "
+                    "`hwopt optimize --help` lists them all.")
+    o.section("run")
+    o.add("--workdir", "run directory (default: runs/default)", default="runs/default")
+    o.add("--force", "run the pass(es) even if their inputs did not change", action="store_true")
+    o.add("--max-spread", "stop with an error when a measured block's timings spread (IQR / median over rounds) by "
+                          "more than this, e.g. 0.1, or the machine is too busy to measure (default: warn when a "
+                          "median's standard error exceeds 4%%)",
+          type=or_none(float))
+    o.add("--threads", "torch CPU threads for this run (default: chosen by its first command, one per core other "
+                       "processes leave idle, then kept)", type=or_none(int))
+    o.add("--model", "model name (smollm2-135m, llama-3.1-8b, llama-3.1-70b) or checkpoint directory")
+    o.add("--target", "hardware target: cpu, h100, a100, 4090, auto (the GPU NVML sees, else the CPU), or a "
+                      "target .toml")
+    add_scenario_options(o)
+    o.section("search space")
+    o.add("--kv-heads", "KV-head counts to offer (default: every divisor)", type=or_none(_csv(int)))
+    o.add("--ffn-fractions", "FFN widths to offer", type=_csv(float))
+    o.add("--no-linear", "offer no linear blocks", dest="linear", action="store_const", const=False)
+    o.add("--no-noop", "offer no removed blocks", dest="no_op", action="store_const", const=False)
+    o.add("--block-types", "also offer the variants of these plugins' block types (default: built-ins only; "
+                           "`hwopt plugins` lists them)", type=_csv(str), metavar="PLUGIN[,PLUGIN]")
     for option, text in block_type_options().items() if plugin_options else ():
-        g.add_argument(f"--{option}", type=_csv(number), help=f"{text} (a block type's option)")
-    g = p.add_argument_group("data and training")
-    g.add_argument("--data", nargs="+", help="text or JSONL files (default: Python's own documentation); text "
-                                            "sampled from the parent is mixed in (--distill-samples)")
-    g.add_argument("--distill-samples", type=int, help="tokens sampled from the parent and mixed 1:1 into training "
-                                                       "(data-free distillation; default 16384, 0 for none)")
-    g.add_argument("--seq-len", type=int, help="tokens per training sequence (default 128)")
-    g.add_argument("--bld-tokens", type=int, help="blockwise distillation tokens per variant (default 16384)")
-    g.add_argument("--bld-lr", type=float, help="blockwise distillation learning rate (default 5e-4)")
-    g.add_argument("--score-tokens", type=int, help="held-out tokens for scoring (default 512)")
-    g.add_argument("--score-pairs", choices=("decoupled", "coupled"),
-                   help="decoupled (default): run each attention and each FFN variant beside the parent's other "
-                        "half and estimate pairs to first order; coupled: run every (attention, FFN) pair")
-    g.add_argument("--metric", dest="metrics", action="append",
-                   help="replace-1-block metric (repeatable; default kl_div): kl_div, lm_loss, cosine, "
-                        "top1_agreement, top5_agreement, task_accuracy, or a plugin's")
-    g.add_argument("--task-data", help="multiple-choice JSONL for --metric task_accuracy, one "
-                   '{"question": ..., "choices": [...], "answer": index or choice text} per line')
-    g.add_argument("--uptrain-tokens", type=int, help="global distillation tokens (default 32768)")
-    g.add_argument("--uptrain-lr", type=float, help="global distillation learning rate (default 1e-4)")
-    g.add_argument("--seed", type=int, help="random seed of training and data order (default 0)")
-    g = p.add_argument_group("search", "budgets the run remembers; `none` forgets one (--memory none)")
-    g.add_argument("--objective", help="library key to optimise (default: metrics.<first metric>)")
-    g.add_argument("--speedup", type=or_none(float), help="child runtime at most parent runtime / X")
-    g.add_argument("--memory", help="weights + KV cache at most this (e.g. 80GB, 300MiB)")
-    g.add_argument("--throughput", type=or_none(float), help="at least this many tokens/s (input + output tokens)")
-    g.add_argument("--latency", type=or_none(float), help="the whole batch's generation in at most this many ms "
-                                                 "(stats.runtime_ms)")
-    g.add_argument("--ttft", type=or_none(float), help="time to first token at most this many ms (stats.ttft_ms, or "
-                                              "stats.prefill_ms in libraries without it)")
-    g.add_argument("--params", help="at most this many parameters, e.g. 50B, 135M (stats.num_params)")
-    g.add_argument("--solver", help="search backend: scip, highs, greedy, or a plugin's (default scip)")
-    g.add_argument("--num-solutions", type=int, help="this many solutions, best first (default 1)")
-    g.add_argument("--min-diversity", type=int, help="each solution differs from every earlier one in at least "
-                                                     "this many layers (default 1)")
-    g.add_argument("--time-limit", type=float, help="solver seconds per solution (default 60)")
-    g.add_argument("--speedup-checks", type=int, help="with --speedup on this CPU: time the chosen child against "
-                                                      "the parent and solve again with a budget tighter by the "
-                                                      "shortfall while it measures slower; at most this many "
-                                                      "children (default 3; 0: off)")
-    g.add_argument("--coupled-bld", type=int, help="coupled BLD (Puzzle Table 6): train the (attention, FFN) pairs "
-                                                   "of this many diverse decoupled solutions as whole layers, score "
-                                                   "them again and solve again (default 0: off)")
-    g = p.add_argument_group("lower")
-    g.add_argument("--format", dest="formats", action="extend", type=_csv(str),
-                   help="output formats, comma-separated or repeated (default nemotron-nas; `hwopt lower --help` "
-                        "lists them)")
-    g.add_argument("--runtime", help=f"the runtime that will serve the child: {', '.join(RUNTIMES)} (default: "
-                                     "tensorrt-llm on a GPU target, transformers on the CPU); the search leaves out "
-                                     "what it cannot run and lower refuses what it would misread")
+        o.add(f"--{option}", f"{text} (a block type's option)", setting="block_options", type=_csv(number))
+    o.section("data and training")
+    o.add("--data", "text or JSONL files (default: Python's own documentation); text sampled from the parent is "
+                    "mixed in (--distill-samples)", nargs="+")
+    o.add("--distill-samples", "tokens sampled from the parent and mixed 1:1 into training (data-free "
+                               "distillation; 0 for none)", type=int)
+    o.add("--seq-len", "tokens per training sequence", type=int)
+    o.add("--bld-tokens", "blockwise distillation (BLD) tokens per variant", type=int)
+    o.add("--bld-lr", "blockwise distillation (BLD) learning rate", type=float)
+    o.add("--score-tokens", "held-out tokens for replace-1-block scoring", type=int)
+    o.add("--score-pairs", "decoupled: run each attention and each FFN variant beside the parent's other half and "
+                           "estimate pairs to first order; coupled: run every (attention, FFN) pair",
+          choices=("decoupled", "coupled"))
+    o.add("--metric", "replace-1-block metric (repeatable): kl_div, lm_loss, cosine, top1_agreement, "
+                      "top5_agreement, task_accuracy, or a plugin's", dest="metrics", action="append")
+    o.add("--task-data", "multiple-choice JSONL for --metric task_accuracy, one "
+                         '{"question": ..., "choices": [...], "answer": index or choice text} per line')
+    o.add("--uptrain-tokens", "global distillation (GKD) tokens", type=int)
+    o.add("--uptrain-lr", "global distillation (GKD) learning rate", type=float)
+    o.add("--seed", "random seed of training and data order", type=int)
+    o.section("search", "budgets the run remembers; `none` forgets one (--memory none)")
+    o.add("--objective", "library key to optimise (default: metrics.<first metric>)")
+    o.add("--speedup", "child runtime at most parent runtime / X", type=or_none(float))
+    o.add("--memory", "weights + KV cache at most this (e.g. 80GB, 300MiB)")
+    o.add("--throughput", "at least this many tokens/s (input + output tokens)", type=or_none(float))
+    o.add("--latency", "the whole batch's generation in at most this many ms (stats.runtime_ms)", type=or_none(float))
+    o.add("--ttft", "time to first token (TTFT) at most this many ms (stats.ttft_ms, or stats.prefill_ms in "
+                    "libraries without it)", type=or_none(float))
+    o.add("--params", "at most this many parameters, e.g. 50B, 135M (stats.num_params)")
+    o.add("--solver", "solver: scip, highs, greedy, or a plugin's")
+    o.add("--num-solutions", "this many solutions, best first", type=int)
+    o.add("--min-diversity", "each solution differs from every earlier one in at least this many layers", type=int)
+    o.add("--time-limit", "solver seconds per solution", type=float)
+    o.add("--speedup-checks", "with --speedup on this CPU: time the chosen child against the parent and solve again "
+                              "with a budget tighter by the shortfall while it measures slower; at most this many "
+                              "children (0: off)",
+          type=int)
+    o.add("--coupled-bld", "coupled BLD (Puzzle Table 6): train the (attention, FFN) pairs of this many diverse "
+                           "decoupled solutions as whole layers, score them again and solve again (0: off)", type=int)
+    o.section("lower")
+    o.add("--format", "output formats, comma-separated or repeated (`hwopt lower --help` lists them)",
+          dest="formats", action="extend", type=_csv(str))
+    o.add("--runtime", f"the runtime that will serve the child: {', '.join(RUNTIMES)} (default: tensorrt-llm on a "
+                       "GPU target, transformers on the CPU); the search leaves out what it cannot run and lower "
+                       "refuses what it would misread")
 
 
 # options of `hwopt solve --library`, which works on a library file instead of a run directory
@@ -179,17 +208,19 @@ def formats_help() -> str:
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The parser; only the sub-command ``command`` offers the options plugins add (finding them loads torch)."""
+    """The parser; only the sub-command ``command``, if it reads the search space, offers the options plugins'
+    block types add (finding them loads every plugin)."""
     parser = argparse.ArgumentParser(prog="hwopt", description="Hardware-aware LLM optimisation (Puzzle).")
     parser.add_argument("--version", action="version", version=f"hwopt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("optimize", help="run every pass: " + " -> ".join(PASSES))
-    add_run_options(p, command == "optimize")
+    add_run_options(p, "optimize", command == "optimize")
     p.add_argument("--from", dest="start", choices=PASSES, default="profile",
                    help="first pass to run; earlier ones must have run (default profile)")
     p.add_argument("--until", choices=PASSES, default="lower", help="last pass to run (default lower)")
     for name in PASSES:
-        add_run_options(p := sub.add_parser(name, help=f"run the {name} pass alone"), command == name)
+        add_run_options(p := sub.add_parser(name, help=f"run the {name} pass alone"), name,
+                        command == name and "block_options" in settings_read_by(name))
         if name == "solve":
             add_library_options(p)
         if name == "lower":
@@ -202,7 +233,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--parent", help="a model to compare with, layer by layer (e.g. the child's parent)")
     p.add_argument("--plot", help="write the per-layer runtime picture (PNG) here")
     p.add_argument("--json", action="store_true", help="print the result as JSON (for machines)")
-    add_scenario_options(p, backend_default="roofline")
+    add_scenario_options(Options(p), backend_default="roofline")
     p = sub.add_parser("evaluate", help="a child against its parent: held-out KL, perplexity, top-1 agreement, task "
                                         "accuracy; runtime, tokens/s and memory measured here; report.md with pictures")
     p.add_argument("--model", required=True, help="the child: a nemotron-nas (or Llama) checkpoint directory")
@@ -215,12 +246,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--target", default="cpu", help="target the per-layer runtimes are predicted for (default cpu)")
     p.add_argument("--out", default="evaluation", help="folder for report.md, evaluation.json and per_layer.png "
                                                        "(default ./evaluation)")
-    add_scenario_options(p)
+    add_scenario_options(Options(p), backend_default="roofline")
     p = sub.add_parser("calibrate", help="time every block variant with a measuring backend; write the target's "
                                          "profile with these timings, which fit the roofline estimate")
-    p.add_argument("--target", required=True, help="hardware target to measure on: cpu, h100, ..., or a profile .toml")
+    p.add_argument("--target", required=True, help="hardware target to measure on: cpu, h100, ..., or a target .toml")
     p.add_argument("--model", required=True, help="model name whose search space is timed (e.g. smollm2-135m)")
-    p.add_argument("--scenario", action="append", help="INPUT/OUTPUT tokens per request (repeatable; default 128/64)")
+    p.add_argument("--scenario", action="append", help="INPUT/OUTPUT tokens per request (repeatable; "
+                                                          f"default {DEFAULT_SCENARIO})")
     p.add_argument("--batch", type=int, default=1, help="requests served together (default 1)")
     p.add_argument("--dtype", help="weights, activations and KV cache (default: bf16 on a GPU, fp32 on the CPU)")
     p.add_argument("--backend", default="torch", help="measuring backend (default torch)")
@@ -260,7 +292,8 @@ def cmd_estimate(args: argparse.Namespace) -> None:
     from hwopt.search_space import Scenario
 
     target = resolve_target(args.target)
-    scenario = Scenario.for_target(target, args.scenario or "128/64", args.batch or 1, args.dtype, args.kv_dtype)
+    scenario = Scenario.for_target(target, args.scenario or DEFAULT_SCENARIO, args.batch or 1, args.dtype,
+                                   args.kv_dtype)
     models = {"model": args.model, **({"parent": args.parent} if args.parent else {})}
     sources = {role: resolve_model(name) for role, name in models.items()}
     results = {role: estimate(source, target, scenario, args.backend or "roofline", args.repeats or 5)
@@ -300,7 +333,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         raise HwoptError(f"--tokens {args.tokens} must hold at least one sequence of --seq-len {args.seq_len} (>= 2)")
     check_data_files(args.data)
     target = resolve_target(args.target)
-    scenario = Scenario.for_target(target, args.scenario or "128/64", args.batch or 1, args.dtype, args.kv_dtype)
+    scenario = Scenario.for_target(target, args.scenario or DEFAULT_SCENARIO, args.batch or 1, args.dtype,
+                                   args.kv_dtype)
     sources = {"child": resolve_model(args.model), "parent": resolve_model(args.parent)}
     if sources["child"].config.vocab_size != sources["parent"].config.vocab_size:
         raise HwoptError(f"{args.model} and {args.parent} have different vocabularies: not a child and its parent")
@@ -335,12 +369,12 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     """Measure, write --out, print the fit; ``--target OUT --backend roofline`` then uses it."""
     from pathlib import Path
 
+    from hwopt.calibration import calibrate
     from hwopt.hardware import resolve_target
-    from hwopt.roofline import calibrate
     from hwopt.search_space import Scenario
 
     target = resolve_target(args.target)
-    scenarios = [Scenario.for_target(target, s, args.batch, args.dtype) for s in args.scenario or ["128/64"]]
+    scenarios = [Scenario.for_target(target, s, args.batch, args.dtype) for s in args.scenario or [DEFAULT_SCENARIO]]
     print(calibrate(target, args.model, scenarios, args.backend, args.repeats, Path(args.out)).report())
     print(f"wrote {args.out}; use it with --target {args.out} --backend roofline")
 
@@ -351,8 +385,8 @@ def cmd_solve_library(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from hwopt.passes.solve import maximizes, parse_max, parse_range, solve_library
-    from hwopt.run import Settings
     from hwopt.search_space import Scenario
+    from hwopt.settings import Settings
     from hwopt.sweep import SweepSpec
 
     names = {f.name for f in dataclasses.fields(Settings)}
@@ -388,7 +422,7 @@ def cmd_lower_standalone(args: argparse.Namespace) -> None:
     if not args.model:
         raise HwoptError("hwopt lower --out needs --model DIR (a Llama or nemotron-nas checkpoint)")
     target = resolve_target(args.target or "cpu")
-    scenario = Scenario.for_target(target, args.scenario or "128/64", args.batch or 1, args.dtype)
+    scenario = Scenario.for_target(target, args.scenario or DEFAULT_SCENARIO, args.batch or 1, args.dtype)
     source = resolve_model(args.model)
     model = source.load()
     tokenizer = source.tokenizer() if any(Path(source.require_weights()).glob("tokenizer*")) else None

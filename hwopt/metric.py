@@ -12,10 +12,9 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-import torch
-import torch.nn.functional as F
+if TYPE_CHECKING:  # torch is imported where a metric is computed, so that listing metrics needs no torch
+    import torch
 
-if TYPE_CHECKING:
     from hwopt.tasks import MultipleChoice
 
 
@@ -44,6 +43,8 @@ class Metric(Protocol):
 
 def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
     """Mean over tokens of KL(teacher || student), in nats."""
+    import torch.nn.functional as F
+
     teacher = F.log_softmax(teacher_logits.float(), dim=-1)
     student = F.log_softmax(student_logits.float(), dim=-1)
     return F.kl_div(student, teacher, log_target=True, reduction="batchmean")

@@ -4,6 +4,9 @@ A name (``smollm2-135m``, ``llama-3.1-70b``, or one a plugin registers)
 gives an architecture without weights; weights are found on disk when
 needed. A path gives a Hugging Face Llama directory (the parent) or a
 nemotron-nas directory (a child).
+
+transformers and torch are imported where a config is read or a model
+loaded, so that naming the models (``hwopt plugins``) needs neither.
 """
 
 from __future__ import annotations
@@ -12,16 +15,16 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-
-from transformers import AutoTokenizer, LlamaConfig
+from typing import TYPE_CHECKING
 
 from hwopt.errors import HwoptError
-from hwopt.lowering import transformers_code  # noqa: F401  (registers nemotron-nas with the Auto classes)
-from hwopt.model.architecture import read_architecture
-from hwopt.model.checkpoint import load_checkpoint
 from hwopt.model.config import BlockConfig, parent_block_config
-from hwopt.model.modeling import HeteroLlamaForCausalLM
 from hwopt.plugins import block_types, models
+
+if TYPE_CHECKING:
+    from transformers import LlamaConfig
+
+    from hwopt.model.modeling import HeteroLlamaForCausalLM
 
 
 @dataclass(frozen=True)
@@ -63,9 +66,14 @@ class ModelSource:
         return self.weights_dir
 
     def load(self) -> HeteroLlamaForCausalLM:
+        from hwopt.lowering import transformers_code  # noqa: F401  (registers nemotron-nas with the Auto classes)
+        from hwopt.model.checkpoint import load_checkpoint
+
         return load_checkpoint(self.require_weights(), block_types())
 
     def tokenizer(self):
+        from transformers import AutoTokenizer
+
         directory = self.require_weights()
         try:
             return AutoTokenizer.from_pretrained(directory)
@@ -81,6 +89,8 @@ def resolve_model(name_or_path: str) -> ModelSource:
     """
     path = Path(name_or_path).expanduser()
     if path.is_dir() or (path.is_file() and path.suffix == ".json"):  # a checkpoint, or just its config.json
+        from hwopt.model.architecture import read_architecture
+
         config, blocks = read_architecture(path, block_types())
         directory = path if path.is_dir() else path.parent
         weights = directory if any(directory.glob("*.safetensors")) else None

@@ -35,10 +35,7 @@ from hwopt.errors import HwoptError
 BUILTIN_PLUGINS = (
     "hwopt.builtin.block_types",
     "hwopt.builtin.metrics",
-    "hwopt.builtin.backend_torch",
-    "hwopt.builtin.backend_onnxruntime",
-    "hwopt.builtin.backend_tensorrt",
-    "hwopt.builtin.backend_roofline",
+    "hwopt.builtin.backends",
     "hwopt.builtin.hardware_profiles",
     "hwopt.builtin.solvers",
     "hwopt.builtin.lowerings",
@@ -61,6 +58,23 @@ def is_builtin(plugin: str) -> bool:
     return plugin in BUILTIN_PLUGINS
 
 
+@dataclass(frozen=True)
+class Lazy:
+    """An object registered by name and made on first use: ``Lazy("torch", "hwopt.builtin.backend_torch",
+    "TorchBackend")`` imports that module only when the registry hands the object out.
+
+    Listing what is registered (``hwopt plugins``) then imports nothing
+    heavy: a plugin whose objects need torch can register them this way.
+    """
+
+    name: str
+    module: str
+    factory: str  # a class or function of ``module``, called with no arguments
+
+    def make(self):
+        return getattr(importlib.import_module(self.module), self.factory)()
+
+
 @dataclass
 class Registry:
     """Everything one hook registered, by name, with the plugin behind each."""
@@ -73,10 +87,16 @@ class Registry:
         if name not in self.items:
             known = ", ".join(sorted(self.items)) or "none"
             raise HwoptError(f"unknown {self.kind} {name!r} (known: {known})")
+        if isinstance(self.items[name], Lazy):
+            item = self.items[name].make()
+            if item.name != name:
+                raise HwoptError(f"{self.plugin_of[name]} registered {self.kind} {name!r} lazily, but it is named "
+                                 f"{item.name!r}")
+            self.items[name] = item
         return self.items[name]
 
     def __iter__(self):
-        return iter(self.items.values())
+        return iter([self.get(name) for name in self.items])
 
     def names(self) -> list[str]:
         return list(self.items)

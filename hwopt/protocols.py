@@ -32,17 +32,26 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from hwopt.hardware import HardwareProfile
 from hwopt.metric import Metric
-from hwopt.problem import Solver
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from hwopt.problem import Solver
     from hwopt.roofline import CostTerms
     from hwopt.search_space import Scenario, SearchSpace
     from hwopt.workload import Phase, Workload
 
 __all__ = ["NO_CACHE", "Backend", "BlockType", "HardwareProfile", "KVCacheShape", "Lowering", "Metric", "Solver"]
+
+
+def __getattr__(name: str):
+    """``Solver``, from ``hwopt.problem`` on first use: that module needs numpy, which block types do not."""
+    if name == "Solver":
+        from hwopt.problem import Solver
+
+        return Solver
+    raise AttributeError(f"module 'hwopt.protocols' has no attribute {name!r}")
 
 
 @dataclass(frozen=True)

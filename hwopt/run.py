@@ -1,6 +1,6 @@
 """A run: its settings, its directory, and the passes in order.
 
-Settings come from defaults, then the run directory's ``run.json`` (what
+Settings (``hwopt.settings``) come from defaults, then the run directory's ``run.json`` (what
 earlier commands on this run said), then the command line; the merged
 settings are saved back, so ``hwopt solve --workdir runs/demo --speedup 2``
 needs no other option. Each pass reads the settings it depends on and the
@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
@@ -28,11 +29,10 @@ from hwopt.passes.library import BLDSettings, Library, build_coupled, build_libr
 from hwopt.passes.lower import LowerOptions, lower
 from hwopt.passes.profile import choose_backend, layer_rows, model_variants, print_checks, profile
 from hwopt.passes.score import SCORE_PAIRS, rescore_coupled, score
-from hwopt.passes.solve import Budgets, maximizes, meet_measured_speedup, solve
+from hwopt.passes.solve import maximizes, meet_measured_speedup, solve
 from hwopt.passes.uptrain import UptrainSettings, uptrain
 from hwopt.pipeline import (
     PASSES,
-    UNSET,
     atomic_write_json,
     cache_root,
     fingerprint,
@@ -46,107 +46,9 @@ from hwopt.plugins import block_types, metrics
 from hwopt.progress import console
 from hwopt.report import build_report, measured_here, print_report
 from hwopt.search_space import Scenario, SearchSpace
+from hwopt.settings import PASS_INFO, Settings, load_settings, upstream
 from hwopt.tasks import read_task
 from hwopt.timing import idle_cores
-
-
-@dataclass
-class Settings:
-    model: str = "smollm2-135m"
-    target: str = "cpu"
-    scenario: str = "128/64"
-    batch: int = 1
-    dtype: str | None = None  # default: bf16 on a GPU target, fp32 on the CPU
-    kv_dtype: str | None = None  # default: the dtype
-    backend: str = "auto"
-    require_measured: bool = False
-    repeats: int = 5
-    max_spread: float | None = None  # a measured figure's IQR / median above this is an error
-    threads: int | None = None  # torch's CPU threads; chosen by the run's first command (idle cores), then kept
-    data: list[str] | None = None
-    distill_samples: int = 16384  # tokens sampled from the parent, mixed into training (0: none)
-    seq_len: int = 128
-    kv_heads: list[int] | None = None
-    ffn_fractions: list[float] = field(default_factory=lambda: [0.75, 0.5, 0.25])
-    linear: bool = True
-    no_op: bool = True
-    block_types: list[str] = field(default_factory=list)  # plugins whose block types the run uses, besides built-ins
-    block_options: dict[str, list] = field(default_factory=dict)  # their options (--window 64,256), by name
-    bld_tokens: int = 16384
-    bld_lr: float = 5e-4
-    score_tokens: int = 512
-    score_pairs: str = "decoupled"  # or "coupled": run every (attention, FFN) pair
-    metrics: list[str] = field(default_factory=lambda: ["kl_div"])
-    task_data: str | None = None  # multiple-choice JSONL for metrics that need "task"
-    objective: str | None = None  # default: the first metric
-    speedup: float | None = None
-    memory: str | None = None
-    throughput: float | None = None
-    latency: float | None = None  # ms, the whole batch's generation
-    ttft: float | None = None  # ms to the first token
-    params: str | None = None  # e.g. 50B, 135M
-    solver: str = "scip"
-    num_solutions: int = 1
-    min_diversity: int = 1
-    time_limit: float = 60.0  # seconds per solution
-    coupled_bld: int = 0  # coupled BLD on the pairs of this many diverse decoupled solutions, then solve again
-    speedup_checks: int = 3  # on this CPU: children solved and timed at most until one measures --speedup
-    uptrain_tokens: int = 32768
-    uptrain_lr: float = 1e-4
-    formats: list[str] = field(default_factory=lambda: ["nemotron-nas"])
-    runtime: str | None = None  # the runtime that serves the child (default: the target's, see hwopt.lowering.runtimes)
-    seed: int = 0
-
-    @property
-    def objective_key(self) -> str:
-        """The library key solve optimises: --objective, else the first metric."""
-        return self.objective or f"metrics.{self.metrics[0]}"
-
-    @property
-    def budgets(self) -> Budgets:
-        return Budgets(self.speedup, self.memory, self.throughput, self.latency, self.ttft, self.params)
-
-
-SEARCH_SPACE = ["model", "kv_heads", "ffn_fractions", "linear", "no_op", "block_types", "block_options"]
-DATA = ["data", "distill_samples", "seq_len", "seed"]
-# pass -> (settings it depends on, passes whose outputs it reads)
-PASS_INPUTS = {
-    "profile": (SEARCH_SPACE + ["target", "scenario", "batch", "dtype", "kv_dtype", "backend", "require_measured",
-                                "repeats", "max_spread", "threads"], []),
-    "library": (SEARCH_SPACE + DATA + ["bld_tokens", "bld_lr", "seed"], []),
-    "score": (DATA + ["score_tokens", "score_pairs", "metrics", "task_data"], ["library", "profile"]),
-    "solve": (DATA + ["runtime", "objective", "speedup", "memory", "throughput", "latency", "ttft", "params", "solver",
-                      "num_solutions", "min_diversity", "time_limit", "coupled_bld", "speedup_checks", "bld_tokens",
-                      "bld_lr", "score_tokens", "metrics", "task_data"], ["score", "profile", "library"]),
-    "uptrain": (DATA + ["uptrain_tokens", "uptrain_lr", "seed"], ["library", "solve"]),
-    "lower": (["formats", "runtime", "dtype"], ["uptrain"]),
-}
-
-
-def upstream(name: str) -> list[str]:
-    """Every pass whose outputs ``name`` reads, directly or through another pass, in pipeline order."""
-    found = set(PASS_INPUTS[name][1])
-    for up in PASS_INPUTS[name][1]:
-        found.update(upstream(up))
-    return [p for p in PASSES if p in found]
-
-
-def load_settings(workdir: Path, overrides: dict) -> Settings:
-    """Defaults, then the run's saved settings, then ``overrides`` (values that are not None).
-
-    An override of ``UNSET`` puts a setting whose default is None back to None.
-    """
-    saved_path = Path(workdir) / "run.json"
-    saved = json.loads(saved_path.read_text()) if saved_path.is_file() else {}
-    names = {f.name for f in dataclasses.fields(Settings)}
-    unsettable = {f.name for f in dataclasses.fields(Settings) if f.default is None}
-    given = {k: v for k, v in overrides.items() if v is not None}
-    for key, value in given.items():
-        if value == UNSET and key not in unsettable:
-            raise HwoptError(f"--{key.replace('_', '-')} cannot be unset: it has a default, give a value instead")
-    merged = {**{k: v for k, v in saved.items() if k in names},
-              **{k: None if v == UNSET else v for k, v in given.items()}}
-    return Settings(**merged)
 
 
 class Run:
@@ -214,12 +116,17 @@ class Run:
     def dir(self, name: str) -> Path:
         return self.workdir / name
 
-    def read_json(self, path: str):
+    def output(self, name: str, artifact: str, folder: Path | None = None) -> Path:
+        """Pass ``name``'s artifact (``PassInfo.outputs``): in its finished folder, or in ``folder`` while it is
+        being written."""
+        return (folder or self.dir(name)) / PASS_INFO[name].outputs[artifact]
+
+    def read_json(self, path: str | Path):
         return json.loads((self.workdir / path).read_text())
 
     # --- passes ---------------------------------------------------------------------------------
     def fingerprint(self, name: str) -> str:
-        keys, upstream = PASS_INPUTS[name]
+        keys, upstream = PASS_INFO[name].settings, PASS_INFO[name].reads
         for up in upstream:
             if not output_hash(self.dir(up)):
                 raise HwoptError(f"{name} needs the output of {up} in {self.dir(up)}: run `hwopt {up}` first "
@@ -266,7 +173,7 @@ class Run:
         Raises:
             HwoptError: ``--workdir`` holds no run (most likely mistyped).
         """
-        if PASS_INPUTS[first][1] and not (self.workdir / "run.json").is_file():
+        if PASS_INFO[first].reads and not (self.workdir / "run.json").is_file():
             raise HwoptError(f"{self.workdir} holds no run (no run.json), and {first} needs the outputs of "
                              f"{', '.join(upstream(first))}: check --workdir, or start the run with `hwopt optimize`")
 
@@ -282,7 +189,7 @@ class Run:
         """
         saved = load_settings(self.workdir, {})
         for up in upstream(name):
-            changed = [k for k in PASS_INPUTS[up][0] if getattr(saved, k) != getattr(self.settings, k)]
+            changed = [k for k in PASS_INFO[up].settings if getattr(saved, k) != getattr(self.settings, k)]
             if changed and output_hash(self.dir(up)):
                 what = ", ".join(f"{k} {getattr(saved, k)} -> {getattr(self.settings, k)}" for k in changed)
                 raise HwoptError(f"{up} ran with other settings ({what}), so it is stale for {name}: run "
@@ -301,7 +208,7 @@ class Run:
             return
         console.print(f"[bold]{name}[/bold]")
         with staged_pass(self.dir(name), fp) as out:
-            problems = getattr(self, f"_{name}")(out)
+            problems = STEPS[name].run(self, out)
         if problems:  # only the profile checks itself so far
             for line in problems:
                 console.print(f"[yellow]{name}: warning: {line}[/yellow]", soft_wrap=True)  # one line, however long
@@ -310,36 +217,44 @@ class Run:
                           "runs it again (this one goes on with it)[/yellow]", soft_wrap=True)
 
     def _validate(self, name: str) -> None:
-        """Resolve what a pass will need before it starts, so bad input fails at once."""
+        """Resolve what a pass will need before it starts, then run its own check, so bad input fails at once."""
         _ = self.source, self.target, self.scenario, self.runtime, self.space.block_types()
-        if name == "profile":
-            choose_backend(self.settings.backend, self.target, self.scenario, self.settings.require_measured)
-            if self.settings.max_spread is not None and not self.settings.max_spread > 0:
-                raise HwoptError(f"--max-spread must be a positive fraction (0.1 is 10%), not "
-                                 f"{self.settings.max_spread:g}")
-        if name in ("library", "score", "uptrain", "lower"):
-            self.source.require_weights()
-        if "data" in PASS_INPUTS[name][0]:
+        if "data" in PASS_INFO[name].settings:
             check_data_files(self.settings.data)
             if self.settings.distill_samples < 0:
                 raise HwoptError(f"--distill-samples must be 0 or more tokens, not {self.settings.distill_samples}")
-        if name == "score":
-            if self.settings.score_pairs not in SCORE_PAIRS:
-                raise HwoptError(f"--score-pairs {self.settings.score_pairs!r}: choose {' or '.join(SCORE_PAIRS)}")
-            needing = [m.name for m in self.metric_objects if "task" in getattr(m, "needs", ())]
-            if needing and not self.settings.task_data:
-                raise HwoptError(f"metric {', '.join(needing)} needs --task-data FILE.jsonl (multiple-choice "
-                                 "questions, one per line)")
-            _ = self.task
-        if name == "solve" and not self.settings.budgets.keys():
+        STEPS[name].check(self)
+
+    # --- each pass: its check (run before any pass starts), then what it runs ----------------------------------
+    def _check_profile(self) -> None:
+        choose_backend(self.settings.backend, self.target, self.scenario, self.settings.require_measured)
+        if self.settings.max_spread is not None and not self.settings.max_spread > 0:
+            raise HwoptError(f"--max-spread must be a positive fraction (0.1 is 10%), not "
+                             f"{self.settings.max_spread:g}")
+
+    def _check_weights(self) -> None:
+        self.source.require_weights()
+
+    def _check_score(self) -> None:
+        self.source.require_weights()
+        if self.settings.score_pairs not in SCORE_PAIRS:
+            raise HwoptError(f"--score-pairs {self.settings.score_pairs!r}: choose {' or '.join(SCORE_PAIRS)}")
+        needing = [m.name for m in self.metric_objects if "task" in getattr(m, "needs", ())]
+        if needing and not self.settings.task_data:
+            raise HwoptError(f"metric {', '.join(needing)} needs --task-data FILE.jsonl (multiple-choice "
+                             "questions, one per line)")
+        _ = self.task
+
+    def _check_solve(self) -> None:
+        if not self.settings.budgets.keys():
             raise HwoptError("solve needs a budget: --speedup, --memory, --throughput, --latency, --ttft or --params")
-        if name == "solve" and self.settings.speedup_checks < 0:
+        if self.settings.speedup_checks < 0:
             raise HwoptError(f"--speedup-checks must be 0 (off) or more, not {self.settings.speedup_checks}")
 
     def _profile(self, out: Path) -> list[str]:
         s = self.settings
         costs = profile(self.source, self.target, self.scenario, self.space, s.backend, s.repeats,
-                        out / "costs.json", s.require_measured, s.max_spread)
+                        self.output("profile", "costs", out), s.require_measured, s.max_spread)
         print_checks(costs)
         return costs["checks"]["problems"]
 
@@ -351,34 +266,36 @@ class Run:
     def _score(self, out: Path) -> None:
         library = Library(self.dir("library"), self.parent)
         score(self.parent, library, self.split.score_batches(self.settings.score_tokens), self.metric_objects,
-              self.read_json("profile/costs.json"), out, self.task, self.settings.score_pairs)
+              self.read_json(self.output("profile", "costs")), out, self.task, self.settings.score_pairs)
 
     def library(self, coupled: bool = True) -> Library:
         """The run's block library, with the solve pass's coupled-BLD pairs unless ``coupled`` is false."""
-        return Library(self.dir("library"), self.parent, self.dir("solve") / "coupled" if coupled else None)
+        return Library(self.dir("library"), self.parent, self.output("solve", "coupled") if coupled else None)
 
     def _solve(self, out: Path) -> None:
         s = self.settings
-        costs = self.read_json("profile/costs.json")
-        library = runnable_library(self.read_json("score/block_library.json"), self.runtime, self.source.config)
+        costs = self.read_json(self.output("profile", "costs"))
+        library = runnable_library(self.read_json(self.output("score", "block_library")), self.runtime,
+                                   self.source.config)
         if s.coupled_bld:
             library = self._coupled_bld(library, costs, out)
 
         def solve_at(speedup: float | None) -> dict:
             return solve(library, costs, dataclasses.replace(s.budgets, speedup=speedup), s.objective_key, s.solver,
-                         out / "solutions.json", maximizes(s.objective_key), s.num_solutions, s.min_diversity,
-                         s.time_limit)
+                         self.output("solve", "solutions", out), maximizes(s.objective_key), s.num_solutions,
+                         s.min_diversity, s.time_limit)
 
         if s.speedup and s.speedup_checks and self.target.kind == "cpu" and costs["source"]["kind"] == "measured":
             # the target is this machine: time the chosen child against the parent, whole, as the report will
-            children = Library(self.dir("library"), self.parent, out / "coupled")
+            children = Library(self.dir("library"), self.parent, self.output("solve", "coupled", out))
 
             def measure(result: dict) -> dict:
                 child = children.assemble([tuple(v) for v in result["solutions"][0]["variants"]])
                 return measured_speedup(self.parent, child, self.scenario)
 
             result, checks = meet_measured_speedup(solve_at, measure, s.speedup, s.speedup_checks)
-            atomic_write_json(out / "solutions.json", result)  # the child kept, which need not be the last solved
+            # the child kept, which need not be the last one solved
+            atomic_write_json(self.output("solve", "solutions", out), result)
         else:
             result, checks = solve_at(s.speedup), []
         best = result["solutions"][0]
@@ -400,28 +317,29 @@ class Run:
                           decoupled_library.variant_names(i, "ffn")[0]) for i in range(len(self.parent.model.layers))]
         subspace = coupled_subspace([sol["variants"] for sol in decoupled["solutions"]], parent_choice)
         build_coupled(self.parent, decoupled_library, subspace, self.split.train_batches(s.bld_tokens),
-                      BLDSettings(tokens=s.bld_tokens, lr=s.bld_lr, seed=s.seed), out / "coupled")
-        rescored = rescore_coupled(self.parent, Library(self.dir("library"), self.parent, out / "coupled"), library,
+                      BLDSettings(tokens=s.bld_tokens, lr=s.bld_lr, seed=s.seed), self.output("solve", "coupled", out))
+        rescored = rescore_coupled(self.parent, Library(self.dir("library"), self.parent,
+                                                        self.output("solve", "coupled", out)), library,
                                    subspace, self.split.score_batches(s.score_tokens), self.metric_objects, costs,
                                    self.task)
-        atomic_write_json(out / "block_library.json", rescored)
+        atomic_write_json(self.output("solve", "block_library", out), rescored)
         return rescored
 
     def _uptrain(self, out: Path) -> None:
         s = self.settings
-        variants = self.read_json("solve/solutions.json")["solutions"][0]["variants"]
+        variants = self.read_json(self.output("solve", "solutions"))["solutions"][0]["variants"]
         child = self.library().assemble([tuple(v) for v in variants])
         stats = uptrain(child, self.parent, self.split.train_batches(s.uptrain_tokens),
                         self.split.score_batches(self.settings.score_tokens),
                         UptrainSettings(tokens=s.uptrain_tokens, lr=s.uptrain_lr, seed=s.seed))
-        save_nemotron_nas(child, out / "model", self.tokenizer)
-        atomic_write_json(out / "uptrain.json", stats)
+        save_nemotron_nas(child, self.output("uptrain", "model", out), self.tokenizer)
+        atomic_write_json(self.output("uptrain", "stats", out), stats)
         console.print(f"uptrain: held-out KL {stats['heldout_kl_before']:.4f} -> {stats['heldout_kl_after']:.4f}"
                       + ("" if stats["kept_uptrained_weights"] else " (worse: kept the weights from before)"))
 
     def _lower(self, out: Path) -> None:
         options = LowerOptions(self.runtime, self.target, self.scenario, self.source.label)
-        child = load_checkpoint(self.dir("uptrain") / "model", block_types())
+        child = load_checkpoint(self.output("uptrain", "model"), block_types())
         lower(child, self.tokenizer, self.settings.formats, out, options)
 
     def report(self) -> dict:
@@ -434,10 +352,10 @@ class Run:
         if path.is_file() and (old := json.loads(path.read_text())).get("fingerprint") == fp:
             print_report(old)
             return old
-        child = load_checkpoint(self.dir("uptrain") / "model", block_types())
+        child = load_checkpoint(self.output("uptrain", "model"), block_types())
         texts = {"heldout": self.split.heldout_batches(self.settings.score_tokens), "general": self.general_heldout}
-        report = build_report(self.parent, child, self.read_json("solve/solutions.json"), self.scenario, texts,
-                              measured_here(), self.task)
+        report = build_report(self.parent, child, self.read_json(self.output("solve", "solutions")), self.scenario,
+                              texts, measured_here(), self.task)
         report["fingerprint"] = fp
         atomic_write_json(path, report)
         print_report(report)
@@ -454,3 +372,22 @@ class Run:
             self.run_pass(name, force)
         if until == "lower":
             self.report()
+
+
+@dataclass(frozen=True)
+class Step:
+    """How a run carries out one pass (``PassInfo`` in ``hwopt.settings`` says what it reads and writes)."""
+
+    check: Callable[[Run], None]  # run before any pass of the command starts: bad input fails at once
+    run: Callable[[Run, Path], list[str] | None]  # writes the outputs into the folder; returns failed self-checks
+
+
+STEPS = {
+    "profile": Step(Run._check_profile, Run._profile),
+    "library": Step(Run._check_weights, Run._library),
+    "score": Step(Run._check_score, Run._score),
+    "solve": Step(Run._check_solve, Run._solve),
+    "uptrain": Step(Run._check_weights, Run._uptrain),
+    "lower": Step(Run._check_weights, Run._lower),
+}
+assert tuple(STEPS) == PASSES

@@ -10,6 +10,7 @@ package ``hwopt.x`` counts as an edge to that submodule. Imports under
 from __future__ import annotations
 
 import ast
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -109,17 +110,29 @@ def test_model_code_does_not_import_the_plugin_layer():
     assert not offenders, ", ".join(sorted(offenders))
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["--version"]])
-def test_light_commands_import_neither_torch_nor_transformers(argv):
+LIBRARY = {f"layer_{i}": {f"v{j}": {"stats": {"runtime_ms": 1.0 + i + j, "memory_mib": 10.0 * (4 - j)},
+                                      "metrics": {"kl_div": 0.1 * j}} for j in range(4)} for i in range(3)}
+HEAVY = ("torch", "transformers")
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["targets"], ["plugins"], ["solve", "--help"],
+                                  ["solve", "--library", "{library}", "--max", "stats.runtime_ms=9",
+                                   "--json", "{out}"]], ids=" ".join)
+def test_light_commands_import_neither_torch_nor_transformers(argv, tmp_path):
+    library = tmp_path / "block_library.json"
+    library.write_text(json.dumps(LIBRARY))
+    argv = [a.format(library=library, out=tmp_path / "solutions.json") for a in argv]
     code = ("import sys, contextlib, io\n"
             "from hwopt.cli import main\n"
             "with contextlib.redirect_stdout(io.StringIO()):\n"
             "    try:\n"
-            f"        main({argv!r})\n"
-            "    except SystemExit:\n"
-            "        pass\n"
-            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n")
+            f"        rc = main({argv!r})\n"
+            "    except SystemExit as exc:\n"
+            "        rc = exc.code\n"
+            f"print(rc, sorted(m for m in {HEAVY!r} if m in sys.modules))\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           cwd=PACKAGE.parent)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip().splitlines()[-1] == "[]", f"hwopt {' '.join(argv)} imported {proc.stdout}"
+    assert proc.stdout.strip().splitlines()[-1] in ("0 []", "None []"), f"hwopt {' '.join(argv)}: {proc.stdout}"
+    if "--library" in argv:  # it did solve
+        assert json.loads((tmp_path / "solutions.json").read_text())["solutions"]

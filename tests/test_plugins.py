@@ -25,7 +25,7 @@ EXPECTED = {
                                     "no_op_ffn"}, True),
     "metrics": ("metrics", {"kl_div", "lm_loss", "cosine", "top1_agreement", "top5_agreement",
                             "task_accuracy"}, True),
-    "backends": ("backend_{name}", {"torch", "onnxruntime", "tensorrt", "roofline"}, True),
+    "backends": ("backends", {"torch", "onnxruntime", "tensorrt", "roofline"}, True),  # registered Lazy
     "hardware_profiles": ("hardware_profiles", {"cpu", "h100-sxm", "a100-80gb", "rtx-4090"}, False),
     "solvers": ("solvers", {"scip"}, False),
     "lowerings": ("lowerings", {"nemotron-nas"}, False),

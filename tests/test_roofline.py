@@ -8,24 +8,18 @@ import time
 
 import pytest
 
+import hwopt.calibration as calibration
+import hwopt.cpu_roof as cpu_roof
 import hwopt.plugins
 import hwopt.roofline as roofline
+from hwopt.calibration import calibration_of, fit_calibration, profile_toml
 from hwopt.cli import main
+from hwopt.cpu_roof import roof_of
 from hwopt.errors import HwoptError
 from hwopt.hardware import HardwareProfile, resolve_target
 from hwopt.model.config import AttentionConfig, FFNConfig
 from hwopt.models import resolve_model
-from hwopt.roofline import (
-    CostTerms,
-    Efficiency,
-    Roof,
-    calibration_of,
-    fit_calibration,
-    outside_layers_terms,
-    profile_toml,
-    roof_of,
-    roofline_ms,
-)
+from hwopt.roofline import CostTerms, Efficiency, Roof, outside_layers_terms, roofline_ms
 from hwopt.search_space import Scenario, SearchSpace, sub_variant_of, sub_variants
 from hwopt.workload import Phase, Workload, scenario_phases
 
@@ -134,7 +128,7 @@ def synthetic_rows(target, efficiency: Efficiency) -> list[dict]:
                    "kind": kind, **({"block": block} if block else {}), "dtype": "bf16", "kv_dtype": "bf16",
                    "phase": phase.name, "batch": phase.batch, "new_tokens": phase.new_tokens, "cached": phase.cached,
                    "ms": 1.0}
-            [row_terms] = roofline.workload_terms(roofline.CalibrationRow.from_dict(row).workload())
+            [row_terms] = roofline.workload_terms(calibration.CalibrationRow.from_dict(row).workload())
             rows.append({**row, "ms": roofline_ms(row_terms, roof_of(target), "bf16", "bf16", efficiency)})
     return rows
 
@@ -229,19 +223,19 @@ def test_cpu_roof_measured_once_and_cached(tmp_path, monkeypatch):
         calls.append(machine)
         return Roof({"fp32": 0.1, "bf16": 0.2}, 20.0, f"peaks measured on {machine}")
 
-    monkeypatch.setattr(roofline, "measure_cpu_roof", fake_measure)
-    roofline._cached_cpu_roof.cache_clear()
+    monkeypatch.setattr(cpu_roof, "measure_cpu_roof", fake_measure)
+    cpu_roof._cached_cpu_roof.cache_clear()
     cpu = resolve_target("cpu")
     assert roof_of(cpu).bandwidth_gbs == 20.0
-    roofline._cached_cpu_roof.cache_clear()  # a new process: the file answers
+    cpu_roof._cached_cpu_roof.cache_clear()  # a new process: the file answers
     assert roof_of(cpu).peak_tflops == {"fp32": 0.1, "bf16": 0.2}
     assert len(calls) == 1 and cpu.description in calls[0]
     assert (tmp_path / "cpu-roofs.json").is_file()
-    roofline._cached_cpu_roof.cache_clear()
+    cpu_roof._cached_cpu_roof.cache_clear()
 
 
 def test_cpu_micro_benchmarks_measure_something():
-    roof = roofline.measure_cpu_roof("this test's CPU")
+    roof = cpu_roof.measure_cpu_roof("this test's CPU")
     assert roof.bandwidth_gbs > 0.1 and all(peak > 1e-4 for peak in roof.peak_tflops.values())
     assert set(roof.peak_tflops) == {"fp32", "bf16"} and "this test's CPU" in roof.source
 

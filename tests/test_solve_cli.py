@@ -2,7 +2,9 @@
 
 import json
 
+import pyscipopt
 import pytest
+import scipy.optimize
 from test_solve import brute_force, library_total, random_library
 
 from hwopt.builtin import solvers as builtin
@@ -226,10 +228,10 @@ def test_sweep_writes_a_monotone_table_and_plot(library_file, tmp_path):
 @pytest.mark.parametrize("solver", [builtin.ScipSolver(), builtin.HighsSolver()], ids=lambda s: s.name)
 def test_sweep_builds_the_model_once(monkeypatch, solver):
     forms, models, matrices = [], [], set()
-    of, scip_model, milp = LinearForm.of, builtin.Model, builtin.milp
+    of, scip_model, milp = LinearForm.of, pyscipopt.Model, scipy.optimize.milp  # imported when a model is built
     monkeypatch.setattr(LinearForm, "of", staticmethod(lambda problem: forms.append(problem) or of(problem)))
-    monkeypatch.setattr(builtin, "Model", lambda *args: models.append(args) or scip_model(*args))
-    monkeypatch.setattr(builtin, "milp", lambda *args, constraints, **kwargs: matrices.add(id(constraints.A))
+    monkeypatch.setattr(pyscipopt, "Model", lambda *args: models.append(args) or scip_model(*args))
+    monkeypatch.setattr(scipy.optimize, "milp", lambda *args, constraints, **kwargs: matrices.add(id(constraints.A))
                         or milp(*args, constraints=constraints, **kwargs))
     problem = problem_from_library(LIBRARY, "metrics.kl_div", [Constraint("stats.memory_mib", max=400)])
 

@@ -20,7 +20,6 @@ import onnxruntime
 import torch
 
 from hwopt.builtin.backend_torch import cpu_threads, wall_clock_timer
-from hwopt.hookspecs import hookimpl
 from hwopt.onnx_export import export_phases, named_inputs
 from hwopt.timing import Timer
 from hwopt.workload import Workload, kv_dtype_unsupported, rotation, rotation_size, step_inputs
@@ -73,7 +72,3 @@ class OnnxRuntimeBackend:
                 phase_calls.append(calls)
             return wall_clock_timer(phase_calls)
 
-
-@hookimpl
-def hwopt_register_backends(register):
-    register(OnnxRuntimeBackend())

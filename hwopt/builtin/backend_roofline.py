@@ -9,8 +9,9 @@ milliseconds.
 
 from __future__ import annotations
 
-from hwopt.hookspecs import hookimpl
-from hwopt.roofline import DATASHEET, calibration_of, roof_of, roofline_ms, workload_terms
+from hwopt.calibration import calibration_of
+from hwopt.cpu_roof import roof_of
+from hwopt.roofline import DATASHEET, roofline_ms, workload_terms
 from hwopt.timing import Timer
 from hwopt.workload import Workload
 
@@ -42,7 +43,3 @@ class RooflineBackend:
               for terms in workload_terms(workload)]
         return lambda: ms
 
-
-@hookimpl
-def hwopt_register_backends(register):
-    register(RooflineBackend())

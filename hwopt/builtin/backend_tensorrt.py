@@ -24,7 +24,6 @@ import torch
 
 from hwopt.builtin.backend_torch import WARMUP, cuda_events_ms, gpu_name, target_gpu_missing
 from hwopt.errors import HwoptError
-from hwopt.hookspecs import hookimpl
 from hwopt.lowering.tensorrt_engine import build_engine, engine_build_plan, major_version
 from hwopt.onnx_export import export_phases, named_inputs
 from hwopt.timing import Timer
@@ -132,7 +131,3 @@ class TensorRTBackend:
                 keep_alive += [runtime, engines, bound]
             return contexts_timer(phase_contexts, keep_alive)
 
-
-@hookimpl
-def hwopt_register_backends(register):
-    register(TensorRTBackend())

@@ -17,7 +17,6 @@ import time
 
 import torch
 
-from hwopt.hookspecs import hookimpl
 from hwopt.timing import Timer, usable_cores
 from hwopt.workload import (
     Workload,
@@ -156,7 +155,3 @@ def cuda_graph_timer(phase_calls: list[list[tuple]]) -> Timer:
         phase_graphs.append(graphs)
     return lambda: [cuda_events_ms([graph.replay for graph in graphs]) for graphs in phase_graphs]
 
-
-@hookimpl
-def hwopt_register_backends(register):
-    register(TorchBackend())

@@ -8,24 +8,43 @@ the least-squares fit of the parent sub-block on its own inputs. Each type
 reads and writes its ``block_configs`` entry in nemotron-nas spelling
 (``hwopt.model.config``'s ``AttentionConfig``/``FFNConfig``); which type an
 entry belongs to is decided by its flags (``claims``).
+
+torch and the modules are imported where a sub-block is built or
+initialised: listing block types, reading a config and pricing it with the
+roofline (``hwopt plugins``, ``hwopt estimate``) need none of it.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-
-import torch
+from typing import TYPE_CHECKING
 
 from hwopt.hookspecs import hookimpl
 from hwopt.model.config import FFN_MULT_GRID, AttentionConfig, FFNConfig, head_dim
-from hwopt.model.modeling_nemotron_nas import GroupedQueryAttention, LinearAttention, LinearFFN, SwiGLU
 from hwopt.protocols import NO_CACHE, KVCacheShape
 from hwopt.roofline import SILU_PRODUCT_FLOPS, CostTerms, attended_pairs, matmul, norm_and_residual
 from hwopt.search_space import SearchSpace
 
+if TYPE_CHECKING:
+    import torch
+
+
+def no_grad(method):
+    """``torch.no_grad()`` around ``method``, importing torch at the first call rather than with this module."""
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        import torch
+
+        with torch.no_grad():
+            return method(*args, **kwargs)
+    return wrapper
+
 
 def least_squares_linear(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """The weight W (out x in) minimising ||x W^T - y||^2, lightly ridge-regularised."""
+    import torch
+
     x64, y64 = x.reshape(-1, x.shape[-1]).double(), y.reshape(-1, y.shape[-1]).double()
     gram = x64.T @ x64
     ridge = 1e-4 * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
@@ -112,6 +131,8 @@ class GQAttentionType(BuiltinJSON):
         return f"kv{config.num_attention_heads // cfg.n_heads_in_group}"
 
     def build(self, cfg, config):
+        from hwopt.model.modeling_nemotron_nas import GroupedQueryAttention
+
         return GroupedQueryAttention(config, cfg.n_heads_in_group)
 
     def num_params(self, cfg, config) -> int:
@@ -124,7 +145,7 @@ class GQAttentionType(BuiltinJSON):
     def cost_terms(self, cfg, config, phase) -> CostTerms:
         return grouped_query_terms(config, cfg.n_heads_in_group, phase)
 
-    @torch.no_grad()
+    @no_grad
     def init_from_parent(self, module, parent, x, position_embeddings) -> None:
         """Copy Q and O; each new KV head is the mean of the parent KV heads it replaces."""
         module.q_proj.load_state_dict(parent.q_proj.state_dict())
@@ -157,6 +178,8 @@ class SwiGLUType(BuiltinJSON):
         return f"ffn{cfg.intermediate_size}"
 
     def build(self, cfg, config):
+        from hwopt.model.modeling_nemotron_nas import SwiGLU
+
         return SwiGLU(config, cfg.intermediate_size)
 
     def num_params(self, cfg, config) -> int:
@@ -173,9 +196,11 @@ class SwiGLUType(BuiltinJSON):
     def kv_cache(self, cfg, config) -> KVCacheShape:
         return NO_CACHE
 
-    @torch.no_grad()
+    @no_grad
     def init_from_parent(self, module, parent, x, position_embeddings) -> None:
         """Keep the channels that carry the most output: mean |silu(gate) * up| times |down column|."""
+        import torch
+
         hidden = torch.nn.functional.silu(parent.gate_proj(x)) * parent.up_proj(x)
         importance = hidden.abs().reshape(-1, hidden.shape[-1]).mean(0) * parent.down_proj.weight.norm(dim=0)
         keep = importance.topk(module.gate_proj.out_features).indices.sort().values
@@ -195,7 +220,6 @@ class LinearType(BuiltinJSON):
         self.kind = kind
         self.name = f"linear_{kind}"
         self._config = AttentionConfig if kind == "attention" else FFNConfig
-        self._module = LinearAttention if kind == "attention" else LinearFFN
 
     def variants(self, config, space: SearchSpace) -> list:
         return [self._config(replace_with_linear=True)] if space.linear else []
@@ -210,7 +234,9 @@ class LinearType(BuiltinJSON):
         return "attn_linear" if self.kind == "attention" else "ffn_linear"
 
     def build(self, cfg, config):
-        return self._module(config)
+        from hwopt.model.modeling_nemotron_nas import LinearAttention, LinearFFN
+
+        return (LinearAttention if self.kind == "attention" else LinearFFN)(config)
 
     def num_params(self, cfg, config) -> int:
         return config.hidden_size * config.hidden_size + config.hidden_size
@@ -224,7 +250,7 @@ class LinearType(BuiltinJSON):
     def kv_cache(self, cfg, config) -> KVCacheShape:
         return NO_CACHE
 
-    @torch.no_grad()
+    @no_grad
     def init_from_parent(self, module, parent, x, position_embeddings) -> None:
         target = parent(x, position_embeddings)
         module.linear.weight.copy_(least_squares_linear(x, target))

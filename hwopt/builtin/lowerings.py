@@ -4,26 +4,35 @@ A lowering has ``name``, ``description`` (what it writes), ``needs`` (what
 must be installed or present to write it), optionally ``available(options)
 -> (bool, reason)``, and ``lower(model, tokenizer, out_dir, options)`` with
 ``options`` a ``hwopt.passes.lower.LowerOptions``.
+
+What a lowering writes with (torch, transformers, TensorRT) is imported in
+its ``lower``, so that listing the formats imports none of it.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from hwopt.builtin.backend_tensorrt import TensorRTBackend
 from hwopt.hookspecs import hookimpl
-from hwopt.lowering.transformers_code import TORCH_DTYPES, write_remote_code
-from hwopt.model.checkpoint import save_nemotron_nas
-from hwopt.progress import console
 
 
 def weights_dtype(options, fmt: str) -> str:
     """The dtype a format is written in: ``options.dtype``, or bf16 for fp8 (which needs a quantizer's scales)."""
+    from hwopt.lowering.transformers_code import TORCH_DTYPES
+    from hwopt.progress import console
+
     if options.dtype in TORCH_DTYPES:
         return options.dtype
     console.print(f"[yellow]{fmt}: {options.dtype} weights need a quantizer (TensorRT-LLM, ModelOpt); "
                   "writing bf16[/yellow]")
     return "bf16"
+
+
+def weights_torch_dtype(options, fmt: str):
+    """``weights_dtype`` as a torch dtype."""
+    from hwopt.lowering.transformers_code import TORCH_DTYPES
+
+    return TORCH_DTYPES[weights_dtype(options, fmt)]
 
 
 class NemotronNASLowering:
@@ -34,7 +43,10 @@ class NemotronNASLowering:
     needs = "nothing beyond hwopt"
 
     def lower(self, model, tokenizer, out_dir, options) -> None:
-        save_nemotron_nas(model, out_dir, tokenizer, TORCH_DTYPES[weights_dtype(options, self.name)])
+        from hwopt.lowering.transformers_code import write_remote_code
+        from hwopt.model.checkpoint import save_nemotron_nas
+
+        save_nemotron_nas(model, out_dir, tokenizer, weights_torch_dtype(options, self.name))
         write_remote_code(out_dir)
 
 
@@ -51,7 +63,7 @@ class OnnxLowering:
 
         from hwopt.lowering.onnx_kv import export_onnx
 
-        path = export_onnx(model, Path(out_dir) / "model.onnx", TORCH_DTYPES[weights_dtype(options, self.name)])
+        path = export_onnx(model, Path(out_dir) / "model.onnx", weights_torch_dtype(options, self.name))
         onnx.checker.check_model(str(path))
         if tokenizer is not None:
             tokenizer.save_pretrained(out_dir)
@@ -67,6 +79,8 @@ class TensorRTLowering:
     def available(self, options) -> tuple[bool, str]:
         if options.target is None:
             return False, "TensorRT engines are built for a GPU --target"
+        from hwopt.builtin.backend_tensorrt import TensorRTBackend
+
         return TensorRTBackend().available(options.target, options.scenario)
 
     def lower(self, model, tokenizer, out_dir, options) -> None:
@@ -77,7 +91,7 @@ class TensorRTLowering:
         from hwopt.lowering.tensorrt_engine import build_tensorrt_engine
 
         with tempfile.TemporaryDirectory(prefix="hwopt-trt-") as tmp:
-            onnx_path = export_onnx(model, Path(tmp) / "model.onnx", TORCH_DTYPES[weights_dtype(options, self.name)])
+            onnx_path = export_onnx(model, Path(tmp) / "model.onnx", weights_torch_dtype(options, self.name))
             Path(out_dir).mkdir(parents=True, exist_ok=True)
             build_tensorrt_engine(onnx_path, out_dir, options.model_name, options.target, options.scenario,
                                   nvml_gpu_name())
@@ -94,7 +108,7 @@ class AOTInductorLowering:
 
         from hwopt.lowering.aoti import export_aoti
 
-        dtype = TORCH_DTYPES[weights_dtype(options, self.name)]
+        dtype = weights_torch_dtype(options, self.name)
         for device in ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",):
             export_aoti(model, Path(out_dir) / f"model.{device}.pt2", device, dtype)
         model.to("cpu")
@@ -119,6 +133,8 @@ class GGUFLowering:
         from hwopt.errors import HwoptError
         from hwopt.lowering.gguf import convert_to_gguf, find_llama_cpp
         from hwopt.lowering.runtimes import RUNTIMES, check_checkpoint
+        from hwopt.lowering.transformers_code import TORCH_DTYPES
+        from hwopt.model.checkpoint import save_nemotron_nas
 
         if tokenizer is None:
             raise HwoptError("gguf: a GGUF carries its tokenizer, and this model has none")

@@ -4,13 +4,14 @@
 The others are the alternatives both papers report: the student's own LM
 loss, how often it keeps the parent's top token, and accuracy on a user's
 multiple-choice task.
-"""
 
-import torch.nn.functional as F
+torch is imported where a metric is computed, so that listing the metrics
+(``hwopt plugins``) or asking which way one points (``hwopt solve
+--library``) imports none of it.
+"""
 
 from hwopt.hookspecs import hookimpl
 from hwopt.metric import Outputs, kl_divergence
-from hwopt.tasks import task_accuracy
 
 
 class KLDivergence:
@@ -30,6 +31,8 @@ class LMLoss:
     higher_is_better = False
 
     def compute(self, student: Outputs, teacher: Outputs) -> float:
+        import torch.nn.functional as F
+
         return F.cross_entropy(student.logits.float(), student.labels, ignore_index=-100).item()
 
 
@@ -40,6 +43,8 @@ class CosineDistance:
     higher_is_better = False
 
     def compute(self, student: Outputs, teacher: Outputs) -> float:
+        import torch.nn.functional as F
+
         return (1 - F.cosine_similarity(student.hidden.float(), teacher.hidden.float(), dim=-1)).mean().item()
 
 
@@ -66,6 +71,8 @@ class TaskAccuracy:
     needs = ("task",)
 
     def compute(self, student: Outputs, teacher: Outputs) -> float:
+        from hwopt.tasks import task_accuracy
+
         return task_accuracy(student.model, student.task)
 
 

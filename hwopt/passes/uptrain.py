@@ -19,14 +19,15 @@ from hwopt.evaluate import compare_on_heldout
 from hwopt.metric import kl_divergence
 from hwopt.model.modeling import HeteroLlamaForCausalLM
 from hwopt.progress import progress
+from hwopt.settings import default
 
 
 @dataclass(frozen=True)
 class UptrainSettings:
-    tokens: int = 16384
+    tokens: int = default("uptrain_tokens")
     batch_sequences: int = 4
-    lr: float = 1e-4
-    seed: int = 0
+    lr: float = default("uptrain_lr")
+    seed: int = default("seed")
 
 
 def gkd_loss(student_out, teacher_out) -> torch.Tensor:

@@ -1,0 +1,169 @@
+"""A run's settings: one set of defaults, what each pass reads, and how a command's options merge in.
+
+Settings come from the defaults below, then the run directory's
+``run.json`` (what earlier commands on this run said), then the command
+line. This module imports neither torch nor transformers: the command line
+reads it to build each command's options and help.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from hwopt.errors import HwoptError
+from hwopt.pipeline import PASSES, UNSET
+
+if TYPE_CHECKING:
+    from hwopt.passes.solve import Budgets
+
+DEFAULT_SCENARIO = "128/64"  # INPUT/OUTPUT tokens per request, wherever a command takes --scenario
+
+
+@dataclass
+class Settings:
+    model: str = "smollm2-135m"
+    target: str = "cpu"
+    scenario: str = DEFAULT_SCENARIO
+    batch: int = 1
+    dtype: str | None = None  # default: bf16 on a GPU target, fp32 on the CPU
+    kv_dtype: str | None = None  # default: the dtype
+    backend: str = "auto"
+    require_measured: bool = False
+    repeats: int = 5
+    max_spread: float | None = None  # a measured figure's IQR / median above this is an error
+    threads: int | None = None  # torch's CPU threads; chosen by the run's first command (idle cores), then kept
+    data: list[str] | None = None
+    distill_samples: int = 16384  # tokens sampled from the parent, mixed into training (0: none)
+    seq_len: int = 128
+    kv_heads: list[int] | None = None
+    ffn_fractions: list[float] = field(default_factory=lambda: [0.75, 0.5, 0.25])
+    linear: bool = True
+    no_op: bool = True
+    block_types: list[str] = field(default_factory=list)  # plugins whose block types the run uses, besides built-ins
+    block_options: dict[str, list] = field(default_factory=dict)  # their options (--window 64,256), by name
+    bld_tokens: int = 16384
+    bld_lr: float = 5e-4
+    score_tokens: int = 512
+    score_pairs: str = "decoupled"  # or "coupled": run every (attention, FFN) pair
+    metrics: list[str] = field(default_factory=lambda: ["kl_div"])
+    task_data: str | None = None  # multiple-choice JSONL for metrics that need "task"
+    objective: str | None = None  # default: the first metric
+    speedup: float | None = None
+    memory: str | None = None
+    throughput: float | None = None
+    latency: float | None = None  # ms, the whole batch's generation
+    ttft: float | None = None  # ms to the first token
+    params: str | None = None  # e.g. 50B, 135M
+    solver: str = "scip"
+    num_solutions: int = 1
+    min_diversity: int = 1
+    time_limit: float = 60.0  # seconds per solution
+    coupled_bld: int = 0  # coupled BLD on the pairs of this many diverse decoupled solutions, then solve again
+    speedup_checks: int = 3  # on this CPU: children solved and timed at most until one measures --speedup
+    uptrain_tokens: int = 32768
+    uptrain_lr: float = 1e-4
+    formats: list[str] = field(default_factory=lambda: ["nemotron-nas"])
+    runtime: str | None = None  # the runtime that serves the child (default: the target's, see hwopt.lowering.runtimes)
+    seed: int = 0
+
+    @property
+    def objective_key(self) -> str:
+        """The library key solve optimises: --objective, else the first metric."""
+        return self.objective or f"metrics.{self.metrics[0]}"
+
+    @property
+    def budgets(self) -> Budgets:
+        from hwopt.passes.solve import Budgets
+
+        return Budgets(self.speedup, self.memory, self.throughput, self.latency, self.ttft, self.params)
+
+
+SEARCH_SPACE = ("model", "kv_heads", "ffn_fractions", "linear", "no_op", "block_types", "block_options")
+DATA = ("data", "distill_samples", "seq_len", "seed")
+
+
+@dataclass(frozen=True)
+class PassInfo:
+    """What a pass declares about itself, in the manner of TVM's ``PassInfo``: the settings it reads, the passes
+    whose outputs it reads (requires), and the outputs it writes into ``<workdir>/<name>/`` (ensures).
+
+    ``settings`` are those its fingerprint covers: a change to one reruns
+    the pass, and the passes after it. ``also_reads``: settings it reads
+    that leave its outputs unchanged (its command's help lists them too).
+    ``outputs``: artifact -> its path inside the pass's folder, named here
+    once for the pass that writes it and the passes that read it.
+    """
+
+    name: str
+    settings: tuple[str, ...]
+    reads: tuple[str, ...] = ()
+    outputs: dict[str, str] = field(default_factory=dict)
+    also_reads: tuple[str, ...] = ()
+
+
+
+PASS_INFO = {p.name: p for p in (
+    PassInfo("profile", (*SEARCH_SPACE, "target", "scenario", "batch", "dtype", "kv_dtype", "backend",
+                         "require_measured", "repeats", "max_spread", "threads"),
+             outputs={"costs": "costs.json"}),
+    PassInfo("library", (*SEARCH_SPACE, *DATA, "bld_tokens", "bld_lr")),  # a folder of trained variants
+    PassInfo("score", (*DATA, "score_tokens", "score_pairs", "metrics", "task_data"), reads=("library", "profile"),
+             outputs={"block_library": "block_library.json"}),
+    PassInfo("solve", (*DATA, "runtime", "objective", "speedup", "memory", "throughput", "latency", "ttft", "params",
+                       "solver", "num_solutions", "min_diversity", "time_limit", "coupled_bld", "speedup_checks",
+                       "bld_tokens", "bld_lr", "score_tokens", "metrics", "task_data"),
+             reads=("score", "profile", "library"),
+             outputs={"solutions": "solutions.json", "coupled": "coupled",  # coupled BLD's pairs, trained
+                      "block_library": "block_library.json"},  # rescored with them
+             also_reads=("scenario", "batch", "dtype")),  # `solve --library`: the scenario its runtimes hold for
+    PassInfo("uptrain", (*DATA, "uptrain_tokens", "uptrain_lr"), reads=("library", "solve"),
+             outputs={"model": "model", "stats": "uptrain.json"}),
+    PassInfo("lower", ("formats", "runtime", "dtype"), reads=("uptrain",),  # a folder per format
+             also_reads=("scenario", "batch", "kv_dtype")),  # what the lowered child is built for
+)}
+assert tuple(PASS_INFO) == PASSES
+
+
+def upstream(name: str) -> list[str]:
+    """Every pass whose outputs ``name`` reads, directly or through another pass, in pipeline order."""
+    found = set(PASS_INFO[name].reads)
+    for up in PASS_INFO[name].reads:
+        found.update(upstream(up))
+    return [p for p in PASSES if p in found]
+
+
+def load_settings(workdir: Path, overrides: dict) -> Settings:
+    """Defaults, then the run's saved settings, then ``overrides`` (values that are not None).
+
+    An override of ``UNSET`` puts a setting whose default is None back to None.
+    """
+    saved_path = Path(workdir) / "run.json"
+    saved = json.loads(saved_path.read_text()) if saved_path.is_file() else {}
+    names = {f.name for f in dataclasses.fields(Settings)}
+    unsettable = {f.name for f in dataclasses.fields(Settings) if f.default is None}
+    given = {k: v for k, v in overrides.items() if v is not None}
+    for key, value in given.items():
+        if value == UNSET and key not in unsettable:
+            raise HwoptError(f"--{key.replace('_', '-')} cannot be unset: it has a default, give a value instead")
+    merged = {**{k: v for k, v in saved.items() if k in names},
+              **{k: None if v == UNSET else v for k, v in given.items()}}
+    return Settings(**merged)
+
+
+def default(name: str):
+    """The default of one setting (``default("bld_lr")``), for code that must not repeat it."""
+    f = next(f for f in dataclasses.fields(Settings) if f.name == name)
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+RESOLVED = ("model", "target")  # every pass resolves the run's model and target before it starts
+
+
+def settings_read_by(command: str) -> set[str]:
+    """The settings ``hwopt <command>`` reads: a pass's own, or every pass's for ``optimize``."""
+    passes = PASSES if command == "optimize" else [command]
+    return {k for p in passes for k in (*RESOLVED, *PASS_INFO[p].settings, *PASS_INFO[p].also_reads)}

@@ -1,0 +1,62 @@
+"""Each command's help lists the options it reads, each with a help string; the rest stay accepted."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from hwopt.cli import build_parser
+from hwopt.pipeline import PASSES
+
+
+def subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+def shown_options(parser: argparse.ArgumentParser) -> set[str]:
+    return {flag for a in parser._actions if a.help != argparse.SUPPRESS for flag in a.option_strings}
+
+
+def test_every_option_of_every_command_has_help():
+    missing = [f"{name} {a.option_strings[0]}" for name, p in subparsers(build_parser()).items()
+               for a in p._actions if a.option_strings and not (a.help or "").strip()]
+    assert not missing, ", ".join(missing)
+
+
+def test_solve_help_lists_only_what_solve_reads():
+    solve = subparsers(build_parser("solve"))["solve"]
+    shown = shown_options(solve)
+    assert {"--speedup", "--solver", "--library", "--scenario", "--workdir"} <= shown
+    assert not {"--uptrain-lr", "--uptrain-tokens", "--format", "--kv-heads", "--repeats", "--threads"} & shown
+    help_text = solve.format_help()
+    assert "--uptrain-lr" not in help_text and "--speedup" in help_text
+
+
+def test_an_option_left_out_of_a_pass_help_is_still_accepted():
+    args = build_parser("solve").parse_args(["solve", "--uptrain-lr", "3e-4", "--scenario", "512/256"])
+    assert args.uptrain_lr == 3e-4 and args.scenario == "512/256"
+
+
+@pytest.mark.parametrize("option, default", [("--model", "smollm2-135m"), ("--target", "cpu"),
+                                             ("--bld-lr", "0.0005"), ("--uptrain-lr", "0.0001"), ("--seed", "0"),
+                                             ("--scenario", "128/64")])
+def test_optimize_help_gives_the_settings_defaults(option, default):
+    optimize = subparsers(build_parser("optimize"))["optimize"]
+    action = next(a for a in optimize._actions if option in a.option_strings)
+    assert f"default {default}" in action.help
+
+
+def test_optimize_shows_every_pass_option():
+    parsers = subparsers(build_parser())
+    standalone = {"--out", "--library", "--max", "--range", "--maximize", "--sweep", "--json"}  # no run directory
+    every_pass = set().union(*(shown_options(parsers[name]) for name in PASSES)) - standalone
+    assert every_pass <= shown_options(parsers["optimize"])
+
+
+@pytest.mark.parametrize("command", ["estimate", "evaluate"])
+def test_estimate_help_names_the_roofline_default_backend(command):
+    p = subparsers(build_parser())[command]
+    backend = next(a for a in p._actions if "--backend" in a.option_strings)
+    assert "default: roofline" in backend.help
