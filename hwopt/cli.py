@@ -92,8 +92,8 @@ def add_scenario_options(o: Options, backend_default: str = AUTO_BACKEND) -> Non
                        f"{backend_default})")
     o.add("--require-measured", "stop with an error rather than estimate when nothing can measure on the target here",
           action="store_const", const=True)
-    o.add("--repeats", "timed rounds of every block, interleaved (default 5; more while a block's timings spread by "
-                       "over 10%%, for a bounded time)", type=int)
+    o.add("--repeats", "timed rounds of every block, interleaved (default 5; more while a block's median is not "
+                       "known to within 4%%, for a bounded time)", type=int)
 
 
 def add_run_options(p: argparse.ArgumentParser, command: str, plugin_options: bool = True) -> None:
@@ -110,7 +110,8 @@ def add_run_options(p: argparse.ArgumentParser, command: str, plugin_options: bo
     o.add("--workdir", "run directory (default: runs/default)", default="runs/default")
     o.add("--force", "run the pass(es) even if their inputs did not change", action="store_true")
     o.add("--max-spread", "stop with an error when a measured block's timings spread (IQR / median over rounds) by "
-                          "more than this, e.g. 0.1, or the machine is too busy to measure (default: warn above 0.1)",
+                          "more than this, e.g. 0.1, or the machine is too busy to measure (default: warn when a "
+                          "median's standard error exceeds 4%%)",
           type=or_none(float))
     o.add("--threads", "torch CPU threads for this run, per process under torchrun (default: chosen by its first "
                        "command, one per core other processes leave idle, shared among a node's ranks, then kept)",
@@ -168,7 +169,8 @@ def add_run_options(p: argparse.ArgumentParser, command: str, plugin_options: bo
     o.add("--min-diversity", "each solution differs from every earlier one in at least this many layers", type=int)
     o.add("--time-limit", "solver seconds per solution", type=float)
     o.add("--speedup-checks", "with --speedup on this CPU: time the chosen child against the parent and solve again "
-                              "with a tighter budget while it measures slower, at most this many times (0: off)",
+                              "with a budget tighter by the shortfall while it measures slower; at most this many "
+                              "children (0: off)",
           type=int)
     o.add("--coupled-bld", "coupled BLD (Puzzle Table 6): train the (attention, FFN) pairs of this many diverse "
                            "decoupled solutions as whole layers, score them again and solve again (0: off)", type=int)

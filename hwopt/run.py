@@ -22,7 +22,7 @@ from hwopt.data import cached_parent_samples, check_data_files, general_heldout,
 from hwopt.devices import Placement, resolve_placement
 from hwopt.distributed import Ranks, local_world, ranks, staged_on_ranks
 from hwopt.errors import HwoptError
-from hwopt.evaluate import measure_runtimes
+from hwopt.evaluate import measured_speedup
 from hwopt.hardware import resolve_target
 from hwopt.lowering.runtimes import Runtime, resolve_runtime, runnable_library
 from hwopt.memory_plan import MemoryPlan, library_plan, score_plan, uptrain_plan
@@ -40,7 +40,7 @@ from hwopt.passes.library import (
 from hwopt.passes.lower import LowerOptions, lower
 from hwopt.passes.profile import choose_backend, layer_rows, model_variants, print_checks, profile
 from hwopt.passes.score import SCORE_PAIRS, pairs_to_run, rescore_coupled, score
-from hwopt.passes.solve import maximizes, solve
+from hwopt.passes.solve import maximizes, meet_measured_speedup, solve
 from hwopt.passes.uptrain import UptrainSettings, uptrain
 from hwopt.pipeline import (
     PASSES,
@@ -288,6 +288,8 @@ class Run:
     def _check_solve(self) -> None:
         if not self.settings.budgets.keys():
             raise HwoptError("solve needs a budget: --speedup, --memory, --throughput, --latency, --ttft or --params")
+        if self.settings.speedup_checks < 0:
+            raise HwoptError(f"--speedup-checks must be 0 (off) or more, not {self.settings.speedup_checks}")
 
     def _profile(self, out: Path) -> list[str]:
         s = self.settings
@@ -344,34 +346,26 @@ class Run:
                                    self.source.config)
         if s.coupled_bld:
             library = self._coupled_bld(library, costs, out)
-        budgets, checks = s.budgets, []
-        best = None
-        while True:
-            try:
-                solution = solve(library, costs, budgets, s.objective_key, s.solver,
-                                 self.output("solve", "solutions", out), maximizes(s.objective_key), s.num_solutions,
-                                 s.min_diversity, s.time_limit)
-            except HwoptError as exc:
-                if best is None:
-                    raise
-                console.print(f"[yellow]solve: no child meets {budgets.speedup:.2f}x predicted ({exc}); keeping the "
-                              f"{checks[-1]['measured_speedup']:.2f}x one[/yellow]")
-                break
-            best = solution["solutions"][0]
-            if not (s.speedup and self.target.kind == "cpu" and costs["source"]["kind"] == "measured"
-                    and len(checks) < s.speedup_checks):
-                break
+
+        def solve_at(speedup: float | None) -> dict:
+            return solve(library, costs, dataclasses.replace(s.budgets, speedup=speedup), s.objective_key, s.solver,
+                         self.output("solve", "solutions", out), maximizes(s.objective_key), s.num_solutions,
+                         s.min_diversity, s.time_limit)
+
+        if s.speedup and s.speedup_checks and self.target.kind == "cpu" and costs["source"]["kind"] == "measured":
             # the target is this machine: time the chosen child against the parent, whole, as the report will
-            child = self.library(solve_dir=out).assemble([tuple(v) for v in best["variants"]])
-            ms = measure_runtimes({"parent": self.parent, "child": child}, self.scenario,
-                                  self.parent.config.vocab_size)
-            checks.append({"budget_speedup": budgets.speedup, "predicted_speedup": best["predicted_speedup"],
-                           "measured_speedup": ms["parent"] / ms["child"], "measured_ms": ms})
-            console.print(f"solve: the child measures {checks[-1]['measured_speedup']:.2f}x here "
-                          f"(predicted {best['predicted_speedup']:.2f}x)")
-            if checks[-1]["measured_speedup"] >= s.speedup:
-                break
-            budgets = dataclasses.replace(budgets, speedup=budgets.speedup * s.speedup / checks[-1]["measured_speedup"])
+            children = self.library(solve_dir=out)
+
+            def measure(result: dict) -> dict:
+                child = children.assemble([tuple(v) for v in result["solutions"][0]["variants"]])
+                return measured_speedup(self.parent, child, self.scenario)
+
+            result, checks = meet_measured_speedup(solve_at, measure, s.speedup, s.speedup_checks)
+            # the child kept, which need not be the last one solved
+            atomic_write_json(self.output("solve", "solutions", out), result)
+        else:
+            result, checks = solve_at(s.speedup), []
+        best = result["solutions"][0]
         atomic_write_json(out / "speedup_checks.json", checks)
         console.print(f"solve: predicted speedup {best['predicted_speedup']:.2f}x, "
                       f"objective {best['objective']:.4f} ({best['solver']}, {best['status']})")

@@ -63,7 +63,7 @@ class Settings:
     min_diversity: int = 1
     time_limit: float = 60.0  # seconds per solution
     coupled_bld: int = 0  # coupled BLD on the pairs of this many diverse decoupled solutions, then solve again
-    speedup_checks: int = 3  # on this CPU: re-solves allowed when the chosen child measures below --speedup
+    speedup_checks: int = 3  # on this CPU: children solved and timed at most until one measures --speedup
     uptrain_tokens: int = 32768
     uptrain_lr: float = 1e-4
     formats: list[str] = field(default_factory=lambda: ["nemotron-nas"])
