@@ -8,7 +8,8 @@ Needs a run through the library pass. Three ways of scoring the same layers:
   assembled by ``Library.layer`` (both variants read from disk for every
   partner) and run, the parent's own pair included;
 - ``coupled``: every pair, each variant read once per layer, the parent's own
-  pair not rerun (``hwopt score --score-pairs coupled``);
+  pair not rerun, the parent streamed a layer at a time
+  (``hwopt score --score-pairs coupled``);
 - ``decoupled``: the default (``--score-pairs decoupled``).
 
 Prints the seconds of each and the speedups, and how well the decoupled
@@ -29,7 +30,7 @@ from scipy.stats import spearmanr
 
 from hwopt.builtin.metrics import KLDivergence
 from hwopt.passes.library import Library
-from hwopt.passes.score import ParentActivations, outputs_of, score
+from hwopt.passes.score import outputs_of, score
 from hwopt.run import Run, load_settings
 
 
@@ -44,18 +45,20 @@ def subset(library: Library, layers: list[int]) -> Library:
 
 @torch.inference_mode()
 def score_before(parent, library: Library, ids: torch.Tensor, layers: list[int]) -> dict:
-    """The former score pass's loop, KL only: one fresh ``Library.layer`` and forward per pair."""
-    activations = ParentActivations(parent)
-    teacher = outputs_of(activations.final_hidden, parent.lm_head, ids, None)
+    """The former score pass's loop, KL only: the whole parent's hidden states at every layer kept, then one fresh
+    ``Library.layer`` and forward from layer i per pair."""
+    hidden = parent(ids, output_hidden_states=True).hidden_states
+    position_embeddings = parent.position_embeddings(hidden[0], 0)
+    head = parent.output_head()
+    teacher = outputs_of(hidden[-1], head, ids, None, None)
     kl = KLDivergence()
     out = {}
     for i in layers:
         for a in library.variant_names(i, "attention"):
             for f in library.variant_names(i, "ffn"):
                 layer = library.layer(i, a, f)
-                student = outputs_of(lambda x, i=i, layer=layer: activations.swapped_final_hidden(x, i, layer),
-                                     parent.lm_head, ids, None)
-                out[(i, f"{a}+{f}")] = kl.compute(student, teacher)
+                x = parent.run_layers(layer(hidden[i], position_embeddings), position_embeddings, start=i + 1)
+                out[(i, f"{a}+{f}")] = kl.compute(outputs_of(x, head, ids, None, None), teacher)
     return out
 
 

@@ -15,7 +15,7 @@ import sys
 from hwopt import __version__
 from hwopt.errors import HwoptError
 from hwopt.lowering.runtimes import RUNTIMES
-from hwopt.pipeline import PASSES, UNSET, locked_run_dir
+from hwopt.pipeline import PASSES, UNSET
 from hwopt.settings import DEFAULT_SCENARIO, Settings, settings_read_by
 
 SETTINGS_DEFAULTS = {f.name: getattr(Settings(), f.name) for f in dataclasses.fields(Settings)}
@@ -92,8 +92,8 @@ def add_scenario_options(o: Options, backend_default: str = AUTO_BACKEND) -> Non
                        f"{backend_default})")
     o.add("--require-measured", "stop with an error rather than estimate when nothing can measure on the target here",
           action="store_const", const=True)
-    o.add("--repeats", "timed rounds of every block, interleaved (default 5; more while a block's timings spread by "
-                       "over 10%%, for a bounded time)", type=int)
+    o.add("--repeats", "timed rounds of every block, interleaved (default 5; more while a block's median is not "
+                       "known to within 4%%, for a bounded time)", type=int)
 
 
 def add_run_options(p: argparse.ArgumentParser, command: str, plugin_options: bool = True) -> None:
@@ -110,10 +110,19 @@ def add_run_options(p: argparse.ArgumentParser, command: str, plugin_options: bo
     o.add("--workdir", "run directory (default: runs/default)", default="runs/default")
     o.add("--force", "run the pass(es) even if their inputs did not change", action="store_true")
     o.add("--max-spread", "stop with an error when a measured block's timings spread (IQR / median over rounds) by "
-                          "more than this, e.g. 0.1, or the machine is too busy to measure (default: warn above 0.1)",
+                          "more than this, e.g. 0.1, or the machine is too busy to measure (default: warn when a "
+                          "median's standard error exceeds 4%%)",
           type=or_none(float))
-    o.add("--threads", "torch CPU threads for this run (default: chosen by its first command, one per core other "
-                       "processes leave idle, then kept)", type=or_none(int))
+    o.add("--threads", "torch CPU threads for this run, per process under torchrun (default: chosen by its first "
+                       "command, one per core other processes leave idle, shared among a node's ranks, then kept)",
+          type=or_none(int))
+    o.add("--device", "where library, score, uptrain and the report run: auto (the target's GPU when it is here, else "
+                      "the CPU), cpu, cuda, cuda:N (under torchrun, cuda is each rank's LOCAL_RANK)")
+    o.add("--train-dtype", "the parent and activations there; trained weights and AdamW state stay fp32 (default: "
+                           "bf16 on a GPU, fp32 on the CPU)", choices=("bf16", "fp32"))
+    o.add("--max-memory", "host memory per rank a pass may plan for, e.g. 8GiB: a pass whose memory plan needs more "
+                          "stops before it starts (default: no limit; score carries up to 1 GiB of hidden states)",
+          type=or_none(str))
     o.add("--model", "model name (smollm2-135m, llama-3.1-8b, llama-3.1-70b) or checkpoint directory")
     o.add("--target", "hardware target: cpu, h100, a100, 4090, auto (the GPU NVML sees, else the CPU), or a "
                       "target .toml")
@@ -165,7 +174,8 @@ def add_run_options(p: argparse.ArgumentParser, command: str, plugin_options: bo
     o.add("--min-diversity", "each solution differs from every earlier one in at least this many layers", type=int)
     o.add("--time-limit", "solver seconds per solution", type=float)
     o.add("--speedup-checks", "with --speedup on this CPU: time the chosen child against the parent and solve again "
-                              "with a tighter budget while it measures slower, at most this many times (0: off)",
+                              "with a budget tighter by the shortfall while it measures slower; at most this many "
+                              "children (0: off)",
           type=int)
     o.add("--coupled-bld", "coupled BLD (Puzzle Table 6): train the (attention, FFN) pairs of this many diverse "
                            "decoupled solutions as whole layers, score them again and solve again (0: off)", type=int)
@@ -247,6 +257,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=4096, help="held-out tokens from --data (default 4096)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per held-out sequence (default 128)")
     p.add_argument("--target", default="cpu", help="target the per-layer runtimes are predicted for (default cpu)")
+    p.add_argument("--device", default="auto", help="where both models run: auto (the target's GPU when it is here, "
+                                                    "else the CPU), cpu, cuda, cuda:N (default auto)")
+    p.add_argument("--train-dtype", choices=("bf16", "fp32"), help="the models' dtype there (default: bf16 on a GPU, "
+                                                                   "fp32 on the CPU)")
     p.add_argument("--out", default="evaluation", help="folder for report.md, evaluation.json and per_layer.png "
                                                        "(default ./evaluation)")
     add_scenario_options(Options(p), backend_default="roofline")
@@ -322,13 +336,14 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from hwopt.data import GENERAL_HELDOUT, check_data_files, general_heldout, load_split
+    from hwopt.devices import resolve_placement
     from hwopt.estimate import estimate
     from hwopt.evaluate import evaluate
     from hwopt.hardware import resolve_target
     from hwopt.models import resolve_model
     from hwopt.pipeline import atomic_write_json
     from hwopt.plots import per_layer_runtime
-    from hwopt.report import measured_here, print_report, write_markdown
+    from hwopt.report import label_measurement, print_report, write_markdown
     from hwopt.search_space import Scenario
     from hwopt.tasks import read_task
 
@@ -345,9 +360,10 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     task = read_task(args.task_data, tokenizer) if args.task_data else None
     split = load_split(args.data, tokenizer, args.seq_len)
     texts = {"heldout": split.heldout_batches(args.tokens), "general": general_heldout(tokenizer, args.seq_len)}
-    child, parent = sources["child"].load(), sources["parent"].load()
+    placement = resolve_placement(args.device, args.train_dtype, target.kind)
+    child, parent = (sources[role].load(placement.device, placement.dtype) for role in ("child", "parent"))
     report = evaluate(child, parent, texts, scenario, task, args.repeats or 3)
-    report["measured_on"] = measured_here()
+    label_measurement(report, placement, target)
     report["texts"]["heldout"]["source"] = f"the last tenth of {split.source}"
     report["texts"]["general"]["source"] = str(GENERAL_HELDOUT.name)
     predicted = {role: estimate(source, target, scenario, args.backend or "roofline", args.repeats or 3)
@@ -457,13 +473,17 @@ def run_command(args: argparse.Namespace) -> None:
     skip = ("command", "workdir", "start", "until", "out", "force", *LIBRARY_OPTIONS, *options)
     overrides = {k: v for k, v in vars(args).items() if k not in skip}
     given = {name: vars(args)[dest] for dest, name in options.items() if vars(args).get(dest) is not None}
+    from hwopt.distributed import locked_for_job
+    from hwopt.progress import console
     from hwopt.run import Run, load_settings
 
     if given:
         overrides["block_options"] = {**load_settings(args.workdir, {}).block_options, **given}
     run = Run(args.workdir, load_settings(args.workdir, overrides))
     run.require_run(args.start if args.command == "optimize" else args.command)
-    with locked_run_dir(args.workdir):
+    if not run.ranks.is_main:  # under torchrun, rank 0 speaks for the job
+        console.quiet = True
+    with locked_for_job(args.workdir, run.ranks):
         if args.command == "optimize":
             run.optimize(args.start, args.until, args.force)
         else:

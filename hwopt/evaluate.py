@@ -3,7 +3,8 @@
 ``compare_on_heldout`` is one forward of each model per batch: KL(parent ||
 child) per token, both perplexities, and how often the child's top token is
 the parent's. ``measure_runtimes`` times whole generations, runs
-interleaved so that drift on a shared machine affects both alike.
+interleaved so that drift on a shared machine affects both alike;
+``measured_speedup`` says how precise the ratio of two such times is.
 ``evaluate`` is ``hwopt evaluate``: every figure on every text set given,
 plus runtime, tokens/s and memory in one serving scenario.
 """
@@ -22,6 +23,7 @@ from hwopt.model.modeling import HeteroLlamaForCausalLM, greedy_tokens
 from hwopt.model.modeling_nemotron_nas import GroupedQueryAttention
 from hwopt.search_space import Scenario
 from hwopt.tasks import MultipleChoice, task_accuracy
+from hwopt.timing import median_error
 from hwopt.workload import MIB
 
 
@@ -35,7 +37,8 @@ def compare_on_heldout(child, parent, ids: torch.Tensor, batch: int = 4) -> dict
     (exp of the mean next-token cross-entropy), and top-1 agreement (fraction of positions where the child's
     most likely next token is the parent's)."""
     kl = child_loss = parent_loss = agree = 0.0
-    for rows in torch.split(ids, batch):
+    device = next(child.parameters()).device
+    for rows in torch.split(ids.to(device), batch):
         student, teacher = child(rows).logits, parent(rows).logits
         kl += kl_divergence(student.flatten(0, 1), teacher.flatten(0, 1)).item() * len(rows)
         child_loss += _next_token_loss_sum(student, rows)
@@ -46,21 +49,43 @@ def compare_on_heldout(child, parent, ids: torch.Tensor, batch: int = 4) -> dict
             "parent_perplexity": math.exp(parent_loss / predicted), "top1_agreement": agree / ids.numel()}
 
 
-def measure_runtimes(models: dict[str, HeteroLlamaForCausalLM], scenario: Scenario, vocab_size: int,
-                     repeats: int = 3) -> dict[str, float]:
-    """Median wall-clock ms of a full greedy generation (``scenario``'s batch, input and output lengths) for
+def runtime_rounds(models: dict[str, HeteroLlamaForCausalLM], scenario: Scenario, vocab_size: int,
+                   repeats: int = 3) -> dict[str, list[float]]:
+    """Wall-clock ms of ``repeats`` full greedy generations (``scenario``'s batch, input and output lengths) by
     each model, runs interleaved, after one warm-up each."""
     torch.manual_seed(0)
-    prompts = torch.randint(0, vocab_size, (scenario.batch, scenario.input_len))
+    device = next(next(iter(models.values())).parameters()).device
+    prompts = torch.randint(0, vocab_size, (scenario.batch, scenario.input_len)).to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     for model in models.values():
         greedy_tokens(model, prompts, 2)
     times = {name: [] for name in models}
     for _ in range(repeats):
         for name, model in models.items():
+            sync()
             start = time.perf_counter()
             greedy_tokens(model, prompts, scenario.output_len)
+            sync()
             times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
+
+
+def measure_runtimes(models: dict[str, HeteroLlamaForCausalLM], scenario: Scenario, vocab_size: int,
+                     repeats: int = 3) -> dict[str, float]:
+    """Median wall-clock ms of each model's generations in ``runtime_rounds``."""
+    return {name: statistics.median(t) for name, t in runtime_rounds(models, scenario, vocab_size, repeats).items()}
+
+
+def measured_speedup(parent: HeteroLlamaForCausalLM, child: HeteroLlamaForCausalLM, scenario: Scenario,
+                     repeats: int = 5) -> dict:
+    """The child's speedup measured here: the parent's median generation ms over the child's, runs interleaved
+    (``runtime_rounds``), with the ratio's relative standard error ``error``: each median's
+    (``hwopt.timing.median_error``) added in quadrature, as the relative errors of a ratio's independent factors
+    add to first order. Returns ``{"measured_speedup", "error", "measured_ms": {"parent", "child"}}``."""
+    rounds = runtime_rounds({"parent": parent, "child": child}, scenario, parent.config.vocab_size, repeats)
+    ms = {name: statistics.median(t) for name, t in rounds.items()}
+    return {"measured_speedup": ms["parent"] / ms["child"], "error": math.hypot(*map(median_error, rounds.values())),
+            "measured_ms": ms}
 
 
 def memory_mib(model: HeteroLlamaForCausalLM, scenario: Scenario) -> dict[str, float]:

@@ -73,11 +73,14 @@ class ModelSource:
             raise HwoptError(f"no weights for {self.label}: {self.weights_hint}")
         return self.weights_dir
 
-    def load(self) -> HeteroLlamaForCausalLM:
+    def load(self, device="cpu", dtype=None) -> HeteroLlamaForCausalLM:
+        """The whole model on ``device`` (a ``torch.device`` or its name) in ``dtype`` (None: fp32)."""
+        import torch
+
         from hwopt.lowering import transformers_code  # noqa: F401  (registers nemotron-nas with the Auto classes)
         from hwopt.model.checkpoint import load_checkpoint
 
-        return load_checkpoint(self.require_weights(), block_types())
+        return load_checkpoint(self.require_weights(), block_types(), device, dtype or torch.float32)
 
     def tokenizer(self):
         from transformers import AutoTokenizer

@@ -35,12 +35,13 @@ LOCK = ".lock"
 
 
 @contextmanager
-def locked_run_dir(workdir: Path) -> Iterator[None]:
+def locked_run_dir(workdir: Path, holder: str | None = None) -> Iterator[None]:
     """Hold the run directory for one command; a second command on it meanwhile is refused in one line.
 
     The lock is ``flock`` on ``<workdir>/.lock``, which the kernel drops when
     the process ends, however it ends: a killed command never leaves the run
-    locked.
+    locked. ``holder`` names the command in the lock file besides its pid (the
+    ranks of a torchrun job share one lock, ``hwopt.distributed.locked_for_job``).
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -54,7 +55,7 @@ def locked_run_dir(workdir: Path) -> Iterator[None]:
                              "or use another --workdir") from None
         f.seek(0)
         f.truncate()
-        f.write(f"pid {os.getpid()}\n")
+        f.write(f"pid {os.getpid()}{', ' + holder if holder else ''}\n")
         f.flush()
         try:
             yield
@@ -138,6 +139,11 @@ def mark_not_up_to_date(pass_dir: Path, problems: list[str]) -> None:
     atomic_write_json(Path(pass_dir) / MANIFEST, manifest)
 
 
+def partial_dir(pass_dir: Path) -> Path:
+    """Where a pass builds its outputs until they are complete."""
+    return Path(pass_dir).with_name(Path(pass_dir).name + ".partial")
+
+
 @contextmanager
 def staged_pass(pass_dir: Path, fp: str) -> Iterator[Path]:
     """The partial folder a pass writes into; swapped into place when the pass returns.
@@ -147,7 +153,7 @@ def staged_pass(pass_dir: Path, fp: str) -> Iterator[Path]:
     cleared.
     """
     pass_dir = Path(pass_dir)
-    partial = pass_dir.with_name(pass_dir.name + ".partial")
+    partial = partial_dir(pass_dir)
     if partial.exists() and (partial / FINGERPRINT).is_file() and (partial / FINGERPRINT).read_text() != fp:
         shutil.rmtree(partial)
     partial.mkdir(parents=True, exist_ok=True)

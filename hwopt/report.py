@@ -13,6 +13,7 @@ from pathlib import Path
 
 from rich.table import Table
 
+from hwopt.devices import Placement
 from hwopt.evaluate import evaluate
 from hwopt.pipeline import atomic_write_text
 from hwopt.progress import console
@@ -21,20 +22,13 @@ from hwopt.search_space import Scenario
 TEXT_LABELS = {"heldout": "run's own held-out text", "general": "general English (never trained on)"}
 
 
-def measured_here() -> str:
-    """This machine, as measured figures name it."""
-    import torch
-
-    from hwopt.hardware import resolve_target
-
-    return f"{resolve_target('cpu').description} (torch {torch.__version__}, wall clock)"
-
-
-def build_report(parent, child, solutions: dict, scenario: Scenario, texts: dict, device: str,
+def build_report(parent, child, solutions: dict, scenario: Scenario, texts: dict, placement: Placement, target,
                  task=None) -> dict:
-    """``hwopt.evaluate.evaluate`` of the child, with the profile's predicted runtimes and memory."""
+    """``hwopt.evaluate.evaluate`` of the child (run where ``placement`` says), with the profile's predicted
+    runtimes and memory for ``target``; says whether the measurement is of the target."""
     report = evaluate(child, parent, texts, scenario, task)
-    report["measured_on"] = device
+    label_measurement(report, placement, target)
+    report["predicted_on"] = target.name
     totals = {"parent": solutions["parent"]["totals"], "child": solutions["solutions"][0]["totals"]}
     for role in ("parent", "child"):
         report[role]["memory_mib_predicted"] = totals[role]["stats.memory_mib"]
@@ -43,14 +37,24 @@ def build_report(parent, child, solutions: dict, scenario: Scenario, texts: dict
     return report
 
 
+def label_measurement(report: dict, placement: Placement, target) -> None:
+    """Record where the measured figures come from, and whether that is ``target``."""
+    import torch
+
+    report["measured_on"] = f"{placement.describe()}, torch {torch.__version__}, wall clock"
+    report["measured_on_target"] = placement.runs_on(target)
+
+
 def report_rows(report: dict) -> list[tuple[str, str, str, str]]:
     """(figure, parent, child, child / parent) rows for the table and ``report.md``."""
     p, c = report["parent"], report["child"]
     rows = [("parameters", f"{p['params']:,}", f"{c['params']:,}", f"{c['params'] / p['params']:.3f}")]
+    here = "" if report.get("measured_on_target", True) else " here"
     for label, key, fmt in (("memory (MiB, weights + KV)", "memory_mib", "{:.1f}"),
-                            ("runtime predicted (ms)", "runtime_ms_predicted", "{:.1f}"),
-                            ("runtime measured (ms)", "runtime_ms_measured", "{:.1f}"),
-                            ("tokens/s measured", "tokens_per_s", "{:.0f}"),
+                            (f"runtime predicted on {report.get('predicted_on', 'the target')} (ms)",
+                             "runtime_ms_predicted", "{:.1f}"),
+                            (f"runtime measured{here} (ms)", "runtime_ms_measured", "{:.1f}"),
+                            (f"tokens/s measured{here}", "tokens_per_s", "{:.0f}"),
                             ("task accuracy", "task_accuracy", "{:.3f}")):
         if key in p:
             rows.append((label, fmt.format(p[key]), fmt.format(c[key]), f"{c[key] / p[key]:.3f}" if p[key] else ""))
@@ -64,8 +68,15 @@ def report_rows(report: dict) -> list[tuple[str, str, str, str]]:
 
 
 def speedup_line(report: dict) -> str:
-    predicted = f"predicted {report['predicted_speedup']:.2f}x, " if "predicted_speedup" in report else ""
-    return f"speedup: {predicted}measured {report['measured_speedup']:.2f}x on {report['measured_on']}"
+    """The predicted and measured speedups, each with where it holds; a measurement of another machine than the
+    target is said to be one, not put beside the prediction as if it checked it."""
+    target = report.get("predicted_on", "the target")
+    predicted = f"predicted {report['predicted_speedup']:.2f}x on {target}" if "predicted_speedup" in report else ""
+    measured = f"measured {report['measured_speedup']:.2f}x on {report['measured_on']}"
+    if report.get("measured_on_target", True):
+        return f"speedup: {predicted}{', ' if predicted else ''}{measured}"
+    return (f"speedup: {predicted}; {measured}, which is this machine and not {target}: the measurement does not "
+            f"check the prediction")
 
 
 def title(report: dict) -> str:

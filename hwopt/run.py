@@ -19,18 +19,29 @@ from pathlib import Path
 import torch
 
 from hwopt.data import cached_parent_samples, check_data_files, general_heldout, load_split
+from hwopt.devices import Placement, resolve_placement
+from hwopt.distributed import Ranks, local_world, ranks, staged_on_ranks
 from hwopt.errors import HwoptError
-from hwopt.evaluate import measure_runtimes
+from hwopt.evaluate import measured_speedup
 from hwopt.hardware import resolve_target
 from hwopt.lowering.runtimes import Runtime, resolve_runtime, runnable_library
+from hwopt.memory_plan import MemoryPlan, library_plan, score_plan, uptrain_plan
 from hwopt.model.checkpoint import load_checkpoint, save_nemotron_nas
+from hwopt.model.layerwise import LayerwiseParent
 from hwopt.model.modeling import HeteroLlamaForCausalLM
 from hwopt.models import resolve_model
-from hwopt.passes.library import BLDSettings, Library, build_coupled, build_library, coupled_subspace
+from hwopt.passes.library import (
+    BLDSettings,
+    Library,
+    build_coupled,
+    build_library,
+    coupled_subspace,
+    variants_for_layer,
+)
 from hwopt.passes.lower import LowerOptions, lower
 from hwopt.passes.profile import choose_backend, layer_rows, model_variants, print_checks, profile
-from hwopt.passes.score import SCORE_PAIRS, rescore_coupled, score
-from hwopt.passes.solve import maximizes, solve
+from hwopt.passes.score import SCORE_PAIRS, pairs_to_run, rescore_coupled, score
+from hwopt.passes.solve import maximizes, meet_measured_speedup, solve
 from hwopt.passes.two_layer import add_two_layer_entries, assemble_child, build_two_layer
 from hwopt.passes.uptrain import UptrainSettings, uptrain
 from hwopt.pipeline import (
@@ -41,12 +52,11 @@ from hwopt.pipeline import (
     is_up_to_date,
     mark_not_up_to_date,
     output_hash,
-    staged_pass,
 )
 from hwopt.plots import per_layer_runtime
 from hwopt.plugins import block_types, metrics
 from hwopt.progress import console
-from hwopt.report import build_report, measured_here, print_report
+from hwopt.report import build_report, print_report
 from hwopt.search_space import Scenario, SearchSpace
 from hwopt.settings import PASS_INFO, Settings, load_settings, upstream
 from hwopt.tasks import read_task
@@ -84,8 +94,23 @@ class Run:
         return resolve_runtime(self.settings.runtime, self.target)
 
     @cached_property
+    def placement(self) -> Placement:
+        return resolve_placement(self.settings.device, self.settings.train_dtype, self.target.kind)
+
+    @cached_property
+    def ranks(self) -> Ranks:
+        return ranks()
+
+    @cached_property
     def parent(self):
-        return self.source.load()
+        """The whole parent, on the run's device in its train dtype."""
+        return self.source.load(self.placement.device, self.placement.dtype)
+
+    @cached_property
+    def layerwise_parent(self) -> LayerwiseParent:
+        """The parent read a layer at a time (library and score never hold it whole)."""
+        return LayerwiseParent(self.source.require_weights(), block_types(), self.placement.device,
+                               self.placement.dtype)
 
     @cached_property
     def tokenizer(self):
@@ -161,8 +186,9 @@ class Run:
         same count.
         """
         s = self.settings
-        if s.threads is None:
-            s.threads, load = idle_cores()
+        if s.threads is None:  # under torchrun: rank 0 shares the idle cores among this machine's ranks
+            threads, load = idle_cores()
+            s.threads = self.ranks.from_main(max(1, threads // local_world()))
             console.print(f"threads: {s.threads} ({load.describe()}); the run keeps this number, --threads N "
                           "changes it")
         if s.threads < 1:
@@ -199,18 +225,26 @@ class Run:
                                  f"new settings, or leave them out")
 
     def run_pass(self, name: str, force: bool = False) -> None:
-        """Run one pass, unless it is up to date (``force``: run it anyway)."""
+        """Run one pass, unless it is up to date (``force``: run it anyway).
+
+        Under torchrun, library, score and uptrain run on every rank; the other passes on rank 0 while the
+        others wait (``hwopt.distributed``).
+        """
         self._validate(name)  # bad input fails before anything is said or chosen
         self.check_upstream_settings(name)
         self.use_threads()
-        self.save_settings()
+        if self.ranks.is_main:
+            self.save_settings()
         fp = self.fingerprint(name)
         if is_up_to_date(self.dir(name), fp) and not force:
             console.print(f"[dim]{name}: up to date, skipped (--force runs it again)[/dim]")
             return
         console.print(f"[bold]{name}[/bold]")
-        with staged_pass(self.dir(name), fp) as out:
-            problems = STEPS[name].run(self, out)
+        if plan := self.memory_plan(name):
+            console.print("\n".join(plan.lines(self.ranks.world)), highlight=False)
+        works_here = name in SHARDED or self.ranks.is_main
+        with staged_on_ranks(self.dir(name), fp, self.ranks) as out:
+            problems = STEPS[name].run(self, out) if works_here else None
         if problems:  # only the profile checks itself so far
             for line in problems:
                 console.print(f"[yellow]{name}: warning: {line}[/yellow]", soft_wrap=True)  # one line, however long
@@ -221,6 +255,12 @@ class Run:
     def _validate(self, name: str) -> None:
         """Resolve what a pass will need before it starts, then run its own check, so bad input fails at once."""
         _ = self.source, self.target, self.scenario, self.runtime, self.space.block_types()
+        if "device" in PASS_INFO[name].settings + PASS_INFO[name].also_reads:
+            _ = self.placement
+        if plan := self.memory_plan(name):
+            device = self.placement.device
+            plan.check(self.settings.max_memory,
+                       torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None)
         if "data" in PASS_INFO[name].settings:
             check_data_files(self.settings.data)
             if self.settings.distill_samples < 0:
@@ -255,6 +295,8 @@ class Run:
     def _check_solve(self) -> None:
         if not self.settings.budgets.keys():
             raise HwoptError("solve needs a budget: --speedup, --memory, --throughput, --latency, --ttft or --params")
+        if self.settings.speedup_checks < 0:
+            raise HwoptError(f"--speedup-checks must be 0 (off) or more, not {self.settings.speedup_checks}")
 
     def _profile(self, out: Path) -> list[str]:
         s = self.settings
@@ -263,34 +305,64 @@ class Run:
         print_checks(costs)
         return costs["checks"]["problems"]
 
+    def memory_plan(self, name: str) -> MemoryPlan | None:
+        """What ``name`` will hold at its peak per rank (``hwopt.memory_plan``); None for the passes that do not
+        run the parent."""
+        s, config, blocks = self.settings, self.source.config, self.source.block_configs
+        if name == "library":
+            return library_plan(config, blocks, self.space, s.bld_tokens, s.seq_len, BLDSettings.batch_sequences,
+                                self.placement)
+        if name == "score":
+            return self.score_plan()[0]
+        if name == "uptrain":
+            return uptrain_plan(config, blocks, blocks, UptrainSettings.batch_sequences * s.seq_len, s.seq_len,
+                                self.placement)
+        return None
+
+    def score_plan(self) -> tuple[MemoryPlan, int]:
+        """score's memory plan, and the bytes of carried hidden states it leaves room for."""
+        s, config, blocks = self.settings, self.source.config, self.source.block_configs
+        forwards = sum(len(pairs_to_run([v.name for v in plan["attention"]], [v.name for v in plan["ffn"]],
+                                        s.score_pairs)) - 1  # rank 0's layers: the most of any rank
+                       for plan in (variants_for_layer(config, b, self.space) for b in blocks[::self.ranks.world]))
+        device = self.placement.device
+        return score_plan(config, blocks, s.score_tokens, s.seq_len, forwards, self.placement, s.max_memory,
+                          torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None)
+
     def _library(self, out: Path) -> None:
         s = self.settings
         settings = BLDSettings(tokens=s.bld_tokens, lr=s.bld_lr, seed=s.seed)
-        build_library(self.parent, self.split.train_batches(s.bld_tokens), self.space, settings, out)
-        if s.two_layer:
-            build_two_layer(self.parent, Library(out, self.parent), self.split.train_batches(s.bld_tokens), settings,
-                            self.output("library", "two_layer", out))
+        build_library(self.layerwise_parent, self.split.train_batches(s.bld_tokens), self.space, settings, out,
+                      self.placement, self.ranks)
+        if s.two_layer and self.ranks.is_main:
+            build_two_layer(self.layerwise_parent, Library(out, self.layerwise_parent, placement=self.placement),
+                            self.split.train_batches(s.bld_tokens), settings, self.output("library", "two_layer", out),
+                            self.placement)
 
     def _score(self, out: Path) -> None:
-        library = Library(self.dir("library"), self.parent)
-        heldout, costs = self.split.score_batches(self.settings.score_tokens), self.read_json(
-            self.output("profile", "costs"))
-        block_library = score(self.parent, library, heldout, self.metric_objects, costs, out, self.task,
-                              self.settings.score_pairs)
-        if self.settings.two_layer:
-            two_layer = Library(self.dir("library"), self.parent, self.output("library", "two_layer"))
+        s = self.settings
+        heldout, costs = self.split.score_batches(s.score_tokens), self.read_json(self.output("profile", "costs"))
+        block_library = score(self.layerwise_parent, self.library(coupled=False), heldout, self.metric_objects, costs,
+                              out, self.task, s.score_pairs, self.ranks, self.score_plan()[1])
+        if s.two_layer and self.ranks.is_main:
+            two_layer = Library(self.dir("library"), self.layerwise_parent, self.output("library", "two_layer"),
+                                self.placement)
             atomic_write_json(self.output("score", "block_library", out), add_two_layer_entries(
-                self.parent, two_layer, block_library, heldout, self.metric_objects, costs, self.task))
+                self.layerwise_parent, two_layer, block_library, heldout, self.metric_objects, costs, self.task))
 
-    def library(self, coupled: bool = True) -> Library:
-        """The run's block library, with the solve pass's coupled-BLD pairs unless ``coupled`` is false."""
-        return Library(self.dir("library"), self.parent, self.output("solve", "coupled") if coupled else None)
+    def library(self, coupled: bool = True, solve_dir: Path | None = None) -> Library:
+        """The run's block library, with the solve pass's coupled-BLD pairs (in ``solve_dir`` while solve writes
+        them) unless ``coupled`` is false."""
+        coupled_dir = self.output("solve", "coupled", solve_dir) if coupled else None
+        return Library(self.dir("library"), self.layerwise_parent, coupled_dir, self.placement)
 
     def assemble(self, solution: dict, coupled_dir: Path | None = None) -> HeteroLlamaForCausalLM:
         """A solution's child (an entry of ``solutions.json``), with its two-layer blocks and coupled-BLD pairs
         (``coupled_dir``, default the solve pass's)."""
-        library = Library(self.dir("library"), self.parent, coupled_dir or self.output("solve", "coupled"))
-        two_layer = Library(self.dir("library"), self.parent, self.output("library", "two_layer"))
+        library = Library(self.dir("library"), self.layerwise_parent, coupled_dir or self.output("solve", "coupled"),
+                          self.placement)
+        two_layer = Library(self.dir("library"), self.layerwise_parent, self.output("library", "two_layer"),
+                            self.placement)
         return assemble_child(library, two_layer, [tuple(v) for v in solution["variants"]],
                               solution.get("spans", []))
 
@@ -301,34 +373,24 @@ class Run:
                                    self.source.config)
         if s.coupled_bld:
             library = self._coupled_bld(library, costs, out)
-        budgets, checks = s.budgets, []
-        best = None
-        while True:
-            try:
-                solution = solve(library, costs, budgets, s.objective_key, s.solver,
-                                 self.output("solve", "solutions", out), maximizes(s.objective_key), s.num_solutions,
-                                 s.min_diversity, s.time_limit)
-            except HwoptError as exc:
-                if best is None:
-                    raise
-                console.print(f"[yellow]solve: no child meets {budgets.speedup:.2f}x predicted ({exc}); keeping the "
-                              f"{checks[-1]['measured_speedup']:.2f}x one[/yellow]")
-                break
-            best = solution["solutions"][0]
-            if not (s.speedup and self.target.kind == "cpu" and costs["source"]["kind"] == "measured"
-                    and len(checks) < s.speedup_checks):
-                break
+
+        def solve_at(speedup: float | None) -> dict:
+            return solve(library, costs, dataclasses.replace(s.budgets, speedup=speedup), s.objective_key, s.solver,
+                         self.output("solve", "solutions", out), maximizes(s.objective_key), s.num_solutions,
+                         s.min_diversity, s.time_limit)
+
+        if s.speedup and s.speedup_checks and self.target.kind == "cpu" and costs["source"]["kind"] == "measured":
             # the target is this machine: time the chosen child against the parent, whole, as the report will
-            child = self.assemble(best, self.output("solve", "coupled", out))
-            ms = measure_runtimes({"parent": self.parent, "child": child}, self.scenario,
-                                  self.parent.config.vocab_size)
-            checks.append({"budget_speedup": budgets.speedup, "predicted_speedup": best["predicted_speedup"],
-                           "measured_speedup": ms["parent"] / ms["child"], "measured_ms": ms})
-            console.print(f"solve: the child measures {checks[-1]['measured_speedup']:.2f}x here "
-                          f"(predicted {best['predicted_speedup']:.2f}x)")
-            if checks[-1]["measured_speedup"] >= s.speedup:
-                break
-            budgets = dataclasses.replace(budgets, speedup=budgets.speedup * s.speedup / checks[-1]["measured_speedup"])
+            def measure(result: dict) -> dict:
+                child = self.assemble(result["solutions"][0], self.output("solve", "coupled", out))
+                return measured_speedup(self.parent, child, self.scenario)
+
+            result, checks = meet_measured_speedup(solve_at, measure, s.speedup, s.speedup_checks)
+            # the child kept, which need not be the last one solved
+            atomic_write_json(self.output("solve", "solutions", out), result)
+        else:
+            result, checks = solve_at(s.speedup), []
+        best = result["solutions"][0]
         atomic_write_json(out / "speedup_checks.json", checks)
         console.print(f"solve: predicted speedup {best['predicted_speedup']:.2f}x, "
                       f"objective {best['objective']:.4f} ({best['solver']}, {best['status']})")
@@ -343,15 +405,15 @@ class Run:
         decoupled = solve(library, costs, s.budgets, s.objective_key, s.solver, out / "decoupled_solutions.json",
                           maximizes(s.objective_key), s.coupled_bld, s.min_diversity, s.time_limit)
         decoupled_library = self.library(coupled=False)
-        parent_choice = [(decoupled_library.variant_names(i, "attention")[0],
-                          decoupled_library.variant_names(i, "ffn")[0]) for i in range(len(self.parent.model.layers))]
+        names = decoupled_library.variant_names
+        layers = range(self.source.config.num_hidden_layers)
+        parent_choice = [(names(i, "attention")[0], names(i, "ffn")[0]) for i in layers]
         subspace = coupled_subspace([sol["variants"] for sol in decoupled["solutions"]], parent_choice)
-        build_coupled(self.parent, decoupled_library, subspace, self.split.train_batches(s.bld_tokens),
-                      BLDSettings(tokens=s.bld_tokens, lr=s.bld_lr, seed=s.seed), self.output("solve", "coupled", out))
-        rescored = rescore_coupled(self.parent, Library(self.dir("library"), self.parent,
-                                                        self.output("solve", "coupled", out)), library,
-                                   subspace, self.split.score_batches(s.score_tokens), self.metric_objects, costs,
-                                   self.task)
+        build_coupled(self.layerwise_parent, decoupled_library, subspace, self.split.train_batches(s.bld_tokens),
+                      BLDSettings(tokens=s.bld_tokens, lr=s.bld_lr, seed=s.seed), self.output("solve", "coupled", out),
+                      self.placement)
+        rescored = rescore_coupled(self.layerwise_parent, self.library(solve_dir=out), library, subspace,
+                                   self.split.score_batches(s.score_tokens), self.metric_objects, costs, self.task)
         atomic_write_json(self.output("solve", "block_library", out), rescored)
         return rescored
 
@@ -360,9 +422,11 @@ class Run:
         child = self.assemble(self.read_json(self.output("solve", "solutions"))["solutions"][0])
         stats = uptrain(child, self.parent, self.split.train_batches(s.uptrain_tokens),
                         self.split.score_batches(self.settings.score_tokens),
-                        UptrainSettings(tokens=s.uptrain_tokens, lr=s.uptrain_lr, seed=s.seed))
-        save_nemotron_nas(child, self.output("uptrain", "model", out), self.tokenizer)
-        atomic_write_json(self.output("uptrain", "stats", out), stats)
+                        UptrainSettings(tokens=s.uptrain_tokens, lr=s.uptrain_lr, seed=s.seed), self.placement,
+                        self.ranks)
+        if self.ranks.is_main:
+            save_nemotron_nas(child, self.output("uptrain", "model", out), self.tokenizer)
+            atomic_write_json(self.output("uptrain", "stats", out), stats)
         console.print(f"uptrain: held-out KL {stats['heldout_kl_before']:.4f} -> {stats['heldout_kl_after']:.4f}"
                       + ("" if stats["kept_uptrained_weights"] else " (worse: kept the weights from before)"))
 
@@ -381,10 +445,11 @@ class Run:
         if path.is_file() and (old := json.loads(path.read_text())).get("fingerprint") == fp:
             print_report(old)
             return old
-        child = load_checkpoint(self.output("uptrain", "model"), block_types())
+        child = load_checkpoint(self.output("uptrain", "model"), block_types(), self.placement.device,
+                                self.placement.dtype)
         texts = {"heldout": self.split.heldout_batches(self.settings.score_tokens), "general": self.general_heldout}
         report = build_report(self.parent, child, self.read_json(self.output("solve", "solutions")), self.scenario,
-                              texts, measured_here(), self.task)
+                              texts, self.placement, self.target, self.task)
         report["fingerprint"] = fp
         atomic_write_json(path, report)
         print_report(report)
@@ -399,7 +464,7 @@ class Run:
         self.use_threads()
         for name in span:
             self.run_pass(name, force)
-        if until == "lower":
+        if until == "lower" and self.ranks.is_main:
             self.report()
 
 
@@ -411,6 +476,7 @@ class Step:
     run: Callable[[Run, Path], list[str] | None]  # writes the outputs into the folder; returns failed self-checks
 
 
+SHARDED = ("library", "score", "uptrain")  # the passes every rank of a torchrun job runs
 STEPS = {
     "profile": Step(Run._check_profile, Run._profile),
     "library": Step(Run._check_library, Run._library),

@@ -64,12 +64,15 @@ class Settings:
     min_diversity: int = 1
     time_limit: float = 60.0  # seconds per solution
     coupled_bld: int = 0  # coupled BLD on the pairs of this many diverse decoupled solutions, then solve again
-    speedup_checks: int = 3  # on this CPU: re-solves allowed when the chosen child measures below --speedup
+    speedup_checks: int = 3  # on this CPU: children solved and timed at most until one measures --speedup
     uptrain_tokens: int = 32768
     uptrain_lr: float = 1e-4
     formats: list[str] = field(default_factory=lambda: ["nemotron-nas"])
     runtime: str | None = None  # the runtime that serves the child (default: the target's, see hwopt.lowering.runtimes)
     seed: int = 0
+    device: str = "auto"  # where library, score, uptrain and the report run: auto, cpu, cuda, cuda:N
+    train_dtype: str | None = None  # parent and activations there: bf16 on a GPU, fp32 on the CPU
+    max_memory: str | None = None  # host memory per rank a pass may plan for (e.g. 8GiB); none: no limit
 
     @property
     def objective_key(self) -> str:
@@ -85,6 +88,7 @@ class Settings:
 
 SEARCH_SPACE = ("model", "kv_heads", "ffn_fractions", "linear", "no_op", "block_types", "block_options")
 DATA = ("data", "distill_samples", "seq_len", "seed")
+PLACEMENT = ("device", "train_dtype")  # where a pass runs the model changes its results (slightly)
 
 
 @dataclass(frozen=True)
@@ -111,22 +115,24 @@ PASS_INFO = {p.name: p for p in (
     PassInfo("profile", (*SEARCH_SPACE, "target", "scenario", "batch", "dtype", "kv_dtype", "backend",
                          "require_measured", "repeats", "max_spread", "threads"),
              outputs={"costs": "costs.json"}),
-    PassInfo("library", (*SEARCH_SPACE, *DATA, "two_layer", "bld_tokens", "bld_lr"),  # a folder of trained variants
-             outputs={"two_layer": "two_layer"}),  # with --two-layer, the blocks that replace two layers, trained
-    PassInfo("score", (*DATA, "two_layer", "score_tokens", "score_pairs", "metrics", "task_data"),
-             reads=("library", "profile"),
-             outputs={"block_library": "block_library.json"}),
+    PassInfo("library", (*SEARCH_SPACE, *DATA, *PLACEMENT, "two_layer", "bld_tokens", "bld_lr"),  # trained variants
+             outputs={"two_layer": "two_layer"},  # with --two-layer, the blocks that replace two layers, trained
+             also_reads=("max_memory",)),
+    PassInfo("score", (*DATA, *PLACEMENT, "two_layer", "score_tokens", "score_pairs", "metrics", "task_data"),
+             reads=("library", "profile"), outputs={"block_library": "block_library.json"},
+             also_reads=("max_memory",)),  # the waves of carried hidden states: the same scores in any number
     PassInfo("solve", (*DATA, "runtime", "objective", "speedup", "memory", "throughput", "latency", "ttft", "params",
                        "solver", "num_solutions", "min_diversity", "time_limit", "coupled_bld", "speedup_checks",
                        "bld_tokens", "bld_lr", "score_tokens", "metrics", "task_data"),
              reads=("score", "profile", "library"),
              outputs={"solutions": "solutions.json", "coupled": "coupled",  # coupled BLD's pairs, trained
                       "block_library": "block_library.json"},  # rescored with them
-             also_reads=("scenario", "batch", "dtype")),  # `solve --library`: the scenario its runtimes hold for
-    PassInfo("uptrain", (*DATA, "uptrain_tokens", "uptrain_lr"), reads=("library", "solve"),
-             outputs={"model": "model", "stats": "uptrain.json"}),
+             # `solve --library`: the scenario its runtimes hold for; where coupled BLD and the speedup checks run
+             also_reads=("scenario", "batch", "dtype", *PLACEMENT)),
+    PassInfo("uptrain", (*DATA, *PLACEMENT, "uptrain_tokens", "uptrain_lr"), reads=("library", "solve"),
+             outputs={"model": "model", "stats": "uptrain.json"}, also_reads=("max_memory",)),
     PassInfo("lower", ("formats", "runtime", "dtype"), reads=("uptrain",),  # a folder per format
-             also_reads=("scenario", "batch", "kv_dtype")),  # what the lowered child is built for
+             also_reads=("scenario", "batch", "kv_dtype", *PLACEMENT)),  # what the child is built for; the report
 )}
 assert tuple(PASS_INFO) == PASSES
 

@@ -6,10 +6,17 @@ per round, in the same order each round (A B C ... A B C ...), so a burst
 lands on all of them alike, and each piece's figure is its median over the
 rounds. The spread of a figure is its interquartile range over the rounds
 relative to the median, as ``torch.utils.benchmark.Measurement`` computes
-it (that class warns above 10%, "significant environmental influence", the
-bound used here by default). While some piece stays noisier than the bound,
-more rounds are run, for a bounded time (``torch.utils.benchmark.Timer.
-adaptive_autorange`` does the same for one statement).
+it (that class warns above 10%, "significant environmental influence").
+
+The spread says how much single rounds scatter; what the search uses is the
+median, and how precisely the rounds pin it down is its standard error,
+which more rounds shrink (``median_error``). A figure is accepted when its
+median is known to within ``PRECISION_BOUND`` (one standard error, relative
+to the median); while some piece's is not, more rounds are run, for a bounded
+time (``torch.utils.benchmark.Timer.adaptive_autorange`` does the same for
+one statement). A bound on the spread itself (``--max-spread``) is stricter,
+and more rounds do not help it: a two-thread kernel on a quiet machine can
+scatter by more than 10% round to round with a median steady to 2%.
 
 ``CpuLoad`` says how busy other processes kept this process's cores while
 it measured, which is what a too-noisy measurement is reported with, and
@@ -27,7 +34,7 @@ from collections.abc import Callable
 import psutil
 
 PROBE_SECONDS = 1.0  # how long to watch other processes before choosing a thread count
-SPREAD_BOUND = 0.10  # IQR / median; torch.utils.benchmark warns above the same 10%
+PRECISION_BOUND = 0.04  # a median's relative standard error; = a spread of 10% (torch's warning) at 5 rounds
 REMEASURE_TIME = 2.0  # extra rounds for a noisy piece: at most this many times as long as the first rounds took
 
 Timer = Callable[[], list[float]]  # one round: milliseconds per phase
@@ -42,6 +49,23 @@ def spread(values: list[float]) -> float:
 
     measurement = Measurement(number_per_run=1, raw_times=list(values), task_spec=TaskSpec(stmt="", setup=""))
     return measurement.iqr / measurement.median
+
+
+def median_error(values: list[float]) -> float:
+    """The standard error of the median of ``values``, relative to the median (0 when the median is 0).
+
+    The sample median of n draws has asymptotic variance 1 / (4 n f(m)^2),
+    f(m) the density at the median (Laplace's result for sample quantiles;
+    https://en.wikipedia.org/wiki/Median#Sampling_distribution); for a normal
+    distribution that is (pi / 2) sigma^2 / n, so SE = 1.2533 sigma / sqrt(n).
+    Sigma is estimated robustly as IQR / 1.349 (the IQR of a normal
+    distribution is 1.349 sigma), as the spread is: SE = 1.2533 IQR /
+    (1.349 sqrt(n)), which McGill, Tukey & Larsen's box-plot notches (The
+    American Statistician 32(1), 1978) scale to 1.58 IQR / sqrt(n).
+    """
+    if not any(values):
+        return 0.0
+    return 1.2533 * spread(values) / (1.349 * len(values) ** 0.5)
 
 
 def median_phases(rounds: list[list[float]]) -> list[float]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from hwopt.errors import HwoptError
 from hwopt.metric import Outputs
 from hwopt.model.config import AttentionConfig, BlockConfig, FFNConfig
 from hwopt.model.modeling import DecoderLayer, HeteroLlamaForCausalLM
-from hwopt.passes.score import ParentActivations, outputs_of
+from hwopt.passes.score import outputs_of, replace_one_block, swapped_logits
 from hwopt.plugins import block_types
 from hwopt.run import Run, load_settings
 from hwopt.tasks import choice_loglikelihoods, read_task, task_accuracy
@@ -189,9 +190,29 @@ def tiny_parent() -> HeteroLlamaForCausalLM:
     return HeteroLlamaForCausalLM(config, blocks, block_types()).eval()
 
 
+class OneVariant:
+    """A library offering one layer: what ``replace_one_block`` asks of a ``Library``."""
+
+    def __init__(self, layer):
+        self.layer = layer
+
+    def layers(self, i, pairs, parent_layer):
+        yield "a", "f", self.layer
+
+
+def swapped_outputs(parent, i, layer, ids):
+    """(teacher, student) as the score pass sees them, the student with layer ``i`` swapped for ``layer``."""
+    head = parent.output_head()
+    [(group, parent_out, carried)] = replace_one_block(parent, OneVariant(layer), ids, {i: [("a", "f")]}, 1 << 20)
+    assert group == [i]
+    teacher = outputs_of(parent_out, head, ids, partial(swapped_logits, parent), None)
+    return teacher, outputs_of(carried[(i, "a", "f")], head, ids, partial(swapped_logits, parent, swap=(i, layer)),
+                               None)
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("i", [0, 2, 3])
-def test_swapped_forward_from_cache_equals_the_assembled_model(i):
+def test_swapped_forward_carried_past_the_layer_equals_the_assembled_model(i):
     parent = tiny_parent()
     layer = DecoderLayer(parent.config, BlockConfig(AttentionConfig(replace_with_linear=True),
                                                     FFNConfig(intermediate_size=16)), block_types()).eval()
@@ -199,32 +220,23 @@ def test_swapped_forward_from_cache_equals_the_assembled_model(i):
     assembled.model.layers[i] = layer
     forwards = []
     parent.model.embed_tokens.register_forward_hook(lambda *_: forwards.append(1))
-    activations = ParentActivations(parent)
     heldout, other = torch.randint(0, VOCAB, (2, 9)), torch.randint(0, VOCAB, (3, 5))
-
-    def swapped(ids):
-        return activations.swapped_final_hidden(ids, i, layer)
-
-    student = outputs_of(swapped, parent.lm_head, heldout, task=None)
+    teacher, student = swapped_outputs(parent, i, layer, heldout)
+    assert len(forwards) == 1  # the teacher and the student share one pass over the parent's layers
     assert torch.allclose(student.logits, assembled(heldout).logits.flatten(0, 1), atol=1e-5)
     assert torch.allclose(student.hidden, assembled.model.norm(assembled(heldout, output_hidden_states=True)
                                                                .hidden_states[-1]).flatten(0, 1), atol=1e-5)
     assert student.labels.tolist() == [*heldout[0, 1:].tolist(), -100, *heldout[1, 1:].tolist(), -100]
-    for _ in range(2):  # a task metric's own inputs go the same way
-        assert torch.allclose(student.model(other), assembled(other).logits, atol=1e-5)
-    assert len(forwards) == 2  # the parent ran once per input, however often it was asked
-    teacher = outputs_of(activations.final_hidden, parent.lm_head, heldout, task=None)
+    assert torch.allclose(student.model(other), assembled(other).logits, atol=1e-5)  # a task metric's own inputs
     assert torch.allclose(teacher.logits, parent(heldout).logits.flatten(0, 1), atol=1e-6)
+    assert torch.allclose(teacher.model(other), parent(other).logits, atol=1e-6)
 
 
 @torch.no_grad()
 def test_swapping_in_the_parents_own_layer_scores_as_the_parent():
     parent = tiny_parent()
-    activations = ParentActivations(parent)
     ids = torch.randint(0, VOCAB, (2, 9))
-    teacher = outputs_of(activations.final_hidden, parent.lm_head, ids, task=None)
-    student = outputs_of(lambda x: activations.swapped_final_hidden(x, 1, parent.model.layers[1]),
-                         parent.lm_head, ids, task=None)
+    teacher, student = swapped_outputs(parent, 1, parent.model.layers[1], ids)
     assert metric("kl_div").compute(student, teacher) == pytest.approx(0, abs=1e-6)
     assert metric("cosine").compute(student, teacher) == pytest.approx(0, abs=1e-6)
     assert metric("top1_agreement").compute(student, teacher) == 1

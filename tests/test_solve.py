@@ -8,6 +8,7 @@ import pytest
 
 from hwopt.builtin.mip_solvers import GreedySolver, HighsSolver, ScipSolver
 from hwopt.errors import HwoptError
+from hwopt.passes.solve import meet_measured_speedup
 from hwopt.problem import Constraint, LinearForm, diverse_solutions, explain_infeasible, problem_from_library
 
 EXACT = [ScipSolver(), HighsSolver()]
@@ -472,3 +473,46 @@ def test_a_time_limit_returns_the_best_so_far_or_says_to_raise_it():
             continue
         assert solution.status == "time_limit" and problem.is_feasible(solution.choice)
         assert solution.gap > 0 and "gap" in solution.to_json()
+
+
+# --- the solve pass's measured speedup: solve again while the chosen child measures short -------------------------
+
+def _solver_with_measurements(measured: list[float], infeasible_above: float = float("inf")):
+    """A fake solve (predicted speedup = the budget) and a fake timing returning ``measured`` in turn."""
+    budgets = []
+
+    def solve_at(budget):
+        if budget > infeasible_above:
+            raise HwoptError(f"nothing is {budget:.2f}x")
+        budgets.append(budget)
+        return {"solutions": [{"predicted_speedup": budget, "n": len(budgets)}]}
+
+    def measure(result):
+        return {"measured_speedup": measured[result["solutions"][0]["n"] - 1], "error": 0.01, "measured_ms": {}}
+    return solve_at, measure, budgets
+
+
+def test_a_child_measuring_short_is_solved_again_with_the_budget_raised_by_the_shortfall():
+    solve_at, measure, budgets = _solver_with_measurements([1.47, 1.52, 1.60])
+    result, checks = meet_measured_speedup(solve_at, measure, 1.5, checks=3)
+    assert budgets == [1.5, pytest.approx(1.5 * 1.5 / 1.47 * 1.01)]  # stopped at the first child that met 1.5x
+    assert result["solutions"][0]["n"] == 2
+    assert [c["measured_speedup"] for c in checks] == [1.47, 1.52]
+    assert checks[1] == {"budget_speedup": budgets[1], "predicted_speedup": budgets[1], "measured_speedup": 1.52,
+                         "error": 0.01, "measured_ms": {}}
+
+
+def test_when_no_child_measures_the_speedup_the_fastest_measured_one_is_kept():
+    solve_at, measure, budgets = _solver_with_measurements([1.40, 1.46, 1.43, 1.70])
+    result, checks = meet_measured_speedup(solve_at, measure, 1.5, checks=3)
+    assert len(budgets) == len(checks) == 3  # every child solved was measured; none beyond --speedup-checks
+    assert result["solutions"][0]["n"] == 2
+
+
+def test_a_raised_budget_nothing_meets_keeps_the_fastest_measured_child_and_a_first_one_is_an_error():
+    solve_at, measure, budgets = _solver_with_measurements([1.45], infeasible_above=1.52)
+    result, checks = meet_measured_speedup(solve_at, measure, 1.5, checks=3)
+    assert budgets == [1.5] and result["solutions"][0]["n"] == 1 and len(checks) == 1
+    solve_at, measure, _ = _solver_with_measurements([], infeasible_above=1.0)
+    with pytest.raises(HwoptError, match="nothing is 1.50x"):
+        meet_measured_speedup(solve_at, measure, 1.5, checks=3)

@@ -18,7 +18,7 @@ from hwopt.model.checkpoint import load_checkpoint, save_nemotron_nas
 from hwopt.model.config import AttentionConfig, BlockConfig, FFNConfig
 from hwopt.model.modeling import HeteroLlamaForCausalLM
 from hwopt.passes.library import INDEX, BLDSettings, Library, build_library
-from hwopt.passes.score import ParentActivations, block_stats, outputs_of, score
+from hwopt.passes.score import block_stats, outputs_of, score, swapped_final_hidden
 from hwopt.passes.two_layer import (
     SPANNED,
     add_two_layer_entries,
@@ -228,7 +228,7 @@ def test_replace_2_blocks_scores_and_the_assembled_child_round_trips(built, tmp_
     saved = two_layer.layer(1, "kv1", "ffn256").state_dict()
     assert all(torch.equal(v, saved[k]) for k, v in child.model.layers[1].state_dict().items())
     with torch.no_grad():
-        teacher = outputs_of(ParentActivations(parent).final_hidden, parent.lm_head, heldout, None)
+        teacher = outputs_of(swapped_final_hidden(parent, heldout), parent.output_head(), heldout, None, None)
         logits = child(heldout).logits
         student = Outputs(logits=logits.flatten(0, 1), hidden=None, labels=None)
     assert kl.compute(student, teacher) == pytest.approx(entry["metrics"]["kl_div"], rel=1e-4, abs=1e-7)

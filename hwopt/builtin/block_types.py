@@ -47,7 +47,7 @@ def least_squares_linear(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
     x64, y64 = x.reshape(-1, x.shape[-1]).double(), y.reshape(-1, y.shape[-1]).double()
     gram = x64.T @ x64
-    ridge = 1e-4 * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
+    ridge = 1e-4 * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
     return torch.linalg.solve(gram + ridge, x64.T @ y64).T.float()
 
 

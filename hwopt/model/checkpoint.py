@@ -16,7 +16,9 @@ from pathlib import Path
 import torch
 from huggingface_hub import save_torch_state_dict
 from safetensors import SafetensorError, safe_open
+from torch import nn
 from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from hwopt.errors import HwoptError
 from hwopt.model.architecture import nemotron_nas_config, read_architecture
@@ -74,29 +76,70 @@ def weight_files(directory: Path) -> dict[str, Path]:
     return where
 
 
-def load_weights(model: HeteroLlamaForCausalLM, directory: Path) -> None:
-    """Load a checkpoint's weights into the model, strictly (see ``weight_files`` for which files)."""
+def read_tensors(where: dict[str, Path], names: list[str], device: torch.device | str = "cpu",
+                 dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The tensors ``names`` (``where`` says which file holds each, see ``weight_files``), read through
+    ``safe_open`` (memory-mapped: only these tensors' bytes are read) onto ``device`` in ``dtype`` (None: as
+    stored). Each file is closed again before returning, so its pages leave this process."""
     by_file: dict[Path, list[str]] = {}
-    for name, file in weight_files(directory).items():
-        by_file.setdefault(file, []).append(name)
+    for name in names:
+        by_file.setdefault(where[name], []).append(name)
     state = {}
-    for file, names in by_file.items():
-        with safe_open(file, framework="pt") as f:
-            state.update({name: f.get_tensor(name) for name in names})
-    if model.config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    for file, file_names in by_file.items():
+        with safe_open(file, framework="pt", device=str(device)) as f:
+            for name in file_names:
+                tensor = f.get_tensor(name)
+                state[name] = tensor if dtype is None or not tensor.is_floating_point() else tensor.to(dtype)
+    return state
+
+
+def materialise(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Give ``module`` (built on the meta device, or anywhere) the tensors of ``state`` as its own, strictly.
+
+    ``assign=True`` makes the loaded tensors the parameters, so nothing is allocated twice and no random
+    initialisation happens. Raises HwoptError naming ``what`` (the checkpoint and the layer) when the names
+    do not fit.
+    """
+    missing, unexpected = module.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:
-        raise HwoptError(f"weights in {directory} do not fit the architecture: "
+        raise HwoptError(f"weights in {what} do not fit the architecture: "
                          f"missing {missing[:3]}, unexpected {unexpected[:3]}")
 
 
-def load_checkpoint(directory: Path, block_types) -> HeteroLlamaForCausalLM:
-    """A Llama or nemotron-nas checkpoint as our model; ``block_types`` read and build its sub-blocks."""
+def load_weights(model: HeteroLlamaForCausalLM, directory: Path, device: torch.device | str = "cpu",
+                 dtype: torch.dtype | None = torch.float32) -> None:
+    """Load a checkpoint's weights into the model (built on the meta device or anywhere), strictly, onto
+    ``device`` in ``dtype`` (see ``weight_files`` for which files)."""
+    where = weight_files(directory)
+    state = read_tensors(where, list(where), device, dtype)
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    materialise_model(model, state, str(directory), device)
+
+
+def materialise_model(model: HeteroLlamaForCausalLM, state: dict[str, torch.Tensor], what: str,
+                      device: torch.device | str) -> None:
+    """``materialise`` a whole model built on the meta device: its weights tied again where the config ties
+    them, and its rotary tables (computed, not stored) built on ``device``."""
+    materialise(model, state, what)
+    if model.config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    with torch.device(device):
+        model.model.rotary_emb = LlamaRotaryEmbedding(model.config)
+
+
+def load_checkpoint(directory: Path, block_types, device: torch.device | str = "cpu",
+                    dtype: torch.dtype | None = torch.float32) -> HeteroLlamaForCausalLM:
+    """A Llama or nemotron-nas checkpoint as our model; ``block_types`` read and build its sub-blocks.
+
+    The model is built on the meta device and its weights are read straight onto ``device`` in ``dtype``
+    (None: the checkpoint's own): no host copy in another dtype first, no random initialisation.
+    """
     config, blocks = read_architecture(directory, block_types)
-    model = HeteroLlamaForCausalLM(config.transformers(), blocks, block_types)
-    load_weights(model, directory)
+    with torch.device("meta"):
+        model = HeteroLlamaForCausalLM(config.transformers(), blocks, block_types)
+    load_weights(model, directory, device, dtype)
     return model.eval()
 
 

@@ -70,6 +70,13 @@ class DecoderLayer(DecoderLayerBase):
         return layer
 
 
+def rotary_tables(rotary_emb: nn.Module, x: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rotary (cos, sin) tables [1, seq, head_dim] for positions ``start`` onwards of ``x`` [batch, seq,
+    hidden], in ``x``'s dtype."""
+    positions = torch.arange(start, start + x.shape[1], device=x.device).unsqueeze(0)
+    return rotary_emb(x, positions)
+
+
 @dataclass
 class CausalLMOutput:
     logits: torch.Tensor
@@ -107,10 +114,27 @@ class HeteroLlamaForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    # the pieces a pass reads one at a time; ``hwopt.model.layerwise.LayerwiseParent`` reads the same from disk
+    @property
+    def num_layers(self) -> int:
+        return len(self.model.layers)
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    def decoder_layer(self, i: int) -> DecoderLayer:
+        return self.model.layers[i]
+
+    def embedding(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def output_head(self) -> tuple[nn.Module, nn.Linear]:
+        """The final norm and the LM head."""
+        return self.model.norm, self.lm_head
+
     def position_embeddings(self, x: torch.Tensor, start: int):
-        """The rotary (cos, sin) tables for positions ``start`` onwards of ``x`` [batch, seq, hidden]."""
-        positions = torch.arange(start, start + x.shape[1], device=x.device).unsqueeze(0)
-        return self.model.rotary_emb(x, positions)
+        return rotary_tables(self.model.rotary_emb, x, start)
 
     def run_layers(self, x, position_embeddings, start: int = 0, cache=None, hidden_states=None, attention_mask=None):
         """Layers ``start`` onwards; appends each layer's output to ``hidden_states`` if given."""

@@ -16,9 +16,10 @@ and otherwise estimates with the roofline model, saying why;
 
 Measured figures are made to hold on a busy machine (``hwopt.timing``):
 every variant is timed in interleaved rounds, each figure carries its
-spread and rounds, and the profile checks itself (noise, a machine too busy
-for its threads, the whole model end to end against the sum of its blocks);
-a profile that fails a check is not recorded as up to date.
+rounds, spread and the standard error of its median, and the profile checks
+itself (medians not pinned down, a machine too busy for its threads, the
+whole model end to end against the sum of its blocks); a profile that fails
+a check is not recorded as up to date.
 """
 
 from __future__ import annotations
@@ -33,10 +34,11 @@ from hwopt.plugins import backends, block_types
 from hwopt.progress import console, progress
 from hwopt.search_space import Scenario, SearchSpace, SubVariant, model_sub_variants, sub_variants
 from hwopt.timing import (
-    SPREAD_BOUND,
+    PRECISION_BOUND,
     CpuLoad,
     describe_load,
     interleaved_rounds,
+    median_error,
     median_phases,
     oversubscribed,
     spread,
@@ -45,6 +47,7 @@ from hwopt.workload import MIB, Workload, decode_contexts, phase_totals, scenari
 
 AUTO_MEASURED, AUTO_ESTIMATED = "torch", "roofline"
 SPREAD_KEYS = ("prefill_ms", "decode_ms", "runtime_ms")
+NOISE = {"median_error": median_error, "spread": spread}  # what a noise bound bounds: hwopt.timing
 SELF_CHECK_BOUND = 0.15  # the whole model end to end within 15% of the sum of its blocks
 SELF_CHECK_RUNS = 3  # generations of the whole model; the median is compared
 
@@ -144,20 +147,26 @@ def profile_variants(source, space: SearchSpace) -> list[SubVariant]:
     return [*variants["attention"].values(), *variants["ffn"].values()]
 
 
-def round_spreads(workload: Workload, rounds: list[list[float]], scenario: Scenario) -> dict[str, float]:
-    """Each figure's spread over the rounds: its interquartile range relative to its median."""
+def round_noise(workload: Workload, rounds: list[list[float]], scenario: Scenario, measure: str) -> dict[str, float]:
+    """Each figure's noise over the rounds, by ``measure`` (a key of ``NOISE``)."""
     per_round = [phase_totals(workload, ms, scenario) for ms in rounds]
-    return {key: spread([t[key] for t in per_round]) for key in SPREAD_KEYS}
+    return {key: NOISE[measure]([t[key] for t in per_round]) for key in SPREAD_KEYS}
+
+
+def noise_bound(max_spread: float | None) -> tuple[str, float]:
+    """What the profile bounds, and by how much: the spread with ``--max-spread``, else the medians' precision."""
+    return ("median_error", PRECISION_BOUND) if max_spread is None else ("spread", max_spread)
 
 
 def measure_costs(config, variants: list[SubVariant], target, scenario: Scenario, backend, label: dict,
-                  repeats: int, title: str, spread_bound: float = SPREAD_BOUND) -> dict:
+                  repeats: int, title: str, bound: tuple[str, float] = noise_bound(None)) -> dict:
     """Costs of ``variants`` and of the part outside the layers, by kind and variant name.
 
     A backend that measures times every piece in ``repeats`` interleaved
     rounds, and in further rounds (for a bounded time, ``hwopt.timing``)
-    while a figure's spread exceeds ``spread_bound``; each entry carries its
-    ``rounds`` and the ``spread`` of its figures. An estimate is made once.
+    while a figure's noise exceeds ``bound`` (a key of ``NOISE`` and its
+    bound); each entry carries its ``rounds``, the ``spread`` of its figures
+    and their ``median_error``. An estimate is made once.
     """
     phases = scenario_phases(scenario)
     workloads = {(v.kind, v.name): Workload(v, config, scenario.dtype, scenario.kv_dtype, phases) for v in variants}
@@ -166,7 +175,7 @@ def measure_costs(config, variants: list[SubVariant], target, scenario: Scenario
 
     def noisy(results: dict) -> list:
         return [key for key, ms in results.items()
-                if max(round_spreads(workloads[key], ms, scenario).values()) > spread_bound]
+                if max(round_noise(workloads[key], ms, scenario, bound[0]).values()) > bound[1]]
 
     with progress(title, total=len(workloads) + rounds) as advance:
         timers = {}
@@ -179,8 +188,8 @@ def measure_costs(config, variants: list[SubVariant], target, scenario: Scenario
     for (kind, name), workload in workloads.items():
         timing = phase_totals(workload, median_phases(results[kind, name]), scenario)
         if backend.measures:
-            timing |= {"rounds": len(results[kind, name]),
-                       "spread": round_spreads(workload, results[kind, name], scenario)}
+            timing |= {"rounds": len(results[kind, name])}
+            timing |= {measure: round_noise(workload, results[kind, name], scenario, measure) for measure in NOISE}
         if workload.variant is None:
             costs["outside_layers"] = outside_layers_entry(config, scenario, timing, label)
         else:
@@ -193,10 +202,11 @@ def cost_entries(costs: dict) -> dict[str, dict]:
     return {**costs["attention"], **costs["ffn"], "outside_layers": costs["outside_layers"]}
 
 
-def noisy_entries(costs: dict, bound: float) -> dict[str, float]:
-    """The entries whose largest spread exceeds ``bound``, with that spread."""
-    worst = {name: max(e["spread"].values()) for name, e in cost_entries(costs).items() if "spread" in e}
-    return {name: s for name, s in worst.items() if s > bound}
+def noisy_entries(costs: dict, bound: tuple[str, float]) -> dict[str, float]:
+    """The entries whose largest noise (``bound``: a key of ``NOISE`` and its bound) exceeds the bound, with it."""
+    measure, limit = bound
+    worst = {name: max(e[measure].values()) for name, e in cost_entries(costs).items() if measure in e}
+    return {name: s for name, s in worst.items() if s > limit}
 
 
 def self_check(source, target, scenario: Scenario, backend, costs: dict) -> dict:
@@ -229,19 +239,23 @@ def self_check(source, target, scenario: Scenario, backend, costs: dict) -> dict
             "ok": abs(ratio - 1) <= SELF_CHECK_BOUND}
 
 
-def check_profile(costs: dict, check: dict, load: CpuLoad, threads: int | None, bound: float,
+def check_profile(costs: dict, check: dict, load: CpuLoad, threads: int | None,
                   max_spread: float | None) -> list[str]:
-    """One line per check the profile failed: figures that stayed noisy, a machine too busy for the
-    ``threads`` timing threads (None: timed off the CPU), a whole model off the sum of its blocks.
+    """One line per check the profile failed: figures that stayed noisy (medians less precise than
+    ``PRECISION_BOUND``, or with ``max_spread`` a spread above it), a machine too busy for the ``threads``
+    timing threads (None: timed off the CPU), a whole model off the sum of its blocks.
 
     Raises HwoptError for the first two when ``max_spread`` is given.
     """
     problems = []
-    if noisy := noisy_entries(costs, bound):
+    measure, limit = noise_bound(max_spread)
+    if noisy := noisy_entries(costs, (measure, limit)):
         rounds = max(e["rounds"] for e in cost_entries(costs).values())
         worst = ", ".join(f"{name} {s:.0%}" for name, s in sorted(noisy.items(), key=lambda kv: -kv[1]))
-        problems.append(f"timings stayed noisy after {rounds} rounds: {worst} (spread = IQR / median; bound "
-                        f"{bound:.0%}); while measuring, {load.describe()}")
+        what = ("spread = IQR / median" if measure == "spread"
+                else "the median's standard error = 1.2533 IQR / (1.349 sqrt(rounds)), relative to it")
+        problems.append(f"timings stayed noisy after {rounds} rounds: {worst} ({what}; bound {limit:.0%}); while "
+                        f"measuring, {load.describe()}")
     if threads is not None and oversubscribed(load.others, threads, len(load.cores)):
         problems.append(f"the machine is too busy to measure: {load.describe()} beside the profile's {threads} "
                         f"timing thread{'s' if threads > 1 else ''}")
@@ -259,12 +273,14 @@ def print_checks(costs: dict) -> None:
     checks = costs["checks"]
     if "self_check" not in checks:
         return
-    spreads = {name: max(e["spread"].values()) for name, e in cost_entries(costs).items()}
-    worst = max(spreads, key=spreads.get)
-    rounds = max(e["rounds"] for e in cost_entries(costs).values())
-    console.print(f"profile: {len(spreads)} pieces timed in {rounds} interleaved rounds, largest spread "
-                  f"{spreads[worst]:.1%} ({worst}); {describe_load(checks['other_busy_cores'], checks['cores'])}",
-                  soft_wrap=True)
+    entries = cost_entries(costs)
+    worst = {measure: max(entries, key=lambda name, m=measure: max(entries[name][m].values())) for measure in NOISE}
+    largest = {measure: max(entries[name][measure].values()) for measure, name in worst.items()}
+    rounds = max(e["rounds"] for e in entries.values())
+    console.print(f"profile: {len(entries)} pieces timed in {rounds} interleaved rounds, largest spread "
+                  f"{largest['spread']:.1%} ({worst['spread']}), largest standard error of a median "
+                  f"{largest['median_error']:.1%} ({worst['median_error']}); "
+                  f"{describe_load(checks['other_busy_cores'], checks['cores'])}", soft_wrap=True)
     check = checks["self_check"]
     if "skipped" in check:
         console.print(f"profile: self-check skipped: {check['skipped']}", soft_wrap=True)
@@ -278,7 +294,8 @@ def profile(source, target, scenario: Scenario, space: SearchSpace, backend_name
     """Write ``costs.json``: the cost of every sub-block variant and of the rest of the model.
 
     Measured costs come with their checks (``checks`` in costs.json): the
-    spread of every figure, the load other processes put on the machine,
+    spread of every figure and the standard error of its median (the one
+    bounded, ``noise_bound``), the load other processes put on the machine,
     and the whole model end to end against the sum of its blocks. Returns
     costs.json's content; ``costs["checks"]["problems"]`` holds one line per
     failed check (empty: the profile can be trusted). Raises HwoptError,
@@ -288,17 +305,17 @@ def profile(source, target, scenario: Scenario, space: SearchSpace, backend_name
     import torch
 
     backend, label = choose_backend(backend_name, target, scenario, require_measured)
-    bound = SPREAD_BOUND if max_spread is None else max_spread
+    bound = noise_bound(max_spread)
     threads = torch.get_num_threads() if target.kind == "cpu" else None  # None: timed off the CPU
     with CpuLoad() as load:
         pieces = measure_costs(source.config, profile_variants(source, space), target, scenario, backend, label,
                                repeats, f"profile on {target.name} ({label['kind']})", bound)
         check = self_check(source, target, scenario, backend, pieces) if backend.measures else None
-    checks = {"spread_bound": bound, "other_busy_cores": load.others, "cores": len(load.cores), "threads": threads,
-              "problems": []}
+    checks = {"noise_bound": dict([bound]), "other_busy_cores": load.others, "cores": len(load.cores),
+              "threads": threads, "problems": []}
     if backend.measures:
         checks["self_check"] = check
-        checks["problems"] = check_profile(pieces, check, load, threads, bound, max_spread)
+        checks["problems"] = check_profile(pieces, check, load, threads, max_spread)
     costs = {"target": target.name, "scenario": scenario.to_json(), "source": label, **pieces, "checks": checks}
     atomic_write_json(out_path, costs)
     return costs

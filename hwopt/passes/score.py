@@ -4,8 +4,10 @@ For every layer i and every (attention, FFN) pair the library offers there,
 the parent runs with exactly that one block swapped in, on held-out tokens,
 and each metric compares its output with the parent's (KL divergence by
 default; a task metric also runs the swapped model on the user's questions).
-The parent's activations at every layer are computed once per input, so a
-swapped forward starts at layer i rather than at the embeddings; each
+The parent is never whole in memory: its layers are streamed in order
+(``replace_one_block``), and each swapped layer's output is carried through
+the parent's later layers beside the parent's own, so no forward starts
+again from the embeddings and each layer is read once per wave. Each
 layer's variants are loaded from disk once, not once per partner; the
 parent's own block is the teacher itself and is not run again.
 
@@ -17,25 +19,27 @@ the other pairs to first order: m(a, f) = m(a, F0) + m(A0, f) - m(A0, F0),
 with A0, F0 the parent's own. This is the decoupled approximation the
 Puzzle paper makes in decoupled BLD (Sec. 4.1), applied to scoring; each
 entry says which it got (``"scored": "replace-1-block" | "decoupled"``).
-The result
-is ``block_library.json`` in the format of NVIDIA's Puzzle demo library:
+The result is ``block_library.json`` in the format of NVIDIA's Puzzle demo library:
 per layer and variant, ``stats`` (costs from the profile) and ``metrics``.
 Each finished layer is saved on its own; a rerun picks up from there.
+Under torchrun the layers are dealt over the ranks.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 
 import torch
 
+from hwopt.distributed import ONE_PROCESS, Ranks
 from hwopt.errors import HwoptError
 from hwopt.metric import Metric, Outputs
-from hwopt.model.modeling import DecoderLayer, HeteroLlamaForCausalLM
-from hwopt.passes.library import Library
+from hwopt.model.config import BlockConfig
+from hwopt.model.modeling import DecoderLayer
+from hwopt.passes.library import Library, Parent
 from hwopt.pipeline import atomic_write_json
 from hwopt.progress import progress
 from hwopt.search_space import block_variant_name
@@ -60,45 +64,93 @@ def next_token_labels(ids: torch.Tensor) -> torch.Tensor:
     return labels.flatten()
 
 
-class ParentActivations:
-    """The parent's hidden state entering every layer, per input, computed once.
+def swapped_final_hidden(parent: Parent, ids: torch.Tensor, swap: tuple[int, DecoderLayer] | None = None,
+                         span: int = 1) -> torch.Tensor:
+    """The last layer's output [sequences, tokens, hidden] of the parent on ``ids``, with its ``span`` layers
+    from ``swap[0]`` on replaced by ``swap[1]`` if given (``span=2``: a two-layer block), run a layer at a time
+    (a ``LayerwiseParent`` reads each from disk in turn)."""
+    x = parent.embedding()(ids.to(parent.device))
+    position_embeddings = parent.position_embeddings(x, 0)
+    for i in range(parent.num_layers):
+        if swap and swap[0] < i < swap[0] + span:
+            continue
+        layer = swap[1] if swap and swap[0] == i else parent.decoder_layer(i)
+        x = layer(x, position_embeddings)
+    return x
 
-    A replace-1-block forward for layer i starts from these at layer i rather
-    than at the embeddings. Memory: (layers + 1) x tokens x hidden floats per
-    input: for SmolLM2 (30 layers, hidden 576) in fp32, 36 MB for 512
-    held-out tokens, and as much again per 512 tokens of task rows.
+
+def swapped_logits(parent: Parent, ids: torch.Tensor, swap: tuple[int, DecoderLayer] | None = None,
+                   span: int = 1) -> torch.Tensor:
+    """Logits [sequences, tokens, vocab] of ``swapped_final_hidden``. What a metric that evaluates its own
+    inputs (a task's questions) calls."""
+    norm, lm_head = parent.output_head()
+    return lm_head(norm(swapped_final_hidden(parent, ids, swap, span)))
+
+
+def swapped_student_logits(parent: Parent, library: Library, swap: tuple[int, str, str], ids: torch.Tensor
+                           ) -> torch.Tensor:
+    """``swapped_logits`` with layer ``swap[0]`` assembled from the library's (attention, FFN) pair ``swap[1:]``."""
+    return swapped_logits(parent, ids, swap=(swap[0], library.layer(*swap)))
+
+
+def outputs_of(final_hidden: torch.Tensor, head: tuple[torch.nn.Module, torch.nn.Module], ids: torch.Tensor,
+               model: Callable[[torch.Tensor], torch.Tensor], task: MultipleChoice | None) -> Outputs:
+    """What a metric sees of a model given its last layer's output [sequences, tokens, hidden] on ``ids``."""
+    norm, lm_head = head
+    hidden = norm(final_hidden)
+    return Outputs(logits=lm_head(hidden).flatten(0, 1), hidden=hidden.flatten(0, 1),
+                   labels=next_token_labels(ids).to(hidden.device), model=model, task=task)
+
+
+def waves(jobs: dict[int, list], state_bytes: int, budget_bytes: int) -> list[list[int]]:
+    """The swapped layers of ``jobs`` (layer -> forwards to run) in groups, in order, whose carried hidden states
+    (``state_bytes`` each) fit ``budget_bytes`` together; a layer whose own forwards do not fit is a group."""
+    groups, size = [], 0
+    for i in sorted(jobs):
+        need = len(jobs[i]) * state_bytes
+        if not groups or (need and size + need > budget_bytes):
+            groups.append([])
+            size = 0
+        groups[-1].append(i)
+        size += need
+    return groups
+
+
+def replace_one_block(parent: Parent, library: Library, ids: torch.Tensor, jobs: dict[int, list[tuple[str, str]]],
+                      budget_bytes: int, advance: Callable[[], None] = lambda: None
+                      ) -> Iterator[tuple[list[int], torch.Tensor, dict[tuple[int, str, str], torch.Tensor]]]:
+    """The parent's last-layer output on ``ids`` [sequences, tokens], and that of the parent with layer ``i``
+    replaced by each (attention, FFN) pair of ``jobs[i]``, for every ``i`` of ``jobs``, [sequences, tokens,
+    hidden] each.
+
+    The parent's layers are streamed in order (one in memory at a time). A swapped layer's output is carried
+    through the parent's later layers beside the parent's own hidden state, so no forward starts again from
+    the embeddings. The carried states are held for one wave of swapped layers at a time (``waves``, at most
+    ``budget_bytes`` together); each wave streams the parent from its first swapped layer to the end, starting
+    from the parent's hidden state kept there by the wave before. Yields once per wave: (its layers, the
+    parent's output, {(layer, attention, ffn): output}).
     """
-
-    def __init__(self, parent: HeteroLlamaForCausalLM):
-        self.parent = parent
-        self._cache = {}
-
-    def at_layers(self, ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The embeddings, then the output of every layer, on ``ids``."""
-        key = (tuple(ids.shape), ids.cpu().numpy().tobytes())
-        if key not in self._cache:
-            self._cache[key] = self.parent(ids, output_hidden_states=True).hidden_states
-        return self._cache[key]
-
-    def final_hidden(self, ids: torch.Tensor) -> torch.Tensor:
-        """The parent's last hidden states, after the final norm."""
-        return self.parent.model.norm(self.at_layers(ids)[-1])
-
-    def swapped_final_hidden(self, ids: torch.Tensor, i: int, layer: DecoderLayer, span: int = 1) -> torch.Tensor:
-        """The last hidden states, after the final norm, of the parent with its ``span`` layers from ``i`` on
-        replaced by ``layer`` (``span=2``: a two-layer block, the layer after it a no-op)."""
-        hidden = self.at_layers(ids)
-        position_embeddings = self.parent.position_embeddings(hidden[i], 0)
-        x = self.parent.run_layers(layer(hidden[i], position_embeddings), position_embeddings, start=i + span)
-        return self.parent.model.norm(x)
-
-
-def outputs_of(final_hidden: Callable[[torch.Tensor], torch.Tensor], lm_head: torch.nn.Module, ids: torch.Tensor,
-               task: MultipleChoice | None) -> Outputs:
-    """What a metric sees of a model given as its final hidden states on token ids."""
-    hidden = final_hidden(ids)
-    return Outputs(logits=lm_head(hidden).flatten(0, 1), hidden=hidden.flatten(0, 1), labels=next_token_labels(ids),
-                   model=lambda x: lm_head(final_hidden(x)), task=task)
+    ids = ids.to(parent.device)
+    x = parent.embedding()(ids)
+    position_embeddings = parent.position_embeddings(x, 0)
+    groups = waves(jobs, x.numel() * x.element_size(), budget_bytes)
+    start = 0
+    for n, group in enumerate(groups):
+        next_start = groups[n + 1][0] if n + 1 < len(groups) else None
+        carried: dict[tuple[int, str, str], torch.Tensor] = {}
+        for j in range(start, parent.num_layers):
+            if j == next_start:
+                resume = x
+            layer = parent.decoder_layer(j)
+            carried = {key: layer(h, position_embeddings) for key, h in carried.items()}
+            if j in group:
+                for a, f, swapped in library.layers(j, jobs[j], layer):
+                    carried[(j, a, f)] = swapped(x, position_embeddings)
+                    advance()
+            x = layer(x, position_embeddings)
+        yield group, x, carried
+        if next_start is not None:
+            x, start = resume, next_start
 
 
 SCORE_PAIRS = ("decoupled", "coupled")
@@ -120,23 +172,12 @@ def decoupled_estimate(measured: dict[tuple[str, str], dict[str, float]], attent
     return {name: a_part[name] + f_part[name] - base[name] for name in base}
 
 
-def score_layer(parent: HeteroLlamaForCausalLM, library: Library, i: int, activations: ParentActivations,
-                teacher: Outputs, heldout_ids: torch.Tensor, metrics: list[Metric], costs: dict,
-                run: list[tuple[str, str]], pairs: list[tuple[str, str]], task: MultipleChoice | None = None,
-                advance: Callable[[], None] = lambda: None) -> dict:
-    """Block-library entries of layer ``i`` for ``pairs``: replace-1-block for those in ``run``, the others
-    estimated (``decoupled_estimate``, from pairs in ``run``). The parent's own pair is the teacher itself."""
-    attention_names, ffn_names = library.variant_names(i, "attention"), library.variant_names(i, "ffn")
-    own = (attention_names[0], ffn_names[0])
-    measured, blocks = {}, {}
-    for a, f, layer in library.layers(i, pairs):
-        blocks[(a, f)] = layer.block
-        if (a, f) not in run:
-            continue
-        student = teacher if (a, f) == own else outputs_of(
-            partial(activations.swapped_final_hidden, i=i, layer=layer), parent.lm_head, heldout_ids, task)
-        measured[(a, f)] = {m.name: m.compute(student, teacher) for m in metrics}
-        advance()
+def layer_entries(library: Library, i: int, measured: dict[tuple[str, str], dict[str, float]],
+                  pairs: list[tuple[str, str]], costs: dict) -> dict:
+    """Block-library entries of layer ``i`` for ``pairs``: measured where ``measured`` has them, else estimated
+    (``decoupled_estimate``)."""
+    own = (library.variant_names(i, "attention")[0], library.variant_names(i, "ffn")[0])
+    config = library.config
     return {block_variant_name(a, f): {
         "stats": block_stats(costs, a, f),
         "metrics": measured.get((a, f)) or decoupled_estimate(measured, a, f, own),
@@ -144,52 +185,73 @@ def score_layer(parent: HeteroLlamaForCausalLM, library: Library, i: int, activa
         "attention": a,
         "ffn": f,
         "parent": (a, f) == own,
-        "block_config": block.to_json(parent.block_types, parent.config),
-    } for (a, f), block in blocks.items()}
+        "block_config": BlockConfig(library.sub_variant(i, "attention", a).config, library.sub_variant(i, "ffn", f)
+                                    .config).to_json(library.parent.block_types, config),
+    } for a, f in pairs}
+
+
+def measure(parent: Parent, library: Library, ids: torch.Tensor, jobs: dict[int, list[tuple[str, str]]],
+            metrics: list[Metric], task: MultipleChoice | None, budget_bytes: int,
+            advance: Callable[[], None] = lambda: None) -> Iterator[tuple[int, dict[tuple[str, str], dict]]]:
+    """Replace-1-block metrics per layer of ``jobs`` (layer -> pairs), yielded a layer at a time: (layer,
+    {pair: {metric: value}}). The parent's own pair is the teacher itself, scored without a forward."""
+    own = {i: (library.variant_names(i, "attention")[0], library.variant_names(i, "ffn")[0]) for i in jobs}
+    forwards = {i: [pair for pair in pairs if pair != own[i]] for i, pairs in jobs.items()}
+    head = parent.output_head()
+    teacher = None
+    for group, parent_out, swapped in replace_one_block(parent, library, ids, forwards, budget_bytes, advance):
+        if teacher is None:
+            teacher = outputs_of(parent_out, head, ids, partial(swapped_logits, parent), task)
+        for i in group:
+            measured = {own[i]: {m.name: m.compute(teacher, teacher) for m in metrics}} if own[i] in jobs[i] else {}
+            for a, f in forwards[i]:
+                model = partial(swapped_student_logits, parent, library, (i, a, f))  # read only if a metric asks
+                student = outputs_of(swapped.pop((i, a, f)), head, ids, model, task)
+                measured[(a, f)] = {m.name: m.compute(student, teacher) for m in metrics}
+            yield i, measured
+
+
+CARRY_BYTES = 1 << 30  # default budget of replace_one_block's carried hidden states
 
 
 @torch.inference_mode()
-def score(parent: HeteroLlamaForCausalLM, library: Library, heldout_ids: torch.Tensor, metrics: list[Metric],
-          costs: dict, out_dir: Path, task: MultipleChoice | None = None, pairs: str = "decoupled") -> dict:
+def score(parent: Parent, library: Library, heldout_ids: torch.Tensor, metrics: list[Metric], costs: dict,
+          out_dir: Path, task: MultipleChoice | None = None, pairs: str = "decoupled", ranks: Ranks = ONE_PROCESS,
+          carry_bytes: int = CARRY_BYTES) -> dict:
     """Write ``block_library.json`` into ``out_dir`` (per-layer units are kept beside it until then).
 
-    ``heldout_ids``: [sequences, tokens]. ``pairs``: ``"decoupled"`` or ``"coupled"`` (see the module
-    docstring); anything else raises ``HwoptError``.
+    ``parent``: the model, or a ``LayerwiseParent`` (never whole in memory). ``heldout_ids``: [sequences,
+    tokens]. ``pairs``: ``"decoupled"`` or ``"coupled"`` (see the module docstring); anything else raises
+    ``HwoptError``. Under torchrun, layers are dealt round-robin over ``ranks``; rank 0 writes the result once
+    every rank is done. ``carry_bytes``: the budget of carried hidden states (see ``replace_one_block``).
     """
     out_dir = Path(out_dir)
-    activations = ParentActivations(parent)
-    teacher = outputs_of(activations.final_hidden, parent.lm_head, heldout_ids, task)
-    num_layers = len(parent.model.layers)
-    names = [(library.variant_names(i, "attention"), library.variant_names(i, "ffn")) for i in range(num_layers)]
+    names = [(library.variant_names(i, "attention"), library.variant_names(i, "ffn")) for i in range(parent.num_layers)]
     runs = [pairs_to_run(a, f, pairs) for a, f in names]
-    block_library = {}
-    with progress(f"score (replace-1-block, {pairs})", total=sum(map(len, runs))) as advance:
-        for i, (attention_names, ffn_names) in enumerate(names):
-            unit = out_dir / "layers" / f"layer_{i}.json"
-            if not unit.is_file():
-                every_pair = [(a, f) for a in attention_names for f in ffn_names]
-                atomic_write_json(unit, score_layer(parent, library, i, activations, teacher, heldout_ids, metrics,
-                                                    costs, runs[i], every_pair, task, advance))
-            else:
-                advance(len(runs[i]))
-            block_library[f"layer_{i}"] = json.loads(unit.read_text())
-    atomic_write_json(out_dir / "block_library.json", block_library)
+    units = [out_dir / "layers" / f"layer_{i}.json" for i in range(parent.num_layers)]
+    jobs = {i: runs[i] for i in range(parent.num_layers) if ranks.owns(i) and not units[i].is_file()}
+    with progress(f"score (replace-1-block, {pairs})", total=sum(len(r) - 1 for r in jobs.values())) as advance:
+        for i, measured in measure(parent, library, heldout_ids, jobs, metrics, task, carry_bytes, advance):
+            every_pair = [(a, f) for a in names[i][0] for f in names[i][1]]
+            atomic_write_json(units[i], layer_entries(library, i, measured, every_pair, costs))
+    ranks.barrier()
+    block_library = {f"layer_{i}": json.loads(unit.read_text()) for i, unit in enumerate(units)}
+    if ranks.is_main:
+        atomic_write_json(out_dir / "block_library.json", block_library)
+    ranks.barrier()
     return block_library
 
 
 @torch.inference_mode()
-def rescore_coupled(parent: HeteroLlamaForCausalLM, library: Library, block_library: dict,
-                    subspace: dict[int, list[tuple[str, str]]], heldout_ids: torch.Tensor, metrics: list[Metric],
-                    costs: dict, task: MultipleChoice | None = None) -> dict:
+def rescore_coupled(parent: Parent, library: Library, block_library: dict, subspace: dict[int, list[tuple[str, str]]],
+                    heldout_ids: torch.Tensor, metrics: list[Metric], costs: dict, task: MultipleChoice | None = None,
+                    carry_bytes: int = CARRY_BYTES) -> dict:
     """``block_library`` with the entries of ``subspace``'s pairs (layer -> pairs) scored again by
     replace-1-block with their coupled-BLD weights (``library`` built with ``coupled_dir``); marked
     ``"coupled": true``."""
-    activations = ParentActivations(parent)
-    teacher = outputs_of(activations.final_hidden, parent.lm_head, heldout_ids, task)
     out = {layer: dict(entries) for layer, entries in block_library.items()}
     with progress("score (coupled pairs)", total=sum(map(len, subspace.values()))) as advance:
-        for i, pairs in subspace.items():
-            entries = score_layer(parent, library, i, activations, teacher, heldout_ids, metrics, costs, pairs, pairs,
-                                  task, advance)
+        for i, measured in measure(parent, library, heldout_ids, subspace, metrics, task, carry_bytes, advance):
+            entries = layer_entries(library, i, measured, subspace[i], costs)
             out[f"layer_{i}"].update({name: {**entry, "coupled": True} for name, entry in entries.items()})
     return out

@@ -13,6 +13,10 @@ Both turn the convenience budgets (``Budgets``: ``--speedup``, ``--memory``,
 ``--throughput``, ``--latency``, ``--ttft``, ``--params``) into constraints
 on library keys, ask the solver for one or several diverse solutions, and
 when no architecture meets the budgets, stop with what the library can reach.
+
+A ``--speedup`` is predicted from the profile's per-block costs; when the
+target is this machine, ``meet_measured_speedup`` times the chosen child
+whole and solves again with a tighter budget while it measures short.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import dataclasses
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -266,6 +271,49 @@ def solve(library: dict, costs: dict, budgets: Budgets, objective: str, solver_n
     atomic_write_json(out_path, result)
     print_solutions(problem, solutions)
     return result
+
+
+def meet_measured_speedup(solve_at: Callable[[float], dict], measure: Callable[[dict], dict], speedup: float,
+                          checks: int) -> tuple[dict, list[dict]]:
+    """A solution whose child measures at least ``speedup`` times the parent's speed, and the checks on the way.
+
+    ``solve_at(budget)`` solves at a predicted speedup ``budget`` (``solve``'s
+    result); ``measure(result)`` times its solution 0 against the parent
+    (``hwopt.evaluate.measured_speedup``: ``measured_speedup`` and its relative
+    standard ``error``). The first solve is at ``speedup``. While a child
+    measures short, the budget is raised by the shortfall, and by the
+    measurement's standard error on top so as not to land just short again:
+    ``budget * speedup / measured * (1 + error)``; at most ``checks`` children
+    are solved and measured. Returns the first child that meets ``speedup``;
+    when none does, or a raised budget has no solution, the one that measured
+    fastest, with a warning. Every child returned was measured. Each check:
+    ``{"budget_speedup", "predicted_speedup", "measured_speedup", "error", "measured_ms"}``.
+
+    Raises:
+        HwoptError: the first solve has no solution (``checks`` is at least 1).
+    """
+    budget, tried = speedup, []
+    while len(tried) < checks:
+        try:
+            result = solve_at(budget)
+        except HwoptError as exc:
+            if not tried:
+                raise
+            console.print(f"[yellow]solve: no child is predicted {budget:.2f}x ({exc})[/yellow]", soft_wrap=True)
+            break
+        check = {"budget_speedup": budget, "predicted_speedup": result["solutions"][0]["predicted_speedup"],
+                 **measure(result)}
+        tried.append((result, check))
+        console.print(f"solve: the child measures {check['measured_speedup']:.2f}x here (± {check['error']:.1%}; "
+                      f"predicted {check['predicted_speedup']:.2f}x)")
+        if check["measured_speedup"] >= speedup:
+            return result, [c for _, c in tried]
+        budget *= speedup / check["measured_speedup"] * (1 + check["error"])
+    result, check = max(tried, key=lambda rc: rc[1]["measured_speedup"])
+    console.print(f"[yellow]solve: no child measured {speedup:.2f}x in {len(tried)} tries; keeping the fastest, "
+                  f"{check['measured_speedup']:.2f}x (predicted {check['predicted_speedup']:.2f}x)[/yellow]",
+                  soft_wrap=True)
+    return result, [c for _, c in tried]
 
 
 def read_library(path: Path) -> dict:

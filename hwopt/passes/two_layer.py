@@ -31,12 +31,13 @@ from pathlib import Path
 
 import torch
 
+from hwopt.devices import FP32_CPU, Placement
 from hwopt.errors import HwoptError
 from hwopt.metric import Metric
 from hwopt.model.config import BlockConfig
 from hwopt.model.modeling import HeteroLlamaForCausalLM
-from hwopt.passes.library import BLDSettings, Library, build_coupled
-from hwopt.passes.score import ParentActivations, block_stats, outputs_of
+from hwopt.passes.library import BLDSettings, Library, Parent, build_coupled
+from hwopt.passes.score import block_stats, outputs_of, swapped_final_hidden, swapped_logits
 from hwopt.progress import progress
 from hwopt.search_space import block_variant_name
 from hwopt.tasks import MultipleChoice
@@ -99,18 +100,19 @@ def noop_pair(library: Library, i: int) -> tuple[str, str]:
     return names[0], names[1]
 
 
-def build_two_layer(parent: HeteroLlamaForCausalLM, library: Library, train_ids: torch.Tensor,
-                    settings: BLDSettings, out_dir: Path) -> None:
+def build_two_layer(parent: Parent, library: Library, train_ids: torch.Tensor, settings: BLDSettings,
+                    out_dir: Path, placement: Placement = FP32_CPU) -> None:
     """BLD of every offered two-layer block (``two_layer_subspace``) into ``out_dir`` (``index.json`` and
-    ``layer_<i>/<a>+<f>.safetensors``, read back with ``Library(..., coupled_dir=out_dir)``)."""
-    num_layers = len(parent.model.layers)
-    for i in range(1, num_layers):
+    ``layer_<i>/<a>+<f>.safetensors``, read back with ``Library(..., coupled_dir=out_dir)``). ``parent``: the
+    model, or a ``LayerwiseParent``."""
+    for i in range(1, parent.num_layers):
         noop_pair(library, i)  # fail before training anything
-    build_coupled(parent, library, two_layer_subspace(library, num_layers), train_ids, settings, out_dir, span=SPAN)
+    build_coupled(parent, library, two_layer_subspace(library, parent.num_layers), train_ids, settings, out_dir,
+                  placement, span=SPAN)
 
 
 @torch.inference_mode()
-def add_two_layer_entries(parent: HeteroLlamaForCausalLM, two_layer: Library, block_library: dict,
+def add_two_layer_entries(parent: Parent, two_layer: Library, block_library: dict,
                           heldout_ids: torch.Tensor, metrics: list[Metric], costs: dict,
                           task: MultipleChoice | None = None) -> dict:
     """``block_library`` with each trained two-layer block scored by replace-2-blocks, and a ``spanned`` entry in
@@ -122,14 +124,16 @@ def add_two_layer_entries(parent: HeteroLlamaForCausalLM, two_layer: Library, bl
     """
     trained = {int(layer.removeprefix("layer_")): [tuple(name.split("+", 1)) for name in pairs]
                for layer, pairs in two_layer.coupled.items()}
-    activations = ParentActivations(parent)
-    teacher = outputs_of(activations.final_hidden, parent.lm_head, heldout_ids, task)
+    head = parent.output_head()
+    teacher = outputs_of(swapped_final_hidden(parent, heldout_ids), head, heldout_ids, partial(swapped_logits, parent),
+                         task)
     out = {layer: dict(entries) for layer, entries in block_library.items()}
     with progress("score (replace-2-blocks)", total=sum(map(len, trained.values()))) as advance:
         for i, pairs in sorted(trained.items()):
             for a, f, layer in two_layer.layers(i, pairs):
-                student = outputs_of(partial(activations.swapped_final_hidden, i=i, layer=layer, span=SPAN),
-                                     parent.lm_head, heldout_ids, task)
+                swap = (i, layer)
+                student = outputs_of(swapped_final_hidden(parent, heldout_ids, swap, SPAN), head, heldout_ids,
+                                     partial(swapped_logits, parent, swap=swap, span=SPAN), task)
                 out[f"layer_{i}"][two_layer_name(a, f)] = {
                     "stats": block_stats(costs, a, f),
                     "metrics": {m.name: m.compute(student, teacher) for m in metrics},

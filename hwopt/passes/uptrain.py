@@ -4,7 +4,9 @@ The loss is the Puzzle paper's best (Table 1): cosine distance between the
 child's and the parent's hidden state after every layer, plus KL divergence
 of the logits; no LM loss. Embeddings and the LM head stay frozen. The
 uptrained weights are kept only if they lower the held-out KL divergence
-from the parent; the pass records both figures either way.
+from the parent; the pass records both figures either way. Under torchrun
+the child trains data-parallel (DDP); a child larger than one device would
+need FSDP (``torch.distributed.fsdp.fully_shard``), which is not built yet.
 """
 
 from __future__ import annotations
@@ -14,7 +16,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
+from hwopt.devices import FP32_CPU, Placement
+from hwopt.distributed import ONE_PROCESS, Ranks
 from hwopt.evaluate import compare_on_heldout
 from hwopt.metric import kl_divergence
 from hwopt.model.modeling import HeteroLlamaForCausalLM
@@ -40,8 +45,15 @@ def gkd_loss(student_out, teacher_out) -> torch.Tensor:
 
 
 def uptrain(child: HeteroLlamaForCausalLM, parent: HeteroLlamaForCausalLM, train_ids: torch.Tensor,
-            heldout_ids: torch.Tensor, settings: UptrainSettings) -> dict:
-    """Distil ``child`` in place; returns the held-out KL before and after, and what was kept."""
+            heldout_ids: torch.Tensor, settings: UptrainSettings, placement: Placement = FP32_CPU,
+            ranks: Ranks = ONE_PROCESS) -> dict:
+    """Distil ``child`` (fp32 weights, trained under ``placement.autocast()``) in place from ``parent`` (in the
+    train dtype); returns the held-out KL before and after, and what was kept.
+
+    ``train_ids``, ``heldout_ids``: [sequences, tokens]. Under torchrun the child is wrapped in
+    ``DistributedDataParallel``: each step takes ``settings.batch_sequences`` sequences per rank (a final step
+    with fewer sequences than ranks is dropped), and gradients are averaged over the ranks.
+    """
     torch.manual_seed(settings.seed)
     parent.requires_grad_(False).eval()
     child.requires_grad_(True)
@@ -51,16 +63,23 @@ def uptrain(child: HeteroLlamaForCausalLM, parent: HeteroLlamaForCausalLM, train
     snapshot = {k: v.clone() for k, v in child.state_dict().items()}
     params = [p for p in child.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
-    steps = max(1, math.ceil(len(train_ids) / settings.batch_sequences))
+    batches = [rows for rows in torch.split(train_ids, settings.batch_sequences * ranks.world)
+               if len(rows) >= ranks.world]
+    steps = max(1, len(batches))
     warmup = max(1, steps // 10)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    device = placement.device
+    model = child if ranks.world == 1 else DistributedDataParallel(
+        child, device_ids=[device.index] if device.type == "cuda" else None)
     child.train()
     with progress("uptrain (GKD)", total=steps) as advance:
-        for rows in torch.split(train_ids, settings.batch_sequences):
-            with torch.no_grad():
-                teacher = parent(rows, output_hidden_states=True)
-            loss = gkd_loss(child(rows, output_hidden_states=True), teacher)
+        for batch in batches:
+            rows = torch.tensor_split(batch, ranks.world)[ranks.rank].to(device)
+            with placement.autocast():
+                with torch.no_grad():
+                    teacher = parent(rows, output_hidden_states=True)
+                loss = gkd_loss(model(rows, output_hidden_states=True), teacher)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -73,4 +92,4 @@ def uptrain(child: HeteroLlamaForCausalLM, parent: HeteroLlamaForCausalLM, train
     if not kept:
         child.load_state_dict(snapshot)
     return {"heldout_kl_before": before, "heldout_kl_after": after, "kept_uptrained_weights": kept,
-            "train_tokens": int(train_ids.numel()), "steps": steps}
+            "train_tokens": int(train_ids.numel()), "steps": steps, "ranks": ranks.world}

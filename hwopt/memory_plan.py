@@ -1,0 +1,175 @@
+"""The memory a pass will hold at its peak, per rank, computed before it starts from the config alone.
+
+library and score read the parent a layer at a time (``hwopt.model.layerwise``),
+so their peak is one parent layer, the embedding or the LM head, one layer's
+activations and the variant in training (library) or the carried hidden states
+of a wave of candidates (score). The figures are upper bounds of what the
+pass allocates; the process itself (Python, torch, transformers, the
+tokenised data) adds ``PROCESS_BYTES``, and the checkpoint file's pages
+stay mapped while a piece is copied out of it (``transit``). On a GPU the
+weights and activations are on the device, and the host holds the process
+and the pages in transit. On the CPU, ``benchmarks/memory.py`` measures the
+peak against the plan.
+
+``--max-memory`` is the host budget per rank: a plan over it is refused in one
+line before anything is read, and score fits its waves into what is left.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hwopt.devices import Placement
+from hwopt.errors import HwoptError
+from hwopt.model.config import BlockConfig
+from hwopt.passes.library import variants_for_layer
+from hwopt.passes.solve import parse_memory_mib
+from hwopt.search_space import SearchSpace, sub_variant_of
+
+GIB = 2**30
+# peak RSS after `import hwopt.run` and reading the default data (0.50 GiB: torch 2.13 CPU, transformers 5.24)
+PROCESS_BYTES = 512 * 2**20
+FP32_TRAINING_BYTES = 16  # per trained parameter: fp32 weight, gradient, AdamW's two moments
+ACTIVATION_COPIES = {"library": 6, "score": 3}  # per layer: its input, output and the sub-block targets (library)
+
+
+@dataclass
+class MemoryPlan:
+    """A pass's peak memory per rank: (what, bytes) items on the host and on the device."""
+
+    pass_name: str
+    placement: Placement
+    transit: int = 0  # the largest piece read at once: its file pages are mapped while it is copied out
+    host: list[tuple[str, int]] = field(default_factory=list)
+    device: list[tuple[str, int]] = field(default_factory=list)
+
+    def add(self, what: str, nbytes: int) -> None:
+        """An item on the pass's device (the host when that is the CPU)."""
+        (self.device if self.placement.device.type == "cuda" else self.host).append((what, int(nbytes)))
+
+    def host_items(self) -> list[tuple[str, int]]:
+        return [("process (python, torch, the data)", PROCESS_BYTES), *self.host,
+                ("checkpoint pages mapped while the largest piece is read", self.transit)]
+
+    @property
+    def host_bytes(self) -> int:
+        return sum(n for _, n in self.host_items())
+
+    @property
+    def device_bytes(self) -> int:
+        return sum(n for _, n in self.device)
+
+    def lines(self, world: int) -> list[str]:
+        """The plan as printed before the pass starts."""
+        where = f"{self.placement.device}, {self.placement.dtype_name}"
+        out = [f"{self.pass_name} memory plan per rank ({world} rank{'s' if world > 1 else ''}, {where}): host "
+               f"{self.host_bytes / GIB:.2f} GiB" + (f", device {self.device_bytes / GIB:.2f} GiB" if self.device
+                                                     else "")]
+        out += [f"  host    {n / GIB:8.2f} GiB  {what}" for what, n in self.host_items()]
+        out += [f"  device  {n / GIB:8.2f} GiB  {what}" for what, n in self.device]
+        return out
+
+    def check(self, max_memory: str | None, device_memory: int | None = None) -> None:
+        """Refuse a plan over ``--max-memory`` (host bytes per rank) or over ``device_memory`` (the GPU's bytes).
+
+        Raises:
+            HwoptError: one line with the plan's total, the budget and its largest item.
+        """
+        if max_memory is not None and self.host_bytes > parse_max_memory(max_memory):
+            what, n = max(self.host_items(), key=lambda item: item[1])
+            raise HwoptError(f"{self.pass_name} needs {self.host_bytes / GIB:.2f} GiB of host memory per rank by its "
+                             f"memory plan, over --max-memory {max_memory} (largest: {what}, {n / GIB:.2f} GiB)")
+        if device_memory is not None and self.device_bytes > device_memory:
+            what, n = max(self.device, key=lambda item: item[1])
+            raise HwoptError(f"{self.pass_name} needs {self.device_bytes / GIB:.2f} GiB of memory on "
+                             f"{self.placement.device} by its memory plan, over its {device_memory / GIB:.2f} GiB "
+                             f"(largest: {what}, {n / GIB:.2f} GiB)")
+
+
+def parse_max_memory(text: str) -> int:
+    """'8GiB', '512MiB', '16GB' -> bytes."""
+    try:
+        return int(parse_memory_mib(text) * 2**20)
+    except HwoptError:
+        raise HwoptError(f"--max-memory takes a size such as 8GiB or 512MiB, not {text!r}") from None
+
+
+def layer_params(config, block: BlockConfig) -> int:
+    return sum(sub_variant_of(config, cfg).block_type.num_params(cfg, config) for cfg in (block.attention, block.ffn))
+
+
+def weights(config, block_configs: list[BlockConfig], placement: Placement) -> dict[str, int]:
+    """Bytes of the parent's largest layer, of its embedding and of its LM head, in the pass's dtype."""
+    size = placement.dtype.itemsize
+    table = config.vocab_size * config.hidden_size * size
+    return {"layer": max(layer_params(config, b) for b in block_configs) * size, "embedding": table,
+            "head": table}
+
+
+def transient(config, sequences: int, seq_len: int) -> int:
+    """fp32 bytes of the widest intermediates of a forward and backward over ``sequences`` x ``seq_len`` tokens:
+    the FFN's three width-sized tensors and the attention scores."""
+    tokens = sequences * seq_len
+    return 4 * (3 * tokens * config.intermediate_size + sequences * config.num_attention_heads * seq_len * seq_len)
+
+
+def library_plan(config, block_configs: list[BlockConfig], space: SearchSpace, tokens: int, seq_len: int,
+                 batch_sequences: int, placement: Placement) -> MemoryPlan:
+    """library: one parent layer (or the embedding), one layer's activations, one variant in training."""
+    w = weights(config, block_configs, placement)
+    plan = MemoryPlan("library", placement, max(w["layer"], w["embedding"]))
+    plan.add("parent layer (the largest), or the embedding", max(w["layer"], w["embedding"]))
+    plan.add(f"activations of one layer ({tokens} tokens)",
+             ACTIVATION_COPIES["library"] * tokens * config.hidden_size * placement.dtype.itemsize)
+    largest = max((v.block_type.num_params(v.config, config) for block in set(block_configs)
+                   for variants in variants_for_layer(config, block, space).values() for v in variants[1:]), default=0)
+    plan.add("variant in training (fp32 weights, gradients, AdamW state)", largest * FP32_TRAINING_BYTES)
+    plan.add(f"forward and backward of {batch_sequences} sequences", transient(config, batch_sequences, seq_len))
+    return plan
+
+
+def score_plan(config, block_configs: list[BlockConfig], tokens: int, seq_len: int, candidates: int,
+               placement: Placement, max_memory: str | None, device_memory: int | None = None
+               ) -> tuple[MemoryPlan, int]:
+    """score: one parent layer, the final norm and LM head, the logits of the teacher and one student, and the
+    carried hidden states of a wave of the rank's ``candidates`` (swapped forwards). Returns the plan and the
+    carry budget in bytes: all candidates at once when they fit, else what the budget leaves (at least one
+    candidate's worth). The budget is ``--max-memory`` on the CPU (1 GiB without it), nine tenths of
+    ``device_memory`` on a GPU."""
+    w = weights(config, block_configs, placement)
+    plan = MemoryPlan("score", placement, max(w["layer"], w["embedding"]))
+    plan.add("parent layer (the largest) or the embedding, and the LM head",
+             max(w["layer"], w["embedding"]) + w["head"])
+    state = tokens * config.hidden_size * placement.dtype.itemsize
+    plan.add(f"hidden states of the parent ({tokens} tokens)", ACTIVATION_COPIES["score"] * state)
+    plan.add("logits of the teacher and one student, with their log-softmax (fp32)",
+             4 * tokens * config.vocab_size * 4)
+    plan.add("forward of one layer", transient(config, max(1, tokens // seq_len), seq_len) // 3)
+    if placement.device.type == "cuda" and device_memory is not None:
+        room = int(0.9 * device_memory) - plan.device_bytes
+    elif max_memory is not None:
+        room = parse_max_memory(max_memory) - plan.host_bytes
+    else:
+        room = GIB
+    carry = min(candidates * state, max(room, state))
+    plan.add(f"carried hidden states of a wave ({carry // max(state, 1)} of {candidates} candidates)", carry)
+    return plan, carry
+
+
+def uptrain_plan(config, child_blocks: list[BlockConfig], parent_blocks: list[BlockConfig], tokens_per_step: int,
+                 seq_len: int, placement: Placement, shards: int = 1) -> MemoryPlan:
+    """uptrain: the child in training (fp32 with AdamW, sharded over ``shards`` ranks by FSDP), the parent as
+    its teacher in the train dtype, and one step's activations of both with every layer's hidden states."""
+    table = config.vocab_size * config.hidden_size
+    plan = MemoryPlan("uptrain", placement, table * placement.dtype.itemsize)
+    child = sum(layer_params(config, b) for b in child_blocks) + 2 * table
+    parent = sum(layer_params(config, b) for b in parent_blocks) + 2 * table
+    plan.add(f"child in training (fp32, AdamW state){' / ' + str(shards) + ' ranks' if shards > 1 else ''}",
+             child * FP32_TRAINING_BYTES // shards)
+    plan.add(f"parent as teacher ({placement.dtype_name}){' / ' + str(shards) + ' ranks' if shards > 1 else ''}",
+             parent * placement.dtype.itemsize // shards)
+    layers = config.num_hidden_layers
+    plan.add(f"activations of one step ({tokens_per_step} tokens, both models, every layer)",
+             2 * (layers + 1) * tokens_per_step * config.hidden_size * 4 + 3 * tokens_per_step * config.vocab_size * 4
+             + transient(config, max(1, tokens_per_step // seq_len), seq_len) * layers // 4)
+    return plan

@@ -1,0 +1,181 @@
+"""Scale: --device and --train-dtype, a parent read a layer at a time, the memory plan, torchrun on gloo."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, env_with_pythonpath, hwopt_cli
+from transformers import LlamaForCausalLM
+
+from hwopt.devices import FP32_CPU, Placement, resolve_device, resolve_placement
+from hwopt.errors import HwoptError
+from hwopt.hardware import resolve_target
+from hwopt.metric import kl_divergence
+from hwopt.model.checkpoint import load_checkpoint
+from hwopt.model.layerwise import LayerwiseParent
+from hwopt.passes.library import BLDSettings, Library, build_library
+from hwopt.passes.score import COST_KEYS, score, waves
+from hwopt.plugins import block_types, metrics
+from hwopt.report import speedup_line
+from hwopt.search_space import SearchSpace
+
+SPACE = SearchSpace(kv_heads=(1,), ffn_fractions=(0.5,), linear=True, no_op=True)
+TINY_RUN = ["--threads", "1", "--scenario", "16/4", "--repeats", "2", "--seq-len", "32", "--bld-tokens", "512",
+            "--distill-samples", "0", "--score-tokens", "64", "--backend", "roofline", "--kv-heads", "1",
+            "--ffn-fractions", "0.5"]
+
+
+def test_device_resolution_on_a_machine_without_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto", "gpu") == torch.device("cpu")  # the GPU target is not here: this CPU
+    assert resolve_device("cpu", "gpu") == torch.device("cpu")
+    for spec in ("cuda", "cuda:1"):
+        with pytest.raises(HwoptError, match="no CUDA device"):
+            resolve_device(spec, "gpu")
+    with pytest.raises(HwoptError, match="choose auto, cpu"):
+        resolve_device("tpu", "cpu")
+    assert resolve_placement("auto", None, "cpu").dtype == torch.float32
+    assert resolve_placement("cpu", "bf16", "cpu").dtype == torch.bfloat16
+    with pytest.raises(HwoptError, match="bf16 or fp32"):
+        resolve_placement("cpu", "fp16", "cpu")
+
+
+def test_meta_construction_gives_the_eager_logits_in_the_asked_dtype(tiny_llama_dir):
+    model = load_checkpoint(tiny_llama_dir, block_types())
+    assert all(p.device.type == "cpu" and p.dtype == torch.float32 for p in model.parameters())
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tied again after assign=True
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    eager = LlamaForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, eager(ids).logits)
+        bf16 = load_checkpoint(tiny_llama_dir, block_types(), dtype=torch.bfloat16)
+        assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
+        assert torch.allclose(bf16(ids).logits.float(), eager(ids).logits, atol=0.05)
+
+
+def test_layerwise_parent_reads_the_same_pieces_as_the_whole_model(tiny_llama_dir):
+    whole = load_checkpoint(tiny_llama_dir, block_types())
+    parent = LayerwiseParent(tiny_llama_dir, block_types())
+    assert parent.num_layers == whole.num_layers
+    for i in range(parent.num_layers):
+        assert parent.decoder_layer(i).state_dict().keys() == whole.decoder_layer(i).state_dict().keys()
+        for k, v in parent.decoder_layer(i).state_dict().items():
+            assert torch.equal(v, whole.decoder_layer(i).state_dict()[k])
+    norm, head = parent.output_head()
+    assert torch.equal(head.weight, whole.lm_head.weight) and torch.equal(norm.weight, whole.model.norm.weight)
+    assert torch.equal(parent.embedding().weight, whole.model.embed_tokens.weight)
+
+
+@pytest.fixture(scope="module")
+def tiny_library(tiny_llama_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("library")
+    torch.manual_seed(0)
+    ids = torch.randint(0, 49152, (12, 16))
+    build_library(LayerwiseParent(tiny_llama_dir, block_types()), ids, SPACE, BLDSettings(tokens=192), out)
+    return out
+
+
+def zero_costs(library: Library) -> dict:
+    names = {kind: {name for i in range(library.config.num_hidden_layers) for name in library.variant_names(i, kind)}
+             for kind in ("attention", "ffn")}
+    return {kind: {name: dict.fromkeys(COST_KEYS, 0.0) for name in names[kind]} for kind in names} | {
+        "source": {"summary": "none (a test)"}}
+
+
+def test_streamed_scores_are_replace_1_block_of_the_whole_model_in_any_number_of_waves(tiny_llama_dir, tiny_library,
+                                                                                     tmp_path):
+    whole = load_checkpoint(tiny_llama_dir, block_types())
+    ids = torch.randint(0, 49152, (2, 16), generator=torch.Generator().manual_seed(1))
+    library = Library(tiny_library, LayerwiseParent(tiny_llama_dir, block_types()))
+    kl = [metrics().get("kl_div")]
+    one_wave = score(library.parent, library, ids, kl, zero_costs(library), tmp_path / "one", pairs="coupled")
+    state_bytes = ids.numel() * whole.config.hidden_size * 4
+    many = score(library.parent, library, ids, kl, zero_costs(library), tmp_path / "many", pairs="coupled",
+                 carry_bytes=state_bytes)  # one candidate's hidden state: a wave per layer
+    assert json.dumps(one_wave, sort_keys=True) == json.dumps(many, sort_keys=True)
+    with torch.no_grad():
+        teacher = whole(ids).logits.flatten(0, 1)
+        for i in (0, whole.num_layers - 1):
+            for name, entry in one_wave[f"layer_{i}"].items():
+                child = library.assemble([(entry["attention"], entry["ffn"]) if j == i else
+                                          (library.variant_names(j, "attention")[0], library.variant_names(j, "ffn")[0])
+                                          for j in range(whole.num_layers)])
+                expected = kl_divergence(child(ids).logits.flatten(0, 1), teacher).item()
+                assert entry["metrics"]["kl_div"] == pytest.approx(expected, rel=1e-4, abs=1e-7), (i, name)
+
+
+def test_waves_fit_the_budget_in_layer_order():
+    jobs = {0: [1, 2], 1: [1], 2: [1, 2, 3], 3: []}
+    assert waves(jobs, state_bytes=10, budget_bytes=30) == [[0, 1], [2, 3]]
+    assert waves(jobs, state_bytes=10, budget_bytes=10) == [[0], [1], [2, 3]]  # a layer alone may exceed it
+    assert waves(jobs, state_bytes=10, budget_bytes=1000) == [[0, 1, 2, 3]]
+
+
+def test_report_says_when_the_measurement_is_not_of_the_target(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    h100, cpu = resolve_target("h100"), resolve_target("cpu")
+    assert FP32_CPU.runs_on(cpu) and not FP32_CPU.runs_on(h100)
+    report = {"predicted_speedup": 1.5, "measured_speedup": 1.12, "predicted_on": h100.name,
+              "measured_on": FP32_CPU.describe(), "measured_on_target": FP32_CPU.runs_on(h100)}
+    line = speedup_line(report)
+    assert f"measured 1.12x on cpu ({cpu.description}), fp32" in line
+    assert "not h100" in line and "does not check the prediction" in line
+    assert "NVIDIA" not in line.split(";")[1]
+    report["measured_on_target"] = True
+    assert "not" not in speedup_line(report)
+    assert Placement(torch.device("cpu"), torch.bfloat16).describe().endswith(", bf16")
+
+
+def test_a_plan_over_max_memory_is_refused_in_one_line(tiny_llama_dir, tmp_path):
+    proc = hwopt_cli("library", "--model", tiny_llama_dir, "--workdir", tmp_path, "--max-memory", "200MiB",
+                     *TINY_RUN)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("hwopt: error:")]
+    assert len(errors) == 1 and "library needs" in errors[0] and "over --max-memory 200MiB" in errors[0], proc.stderr
+    assert not (tmp_path / "library").exists() and not (tmp_path / "library.partial").exists()
+
+
+@pytest.mark.slow  # about 90 s here: three optimize runs, two of them under torchrun
+def test_two_ranks_on_gloo_give_the_library_and_scores_of_one(tiny_llama_dir, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    proc = hwopt_cli("optimize", "--model", tiny_llama_dir, "--workdir", one, "--until", "score", *TINY_RUN)
+    assert proc.returncode == 0, proc.stderr
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    cmd = [*torchrun, "-m", "hwopt", "optimize", "--model", str(tiny_llama_dir), "--workdir", str(two), "--until",
+           "score", *TINY_RUN]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env_with_pythonpath(REPO))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    weights = sorted(p.relative_to(one) for p in (one / "library").rglob("*.safetensors"))
+    assert weights and weights == sorted(p.relative_to(two) for p in (two / "library").rglob("*.safetensors"))
+    for path in weights:
+        assert (one / path).read_bytes() == (two / path).read_bytes(), path
+    scores = [json.loads((w / "score/block_library.json").read_text()) for w in (one, two)]
+    assert scores[0].keys() == scores[1].keys()
+    for layer, entries in scores[0].items():
+        for name, entry in entries.items():
+            assert entry["metrics"] == pytest.approx(scores[1][layer][name]["metrics"], rel=1e-5, abs=1e-8)
+    assert "torchrun job" in (two / ".lock").read_text()
+    # as a job killed mid-library leaves it: the partial folder with some units done, the rest not
+    manifest = json.loads((two / "library/.manifest.json").read_text())
+    shutil.rmtree(two / "score")
+    (two / "library").rename(two / "library.partial")
+    (two / "library.partial/.manifest.json").unlink()
+    (two / "library.partial/.fingerprint").write_text(manifest["fingerprint"])
+    lost = [p for p in weights if "layer_1" in str(p) or "layer_2" in str(p)]
+    for path in lost:
+        (two / "library.partial" / path.relative_to("library")).unlink()
+    kept = {p: (two / "library.partial" / p.relative_to("library")).stat().st_mtime_ns
+            for p in weights if p not in lost}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env_with_pythonpath(REPO))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not list(two.glob("*.partial"))
+    for path in weights:
+        assert (one / path).read_bytes() == (two / path).read_bytes(), path
+    assert all((two / p).stat().st_mtime_ns == mtime for p, mtime in kept.items())  # finished units were kept
+    assert json.loads((two / "score/block_library.json").read_text()) == scores[1]
