@@ -28,7 +28,8 @@ def test_gpu_profiles_carry_their_specs():
     assert h100.peak_tflops["bf16"] == 989 and "fp8" in h100.peak_tflops
     assert any("H100" in n for n in h100.nvml_names)
     assert "fp8" not in resolve_target("a100").peak_tflops  # no fp8 on Ampere
-    assert {p.name for p in shipped_profiles()} == {"cpu", "h100-sxm", "a100-80gb", "rtx-4090"}
+    assert {p.name for p in shipped_profiles()} == {"cpu", "h100-sxm", "h200-sxm", "a100-80gb", "rtx-4090"}
+    assert resolve_target("h200").memory_gib == pytest.approx(141e9 / 2**30, abs=0.05)
 
 
 def test_cpu_profile_describes_this_machine():
