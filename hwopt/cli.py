@@ -309,11 +309,12 @@ def cmd_estimate(args: argparse.Namespace) -> None:
     from hwopt.search_space import Scenario
 
     target = resolve_target(args.target)
-    scenario = Scenario.for_target(target, args.scenario or DEFAULT_SCENARIO, args.batch or 1, args.dtype,
-                                   args.kv_dtype)
+    batch = 1 if args.batch is None else args.batch  # 0 is refused by the scenario, not read as unset
+    scenario = Scenario.for_target(target, args.scenario or DEFAULT_SCENARIO, batch, args.dtype, args.kv_dtype)
     models = {"model": args.model, **({"parent": args.parent} if args.parent else {})}
     sources = {role: resolve_model(name) for role, name in models.items()}
-    results = {role: estimate(source, target, scenario, args.backend or "roofline", args.repeats or 5)
+    results = {role: estimate(source, target, scenario, args.backend or "roofline", args.repeats or 5,
+                                        args.require_measured)
                for role, source in sources.items()}
     if args.plot:
         parent = results.get("parent")
@@ -351,8 +352,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         raise HwoptError(f"--tokens {args.tokens} must hold at least one sequence of --seq-len {args.seq_len} (>= 2)")
     check_data_files(args.data)
     target = resolve_target(args.target)
-    scenario = Scenario.for_target(target, args.scenario or DEFAULT_SCENARIO, args.batch or 1, args.dtype,
-                                   args.kv_dtype)
+    batch = 1 if args.batch is None else args.batch  # 0 is refused by the scenario, not read as unset
+    scenario = Scenario.for_target(target, args.scenario or DEFAULT_SCENARIO, batch, args.dtype, args.kv_dtype)
     sources = {"child": resolve_model(args.model), "parent": resolve_model(args.parent)}
     if sources["child"].architecture.vocab_size != sources["parent"].architecture.vocab_size:
         raise HwoptError(f"{args.model} and {args.parent} have different vocabularies: not a child and its parent")
@@ -441,7 +442,8 @@ def cmd_lower_standalone(args: argparse.Namespace) -> None:
     if not args.model:
         raise HwoptError("hwopt lower --out needs --model DIR (a Llama or nemotron-nas checkpoint)")
     target = resolve_target(args.target or "cpu")
-    scenario = Scenario.for_target(target, args.scenario or DEFAULT_SCENARIO, args.batch or 1, args.dtype)
+    batch = 1 if args.batch is None else args.batch  # 0 is refused by the scenario, not read as unset
+    scenario = Scenario.for_target(target, args.scenario or DEFAULT_SCENARIO, batch, args.dtype)
     source = resolve_model(args.model)
     model = source.load()
     tokenizer = source.tokenizer() if any(Path(source.require_weights()).glob("tokenizer*")) else None
@@ -483,7 +485,7 @@ def run_command(args: argparse.Namespace) -> None:
     run.require_run(args.start if args.command == "optimize" else args.command)
     if not run.ranks.is_main:  # under torchrun, rank 0 speaks for the job
         console.quiet = True
-    with locked_for_job(args.workdir, run.ranks):
+    with locked_for_job(args.workdir, run.ranks), run.restoring_settings_on_failure():
         if args.command == "optimize":
             run.optimize(args.start, args.until, args.force)
         else:

@@ -21,9 +21,13 @@ from hwopt.workload import MIB
 
 
 def estimate(source, target: HardwareProfile, scenario: Scenario, backend_name: str = "roofline",
-             repeats: int = 3) -> dict:
-    """Per-layer and whole-model runtime, memory and throughput of ``source`` on ``target``."""
-    backend, label = choose_backend(backend_name, target, scenario)
+             repeats: int = 3, require_measured: bool = False) -> dict:
+    """Per-layer and whole-model runtime, memory and throughput of ``source`` on ``target``.
+
+    Raises:
+        HwoptError: ``require_measured`` and the backend only estimates (see ``choose_backend``).
+    """
+    backend, label = choose_backend(backend_name, target, scenario, require_measured)
     layers = model_sub_variants(source)
     unique = {(v.kind, v.name): v for pair in layers for v in pair}
     costs = measure_costs(source.architecture, list(unique.values()), target, scenario, backend, label, repeats,

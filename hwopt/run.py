@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -47,6 +48,7 @@ from hwopt.passes.uptrain import UptrainSettings, uptrain
 from hwopt.pipeline import (
     PASSES,
     atomic_write_json,
+    atomic_write_text,
     cache_root,
     fingerprint,
     is_up_to_date,
@@ -173,6 +175,20 @@ class Run:
         if "task_data" in keys and self.task:
             settings["task_data_sha256"] = self.task.sha256
         return fingerprint(settings, {up: output_hash(self.dir(up)) for up in upstream})
+
+    @contextmanager
+    def restoring_settings_on_failure(self) -> Iterator[None]:
+        """Around a command: if it fails (``HwoptError``), an existing run's remembered settings are put back as they
+        were, so the next command does not inherit the setting that failed. A new run keeps what its first
+        command said."""
+        remembered = self.workdir / "run.json"
+        before = remembered.read_text() if remembered.is_file() else None
+        try:
+            yield
+        except HwoptError:
+            if before is not None and self.ranks.is_main:
+                atomic_write_text(remembered, before)
+            raise
 
     def save_settings(self) -> None:
         """Remember this command's settings for the next command on the run (once they proved valid)."""

@@ -150,3 +150,29 @@ def test_a_second_command_on_a_run_in_use_is_refused_in_one_line(tmp_path, capsy
                    "to finish, or use another --workdir")
     with locked_run_dir(tmp_path):  # released when the holder is done
         pass
+
+
+def test_a_command_that_fails_leaves_the_remembered_settings_as_they_were(tmp_path, capsys, monkeypatch):
+    from hwopt import run as run_module
+
+    def failing_solve(run, out):
+        raise HwoptError(f"{run.settings.objective} is missing or not a finite number")
+
+    finished_run(tmp_path, speedup=2.0, threads=1)
+    before = (tmp_path / "run.json").read_text()
+    monkeypatch.setitem(run_module.STEPS, "solve", dataclasses.replace(run_module.STEPS["solve"], run=failing_solve))
+    assert main(["solve", "--workdir", str(tmp_path), "--objective", "metrics.js_div"]) == 2
+    assert "metrics.js_div is missing" in capsys.readouterr().err
+    assert (tmp_path / "run.json").read_text() == before  # the next command does not inherit the failed setting
+
+
+def test_batch_zero_is_refused_not_read_as_one(capsys):
+    assert main(["estimate", "--model", "smollm2-135m", "--target", "h100", "--batch", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "batch" in err
+
+
+def test_estimate_with_require_measured_refuses_an_estimate(capsys):
+    assert main(["estimate", "--model", "smollm2-135m", "--target", "h100", "--require-measured"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--require-measured" in err
