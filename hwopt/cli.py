@@ -124,7 +124,7 @@ def add_run_options(p: argparse.ArgumentParser, command: str, plugin_options: bo
                           "stops before it starts (default: no limit; score carries up to 1 GiB of hidden states)",
           type=or_none(str))
     o.add("--model", "model name (smollm2-135m, llama-3.1-8b, llama-3.1-70b) or checkpoint directory")
-    o.add("--target", "hardware target: cpu, h100, a100, 4090, auto (the GPU NVML sees, else the CPU), or a "
+    o.add("--target", "hardware target: cpu, h100, h200, a100, 4090, auto (the GPU NVML sees, else the CPU), or a "
                       "target .toml")
     add_scenario_options(o)
     o.section("search space")

@@ -105,7 +105,8 @@ def test_targets_lists_every_profile_with_its_specs():
     proc = hwopt_cli("targets")
     assert proc.returncode == 0, proc.stderr
     lines = {line.split()[0]: line for line in proc.stdout.splitlines()}
-    assert set(lines) == {"cpu", "h100-sxm", "a100-80gb", "rtx-4090"}
+    assert set(lines) == {"cpu", "h100-sxm", "h200-sxm", "a100-80gb", "rtx-4090"}
+    assert "131.3 GiB, 4800 GB/s" in lines["h200-sxm"]
     assert "74.5 GiB, 3350 GB/s, bf16/fp16/fp8/fp32; aliases: h100" in lines["h100-sxm"]
     assert "bf16/fp16/fp32" in lines["a100-80gb"] and "fp8" not in lines["a100-80gb"]
     assert "cores available" in lines["cpu"]
