@@ -75,7 +75,8 @@ class Options:
         if setting in SETTINGS_DEFAULTS:
             if self.shown is not None and setting not in self.shown:
                 help = argparse.SUPPRESS
-            elif SETTINGS_DEFAULTS[setting] not in (None, [], {}) and "default" not in help:
+            elif (SETTINGS_DEFAULTS[setting] not in (None, [], {}) and "default" not in help
+                  and kwargs.get("action") != "store_const"):  # a --no-X switch: its setting's default would mislead
                 value = SETTINGS_DEFAULTS[setting]
                 help += f" (default {','.join(map(str, value)) if isinstance(value, list) else value})"
         self.group.add_argument(flag, help=help, **kwargs)
