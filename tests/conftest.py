@@ -146,6 +146,23 @@ def tiny_child(blocks=None, tie=True):
     return model
 
 
+def tiny_parent(intermediate_size: int, vocab_size: int):
+    """A random 4-layer parent (hidden 32, 4 heads, 2 KV heads), untied, every layer the full block."""
+    import torch
+    from transformers import LlamaConfig
+
+    from hwopt.model.config import AttentionConfig, BlockConfig, FFNConfig
+    from hwopt.model.modeling import HeteroLlamaForCausalLM
+    from hwopt.plugins import block_types
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=intermediate_size, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, vocab_size=vocab_size,
+                         tie_word_embeddings=False)
+    blocks = [BlockConfig(AttentionConfig(n_heads_in_group=2), FFNConfig(intermediate_size=intermediate_size))] * 4
+    return HeteroLlamaForCausalLM(config, blocks, block_types()).eval()
+
+
 # Small budgets that still run every pass for real.
 FAST_RUN = ["--scenario", "16/4", "--repeats", "2", "--seq-len", "32", "--bld-tokens", "512", "--distill-samples", "64",
             "--score-tokens", "64", "--uptrain-tokens", "128"]

@@ -10,15 +10,14 @@ from functools import partial
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FAST_RUN
-from transformers import LlamaConfig
+from conftest import FAST_RUN, tiny_parent
 
 from hwopt import plugins
 from hwopt.cli import main
 from hwopt.errors import HwoptError
 from hwopt.metric import Outputs
 from hwopt.model.config import AttentionConfig, BlockConfig, FFNConfig
-from hwopt.model.modeling import DecoderLayer, HeteroLlamaForCausalLM
+from hwopt.model.modeling import DecoderLayer
 from hwopt.passes.score import outputs_of, replace_one_block, swapped_logits
 from hwopt.plugins import block_types
 from hwopt.run import Run, load_settings
@@ -182,13 +181,6 @@ def test_missing_or_empty_task_file(tmp_path):
 
 # --- the replace-1-block forward from cached activations -------------------------------------------
 
-def tiny_parent() -> HeteroLlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-                         num_key_value_heads=2, head_dim=8, vocab_size=VOCAB, tie_word_embeddings=False)
-    blocks = [BlockConfig(AttentionConfig(n_heads_in_group=2), FFNConfig(intermediate_size=64))] * 4
-    return HeteroLlamaForCausalLM(config, blocks, block_types()).eval()
-
 
 class OneVariant:
     """A library offering one layer: what ``replace_one_block`` asks of a ``Library``."""
@@ -213,7 +205,7 @@ def swapped_outputs(parent, i, layer, ids):
 @torch.no_grad()
 @pytest.mark.parametrize("i", [0, 2, 3])
 def test_swapped_forward_carried_past_the_layer_equals_the_assembled_model(i):
-    parent = tiny_parent()
+    parent = tiny_parent(64, VOCAB)
     layer = DecoderLayer(parent.config, BlockConfig(AttentionConfig(replace_with_linear=True),
                                                     FFNConfig(intermediate_size=16)), block_types()).eval()
     assembled = copy.deepcopy(parent)
@@ -234,7 +226,7 @@ def test_swapped_forward_carried_past_the_layer_equals_the_assembled_model(i):
 
 @torch.no_grad()
 def test_swapping_in_the_parents_own_layer_scores_as_the_parent():
-    parent = tiny_parent()
+    parent = tiny_parent(64, VOCAB)
     ids = torch.randint(0, VOCAB, (2, 9))
     teacher, student = swapped_outputs(parent, 1, parent.model.layers[1], ids)
     assert metric("kl_div").compute(student, teacher) == pytest.approx(0, abs=1e-6)

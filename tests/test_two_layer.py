@@ -7,16 +7,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import FAST_RUN
-from transformers import LlamaConfig
+from conftest import FAST_RUN, tiny_parent
 
 from hwopt.builtin.mip_solvers import GreedySolver, HighsSolver, ScipSolver
 from hwopt.cli import main
 from hwopt.errors import HwoptError
 from hwopt.metric import Outputs
 from hwopt.model.checkpoint import load_checkpoint, save_nemotron_nas
-from hwopt.model.config import AttentionConfig, BlockConfig, FFNConfig
-from hwopt.model.modeling import HeteroLlamaForCausalLM
 from hwopt.passes.library import INDEX, BLDSettings, Library, build_library
 from hwopt.passes.score import block_stats, outputs_of, score, swapped_final_hidden
 from hwopt.passes.two_layer import (
@@ -147,13 +144,6 @@ def test_malformed_spans_are_one_line_errors(edit, words):
 VOCAB = 96
 
 
-def tiny_parent() -> HeteroLlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=32, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
-                         num_key_value_heads=2, head_dim=8, vocab_size=VOCAB, tie_word_embeddings=False)
-    blocks = [BlockConfig(AttentionConfig(n_heads_in_group=2), FFNConfig(intermediate_size=512))] * 4
-    return HeteroLlamaForCausalLM(config, blocks, block_types()).eval()
-
 
 def fake_costs(library: Library) -> dict:
     """Per-variant costs proportional to parameters (enough for the score pass's join)."""
@@ -172,7 +162,7 @@ def fake_costs(library: Library) -> dict:
 def built(tmp_path_factory):
     """A tiny parent, its one-layer library and its two-layer blocks, trained on random tokens."""
     root = tmp_path_factory.mktemp("two_layer")
-    parent = tiny_parent()
+    parent = tiny_parent(512, VOCAB)
     torch.manual_seed(1)
     train_ids = torch.randint(0, VOCAB, (40, 16))
     settings = BLDSettings(tokens=640, batch_sequences=4, lr=3e-3)
