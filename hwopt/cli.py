@@ -301,17 +301,25 @@ def cmd_targets() -> None:
         print(f"{p.name:<12} {p.kind}  {p.description} ({memory}{bandwidth}{'/'.join(p.dtypes)}{aliases})")
 
 
+def standalone_scenario(args: argparse.Namespace, target):
+    """The scenario of a command that works outside a run (estimate, evaluate, lower --model): its options, else the
+    run's defaults. ``--batch 0`` is refused by ``Scenario``, not read as unset."""
+    from hwopt.search_space import Scenario
+
+    batch = SETTINGS_DEFAULTS["batch"] if args.batch is None else args.batch
+    return Scenario.for_target(target, args.scenario or DEFAULT_SCENARIO, batch, args.dtype,
+                               getattr(args, "kv_dtype", None))
+
+
 def cmd_estimate(args: argparse.Namespace) -> None:
     """Cost the model (and the --parent) on the target; print a table, or JSON with --json."""
     from hwopt.estimate import estimate, print_estimate
     from hwopt.hardware import resolve_target
     from hwopt.models import resolve_model
     from hwopt.plots import per_layer_runtime
-    from hwopt.search_space import Scenario
 
     target = resolve_target(args.target)
-    batch = 1 if args.batch is None else args.batch  # 0 is refused by the scenario, not read as unset
-    scenario = Scenario.for_target(target, args.scenario or DEFAULT_SCENARIO, batch, args.dtype, args.kv_dtype)
+    scenario = standalone_scenario(args, target)
     models = {"model": args.model, **({"parent": args.parent} if args.parent else {})}
     sources = {role: resolve_model(name) for role, name in models.items()}
     results = {role: estimate(source, target, scenario, args.backend or "roofline", args.repeats or 5,
@@ -346,15 +354,13 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from hwopt.pipeline import atomic_write_json
     from hwopt.plots import per_layer_runtime
     from hwopt.report import label_measurement, print_report, write_markdown
-    from hwopt.search_space import Scenario
     from hwopt.tasks import read_task
 
     if args.tokens < args.seq_len or args.seq_len < 2:
         raise HwoptError(f"--tokens {args.tokens} must hold at least one sequence of --seq-len {args.seq_len} (>= 2)")
     check_data_files(args.data)
     target = resolve_target(args.target)
-    batch = 1 if args.batch is None else args.batch  # 0 is refused by the scenario, not read as unset
-    scenario = Scenario.for_target(target, args.scenario or DEFAULT_SCENARIO, batch, args.dtype, args.kv_dtype)
+    scenario = standalone_scenario(args, target)
     sources = {"child": resolve_model(args.model), "parent": resolve_model(args.parent)}
     if sources["child"].architecture.vocab_size != sources["parent"].architecture.vocab_size:
         raise HwoptError(f"{args.model} and {args.parent} have different vocabularies: not a child and its parent")
@@ -438,13 +444,11 @@ def cmd_lower_standalone(args: argparse.Namespace) -> None:
     from hwopt.lowering.runtimes import resolve_runtime
     from hwopt.models import resolve_model
     from hwopt.passes.lower import LowerOptions, lower
-    from hwopt.search_space import Scenario
 
     if not args.model:
         raise HwoptError("hwopt lower --out needs --model DIR (a Llama or nemotron-nas checkpoint)")
     target = resolve_target(args.target or "cpu")
-    batch = 1 if args.batch is None else args.batch  # 0 is refused by the scenario, not read as unset
-    scenario = Scenario.for_target(target, args.scenario or DEFAULT_SCENARIO, batch, args.dtype)
+    scenario = standalone_scenario(args, target)
     source = resolve_model(args.model)
     model = source.load()
     tokenizer = source.tokenizer() if any(Path(source.require_weights()).glob("tokenizer*")) else None
