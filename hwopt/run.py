@@ -274,9 +274,7 @@ class Run:
         if "device" in PASS_INFO[name].settings + PASS_INFO[name].also_reads:
             _ = self.placement
         if plan := self.memory_plan(name):
-            device = self.placement.device
-            plan.check(self.settings.max_memory,
-                       torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None)
+            plan.check(self.settings.max_memory, self.device_memory)
         if "data" in PASS_INFO[name].settings:
             check_data_files(self.settings.data)
             if self.settings.distill_samples < 0:
@@ -294,12 +292,12 @@ class Run:
         self.source.require_weights()
 
     def _check_library(self) -> None:
-        self.source.require_weights()
+        self._check_weights()
         if self.settings.two_layer and not self.settings.no_op:
             raise HwoptError("--two-layer leaves a no-op layer after each two-layer block: drop --no-noop")
 
     def _check_score(self) -> None:
-        self.source.require_weights()
+        self._check_weights()
         if self.settings.score_pairs not in SCORE_PAIRS:
             raise HwoptError(f"--score-pairs {self.settings.score_pairs!r}: choose {' or '.join(SCORE_PAIRS)}")
         needing = [m.name for m in self.metric_objects if "task" in getattr(m, "needs", ())]
@@ -321,19 +319,30 @@ class Run:
         print_checks(costs)
         return costs["checks"]["problems"]
 
+    @cached_property
+    def device_memory(self) -> int | None:
+        """Bytes of memory on the run's GPU; None on the CPU."""
+        device = self.placement.device
+        return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+
     def memory_plan(self, name: str) -> MemoryPlan | None:
-        """What ``name`` will hold at its peak per rank (``hwopt.memory_plan``); None for the passes that do not
-        run the parent."""
-        s, config, blocks = self.settings, self.source.config, self.source.block_configs
-        if name == "library":
-            return library_plan(config, blocks, self.space, s.bld_tokens, s.seq_len, BLDSettings.batch_sequences,
-                                self.placement)
-        if name == "score":
-            return self.score_plan()[0]
-        if name == "uptrain":
-            return uptrain_plan(config, blocks, blocks, UptrainSettings.batch_sequences * s.seq_len, s.seq_len,
-                                self.placement)
-        return None
+        """What pass ``name`` will hold at its peak per rank (``hwopt.memory_plan``); None for the passes that do
+        not run the parent."""
+        plan = STEPS[name].plan
+        return plan(self) if plan else None
+
+    def _library_plan(self) -> MemoryPlan:
+        s = self.settings
+        return library_plan(self.source.config, self.source.block_configs, self.space, s.bld_tokens, s.seq_len,
+                            BLDSettings.batch_sequences, self.placement)
+
+    def _score_plan(self) -> MemoryPlan:
+        return self.score_plan()[0]
+
+    def _uptrain_plan(self) -> MemoryPlan:
+        s, blocks = self.settings, self.source.block_configs
+        return uptrain_plan(self.source.config, blocks, blocks, UptrainSettings.batch_sequences * s.seq_len,
+                            s.seq_len, self.placement)
 
     def score_plan(self) -> tuple[MemoryPlan, int]:
         """score's memory plan, and the bytes of carried hidden states it leaves room for."""
@@ -341,9 +350,8 @@ class Run:
         forwards = sum(len(pairs_to_run([v.name for v in plan["attention"]], [v.name for v in plan["ffn"]],
                                         s.score_pairs)) - 1  # rank 0's layers: the most of any rank
                        for plan in (variants_for_layer(config, b, self.space) for b in blocks[::self.ranks.world]))
-        device = self.placement.device
         return score_plan(config, blocks, s.score_tokens, s.seq_len, forwards, self.placement, s.max_memory,
-                          torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None)
+                          self.device_memory)
 
     def _library(self, out: Path) -> None:
         s = self.settings
@@ -490,15 +498,16 @@ class Step:
 
     check: Callable[[Run], None]  # run before any pass of the command starts: bad input fails at once
     run: Callable[[Run, Path], list[str] | None]  # writes the outputs into the folder; returns failed self-checks
+    plan: Callable[[Run], MemoryPlan] | None = None  # peak memory per rank, for a pass that runs the parent
 
 
 SHARDED = ("library", "score", "uptrain")  # the passes every rank of a torchrun job runs
 STEPS = {
     "profile": Step(Run._check_profile, Run._profile),
-    "library": Step(Run._check_library, Run._library),
-    "score": Step(Run._check_score, Run._score),
+    "library": Step(Run._check_library, Run._library, Run._library_plan),
+    "score": Step(Run._check_score, Run._score, Run._score_plan),
     "solve": Step(Run._check_solve, Run._solve),
-    "uptrain": Step(Run._check_weights, Run._uptrain),
+    "uptrain": Step(Run._check_weights, Run._uptrain, Run._uptrain_plan),
     "lower": Step(Run._check_weights, Run._lower),
 }
 assert tuple(STEPS) == PASSES
