@@ -30,7 +30,7 @@ from scipy.stats import spearmanr
 
 from hwopt.builtin.metrics import KLDivergence
 from hwopt.passes.library import Library
-from hwopt.passes.score import outputs_of, score
+from hwopt.passes.score import outputs_of, score_metrics
 from hwopt.run import Run, load_settings
 
 
@@ -71,7 +71,6 @@ def main() -> None:
 
     run = Run(args.workdir, load_settings(args.workdir, {}))
     ids = run.split.score_batches(args.tokens or run.settings.score_tokens)
-    costs = run.read_json("profile/costs.json")
     seconds, results = {}, {}
     start = time.perf_counter()
     before = score_before(run.parent, Library(run.dir("library"), run.parent), ids, args.layers)
@@ -80,7 +79,7 @@ def main() -> None:
         library = subset(Library(run.dir("library"), run.parent), args.layers)
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()
-            results[pairs] = score(run.parent, library, ids, [KLDivergence()], costs, Path(tmp), pairs=pairs)
+            results[pairs] = score_metrics(run.parent, library, ids, [KLDivergence()], Path(tmp), pairs=pairs)
             seconds[pairs] = time.perf_counter() - start  # includes the other layers' parent pairs (no forward)
     print(f"layers {args.layers}, {ids.numel()} tokens, torch {torch.__version__}, {torch.get_num_threads()} threads")
     for name, s in seconds.items():

@@ -29,6 +29,7 @@ from pathlib import Path
 from hwopt.errors import HwoptError
 from hwopt.evaluate import compare_on_heldout, measure_runtimes
 from hwopt.passes.library import BLDSettings, Library
+from hwopt.passes.score import with_costs
 from hwopt.passes.solve import Budgets, solve
 from hwopt.passes.two_layer import add_two_layer_entries, assemble_child, build_two_layer
 from hwopt.passes.uptrain import UptrainSettings, uptrain
@@ -55,8 +56,9 @@ def with_two_layer_blocks(run: Run) -> tuple[dict, Path, dict]:
                     BLDSettings(tokens=s.bld_tokens, lr=s.bld_lr, seed=s.seed), out / "blocks")
     bld_s = time.perf_counter() - start
     blocks = Library(run.dir("library"), run.parent, out / "blocks")
-    extended = add_two_layer_entries(run.parent, blocks, scored, run.split.score_batches(s.score_tokens),
-                                     run.metric_objects, run.read_json(run.output("profile", "costs")), run.task)
+    extended = with_costs(add_two_layer_entries(run.parent, blocks, scored, run.split.score_batches(s.score_tokens),
+                                                run.metric_objects, run.task),
+                          run.read_json(run.output("profile", "costs")))
     timing = {"two_layer_bld_s": bld_s, "two_layer_score_s": time.perf_counter() - start - bld_s}
     atomic_write_json(out / "block_library.json", extended)
     return extended, out / "blocks", timing

@@ -7,6 +7,11 @@ partial folder a pass may keep finished units of work (one file per layer,
 say), each written atomically; a rerun with the same fingerprint keeps them
 and carries on from there.
 
+A pass that only joins some of its inputs in at the end (score joins the
+profile's costs with its metrics) keeps its finished units in
+``<pass>.units/`` instead, stamped with a fingerprint that leaves those
+inputs out: a change there redoes the join, not the units.
+
 A pass's fingerprint hashes its settings and the content hashes of the
 artifacts it reads; a pass whose fingerprint matches its manifest is
 skipped, unless forced. A pass that failed its own checks (a profile too
@@ -142,6 +147,23 @@ def mark_not_up_to_date(pass_dir: Path, problems: list[str]) -> None:
 def partial_dir(pass_dir: Path) -> Path:
     """Where a pass builds its outputs until they are complete."""
     return Path(pass_dir).with_name(Path(pass_dir).name + ".partial")
+
+
+def units_dir(pass_dir: Path) -> Path:
+    """Where a pass keeps units of work that outlive a change to the inputs it only joins in (``kept_units``)."""
+    return Path(pass_dir).with_name(Path(pass_dir).name + ".units")
+
+
+def kept_units(pass_dir: Path, key: str) -> Path:
+    """The pass's units folder (``units_dir``) for units of fingerprint ``key``: the units kept there by an
+    earlier run with the same ``key`` stay, any other run's are cleared."""
+    folder = units_dir(pass_dir)
+    stamp = folder / FINGERPRINT
+    if folder.exists() and not (stamp.is_file() and stamp.read_text() == key):
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(key)
+    return folder
 
 
 @contextmanager

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ from hwopt.passes.library import (
 )
 from hwopt.passes.lower import LowerOptions, lower
 from hwopt.passes.profile import choose_backend, layer_rows, model_variants, print_checks, profile
-from hwopt.passes.score import SCORE_PAIRS, pairs_to_run, rescore_coupled, score
+from hwopt.passes.score import SCORE_PAIRS, pairs_to_run, rescore_coupled, score_metrics, with_costs
 from hwopt.passes.solve import maximizes, meet_measured_speedup, solve
 from hwopt.passes.two_layer import add_two_layer_entries, assemble_child, build_two_layer
 from hwopt.passes.uptrain import UptrainSettings, uptrain
@@ -52,8 +53,10 @@ from hwopt.pipeline import (
     cache_root,
     fingerprint,
     is_up_to_date,
+    kept_units,
     mark_not_up_to_date,
     output_hash,
+    units_dir,
 )
 from hwopt.plots import per_layer_runtime
 from hwopt.plugins import block_types, metrics
@@ -154,8 +157,12 @@ class Run:
         return json.loads((self.workdir / path).read_text())
 
     # --- passes ---------------------------------------------------------------------------------
-    def fingerprint(self, name: str) -> str:
+    def fingerprint(self, name: str, units: bool = False) -> str:
+        """Pass ``name``'s fingerprint: its settings and the outputs it reads. ``units``: that of its kept units of
+        work (``hwopt.pipeline.kept_units``), which leaves out the outputs it only joins in (``PassInfo.joins``)."""
         keys, upstream = PASS_INFO[name].settings, PASS_INFO[name].reads
+        if units:
+            upstream = tuple(up for up in upstream if up not in PASS_INFO[name].joins)
         for up in upstream:
             if not output_hash(self.dir(up)):
                 raise HwoptError(f"{name} needs the output of {up} in {self.dir(up)}: run `hwopt {up}` first "
@@ -258,6 +265,8 @@ class Run:
         console.print(f"[bold]{name}[/bold]")
         if plan := self.memory_plan(name):
             console.print("\n".join(plan.lines(self.ranks.world)), highlight=False)
+        if force and self.ranks.is_main:  # run again means every unit of work
+            shutil.rmtree(units_dir(self.dir(name)), ignore_errors=True)
         works_here = name in SHARDED or self.ranks.is_main
         with staged_on_ranks(self.dir(name), fp, self.ranks) as out:
             problems = STEPS[name].run(self, out) if works_here else None
@@ -363,16 +372,32 @@ class Run:
                             self.split.train_batches(s.bld_tokens), settings, self.output("library", "two_layer", out),
                             self.placement)
 
+    def kept_units(self, name: str) -> Path:
+        """Pass ``name``'s folder of units of work kept across changes to what it only joins in
+        (``hwopt.pipeline.kept_units``), prepared by rank 0 for every rank."""
+        if self.ranks.is_main:
+            kept_units(self.dir(name), self.fingerprint(name, units=True))
+        self.ranks.barrier()
+        return units_dir(self.dir(name))
+
     def _score(self, out: Path) -> None:
+        """Metrics into units that outlive a new profile (they do not depend on it), then the costs joined in."""
         s = self.settings
-        heldout, costs = self.split.score_batches(s.score_tokens), self.read_json(self.output("profile", "costs"))
-        block_library = score(self.layerwise_parent, self.library(coupled=False), heldout, self.metric_objects, costs,
-                              out, self.task, s.score_pairs, self.ranks, self.score_plan()[1])
-        if s.two_layer and self.ranks.is_main:
-            two_layer = Library(self.dir("library"), self.layerwise_parent, self.output("library", "two_layer"),
-                                self.placement)
-            atomic_write_json(self.output("score", "block_library", out), add_two_layer_entries(
-                self.layerwise_parent, two_layer, block_library, heldout, self.metric_objects, costs, self.task))
+        units, heldout = self.kept_units("score"), self.split.score_batches(s.score_tokens)
+        scored = score_metrics(self.layerwise_parent, self.library(coupled=False), heldout, self.metric_objects,
+                               units, self.task, s.score_pairs, self.ranks, self.score_plan()[1])
+        if not self.ranks.is_main:
+            return
+        if s.two_layer:
+            with_two_layer = units / "two_layer.json"
+            if not with_two_layer.is_file():
+                two_layer = Library(self.dir("library"), self.layerwise_parent, self.output("library", "two_layer"),
+                                    self.placement)
+                atomic_write_json(with_two_layer, add_two_layer_entries(self.layerwise_parent, two_layer, scored,
+                                                                        heldout, self.metric_objects, self.task))
+            scored = json.loads(with_two_layer.read_text())
+        atomic_write_json(self.output("score", "block_library", out),
+                          with_costs(scored, self.read_json(self.output("profile", "costs"))))
 
     def library(self, coupled: bool = True, solve_dir: Path | None = None) -> Library:
         """The run's block library, with the solve pass's coupled-BLD pairs (in ``solve_dir`` while solve writes

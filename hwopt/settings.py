@@ -100,7 +100,10 @@ class PassInfo:
     the pass, and the passes after it. ``also_reads``: settings it reads
     that leave its outputs unchanged (its command's help lists them too).
     ``outputs``: artifact -> its path inside the pass's folder, named here
-    once for the pass that writes it and the passes that read it.
+    once for the pass that writes it and the passes that read it. ``joins``:
+    those of ``reads`` whose outputs the pass only joins into its result in a
+    last, cheap step: its units of work (``hwopt.pipeline.kept_units``) do
+    not depend on them, so a change there redoes that step alone.
     """
 
     name: str
@@ -108,6 +111,7 @@ class PassInfo:
     reads: tuple[str, ...] = ()
     outputs: dict[str, str] = field(default_factory=dict)
     also_reads: tuple[str, ...] = ()
+    joins: tuple[str, ...] = ()
 
 
 
@@ -120,7 +124,8 @@ PASS_INFO = {p.name: p for p in (
              also_reads=("max_memory",)),
     PassInfo("score", (*DATA, *PLACEMENT, "two_layer", "score_tokens", "score_pairs", "metrics", "task_data"),
              reads=("library", "profile"), outputs={"block_library": "block_library.json"},
-             also_reads=("max_memory",)),  # the waves of carried hidden states: the same scores in any number
+             also_reads=("max_memory",),  # the waves of carried hidden states: the same scores in any number
+             joins=("profile",)),  # the costs: the metrics do not depend on them
     PassInfo("solve", (*DATA, "runtime", "objective", "speedup", "memory", "throughput", "latency", "ttft", "params",
                        "solver", "num_solutions", "min_diversity", "time_limit", "coupled_bld", "speedup_checks",
                        "bld_tokens", "bld_lr", "score_tokens", "metrics", "task_data"),

@@ -7,14 +7,18 @@ import json
 import os
 
 import pytest
+from conftest import FAST_RUN
 
 from hwopt.cli import build_parser, main
 from hwopt.errors import HwoptError
+from hwopt.passes import score as score_module
+from hwopt.passes.score import block_stats
 from hwopt.passes.solve import RUNTIME, Budgets, parse_memory_mib
 from hwopt.pipeline import (
     atomic_write_json,
     fingerprint,
     is_up_to_date,
+    kept_units,
     locked_run_dir,
     output_hash,
     read_manifest,
@@ -58,6 +62,40 @@ def test_rerun_replaces_the_old_output_and_its_hash(tmp_path):
         (out / "solutions.json").write_text('{"x": 2}')
     assert json.loads((target / "solutions.json").read_text()) == {"x": 2}
     assert output_hash(target) != first and not (tmp_path / "solve.old").exists()
+
+
+def test_kept_units_stay_for_their_fingerprint_only(tmp_path):
+    units = kept_units(tmp_path / "score", "fp1")
+    (units / "layer_0.json").write_text("{}")
+    assert kept_units(tmp_path / "score", "fp1") == units and (units / "layer_0.json").is_file()
+    assert not (kept_units(tmp_path / "score", "fp2") / "layer_0.json").exists()
+
+
+def test_a_new_profile_joins_its_costs_without_scoring_again(tiny_llama_dir, tmp_path, monkeypatch):
+    workdir = tmp_path / "run"
+    assert main(["optimize", "--model", str(tiny_llama_dir), "--workdir", str(workdir), "--until", "score",
+                 *FAST_RUN]) == 0
+    before = json.loads((workdir / "score/block_library.json").read_text())
+    units = sorted((workdir / "score.units").glob("layer_*.json"))
+    assert len(units) == len(before) == 4
+    written = [unit.stat().st_mtime_ns for unit in units]
+
+    assert main(["profile", "--workdir", str(workdir), "--scenario", "32/8"]) == 0  # other costs
+    costs = json.loads((workdir / "profile/costs.json").read_text())
+    monkeypatch.setattr(score_module, "replace_one_block",
+                        lambda *args, **kwargs: pytest.fail("a replace-1-block forward ran again"))
+    assert main(["score", "--workdir", str(workdir)]) == 0
+    after = json.loads((workdir / "score/block_library.json").read_text())
+    assert [unit.stat().st_mtime_ns for unit in units] == written
+    assert after.keys() == before.keys()
+    for layer, entries in after.items():
+        assert entries.keys() == before[layer].keys()
+        for name, entry in entries.items():
+            assert entry["stats"] == block_stats(costs, entry["attention"], entry["ffn"])
+            assert {**entry, "stats": None} == {**before[layer][name], "stats": None}  # the metrics as they were
+        parent = next(name for name, entry in entries.items() if entry["parent"])
+        assert entries[parent]["stats"]["runtime_ms"] != before[layer][parent]["stats"]["runtime_ms"]
+    assert main(["score", "--workdir", str(workdir)]) == 0  # and now up to date
 
 
 def test_fingerprint_covers_settings_and_inputs():

@@ -20,7 +20,7 @@ from hwopt.metric import kl_divergence
 from hwopt.model.checkpoint import load_checkpoint
 from hwopt.model.layerwise import LayerwiseParent
 from hwopt.passes.library import BLDSettings, Library, build_library
-from hwopt.passes.score import COST_KEYS, score, waves
+from hwopt.passes.score import score_metrics, waves
 from hwopt.plugins import block_types, metrics
 from hwopt.report import speedup_line
 from hwopt.search_space import SearchSpace
@@ -81,23 +81,16 @@ def tiny_library(tiny_llama_dir, tmp_path_factory) -> Path:
     return out
 
 
-def zero_costs(library: Library) -> dict:
-    names = {kind: {name for i in range(library.config.num_hidden_layers) for name in library.variant_names(i, kind)}
-             for kind in ("attention", "ffn")}
-    return {kind: {name: dict.fromkeys(COST_KEYS, 0.0) for name in names[kind]} for kind in names} | {
-        "source": {"summary": "none (a test)"}}
-
-
 def test_streamed_scores_are_replace_1_block_of_the_whole_model_in_any_number_of_waves(tiny_llama_dir, tiny_library,
                                                                                      tmp_path):
     whole = load_checkpoint(tiny_llama_dir, block_types())
     ids = torch.randint(0, 49152, (2, 16), generator=torch.Generator().manual_seed(1))
     library = Library(tiny_library, LayerwiseParent(tiny_llama_dir, block_types()))
     kl = [metrics().get("kl_div")]
-    one_wave = score(library.parent, library, ids, kl, zero_costs(library), tmp_path / "one", pairs="coupled")
+    one_wave = score_metrics(library.parent, library, ids, kl, tmp_path / "one", pairs="coupled")
     state_bytes = ids.numel() * whole.config.hidden_size * 4
-    many = score(library.parent, library, ids, kl, zero_costs(library), tmp_path / "many", pairs="coupled",
-                 carry_bytes=state_bytes)  # one candidate's hidden state: a wave per layer
+    many = score_metrics(library.parent, library, ids, kl, tmp_path / "many", pairs="coupled",
+                         carry_bytes=state_bytes)  # one candidate's hidden state: a wave per layer
     assert json.dumps(one_wave, sort_keys=True) == json.dumps(many, sort_keys=True)
     with torch.no_grad():
         teacher = whole(ids).logits.flatten(0, 1)

@@ -15,7 +15,7 @@ from hwopt.errors import HwoptError
 from hwopt.metric import Outputs
 from hwopt.model.checkpoint import load_checkpoint, save_nemotron_nas
 from hwopt.passes.library import INDEX, BLDSettings, Library, build_library
-from hwopt.passes.score import block_stats, outputs_of, score, swapped_final_hidden
+from hwopt.passes.score import block_stats, outputs_of, score_metrics, swapped_final_hidden, with_costs
 from hwopt.passes.two_layer import (
     SPANNED,
     add_two_layer_entries,
@@ -198,8 +198,8 @@ def test_replace_2_blocks_scores_and_the_assembled_child_round_trips(built, tmp_
     heldout = torch.randint(0, VOCAB, (3, 16))
     kl = metrics().get("kl_div")
     costs = fake_costs(library)
-    one_layer = score(parent, library, heldout, [kl], costs, tmp_path / "score")
-    block_library = add_two_layer_entries(parent, two_layer, one_layer, heldout, [kl], costs)
+    one_layer = score_metrics(parent, library, heldout, [kl], tmp_path / "score")
+    block_library = with_costs(add_two_layer_entries(parent, two_layer, one_layer, heldout, [kl]), costs)
 
     assert set(block_library["layer_0"]) - set(one_layer["layer_0"]) == {"2L:kv2+ffn512", "2L:kv1+ffn256"}
     assert SPANNED not in block_library["layer_0"] and "2L:kv2+ffn512" not in block_library["layer_3"]

@@ -19,10 +19,13 @@ the other pairs to first order: m(a, f) = m(a, F0) + m(A0, f) - m(A0, F0),
 with A0, F0 the parent's own. This is the decoupled approximation the
 Puzzle paper makes in decoupled BLD (Sec. 4.1), applied to scoring; each
 entry says which it got (``"scored": "replace-1-block" | "decoupled"``).
-The result is ``block_library.json`` in the format of NVIDIA's Puzzle demo library:
-per layer and variant, ``stats`` (costs from the profile) and ``metrics``.
-Each finished layer is saved on its own; a rerun picks up from there.
-Under torchrun the layers are dealt over the ranks.
+Each finished layer's metrics are saved on its own (a unit); a rerun picks up
+from there. The metrics do not depend on the profile's costs, so they are
+joined with them in a last, cheap step (``with_costs``): a profile timed
+again changes the costs, not the metrics. The result is ``block_library.json``
+in the format of NVIDIA's Puzzle demo library: per layer and variant,
+``stats`` (costs from the profile) and ``metrics``. Under torchrun the layers
+are dealt over the ranks.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from hwopt.model.config import BlockConfig
 from hwopt.model.modeling import DecoderLayer
 from hwopt.passes.library import Library, Parent
 from hwopt.pipeline import atomic_write_json
-from hwopt.progress import progress
+from hwopt.progress import console, progress
 from hwopt.search_space import block_variant_name
 from hwopt.tasks import MultipleChoice
 
@@ -55,6 +58,16 @@ def block_stats(costs: dict, attention: str, ffn: str) -> dict:
     stats = {key: a[key] + f[key] for key in COST_KEYS}
     stats["source"] = costs["source"]["summary"]
     return stats
+
+
+def with_costs(scored: dict, costs: dict) -> dict:
+    """The block library of ``scored`` (layer -> variant -> entry, as scoring writes it: no costs): each entry with
+    the ``stats`` of its attention and FFN (``block_stats``) from the profile's ``costs``, first."""
+    def joined(entry: dict) -> dict:
+        rest = {key: value for key, value in entry.items() if key != "stats"}  # an earlier join's, if any
+        return {"stats": block_stats(costs, entry["attention"], entry["ffn"]), **rest}
+
+    return {layer: {name: joined(entry) for name, entry in entries.items()} for layer, entries in scored.items()}
 
 
 def next_token_labels(ids: torch.Tensor) -> torch.Tensor:
@@ -173,13 +186,12 @@ def decoupled_estimate(measured: dict[tuple[str, str], dict[str, float]], attent
 
 
 def layer_entries(library: Library, i: int, measured: dict[tuple[str, str], dict[str, float]],
-                  pairs: list[tuple[str, str]], costs: dict) -> dict:
-    """Block-library entries of layer ``i`` for ``pairs``: measured where ``measured`` has them, else estimated
-    (``decoupled_estimate``)."""
+                  pairs: list[tuple[str, str]]) -> dict:
+    """Block-library entries of layer ``i`` for ``pairs``, without costs (``with_costs`` joins them): measured
+    where ``measured`` has them, else estimated (``decoupled_estimate``)."""
     own = (library.variant_names(i, "attention")[0], library.variant_names(i, "ffn")[0])
     config = library.config
     return {block_variant_name(a, f): {
-        "stats": block_stats(costs, a, f),
         "metrics": measured.get((a, f)) or decoupled_estimate(measured, a, f, own),
         "scored": "replace-1-block" if (a, f) in measured else "decoupled",
         "attention": a,
@@ -215,31 +227,31 @@ CARRY_BYTES = 1 << 30  # default budget of replace_one_block's carried hidden st
 
 
 @torch.inference_mode()
-def score(parent: Parent, library: Library, heldout_ids: torch.Tensor, metrics: list[Metric], costs: dict,
-          out_dir: Path, task: MultipleChoice | None = None, pairs: str = "decoupled", ranks: Ranks = ONE_PROCESS,
-          carry_bytes: int = CARRY_BYTES) -> dict:
-    """Write ``block_library.json`` into ``out_dir`` (per-layer units are kept beside it until then).
+def score_metrics(parent: Parent, library: Library, heldout_ids: torch.Tensor, metrics: list[Metric], units_dir: Path,
+                  task: MultipleChoice | None = None, pairs: str = "decoupled", ranks: Ranks = ONE_PROCESS,
+                  carry_bytes: int = CARRY_BYTES) -> dict:
+    """Every layer's block-library entries without costs (layer -> variant -> entry; ``with_costs`` joins them).
 
-    ``parent``: the model, or a ``LayerwiseParent`` (never whole in memory). ``heldout_ids``: [sequences,
-    tokens]. ``pairs``: ``"decoupled"`` or ``"coupled"`` (see the module docstring); anything else raises
-    ``HwoptError``. Under torchrun, layers are dealt round-robin over ``ranks``; rank 0 writes the result once
-    every rank is done. ``carry_bytes``: the budget of carried hidden states (see ``replace_one_block``).
+    Each layer's entries are a unit, ``units_dir/layer_<i>.json``: a layer whose unit is there already is not
+    scored again. ``parent``: the model, or a ``LayerwiseParent`` (never whole in memory). ``heldout_ids``:
+    [sequences, tokens]. ``pairs``: ``"decoupled"`` or ``"coupled"`` (see the module docstring); anything else
+    raises ``HwoptError``. Under torchrun, layers are dealt round-robin over ``ranks``, and every rank returns
+    once all are done. ``carry_bytes``: the budget of carried hidden states (see ``replace_one_block``).
     """
-    out_dir = Path(out_dir)
     names = [(library.variant_names(i, "attention"), library.variant_names(i, "ffn")) for i in range(parent.num_layers)]
     runs = [pairs_to_run(a, f, pairs) for a, f in names]
-    units = [out_dir / "layers" / f"layer_{i}.json" for i in range(parent.num_layers)]
-    jobs = {i: runs[i] for i in range(parent.num_layers) if ranks.owns(i) and not units[i].is_file()}
-    with progress(f"score (replace-1-block, {pairs})", total=sum(len(r) - 1 for r in jobs.values())) as advance:
-        for i, measured in measure(parent, library, heldout_ids, jobs, metrics, task, carry_bytes, advance):
-            every_pair = [(a, f) for a in names[i][0] for f in names[i][1]]
-            atomic_write_json(units[i], layer_entries(library, i, measured, every_pair, costs))
+    units = [Path(units_dir) / f"layer_{i}.json" for i in range(parent.num_layers)]
+    owned = [i for i in range(parent.num_layers) if ranks.owns(i)]
+    jobs = {i: runs[i] for i in owned if not units[i].is_file()}
+    if len(jobs) < len(owned):
+        console.print(f"score: the metrics of {len(owned) - len(jobs)} of {len(owned)} layers are kept from before")
+    if jobs:
+        with progress(f"score (replace-1-block, {pairs})", total=sum(len(r) - 1 for r in jobs.values())) as advance:
+            for i, measured in measure(parent, library, heldout_ids, jobs, metrics, task, carry_bytes, advance):
+                every_pair = [(a, f) for a in names[i][0] for f in names[i][1]]
+                atomic_write_json(units[i], layer_entries(library, i, measured, every_pair))
     ranks.barrier()
-    block_library = {f"layer_{i}": json.loads(unit.read_text()) for i, unit in enumerate(units)}
-    if ranks.is_main:
-        atomic_write_json(out_dir / "block_library.json", block_library)
-    ranks.barrier()
-    return block_library
+    return {f"layer_{i}": json.loads(unit.read_text()) for i, unit in enumerate(units)}
 
 
 @torch.inference_mode()
@@ -249,9 +261,10 @@ def rescore_coupled(parent: Parent, library: Library, block_library: dict, subsp
     """``block_library`` with the entries of ``subspace``'s pairs (layer -> pairs) scored again by
     replace-1-block with their coupled-BLD weights (``library`` built with ``coupled_dir``); marked
     ``"coupled": true``."""
-    out = {layer: dict(entries) for layer, entries in block_library.items()}
+    rescored = {}
     with progress("score (coupled pairs)", total=sum(map(len, subspace.values()))) as advance:
         for i, measured in measure(parent, library, heldout_ids, subspace, metrics, task, carry_bytes, advance):
-            entries = layer_entries(library, i, measured, subspace[i], costs)
-            out[f"layer_{i}"].update({name: {**entry, "coupled": True} for name, entry in entries.items()})
-    return out
+            entries = layer_entries(library, i, measured, subspace[i])
+            rescored[f"layer_{i}"] = {name: {**entry, "coupled": True} for name, entry in entries.items()}
+    rescored = with_costs(rescored, costs)
+    return {layer: {**entries, **rescored.get(layer, {})} for layer, entries in block_library.items()}

@@ -37,7 +37,7 @@ from hwopt.metric import Metric
 from hwopt.model.config import BlockConfig
 from hwopt.model.modeling import HeteroLlamaForCausalLM
 from hwopt.passes.library import BLDSettings, Library, Parent, build_coupled
-from hwopt.passes.score import block_stats, outputs_of, swapped_final_hidden, swapped_logits
+from hwopt.passes.score import outputs_of, swapped_final_hidden, swapped_logits
 from hwopt.progress import progress
 from hwopt.search_space import block_variant_name
 from hwopt.tasks import MultipleChoice
@@ -113,10 +113,11 @@ def build_two_layer(parent: Parent, library: Library, train_ids: torch.Tensor, s
 
 @torch.inference_mode()
 def add_two_layer_entries(parent: Parent, two_layer: Library, block_library: dict,
-                          heldout_ids: torch.Tensor, metrics: list[Metric], costs: dict,
+                          heldout_ids: torch.Tensor, metrics: list[Metric],
                           task: MultipleChoice | None = None) -> dict:
     """``block_library`` with each trained two-layer block scored by replace-2-blocks, and a ``spanned`` entry in
-    every layer a block can span into (see the module docstring).
+    every layer a block can span into (see the module docstring); the new entries without costs, as
+    ``score_metrics`` writes them (``with_costs`` joins them).
 
     ``two_layer``: the library read with the two-layer weights (``Library(..., coupled_dir=<build_two_layer's
     out_dir>)``); blocks ``build_two_layer`` trained nothing for are left out. ``heldout_ids``: [sequences,
@@ -135,7 +136,6 @@ def add_two_layer_entries(parent: Parent, two_layer: Library, block_library: dic
                 student = outputs_of(swapped_final_hidden(parent, heldout_ids, swap, SPAN), head, heldout_ids,
                                      partial(swapped_logits, parent, swap=swap, span=SPAN), task)
                 out[f"layer_{i}"][two_layer_name(a, f)] = {
-                    "stats": block_stats(costs, a, f),
                     "metrics": {m.name: m.compute(student, teacher) for m in metrics},
                     "scored": "replace-2-blocks",
                     "attention": a,
@@ -148,7 +148,6 @@ def add_two_layer_entries(parent: Parent, two_layer: Library, block_library: dic
             following = f"layer_{i + 1}"
             noop_a, noop_f = noop_pair(two_layer, i + 1)
             out[following][SPANNED] = {
-                "stats": block_stats(costs, noop_a, noop_f),
                 "metrics": next(e["metrics"] for e in out[following].values() if e.get("parent")),
                 "scored": "spanned",
                 "attention": noop_a,
