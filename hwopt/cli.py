@@ -221,10 +221,27 @@ def formats_help() -> str:
     return "\n".join(lines) + "\n"
 
 
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, what went wrong and where the help is (argparse's own print
+    the usage block first); it exits with status 2. Its sub-commands' parsers are ``Parser`` too."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def parse_args(self, args=None, namespace=None):
+        """``ArgumentParser.parse_args``, with arguments no option takes blamed on the sub-command they were given
+        to (argparse blames ``hwopt``), so that its help is the one named."""
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            commands = next((a.choices for a in self._actions if isinstance(a, argparse._SubParsersAction)), {})
+            commands.get(getattr(parsed, "command", None), self).error(f"unrecognized arguments: {' '.join(unknown)}")
+        return parsed
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; only the sub-command ``command``, if it reads the search space, offers the options plugins'
     block types add (finding them loads every plugin)."""
-    parser = argparse.ArgumentParser(prog="hwopt", description="Hardware-aware LLM optimisation (Puzzle).")
+    parser = Parser(prog="hwopt", description="Hardware-aware LLM optimisation (Puzzle).")
     parser.add_argument("--version", action="version", version=f"hwopt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("optimize", help="run every pass: " + " -> ".join(PASSES))

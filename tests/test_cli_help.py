@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from hwopt.cli import build_parser
+from hwopt.cli import build_parser, main
 from hwopt.pipeline import PASSES
 
 
@@ -60,3 +60,19 @@ def test_estimate_help_names_the_roofline_default_backend(command):
     p = subparsers(build_parser())[command]
     backend = next(a for a in p._actions if "--backend" in a.option_strings)
     assert "default: roofline" in backend.help
+
+
+@pytest.mark.parametrize(("argv", "line"), [
+    (["solve", "--speedup", "x"], "hwopt solve: error: argument --speedup: invalid float value: 'x' "
+                                  "(see hwopt solve --help)"),
+    (["optimize", "--no-such-option"], "hwopt optimize: error: unrecognized arguments: --no-such-option "
+                                       "(see hwopt optimize --help)"),
+    (["optimise"], "hwopt: error: argument command: invalid choice: 'optimise'"),
+])
+def test_bad_usage_is_one_error_line(argv, line, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith(line)
+
