@@ -281,6 +281,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                                                                    "fp32 on the CPU)")
     p.add_argument("--out", default="evaluation", help="folder for report.md, evaluation.json and per_layer.png "
                                                        "(default ./evaluation)")
+    p.add_argument("--threads", type=or_none(int), help="torch CPU threads (default, or none: one per core other "
+                                                        "processes leave idle)")
     add_scenario_options(Options(p), backend_default="roofline")
     p = sub.add_parser("calibrate", help="time every block variant with a measuring backend; write the target's "
                                          "profile with these timings, which fit the roofline estimate")
@@ -362,6 +364,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     """Quality on the held-out text sets and the task, speed and memory measured here, predicted per layer."""
     from pathlib import Path
 
+    import torch
+
     from hwopt.data import GENERAL_HELDOUT, check_data_files, general_heldout, load_split
     from hwopt.devices import resolve_placement
     from hwopt.estimate import estimate
@@ -372,10 +376,15 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from hwopt.plots import per_layer_runtime
     from hwopt.report import label_measurement, print_report, write_markdown
     from hwopt.tasks import read_task
+    from hwopt.timing import check_threads, idle_cores
 
     if args.tokens < args.seq_len or args.seq_len < 2:
         raise HwoptError(f"--tokens {args.tokens} must hold at least one sequence of --seq-len {args.seq_len} (>= 2)")
     check_data_files(args.data)
+    if args.threads == UNSET:
+        args.threads = None
+    if args.threads is not None:
+        check_threads(args.threads)
     target = resolve_target(args.target)
     scenario = standalone_scenario(args, target)
     sources = {"child": resolve_model(args.model), "parent": resolve_model(args.parent)}
@@ -386,6 +395,10 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     split = load_split(args.data, tokenizer, args.seq_len)
     texts = {"heldout": split.heldout_batches(args.tokens), "general": general_heldout(tokenizer, args.seq_len)}
     placement = resolve_placement(args.device, args.train_dtype, target.kind)
+    if args.threads is None:  # as a run chooses
+        args.threads, load = idle_cores()
+        print(f"threads: {args.threads} ({load.describe()}); --threads N changes it", file=sys.stderr)
+    torch.set_num_threads(args.threads)
     child, parent = (sources[role].load(placement.device, placement.dtype) for role in ("child", "parent"))
     report = evaluate(child, parent, texts, scenario, task, args.repeats or 3)
     label_measurement(report, placement, target)

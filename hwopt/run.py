@@ -65,7 +65,7 @@ from hwopt.report import build_report, print_report
 from hwopt.search_space import Scenario, SearchSpace
 from hwopt.settings import PASS_INFO, Settings, load_settings, upstream
 from hwopt.tasks import read_task
-from hwopt.timing import idle_cores
+from hwopt.timing import check_threads, idle_cores
 
 
 class Run:
@@ -214,9 +214,7 @@ class Run:
             s.threads = self.ranks.from_main(max(1, threads // local_world()))
             console.print(f"threads: {s.threads} ({load.describe()}); the run keeps this number, --threads N "
                           "changes it")
-        if s.threads < 1:
-            raise HwoptError(f"--threads must be at least 1, not {s.threads}")
-        torch.set_num_threads(s.threads)
+        torch.set_num_threads(check_threads(s.threads))
 
     def require_run(self, first: str) -> None:
         """Passes from ``first`` on read earlier passes' outputs: the run directory must hold a run.

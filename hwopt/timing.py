@@ -33,6 +33,8 @@ from collections.abc import Callable
 
 import psutil
 
+from hwopt.errors import HwoptError
+
 PROBE_SECONDS = 1.0  # how long to watch other processes before choosing a thread count
 PRECISION_BOUND = 0.04  # a median's relative standard error; = a spread of 10% (torch's warning) at 5 rounds
 REMEASURE_TIME = 2.0  # extra rounds for a noisy piece: at most this many times as long as the first rounds took
@@ -145,6 +147,15 @@ def idle_cores(probe_seconds: float = PROBE_SECONDS) -> tuple[int, CpuLoad]:
     with CpuLoad() as load:
         time.sleep(probe_seconds)
     return max(1, round(len(load.cores) - load.others)), load
+
+
+def check_threads(threads: int) -> int:
+    """``threads`` (``--threads``), if this process may run on that many cores; else an ``HwoptError``."""
+    cores = len(usable_cores())
+    if not 1 <= threads <= cores:
+        raise HwoptError(f"--threads {threads}: this process may use {cores} CPU cores, so give 1 to {cores} "
+                         "(--threads none: one per core other processes leave idle)")
+    return threads
 
 
 def oversubscribed(others: float, threads: int, cores: int) -> bool:

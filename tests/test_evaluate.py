@@ -43,7 +43,8 @@ def test_evaluate_writes_report_with_every_figure(tiny_child_dir, tiny_llama_dir
                                           "answer": n % 2}) for n in range(6)))
     out = tmp_path / "eval"
     assert main(["evaluate", "--model", str(tiny_child_dir), "--parent", str(tiny_llama_dir), "--out", str(out),
-                 "--task-data", str(task), *FAST]) == 0
+                 "--task-data", str(task), "--threads", "1", *FAST]) == 0
+    assert torch.get_num_threads() == 1
     report = json.loads((out / "evaluation.json").read_text())
     assert set(report["texts"]) == {"heldout", "general"}
     child, parent = load_checkpoint(tiny_child_dir, block_types()), load_checkpoint(tiny_llama_dir, block_types())
@@ -72,6 +73,8 @@ def test_evaluate_writes_report_with_every_figure(tiny_child_dir, tiny_llama_dir
 @pytest.mark.parametrize("args, message", [
     (["--tokens", "8"], "--tokens 8 must hold at least one sequence"),
     (["--data", "no/such/file.txt"], "data file no/such/file.txt does not exist"),
+    (["--threads", "9999"], "--threads 9999: this process may use"),
+    (["--threads", "0"], "--threads 0: this process may use"),
 ])
 def test_evaluate_bad_input_is_one_error_line(tiny_child_dir, tiny_llama_dir, tmp_path, capsys, args, message):
     code = main(["evaluate", "--model", str(tiny_child_dir), "--parent", str(tiny_llama_dir),

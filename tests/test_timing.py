@@ -288,5 +288,8 @@ def test_a_run_keeps_the_thread_count_its_first_command_chose(tmp_path, monkeypa
     run.use_threads()
     assert torch.get_num_threads() == 1 and run.settings.threads == 1
     assert "threads: 1 (other processes kept 1.0 of this process's 2 cores busy)" in capsys.readouterr().err
-    with pytest.raises(HwoptError, match="--threads must be at least 1, not 0"):
-        hwopt.run.Run(tmp_path, hwopt.run.Settings(threads=0)).use_threads()
+    cores = len(timing.usable_cores())
+    for threads in (0, cores + 1):
+        with pytest.raises(HwoptError, match=f"--threads {threads}: this process may use {cores} CPU cores, so give "
+                                             f"1 to {cores}"):
+            hwopt.run.Run(tmp_path, hwopt.run.Settings(threads=threads)).use_threads()
