@@ -47,8 +47,11 @@ def locked_run_dir(workdir: Path, holder: str | None = None) -> Iterator[None]:
     the process ends, however it ends: a killed command never leaves the run
     locked. ``holder`` names the command in the lock file besides its pid (the
     ranks of a torchrun job share one lock, ``hwopt.distributed.locked_for_job``).
+    A run directory the command created and left holding nothing but the lock
+    (it failed before any work, on bad input say) is removed again.
     """
     workdir = Path(workdir)
+    created = not workdir.exists()
     workdir.mkdir(parents=True, exist_ok=True)
     with open(workdir / LOCK, "a+") as f:
         try:
@@ -65,6 +68,9 @@ def locked_run_dir(workdir: Path, holder: str | None = None) -> Iterator[None]:
         try:
             yield
         finally:
+            if created and [p.name for p in workdir.iterdir()] == [LOCK]:
+                (workdir / LOCK).unlink()
+                workdir.rmdir()
             fcntl.flock(f, fcntl.LOCK_UN)
 
 

@@ -190,6 +190,23 @@ def test_a_second_command_on_a_run_in_use_is_refused_in_one_line(tmp_path, capsy
         pass
 
 
+@pytest.mark.parametrize(("args", "needle"), [(["--model", "nope"], "nope"), (["--threads", "0"], "--threads 0"),
+                                             (["--distill-samples", "-1"], "--distill-samples must be 0 or more")])
+def test_a_command_that_fails_on_bad_input_leaves_no_new_run_directory(tiny_llama_dir, tmp_path, capsys, args,
+                                                                         needle):
+    workdir = tmp_path / "x"
+    command = ["optimize", "--model", str(tiny_llama_dir), "--workdir", str(workdir), "--speedup", "2", *args]
+    assert main(command) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and needle in err[0]
+    assert not workdir.exists()
+    workdir.mkdir()  # an existing one is left as it was, with the lock released
+    assert main(command) == 2
+    assert [p.name for p in workdir.iterdir()] == [".lock"]
+    with locked_run_dir(workdir):
+        pass
+
+
 def test_a_command_that_fails_leaves_the_remembered_settings_as_they_were(tmp_path, capsys, monkeypatch):
     from hwopt import run as run_module
 
