@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -164,11 +165,12 @@ def sample_from_parent(model, start_token: int, sequences: int, seq_len: int, se
     return torch.cat(rows)
 
 
-def cached_parent_samples(model, tokenizer, weights_id: str, tokens: int, seq_len: int, seed: int,
-                          cache_dir: Path) -> torch.Tensor:
+def cached_parent_samples(load_model: Callable[[], torch.nn.Module], tokenizer, weights_id: str, tokens: int,
+                          seq_len: int, seed: int, cache_dir: Path) -> torch.Tensor:
     """``tokens`` (plus a tenth to hold out) sampled from the parent, kept in ``cache_dir`` across runs.
 
-    ``weights_id`` names the parent's weights (the cache key, with the other arguments). Written atomically.
+    ``load_model`` gives the parent, called only when the samples are not in the cache. ``weights_id`` names the
+    parent's weights (the cache key, with the other arguments). Written atomically.
     """
     from safetensors.torch import load_file, save_file
 
@@ -181,7 +183,7 @@ def cached_parent_samples(model, tokenizer, weights_id: str, tokens: int, seq_le
     path = Path(cache_dir) / "parent-samples" / f"{key}.safetensors"
     if path.is_file():
         return load_file(path)["ids"]
-    ids = sample_from_parent(model, start, sequences, seq_len, seed)
+    ids = sample_from_parent(load_model(), start, sequences, seq_len, seed)
     with atomic_path(path) as tmp:
         save_file({"ids": ids.contiguous()}, tmp)
     return ids

@@ -129,8 +129,8 @@ class Run:
             weights = self.source.require_weights()
             weights_id = json.dumps([str(weights.resolve()),
                                      sorted((f.name, f.stat().st_size) for f in weights.glob("*.safetensors"))])
-            samples = cached_parent_samples(self.parent, self.tokenizer, weights_id, s.distill_samples, s.seq_len,
-                                            s.seed, cache_root())
+            samples = cached_parent_samples(lambda: self.parent, self.tokenizer, weights_id, s.distill_samples,
+                                            s.seq_len, s.seed, cache_root())  # the parent loaded only to sample
         return load_split(s.data, self.tokenizer, s.seq_len, samples)
 
     @cached_property

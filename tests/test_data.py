@@ -129,7 +129,11 @@ def test_sampling_from_the_parent_is_seeded_and_cached(tiny_llama_dir, tmp_path)
     a, b = (sample_from_parent(model, 1, 3, 5, seed=7, batch=2) for _ in range(2))
     assert a.shape == (3, 5) and torch.equal(a, b)
     assert not torch.equal(a, sample_from_parent(model, 1, 3, 5, seed=8, batch=2))
-    first = cached_parent_samples(model, tokenizer, "tiny", 40, 8, 0, tmp_path)
+    first = cached_parent_samples(lambda: model, tokenizer, "tiny", 40, 8, 0, tmp_path)
     assert first.shape == (6, 8)  # 5 sequences for 40 tokens, and one to hold out
     assert len(list((tmp_path / "parent-samples").glob("*.safetensors"))) == 1
-    assert torch.equal(cached_parent_samples(None, tokenizer, "tiny", 40, 8, 0, tmp_path), first)  # from the cache
+
+    def not_loaded():
+        raise AssertionError("the parent was loaded although its samples are in the cache")
+
+    assert torch.equal(cached_parent_samples(not_loaded, tokenizer, "tiny", 40, 8, 0, tmp_path), first)
