@@ -13,9 +13,20 @@ console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 @contextmanager
 def progress(description: str, total: int) -> Iterator[Callable[[int], None]]:
-    """A bar for ``total`` units of work; yields ``advance(n=1)``."""
+    """A bar for ``total`` units of work; yields ``advance(n=1)``.
+
+    Work beyond ``total`` (a noisy profile's extra rounds) moves the bar's end out with it, rather than counting
+    past it.
+    """
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=False) as bar:
         task = bar.add_task(description, total=total)
-        yield lambda n=1: bar.advance(task, n)
+        done = 0
+
+        def advance(n: int = 1) -> None:
+            nonlocal done
+            done += n
+            bar.update(task, completed=done, total=max(total, done))
+
+        yield advance
