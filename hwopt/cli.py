@@ -407,7 +407,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     predicted = {role: estimate(source, target, scenario, args.backend or "roofline", args.repeats or 3)
                  for role, source in sources.items()}
     report["predicted_speedup"] = predicted["parent"]["total"]["runtime_ms"] / predicted["child"]["total"]["runtime_ms"]
-    report["predicted_on"] = f"{target.name}: {predicted['child']['source']['summary']}"
+    source = predicted["child"]["source"]
+    report["predicted_on"] = f"{target.name} ({source['kind']})"  # what a table row and the speedup line say
+    report["predicted_by"] = source["summary"]  # the whole story, for evaluation.json
     for role in ("parent", "child"):
         report[role]["runtime_ms_predicted"] = predicted[role]["total"]["runtime_ms"]
     out = Path(args.out)

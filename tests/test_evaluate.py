@@ -15,6 +15,7 @@ from hwopt.model.config import AttentionConfig, BlockConfig, FFNConfig
 from hwopt.model.modeling import HeteroLlamaForCausalLM
 from hwopt.models import resolve_model
 from hwopt.plugins import block_types
+from hwopt.report import report_rows, speedup_line
 
 FAST = ["--scenario", "8/4", "--repeats", "1", "--seq-len", "16", "--tokens", "64"]
 
@@ -64,6 +65,9 @@ def test_evaluate_writes_report_with_every_figure(tiny_child_dir, tiny_llama_dir
     assert report["parent"]["tokens_per_s"] == pytest.approx(1 * 12 / report["parent"]["runtime_ms_measured"] * 1e3)
     for role in ("parent", "child"):
         assert any(report[role]["task_accuracy"] == pytest.approx(n / 6) for n in range(7))
+    assert report["predicted_on"] == "cpu (estimated)" and report["predicted_by"].startswith("estimated for ")
+    assert max(len(row[0]) for row in report_rows(report)) < 60  # each row's label, as the table shows it
+    assert len(speedup_line(report)) < 200
     markdown = (out / "report.md").read_text()
     assert "general English" in markdown and "per_layer.png" in markdown and "task accuracy" in markdown
     assert (out / "per_layer.png").stat().st_size > 1000
