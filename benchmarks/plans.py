@@ -12,12 +12,14 @@ needing one here.
 from __future__ import annotations
 
 import argparse
+import sys
 from types import SimpleNamespace
 
 import torch
 
 from hwopt.devices import TRAIN_DTYPES, Placement
 from hwopt.distributed import Ranks
+from hwopt.errors import HwoptError
 from hwopt.hardware import resolve_target
 from hwopt.models import resolve_model
 from hwopt.run import Run, Settings
@@ -53,4 +55,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except HwoptError as exc:  # bad input: one line, as hwopt says it
+        sys.exit(f"plans.py: error: {exc}")

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import runpy
+import sys
+from pathlib import Path
 
 import pytest
 
 from hwopt.cli import build_parser, main
 from hwopt.pipeline import PASSES
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -76,3 +81,11 @@ def test_bad_usage_is_one_error_line(argv, line, capsys):
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and err.startswith(line)
 
+
+def test_the_plans_benchmark_says_a_bad_model_in_one_line(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["plans.py", "--model", "nope", "--ranks", "1"])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(REPO / "benchmarks/plans.py"), run_name="__main__")
+    message = exit_.value.code
+    assert isinstance(message, str) and message.startswith("plans.py: error: ") and "nope" in message
+    assert len(message.splitlines()) == 1
