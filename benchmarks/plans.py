@@ -34,6 +34,7 @@ def main() -> None:
     parser.add_argument("--max-memory", help="host budget per rank, as --max-memory")
     parser.add_argument("--target", default="h100", help="the GPU whose memory a rank has (default h100)")
     args = parser.parse_args()
+    config = resolve_model(args.model).config  # a mistyped model fails first
     settings = Settings(model=args.model, device=args.device, train_dtype=args.train_dtype,
                         max_memory=args.max_memory, distill_samples=0)
     run = Run("/nonexistent", settings)
@@ -42,7 +43,6 @@ def main() -> None:
     dtype = args.train_dtype or ("bf16" if args.device == "cuda" else "fp32")
     run.placement = Placement(torch.device(args.device, 0) if args.device == "cuda" else torch.device("cpu"),
                               TRAIN_DTYPES[dtype])  # planned for, not resolved here: the device may be elsewhere
-    config = resolve_model(args.model).config
     print(f"{args.model}: {config.num_hidden_layers} layers, hidden {config.hidden_size}, FFN "
           f"{config.intermediate_size}, vocabulary {config.vocab_size}")
     for ranks in args.ranks:
