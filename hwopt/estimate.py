@@ -63,4 +63,4 @@ def print_estimate(result: dict) -> None:
         f"{t['tokens_per_s']:.0f} tokens/s, {t['num_params'] / 1e9:.3f}B parameters, "
         f"memory {t['memory_mib'] / 1024:.2f} GiB{fits} (KV cache {t['kv_cache_mib']:,.0f} MiB)")
     if result["source"]["kind"] == "estimated":
-        console.print(f"[dim]estimated ({result['source']['reason']})[/dim]")
+        console.print(f"[dim]estimated, {result['source']['reason']}[/dim]")

@@ -138,6 +138,14 @@ def test_auto_backend_estimates_a_gpu_that_is_absent_and_says_why():
     assert label["summary"].startswith("estimated for NVIDIA H100")
 
 
+def test_an_estimate_asked_for_says_what_it_is_and_how_it_is_made():
+    _, label = choose_backend("roofline", resolve_target("h100"), Scenario.parse("128/64", 1, "bf16"))
+    assert label["reason"] == ("not measured: the roofline backend estimates (--backend torch measures, on a target "
+                               "that is this machine)")
+    assert "each block takes the longer of its FLOPs at the peak rate and its bytes at the memory bandwidth" in (
+        label["summary"])
+
+
 def test_require_measured_refuses_an_estimate():
     with pytest.raises(HwoptError, match="--require-measured: backend roofline only estimates.*no GPU here"):
         choose_backend("auto", resolve_target("h100"), Scenario.parse("16/4", 1, "bf16"), require_measured=True)

@@ -32,7 +32,8 @@ class RooflineBackend:
         roof, fit = roof_of(target), calibration_of(target)
         ceilings = f"{roof.source}: {roof.rates(scenario.dtype)}"
         if fit is None:
-            return {"model": f"roofline with {ceilings}"}
+            return {"model": f"the roofline model (each block takes the longer of its FLOPs at the peak rate and its "
+                             f"bytes at the memory bandwidth) with {ceilings}"}
         return {"model": f"roofline calibrated on {fit.provenance()}: {fit.summary()}; {ceilings}"}
 
     def prepare(self, workload: Workload, target) -> Timer:

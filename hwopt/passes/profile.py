@@ -123,7 +123,8 @@ def choose_backend(name: str, target, scenario: Scenario, require_measured: bool
             because = f" ({why_not_measured})" if why_not_measured else ""
             raise HwoptError(f"--require-measured: backend {name} only estimates, and nothing can measure on "
                              f"{target.name} here{because}")
-        why_not_measured = why_not_measured or f"the {name} backend was asked for"
+        why_not_measured = why_not_measured or (f"the {name} backend estimates (--backend torch measures, on a "
+                                                 "target that is this machine)")
     label = {"kind": "measured" if backend.measures else "estimated", "backend_name": name,
              "target": target.description, **backend.describe(target, scenario),
              "date": datetime.date.today().isoformat()}
