@@ -71,7 +71,7 @@ def test_kept_units_stay_for_their_fingerprint_only(tmp_path):
     assert not (kept_units(tmp_path / "score", "fp2") / "layer_0.json").exists()
 
 
-def test_a_new_profile_joins_its_costs_without_scoring_again(tiny_llama_dir, tmp_path, monkeypatch):
+def test_a_new_profile_joins_its_costs_without_scoring_again(tiny_llama_dir, tmp_path, monkeypatch, capsys):
     workdir = tmp_path / "run"
     assert main(["optimize", "--model", str(tiny_llama_dir), "--workdir", str(workdir), "--until", "score",
                  *FAST_RUN]) == 0
@@ -82,9 +82,11 @@ def test_a_new_profile_joins_its_costs_without_scoring_again(tiny_llama_dir, tmp
 
     assert main(["profile", "--workdir", str(workdir), "--scenario", "32/8"]) == 0  # other costs
     costs = json.loads((workdir / "profile/costs.json").read_text())
+    forwards, replace_one_block = [], score_module.replace_one_block
     monkeypatch.setattr(score_module, "replace_one_block",
-                        lambda *args, **kwargs: pytest.fail("a replace-1-block forward ran again"))
+                        lambda *args, **kwargs: forwards.append(args[3]) or replace_one_block(*args, **kwargs))
     assert main(["score", "--workdir", str(workdir)]) == 0
+    assert forwards == []
     after = json.loads((workdir / "score/block_library.json").read_text())
     assert [unit.stat().st_mtime_ns for unit in units] == written
     assert after.keys() == before.keys()
@@ -95,7 +97,11 @@ def test_a_new_profile_joins_its_costs_without_scoring_again(tiny_llama_dir, tmp
             assert {**entry, "stats": None} == {**before[layer][name], "stats": None}  # the metrics as they were
         parent = next(name for name, entry in entries.items() if entry["parent"])
         assert entries[parent]["stats"]["runtime_ms"] != before[layer][parent]["stats"]["runtime_ms"]
-    assert main(["score", "--workdir", str(workdir)]) == 0  # and now up to date
+    capsys.readouterr()
+    assert main(["score", "--workdir", str(workdir)]) == 0
+    assert "score: up to date, skipped" in capsys.readouterr().err
+    assert main(["score", "--workdir", str(workdir), "--force"]) == 0
+    assert len(forwards) == 1 and sorted(forwards[0]) == [0, 1, 2, 3]  # every layer scored again
 
 
 def test_fingerprint_covers_settings_and_inputs():
