@@ -121,15 +121,22 @@ def load_split(paths: list[str] | None, tokenizer, seq_len: int, samples: torch.
     train, heldout = ids[:cut], ids[cut:]
     if len(heldout) < seq_len or len(train) < seq_len:
         raise HwoptError(f"the corpus ({len(ids)} tokens) is too short for sequences of {seq_len} tokens")
-    digest = hashlib.sha256(text.encode())
     train, heldout = _as_sequences(train, seq_len), _as_sequences(heldout, seq_len)
     if samples is None or not len(samples):
-        return TokenSplit(train, heldout, source, digest.hexdigest())
-    digest.update(samples.numpy().tobytes())
+        return TokenSplit(train, heldout, source, data_sha256(text, samples))
     n_heldout = max(1, len(samples) // 10)
     return TokenSplit(alternate(train, samples[:-n_heldout]), heldout,
                       f"{source} + {len(samples) * samples.shape[1]} tokens sampled from the parent",
-                      digest.hexdigest(), samples[-n_heldout:])
+                      data_sha256(text, samples), samples[-n_heldout:])
+
+
+def data_sha256(text: str, samples: torch.Tensor | None) -> str:
+    """sha256 of the corpus ``text`` and the parent's ``samples`` (``TokenSplit.sha256``): what a pass's fingerprint
+    reads of its data, known without tokenizing the corpus."""
+    digest = hashlib.sha256(text.encode())
+    if samples is not None and len(samples):
+        digest.update(samples.numpy().tobytes())
+    return digest.hexdigest()
 
 
 def general_heldout(tokenizer, seq_len: int, path: Path = GENERAL_HELDOUT) -> torch.Tensor:

@@ -20,7 +20,14 @@ from pathlib import Path
 
 import torch
 
-from hwopt.data import cached_parent_samples, check_data_files, general_heldout, load_split
+from hwopt.data import (
+    cached_parent_samples,
+    check_data_files,
+    data_sha256,
+    general_heldout,
+    load_split,
+    read_corpus,
+)
 from hwopt.devices import Placement, resolve_placement
 from hwopt.distributed import Ranks, local_world, ranks, staged_on_ranks
 from hwopt.errors import HwoptError
@@ -122,16 +129,25 @@ class Run:
         return self.source.tokenizer()
 
     @cached_property
-    def split(self):
+    def parent_samples(self) -> torch.Tensor | None:
+        """``--distill-samples`` tokens sampled from the parent (from the cache when they are there); None for none."""
         s = self.settings
-        samples = None
-        if s.distill_samples:
-            weights = self.source.require_weights()
-            weights_id = json.dumps([str(weights.resolve()),
-                                     sorted((f.name, f.stat().st_size) for f in weights.glob("*.safetensors"))])
-            samples = cached_parent_samples(lambda: self.parent, self.tokenizer, weights_id, s.distill_samples,
-                                            s.seq_len, s.seed, cache_root())  # the parent loaded only to sample
-        return load_split(s.data, self.tokenizer, s.seq_len, samples)
+        if not s.distill_samples:
+            return None
+        weights = self.source.require_weights()
+        weights_id = json.dumps([str(weights.resolve()),
+                                 sorted((f.name, f.stat().st_size) for f in weights.glob("*.safetensors"))])
+        return cached_parent_samples(lambda: self.parent, self.tokenizer, weights_id, s.distill_samples,
+                                     s.seq_len, s.seed, cache_root())  # the parent loaded only to sample
+
+    @cached_property
+    def split(self):
+        return load_split(self.settings.data, self.tokenizer, self.settings.seq_len, self.parent_samples)
+
+    @cached_property
+    def data_sha256(self) -> str:
+        """``split.sha256`` without tokenizing the corpus: all a check of whether a pass is up to date needs."""
+        return data_sha256(read_corpus(self.settings.data)[0], self.parent_samples)
 
     @cached_property
     def general_heldout(self):
@@ -178,7 +194,7 @@ class Run:
             weights = self.source.require_weights()
             settings["weights"] = sorted((f.name, f.stat().st_size) for f in weights.glob("*.safetensors"))
         if "data" in keys:
-            settings["data_sha256"] = self.split.sha256
+            settings["data_sha256"] = self.data_sha256
         if "task_data" in keys and self.task:
             settings["task_data_sha256"] = self.task.sha256
         return fingerprint(settings, {up: output_hash(self.dir(up)) for up in upstream})
@@ -484,7 +500,7 @@ class Run:
 
     def report(self) -> dict:
         """Parent against the child, both timed here; recomputed only when the child or scenario changed."""
-        fp = fingerprint({"scenario": self.scenario.to_json(), "data_sha256": self.split.sha256,
+        fp = fingerprint({"scenario": self.scenario.to_json(), "data_sha256": self.data_sha256,
                           "general_heldout": self.general_heldout.tolist(), "score_tokens": self.settings.score_tokens,
                           "task_data_sha256": self.task.sha256 if self.task else None},
                          {"lower": output_hash(self.dir("lower")), "solve": output_hash(self.dir("solve"))})

@@ -137,3 +137,16 @@ def test_sampling_from_the_parent_is_seeded_and_cached(tiny_llama_dir, tmp_path)
         raise AssertionError("the parent was loaded although its samples are in the cache")
 
     assert torch.equal(cached_parent_samples(not_loaded, tokenizer, "tiny", 40, 8, 0, tmp_path), first)
+
+
+def test_a_runs_data_hash_is_its_splits_without_tokenizing_the_corpus(tiny_llama_dir, tmp_path, monkeypatch):
+    import hwopt.run
+
+    monkeypatch.setenv("HWOPT_CACHE", str(tmp_path / "cache"))
+    run = hwopt.run.Run(tmp_path / "run", hwopt.run.Settings(model=str(tiny_llama_dir), distill_samples=64,
+                                                               seq_len=16))
+    with monkeypatch.context() as patched:
+        patched.setattr(hwopt.run, "load_split", lambda *args: pytest.fail("the corpus was tokenized"))
+        sha256 = run.data_sha256
+    assert sha256 == run.split.sha256
+    assert sha256 != load_split(None, run.tokenizer, 16).sha256  # the samples are in it
