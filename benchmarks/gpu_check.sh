@@ -64,4 +64,4 @@ step llama8b 240 python -m hwopt optimize --model "$OUT/llama8b_4layers" --targe
 # 3. the target's calibration table, measured here on Llama-3.1-70B-shaped blocks
 step calibrate 180 python -m hwopt calibrate --target "$TARGET" --model llama-3.1-70b --backend torch \
   --out "$OUT/$TARGET-calibrated.toml"
-echo "gpu_check: commit $OUT/$TARGET-calibrated.toml as hardware_profiles/ (its rows name device, backend and date)"
+echo "gpu_check: commit $OUT/$TARGET-calibrated.toml as hwopt/targets/ (its rows name device, backend and date)"

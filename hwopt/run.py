@@ -24,7 +24,6 @@ from hwopt.devices import Placement, resolve_placement
 from hwopt.distributed import Ranks, local_world, ranks, staged_on_ranks
 from hwopt.errors import HwoptError
 from hwopt.evaluate import measured_speedup
-from hwopt.hardware import resolve_target
 from hwopt.lowering.runtimes import Runtime, resolve_runtime, runnable_library
 from hwopt.memory_plan import MemoryPlan, library_plan, score_plan, uptrain_plan
 from hwopt.model.checkpoint import load_checkpoint, save_nemotron_nas
@@ -61,6 +60,7 @@ from hwopt.progress import console
 from hwopt.report import build_report, print_report
 from hwopt.search_space import Scenario, SearchSpace
 from hwopt.settings import PASS_INFO, Settings, load_settings, upstream
+from hwopt.targets import resolve_target
 from hwopt.tasks import read_task
 from hwopt.timing import idle_cores
 

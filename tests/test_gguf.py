@@ -21,7 +21,7 @@ from hwopt.model.config import AttentionConfig as A
 from hwopt.model.config import BlockConfig as B
 from hwopt.model.config import FFNConfig as F
 from hwopt.passes.lower import LowerOptions, lower
-from hwopt.plugins import lowerings
+from hwopt.plugins import formats
 
 CONFIG = LlamaConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                      num_key_value_heads=4, head_dim=16, vocab_size=49152, max_position_embeddings=128,
@@ -33,7 +33,7 @@ def test_without_a_llama_cpp_checkout_gguf_is_unavailable_and_nothing_is_written
     from conftest import tiny_child
 
     monkeypatch.delenv(ENV, raising=False)
-    ok, why = lowerings().get("gguf").available(None)
+    ok, why = formats().get("gguf").available(None)
     assert not ok and ENV in why and "convert_hf_to_gguf.py" in why
     with pytest.raises(HwoptError, match=f"cannot lower to gguf here: set {ENV}"):
         lower(tiny_child(), None, ["gguf"], tmp_path / "out", LowerOptions(RUNTIMES["llama.cpp"]))
