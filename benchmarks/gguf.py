@@ -146,7 +146,7 @@ def main() -> int:
 
     from transformers import AutoTokenizer
 
-    from hwopt.builtin.models import smollm2_weights
+    from hwopt.builtin.model_names import smollm2_weights
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_weights())
     ids = tokenizer(PROMPT).input_ids

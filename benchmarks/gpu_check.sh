@@ -52,7 +52,7 @@ from pathlib import Path
 sys.path.insert(0, "benchmarks")
 from memory import write_parent  # noqa: E402
 
-from hwopt.models import resolve_model  # noqa: E402
+from hwopt.model_source import resolve_model  # noqa: E402
 
 config = resolve_model("llama-3.1-8b").config
 config.num_hidden_layers = 4

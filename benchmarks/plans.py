@@ -18,7 +18,7 @@ import torch
 
 from hwopt.devices import TRAIN_DTYPES, Placement
 from hwopt.distributed import Ranks
-from hwopt.models import resolve_model
+from hwopt.model_source import resolve_model
 from hwopt.run import Run, Settings
 from hwopt.targets import resolve_target
 

@@ -7,7 +7,7 @@ from it alone (``CalibrationRow``)::
     device = "NVIDIA H100 80GB HBM3"           # where it was measured
     backend = "torch 2.13.0, CUDA 12.8"        # with what
     date = "2025-06-01"
-    model = "llama-3.1-70b"                    # a name hwopt.models.resolve_model knows
+    model = "llama-3.1-70b"                    # a name hwopt.model_source.resolve_model knows
     kind = "attention"                         # "attention", "ffn" or "outside_layers"
     block = { no_op = false, replace_with_linear = false, n_heads_in_group = 8 }  # not for outside_layers
     dtype = "bf16"                             # weights and activations
@@ -98,7 +98,7 @@ class CalibrationRow:
 
     def workload(self) -> Workload:
         """The piece and the phase this row timed, rebuilt from the row alone."""
-        from hwopt.models import resolve_model
+        from hwopt.model_source import resolve_model
 
         config = resolve_model(self.model).config
         variant = None
@@ -261,7 +261,7 @@ def calibrate(target: Target, model: str, scenarios: list, backend_name: str, re
     The target written carries the peaks the factors are relative to: for
     a CPU, the ones measured here, so the file means the same on any machine.
     """
-    from hwopt.models import resolve_model
+    from hwopt.model_source import resolve_model
     from hwopt.pipeline import atomic_write_text
     from hwopt.plugins import backends
 

@@ -314,7 +314,7 @@ def standalone_scenario(args: argparse.Namespace, target):
 def cmd_estimate(args: argparse.Namespace) -> None:
     """Cost the model (and the --parent) on the target; print a table, or JSON with --json."""
     from hwopt.estimate import estimate, print_estimate
-    from hwopt.models import resolve_model
+    from hwopt.model_source import resolve_model
     from hwopt.plots import per_layer_runtime
     from hwopt.targets import resolve_target
 
@@ -349,7 +349,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from hwopt.devices import resolve_placement
     from hwopt.estimate import estimate
     from hwopt.evaluate import evaluate
-    from hwopt.models import resolve_model
+    from hwopt.model_source import resolve_model
     from hwopt.pipeline import atomic_write_json
     from hwopt.plots import per_layer_runtime
     from hwopt.report import label_measurement, print_report, write_markdown
@@ -441,7 +441,7 @@ def cmd_lower_standalone(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from hwopt.lowering.runtimes import resolve_runtime
-    from hwopt.models import resolve_model
+    from hwopt.model_source import resolve_model
     from hwopt.passes.lower import LowerOptions, lower
     from hwopt.targets import resolve_target
 

@@ -91,7 +91,7 @@ def hwopt_register_formats(register):
 
 @hookspec
 def hwopt_register_models(register):
-    """Register model names: ``hwopt.models.ModelSpec`` objects (a name to an architecture and its weights)."""
+    """Register model names: ``hwopt.model_source.ModelSpec`` objects (a name to an architecture and its weights)."""
 
 
 # --- renamed hooks, kept for one release -----------------------------------------------------------------------

@@ -41,7 +41,7 @@ BUILTIN_PLUGINS = (
     "hwopt.builtin.targets",
     "hwopt.builtin.solvers",
     "hwopt.builtin.formats",
-    "hwopt.builtin.models",
+    "hwopt.builtin.model_names",
 )
 
 # hook name -> what the registered things are called in messages and listings

@@ -29,7 +29,7 @@ from hwopt.memory_plan import MemoryPlan, library_plan, score_plan, uptrain_plan
 from hwopt.model.checkpoint import load_checkpoint, save_nemotron_nas
 from hwopt.model.layerwise import LayerwiseParent
 from hwopt.model.modeling import HeteroLlamaForCausalLM
-from hwopt.models import resolve_model
+from hwopt.model_source import resolve_model
 from hwopt.passes.library import (
     BLDSettings,
     Library,

@@ -109,7 +109,7 @@ def test_llama_cpp_gives_hwopt_logits(tmp_path):
     llama_cpp = pytest.importorskip("llama_cpp")
     from transformers import AutoTokenizer
 
-    from hwopt.builtin.models import smollm2_weights
+    from hwopt.builtin.model_names import smollm2_weights
     from hwopt.model.modeling import HeteroLlamaForCausalLM
     from hwopt.plugins import block_types
 

@@ -30,7 +30,7 @@ EXPECTED = {
     "targets": ("targets", {"cpu", "h100-sxm", "a100-80gb", "rtx-4090"}, False),
     "solvers": ("solvers", {"scip"}, False),
     "formats": ("formats", {"nemotron-nas"}, False),
-    "models": ("models", {"smollm2-135m", "llama-3.1-8b", "llama-3.1-70b"}, False),
+    "models": ("model_names", {"smollm2-135m", "llama-3.1-8b", "llama-3.1-70b"}, False),
 }
 
 
@@ -284,6 +284,7 @@ def test_the_new_hook_names_register_without_a_deprecation_warning():
 
 
 def test_the_old_module_and_protocol_names_still_import_with_a_warning():
+    import hwopt.model_source
     import hwopt.protocols
 
     with pytest.warns(DeprecationWarning, match=r"hwopt.hardware.HardwareProfile is deprecated: use hwopt.targets"):
@@ -291,6 +292,9 @@ def test_the_old_module_and_protocol_names_still_import_with_a_warning():
     assert HardwareProfile is Target
     with pytest.warns(DeprecationWarning, match="hwopt.protocols.Lowering is deprecated: use Format"):
         assert hwopt.protocols.Lowering is hwopt.protocols.Format
+    with pytest.warns(DeprecationWarning, match=r"hwopt.models is deprecated: use hwopt.model_source.ModelSpec"):
+        from hwopt.models import ModelSpec
+    assert ModelSpec is hwopt.model_source.ModelSpec
 
 
 def test_two_block_types_claiming_one_config_is_an_error_naming_both():

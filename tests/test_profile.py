@@ -17,7 +17,7 @@ from hwopt.errors import HwoptError
 from hwopt.model.checkpoint import nemotron_nas_config
 from hwopt.model.config import AttentionConfig, BlockConfig, FFNConfig
 from hwopt.model.modeling import DecoderLayer, KVCache
-from hwopt.models import resolve_model
+from hwopt.model_source import resolve_model
 from hwopt.passes.profile import choose_backend, cost_entry
 from hwopt.plugins import backends, block_types
 from hwopt.search_space import Scenario, sub_variant_of

@@ -13,7 +13,7 @@ from conftest import REPO
 from transformers import LlamaConfig
 
 from hwopt import plugins
-from hwopt.builtin.models import smollm2_config
+from hwopt.builtin.model_names import smollm2_config
 from hwopt.lowering.runtimes import RUNTIMES
 from hwopt.metric import Outputs
 from hwopt.model.architecture import architecture_from_dict

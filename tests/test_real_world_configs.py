@@ -21,7 +21,7 @@ from hwopt.model.architecture import read_architecture
 from hwopt.model.checkpoint import weight_files
 from hwopt.model.config import AttentionConfig, BlockConfig, FFNConfig, rebuilt_by_ffn_mult
 from hwopt.model.modeling import HeteroLlamaForCausalLM
-from hwopt.models import resolve_model
+from hwopt.model_source import resolve_model
 from hwopt.passes.lower import LowerOptions, lower
 from hwopt.plugins import block_types
 from hwopt.search_space import Scenario, SearchSpace, sub_variants

@@ -17,7 +17,7 @@ from hwopt.cli import main
 from hwopt.cpu_roof import roof_of
 from hwopt.errors import HwoptError
 from hwopt.model.config import AttentionConfig, FFNConfig
-from hwopt.models import resolve_model
+from hwopt.model_source import resolve_model
 from hwopt.roofline import CostTerms, Efficiency, Roof, outside_layers_terms, roofline_ms
 from hwopt.search_space import Scenario, SearchSpace, sub_variant_of, sub_variants
 from hwopt.targets import Target, resolve_target

@@ -19,7 +19,7 @@ import hwopt.run
 from hwopt import timing
 from hwopt.cli import main
 from hwopt.errors import HwoptError
-from hwopt.models import resolve_model
+from hwopt.model_source import resolve_model
 from hwopt.passes.profile import check_profile, print_checks, profile
 from hwopt.pipeline import read_manifest
 from hwopt.search_space import Scenario, SearchSpace
