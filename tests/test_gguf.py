@@ -1,4 +1,4 @@
-"""The gguf lowering: llama.cpp's converter found (or not), its vocabulary fix, what llama.cpp's deci refuses.
+"""The gguf format: llama.cpp's converter found (or not), its vocabulary fix, what llama.cpp's deci refuses.
 
 The end-to-end check (convert, run in llama-cpp-python, compare logits) runs only where ``HWOPT_LLAMA_CPP``
 names a llama.cpp checkout and ``llama_cpp`` imports; ``benchmarks/gguf.py`` does it for every block kind.

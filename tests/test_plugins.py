@@ -171,6 +171,34 @@ def test_broken_entry_point_plugin_only_warns(tmp_path):
     assert "broken" not in out["plugins"]
 
 
+OLD_HOOK_PLUGIN = """
+import hwopt
+from hwopt.targets import Target
+
+
+@hwopt.hookimpl
+def hwopt_register_hardware_profiles(register):
+    register(Target(name="old-gpu", kind="gpu", description="an installed plugin on the old hook name",
+                    peak_tflops={"bf16": 100.0}))
+"""
+
+
+def test_an_installed_plugin_on_a_renamed_hook_still_registers_and_is_warned(tmp_path):
+    (tmp_path / "old_hook_plugin.py").write_text(OLD_HOOK_PLUGIN)
+    dist = tmp_path / "old_hook_plugin-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: old-hook-plugin\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[hwopt]\nold_hook = old_hook_plugin\n")
+    code = BROKEN_CODE.replace('"metrics": names', '"targets": names').replace("metrics().names()", "targets().names()")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=env_with_pythonpath(tmp_path), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "old-gpu" in out["targets"] and "h100-sxm" in out["targets"] and "old_hook" in out["plugins"]
+    assert any(w.startswith("hwopt_register_hardware_profiles is deprecated") and "hwopt_register_targets" in w
+               for w in out["warnings"]), out["warnings"]
+
+
 class _Metric:
     def __init__(self, name):
         self.name = name
