@@ -18,7 +18,7 @@ import torch
 
 from hwopt.evaluate import measure_runtimes
 from hwopt.model.checkpoint import load_checkpoint
-from hwopt.models import load_model
+from hwopt.model_source import load_model
 from hwopt.plugins import block_types
 from hwopt.search_space import Scenario
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from hwopt.builtin.models import smollm2_config
+from hwopt.builtin.model_names import smollm2_config
 from hwopt.lowering.aoti import empty_past, export_aoti, run_aoti_step
 from hwopt.lowering.onnx_kv import OnnxRuntimeModel, export_onnx
 from hwopt.model.checkpoint import load_checkpoint

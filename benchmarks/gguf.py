@@ -146,7 +146,7 @@ def main() -> int:
 
     from transformers import AutoTokenizer
 
-    from hwopt.builtin.models import smollm2_weights
+    from hwopt.builtin.model_names import smollm2_weights
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_weights())
     ids = tokenizer(PROMPT).input_ids
@@ -188,7 +188,7 @@ def main() -> int:
             if ok != expected_ok:
                 failed.append(kind)
 
-        # Every kind that passed, in one child, through the gguf lowering itself.
+        # Every kind that passed, in one child, through the gguf format itself.
         blocks = [PARENT, *passing, PARENT]
         model = child(blocks, seed=100, dtype=args.dtype)
         dtype = {"fp32": "fp32", "fp16": "fp16"}[args.dtype]

@@ -52,7 +52,7 @@ from pathlib import Path
 sys.path.insert(0, "benchmarks")
 from memory import write_parent  # noqa: E402
 
-from hwopt.models import resolve_model  # noqa: E402
+from hwopt.model_source import resolve_model  # noqa: E402
 
 config = resolve_model("llama-3.1-8b").config
 config.num_hidden_layers = 4
@@ -64,4 +64,4 @@ step llama8b 240 python -m hwopt optimize --model "$OUT/llama8b_4layers" --targe
 # 3. the target's calibration table, measured here on Llama-3.1-70B-shaped blocks
 step calibrate 180 python -m hwopt calibrate --target "$TARGET" --model llama-3.1-70b --backend torch \
   --out "$OUT/$TARGET-calibrated.toml"
-echo "gpu_check: commit $OUT/$TARGET-calibrated.toml as hardware_profiles/ (its rows name device, backend and date)"
+echo "gpu_check: commit $OUT/$TARGET-calibrated.toml as hwopt/targets/ (its rows name device, backend and date)"

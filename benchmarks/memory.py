@@ -60,7 +60,7 @@ def benchmark_config(layers: int) -> LlamaConfig:
 def write_parent(directory: Path, config: LlamaConfig) -> int:
     """A random parent of ``config`` (fp32, SmolLM2's tokenizer), a shard per layer (plus one for the embedding,
     one for the norm and head), written a shard at a time; its bytes."""
-    from hwopt.builtin.models import smollm2_weights
+    from hwopt.builtin.model_names import smollm2_weights
 
     layers = config.num_hidden_layers
     directory.mkdir(parents=True, exist_ok=True)

@@ -20,9 +20,9 @@ import torch
 from hwopt.devices import TRAIN_DTYPES, Placement
 from hwopt.distributed import Ranks
 from hwopt.errors import HwoptError
-from hwopt.hardware import resolve_target
-from hwopt.models import resolve_model
+from hwopt.model_source import resolve_model
 from hwopt.run import Run, Settings
+from hwopt.targets import resolve_target
 
 
 def main() -> None:

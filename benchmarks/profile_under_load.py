@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from hwopt.models import resolve_model
+from hwopt.model_source import resolve_model
 from hwopt.passes.profile import model_variants
 from hwopt.timing import usable_cores
 

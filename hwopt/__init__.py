@@ -20,7 +20,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):
     if name == "load_model":
-        from hwopt.models import load_model
+        from hwopt.model_source import load_model
 
         return load_model
     if name == "register_with_transformers":

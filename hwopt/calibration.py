@@ -7,7 +7,7 @@ from it alone (``CalibrationRow``)::
     device = "NVIDIA H100 80GB HBM3"           # where it was measured
     backend = "torch 2.13.0, CUDA 12.8"        # with what
     date = "2025-06-01"
-    model = "llama-3.1-70b"                    # a name hwopt.models.resolve_model knows
+    model = "llama-3.1-70b"                    # a name hwopt.model_source.resolve_model knows
     kind = "attention"                         # "attention", "ffn" or "outside_layers"
     block = { no_op = false, replace_with_linear = false, n_heads_in_group = 8 }  # not for outside_layers
     dtype = "bf16"                             # weights and activations
@@ -19,7 +19,7 @@ from it alone (``CalibrationRow``)::
     ms = 0.123                                 # the measured milliseconds of that one forward
 
 ``hwopt calibrate`` (``calibrate``) measures such rows with a measuring
-backend and writes the target's profile with them (TOML, by ``tomli_w``).
+backend and writes the target's TOML file with them (by ``tomli_w``).
 """
 
 from __future__ import annotations
@@ -36,9 +36,9 @@ import tomli_w
 
 from hwopt.cpu_roof import roof_of
 from hwopt.errors import HwoptError
-from hwopt.hardware import HardwareProfile
 from hwopt.roofline import DATASHEET, CostTerms, Efficiency, datasheet_times, roofline, workload_terms
 from hwopt.search_space import DTYPE_BYTES, SearchSpace, sub_variant_from_json, sub_variants
+from hwopt.targets import Target
 from hwopt.timing import median_phases
 from hwopt.workload import Phase, Workload, scenario_phases
 
@@ -98,7 +98,7 @@ class CalibrationRow:
 
     def workload(self) -> Workload:
         """The piece and the phase this row timed, rebuilt from the row alone."""
-        from hwopt.models import resolve_model
+        from hwopt.model_source import resolve_model
 
         config = resolve_model(self.model).config
         variant = None
@@ -171,7 +171,7 @@ def fit_efficiency(compute_ms: np.ndarray, memory_ms: np.ndarray, measured_ms: n
     return Efficiency(*(float(v) for v in min(fits, key=lambda fit: fit.cost).x))
 
 
-def fit_calibration(target: HardwareProfile) -> Fit | None:
+def fit_calibration(target: Target) -> Fit | None:
     """The roofline fitted to the target's ``[[calibration]]`` rows; None when it has none."""
     if not target.calibration:
         return None
@@ -186,7 +186,7 @@ def fit_calibration(target: HardwareProfile) -> Fit | None:
                 raise HwoptError(f"the roofline has {lack}")
         except HwoptError as exc:
             where = target.path or target.name
-            raise HwoptError(f"hardware profile {where}, calibration row {number}: {exc}") from None
+            raise HwoptError(f"target {where}, calibration row {number}: {exc}") from None
         rows.append(row)
         names.append(workload.name)
         times.append(datasheet_times(workload_terms(workload)[0], roof, row.dtype, row.kv_dtype))
@@ -200,8 +200,8 @@ def fit_calibration(target: HardwareProfile) -> Fit | None:
 _fits: dict[str, Fit | None] = {}
 
 
-def calibration_of(target: HardwareProfile) -> Fit | None:
-    """``fit_calibration``, fitted once per distinct profile and calibration table in this process."""
+def calibration_of(target: Target) -> Fit | None:
+    """``fit_calibration``, fitted once per distinct target and calibration table in this process."""
     key = json.dumps([target.name, target.peak_tflops, target.bandwidth_gbs, target.calibration], sort_keys=True)
     if key not in _fits:
         _fits[key] = fit_calibration(target)
@@ -211,7 +211,7 @@ def calibration_of(target: HardwareProfile) -> Fit | None:
 # ---------------------------------------------------------------- hwopt calibrate
 
 
-def measure_rows(source, target: HardwareProfile, scenarios: list, backend, repeats: int) -> list[CalibrationRow]:
+def measure_rows(source, target: Target, scenarios: list, backend, repeats: int) -> list[CalibrationRow]:
     """Time every attention and FFN variant of the search space, and the rest of the model, in each phase."""
     from hwopt.progress import progress
 
@@ -247,21 +247,21 @@ def without_none(value):
     return value
 
 
-def profile_toml(profile: HardwareProfile, header: str = "") -> str:
-    """A profile as TOML that ``HardwareProfile.from_toml`` reads back into the same fields (``path`` aside)."""
-    fields = {f.name: getattr(profile, f.name) for f in dataclasses.fields(profile) if f.name != "path"}
+def target_toml(target: Target, header: str = "") -> str:
+    """A target as TOML that ``Target.from_toml`` reads back into the same fields (``path`` aside)."""
+    fields = {f.name: getattr(target, f.name) for f in dataclasses.fields(target) if f.name != "path"}
     comments = "".join(f"# {line}\n" for line in header.splitlines())
     return comments + tomli_w.dumps(without_none(fields))
 
 
-def calibrate(target: HardwareProfile, model: str, scenarios: list, backend_name: str, repeats: int,
+def calibrate(target: Target, model: str, scenarios: list, backend_name: str, repeats: int,
               out: Path) -> Fit:
-    """Measure calibration rows, write ``out`` (the target's profile, these rows appended) and fit it.
+    """Measure calibration rows, write ``out`` (the target's TOML, these rows appended) and fit it.
 
-    The profile written carries the peaks the factors are relative to: for
+    The target written carries the peaks the factors are relative to: for
     a CPU, the ones measured here, so the file means the same on any machine.
     """
-    from hwopt.models import resolve_model
+    from hwopt.model_source import resolve_model
     from hwopt.pipeline import atomic_write_text
     from hwopt.plugins import backends
 
@@ -278,7 +278,7 @@ def calibrate(target: HardwareProfile, model: str, scenarios: list, backend_name
         target, bandwidth_gbs=roof.bandwidth_gbs, peak_tflops=roof.peak_tflops,
         sources={"bandwidth_gbs": roof.source, "peak_tflops": roof.source, **target.sources},
         calibration=(*target.calibration, *(row.as_dict() for row in rows)))
-    header = (f"{target.name} profile with block timings measured by hwopt calibrate "
+    header = (f"{target.name} target with block timings measured by hwopt calibrate "
               f"(backend {backend_name}, model {model}), from {target.path or target.name}")
-    atomic_write_text(out, profile_toml(calibrated, header))
-    return fit_calibration(HardwareProfile.from_toml(out))
+    atomic_write_text(out, target_toml(calibrated, header))
+    return fit_calibration(Target.from_toml(out))

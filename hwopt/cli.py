@@ -213,11 +213,11 @@ def add_standalone_lower_options(p: argparse.ArgumentParser) -> None:
 
 
 def formats_help() -> str:
-    from hwopt.plugins import lowerings
+    from hwopt.plugins import formats
 
     lines = ["", "formats:"]
-    for lowering in lowerings():
-        lines += [f"  {lowering.name}: {lowering.description}", f"    needs: {lowering.needs}"]
+    for fmt in formats():
+        lines += [f"  {fmt.name}: {fmt.description}", f"    needs: {fmt.needs}"]
     return "\n".join(lines) + "\n"
 
 
@@ -285,7 +285,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                                                         "processes leave idle)")
     add_scenario_options(Options(p), backend_default="roofline")
     p = sub.add_parser("calibrate", help="time every block variant with a measuring backend; write the target's "
-                                         "profile with these timings, which fit the roofline estimate")
+                                         ".toml with these timings, which fit the roofline estimate")
     p.add_argument("--target", required=True, help="hardware target to measure on: cpu, h100, ..., or a target .toml")
     p.add_argument("--model", required=True, help="model name whose search space is timed (e.g. smollm2-135m)")
     p.add_argument("--scenario", action="append", help="INPUT/OUTPUT tokens per request (repeatable; "
@@ -294,7 +294,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--dtype", help="weights, activations and KV cache (default: bf16 on a GPU, fp32 on the CPU)")
     p.add_argument("--backend", default="torch", help="measuring backend (default torch)")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (default 5)")
-    p.add_argument("--out", required=True, help="the calibrated profile .toml to write")
+    p.add_argument("--out", required=True, help="the calibrated target .toml to write")
     sub.add_parser("plugins", help="list plugins and what each registered")
     sub.add_parser("targets", help="list hardware targets")
     return parser
@@ -310,9 +310,9 @@ def cmd_plugins() -> None:
 
 
 def cmd_targets() -> None:
-    from hwopt.plugins import hardware_profiles
+    from hwopt.plugins import targets
 
-    for p in hardware_profiles():
+    for p in targets():
         p = p.with_system_facts()
         aliases = f"; aliases: {', '.join(p.aliases)}" if p.aliases else ""
         memory = f"{p.memory_gib:g} GiB, " if p.memory_gib else ""
@@ -333,9 +333,9 @@ def standalone_scenario(args: argparse.Namespace, target):
 def cmd_estimate(args: argparse.Namespace) -> None:
     """Cost the model (and the --parent) on the target; print a table, or JSON with --json."""
     from hwopt.estimate import estimate, print_estimate
-    from hwopt.hardware import resolve_target
-    from hwopt.models import resolve_model
+    from hwopt.model_source import resolve_model
     from hwopt.plots import per_layer_runtime
+    from hwopt.targets import resolve_target
 
     target = resolve_target(args.target)
     scenario = standalone_scenario(args, target)
@@ -370,11 +370,11 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from hwopt.devices import resolve_placement
     from hwopt.estimate import estimate
     from hwopt.evaluate import evaluate
-    from hwopt.hardware import resolve_target
-    from hwopt.models import resolve_model
+    from hwopt.model_source import resolve_model
     from hwopt.pipeline import atomic_write_json
     from hwopt.plots import per_layer_runtime
     from hwopt.report import label_measurement, print_report, write_markdown
+    from hwopt.targets import resolve_target
     from hwopt.tasks import read_task
     from hwopt.timing import check_threads, idle_cores
 
@@ -429,8 +429,8 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from hwopt.calibration import calibrate
-    from hwopt.hardware import resolve_target
     from hwopt.search_space import Scenario
+    from hwopt.targets import resolve_target
 
     target = resolve_target(args.target)
     scenarios = [Scenario.for_target(target, s, args.batch, args.dtype) for s in args.scenario or [DEFAULT_SCENARIO]]
@@ -472,10 +472,10 @@ def cmd_lower_standalone(args: argparse.Namespace) -> None:
     """`hwopt lower --model DIR --out DIR`: any checkpoint in the chosen formats, no run directory."""
     from pathlib import Path
 
-    from hwopt.hardware import resolve_target
     from hwopt.lowering.runtimes import resolve_runtime
-    from hwopt.models import resolve_model
+    from hwopt.model_source import resolve_model
     from hwopt.passes.lower import LowerOptions, lower
+    from hwopt.targets import resolve_target
 
     if not args.model:
         raise HwoptError("hwopt lower --out needs --model DIR (a Llama or nemotron-nas checkpoint)")

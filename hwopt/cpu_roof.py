@@ -1,6 +1,6 @@
-"""The ceilings of a target: its profile's peak rates, or this CPU's, measured by micro-benchmarks and cached.
+"""The ceilings of a target: its peak rates, or this CPU's, measured by micro-benchmarks and cached.
 
-A CPU target whose profile gives no peaks (the built-in ``cpu``) is priced
+A CPU target that gives no peaks (the built-in ``cpu``) is priced
 with this machine's: a square matmul per dtype for the FLOP rate and a big
 matrix-vector product for the bandwidth decode streams weights at, measured
 once per machine and thread count and kept in ``$HWOPT_CACHE/cpu-roofs.json``.
@@ -15,8 +15,8 @@ import json
 import time
 from pathlib import Path
 
-from hwopt.hardware import HardwareProfile
 from hwopt.roofline import Roof
+from hwopt.targets import Target
 
 CPU_BENCH_DTYPES = ("fp32", "bf16")  # what torch computes in on a CPU
 BENCH_MATMUL = 1536  # square matmul side: big enough to reach the GEMM peak, about a second in all on 2 cores
@@ -24,13 +24,13 @@ BENCH_GEMV_MIB = 256  # far beyond any CPU cache
 BENCH_REPEATS = 3
 
 
-def roof_of(target: HardwareProfile) -> Roof:
-    """The profile's peaks; for a CPU whose profile gives none, this machine's, measured once and cached."""
+def roof_of(target: Target) -> Roof:
+    """The target's peaks; for a CPU target that gives none, this machine's, measured once and cached."""
     if target.kind == "cpu" and target.bandwidth_gbs is None and not target.peak_tflops:
         import torch  # here: a target with datasheet peaks (every GPU's) is priced without torch
 
         return measured_cpu_roof(f"{target.description}, torch with {torch.get_num_threads()} threads")
-    where = target.path.name if target.path else f"the {target.name} profile"
+    where = target.path.name if target.path else f"the {target.name} target"
     return Roof(dict(target.peak_tflops), target.bandwidth_gbs, f"the peaks of {target.description} in {where}")
 
 

@@ -43,8 +43,8 @@ class Placement:
         return torch.autocast(self.device.type, dtype=self.dtype)
 
     def runs_on(self, target) -> bool:
-        """Whether a figure measured here is a measurement of ``target`` (a ``HardwareProfile``): the CPU target
-        is this machine's CPU; a GPU target is the CUDA device here only when its profile recognises the name."""
+        """Whether a figure measured here is a measurement of ``target`` (a ``Target``): the CPU target
+        is this machine's CPU; a GPU target is the CUDA device here only when it recognises the name."""
         if self.device.type == "cuda":
             return target.kind == "gpu" and target.recognises(torch.cuda.get_device_name(self.device))
         return target.kind == "cpu"
@@ -54,7 +54,7 @@ class Placement:
         if self.device.type == "cuda":
             name = torch.cuda.get_device_name(self.device)
         else:
-            from hwopt.hardware import resolve_target
+            from hwopt.targets import resolve_target
 
             name = resolve_target("cpu").description
         return f"{self.device} ({name}), {self.dtype_name}"

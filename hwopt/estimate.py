@@ -14,13 +14,13 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
-from hwopt.hardware import HardwareProfile
 from hwopt.passes.profile import SIZE_KEYS, TIME_KEYS, choose_backend, layer_rows, measure_costs, model_total
 from hwopt.search_space import Scenario, model_sub_variants
+from hwopt.targets import Target
 from hwopt.workload import MIB
 
 
-def estimate(source, target: HardwareProfile, scenario: Scenario, backend_name: str = "roofline",
+def estimate(source, target: Target, scenario: Scenario, backend_name: str = "roofline",
              repeats: int = 3, require_measured: bool = False) -> dict:
     """Per-layer and whole-model runtime, memory and throughput of ``source`` on ``target``.
 

@@ -11,6 +11,8 @@ and datasette::
 has registered already is an error naming both, unless the plugin asks to
 take it over with ``register(obj, replace=True)``. A hook implementation
 whose name is not one of these hooks is an error (``hwopt.plugins.check_pending``).
+Two hooks were renamed (``RENAMED``); a plugin implementing the old name
+still registers, with a ``DeprecationWarning`` naming the new hook.
 
 What each registered object provides is one protocol in ``hwopt.protocols``
 (real signatures, shapes and units); the built-ins in ``hwopt/builtin`` use
@@ -62,14 +64,14 @@ def hwopt_register_backends(register):
 
 
 @hookspec
-def hwopt_register_hardware_profiles(register):
-    """Register targets: ``hwopt.hardware.HardwareProfile`` objects (memory in GiB, bandwidth in GB/s,
+def hwopt_register_targets(register):
+    """Register targets: ``hwopt.targets.Target`` objects (memory in GiB, bandwidth in GB/s,
     dense peak TFLOP/s per dtype; the dtypes it computes in default to those with a peak rate)."""
 
 
 @hookspec
 def hwopt_register_solvers(register):
-    """Register search backends: ``hwopt.problem.Solver`` objects.
+    """Register solvers: ``hwopt.problem.Solver`` objects.
 
     ``solve(problem, time_limit_s) -> Solution | None`` (None: no choice meets
     the budgets); optionally ``exact`` (False for a heuristic, whose None
@@ -79,8 +81,9 @@ def hwopt_register_solvers(register):
 
 
 @hookspec
-def hwopt_register_lowerings(register):
-    """Register output formats: ``hwopt.protocols.Lowering`` objects (``lower(model, tokenizer, out_dir, options)``).
+def hwopt_register_formats(register):
+    """Register output formats, the names ``--format`` takes: ``hwopt.protocols.Format`` objects
+    (``lower(model, tokenizer, out_dir, options)``).
 
     ``hwopt lower --help`` lists each one's ``description`` and ``needs``.
     """
@@ -88,4 +91,28 @@ def hwopt_register_lowerings(register):
 
 @hookspec
 def hwopt_register_models(register):
-    """Register model names: ``hwopt.models.ModelSpec`` objects (a name to an architecture and its weights)."""
+    """Register model names: ``hwopt.model_source.ModelSpec`` objects (a name to an architecture and its weights)."""
+
+
+# --- renamed hooks, kept for one release -----------------------------------------------------------------------
+# old name -> new name: the registry of the new hook also calls the implementations of the old one
+RENAMED = {
+    "hwopt_register_hardware_profiles": "hwopt_register_targets",
+    "hwopt_register_lowerings": "hwopt_register_formats",
+}
+
+
+def _renamed(old: str):
+    warning = DeprecationWarning(f"{old} is deprecated and goes in the next hwopt release: implement "
+                                 f"{RENAMED[old]} (same register callback)")
+    return hookspec(warn_on_impl=warning)
+
+
+@_renamed("hwopt_register_hardware_profiles")
+def hwopt_register_hardware_profiles(register):
+    """Deprecated: the old name of ``hwopt_register_targets``."""
+
+
+@_renamed("hwopt_register_lowerings")
+def hwopt_register_lowerings(register):
+    """Deprecated: the old name of ``hwopt_register_formats``."""

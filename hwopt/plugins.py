@@ -11,7 +11,9 @@ The rules a registry keeps:
   one asks to replace it (``register(obj, replace=True)``);
 * a hook implementation whose name is no hook (``hwopt_register_metric``) is
   an error naming the plugin and the hook it probably meant
-  (``check_pending``);
+  (``check_pending``); one under a renamed hook's old name
+  (``hookspecs.RENAMED``) registers into the new hook's registry, and
+  pluggy warns (``DeprecationWarning``) when the plugin is registered;
 * ``registered(plugin)`` adds a plugin in-process for a block of code (tests,
   notebooks), and every registry is rebuilt on entry and on exit.
 """
@@ -36,10 +38,10 @@ BUILTIN_PLUGINS = (
     "hwopt.builtin.block_types",
     "hwopt.builtin.metrics",
     "hwopt.builtin.backends",
-    "hwopt.builtin.hardware_profiles",
+    "hwopt.builtin.targets",
     "hwopt.builtin.solvers",
-    "hwopt.builtin.lowerings",
-    "hwopt.builtin.models",
+    "hwopt.builtin.formats",
+    "hwopt.builtin.model_names",
 )
 
 # hook name -> what the registered things are called in messages and listings
@@ -47,9 +49,9 @@ COLLECTIONS = {
     "hwopt_register_block_types": "block type",
     "hwopt_register_metrics": "metric",
     "hwopt_register_backends": "backend",
-    "hwopt_register_hardware_profiles": "hardware profile",
+    "hwopt_register_targets": "target",
     "hwopt_register_solvers": "solver",
-    "hwopt_register_lowerings": "lowering",
+    "hwopt_register_formats": "format",
     "hwopt_register_models": "model",
 }
 
@@ -176,6 +178,13 @@ def registered(plugin, name: str | None = None) -> Iterator[str]:
         _forget_registries()
 
 
+def hook_impls(hook_name: str) -> list:
+    """The implementations of a hook, and those of its old name where it was renamed (``hookspecs.RENAMED``)."""
+    pm = plugin_manager()
+    names = [hook_name, *(old for old, new in hookspecs.RENAMED.items() if new == hook_name)]
+    return [impl for name in names for impl in getattr(pm.hook, name).get_hookimpls()]
+
+
 @functools.cache
 def registry(hook_name: str) -> Registry:
     """Call every implementation of one registration hook and collect the results.
@@ -184,7 +193,7 @@ def registry(hook_name: str) -> Registry:
         HwoptError: a name registered by two plugins (see ``Registry.add``).
     """
     reg = BlockTypes() if hook_name == "hwopt_register_block_types" else Registry(COLLECTIONS[hook_name])
-    for impl in getattr(plugin_manager().hook, hook_name).get_hookimpls():
+    for impl in hook_impls(hook_name):
 
         def register(item, replace: bool = False, _plugin=impl.plugin_name):
             reg.add(item, _plugin, replace)
@@ -291,16 +300,17 @@ def backends() -> Registry:
     return registry("hwopt_register_backends")
 
 
-def hardware_profiles() -> Registry:
-    return registry("hwopt_register_hardware_profiles")
+def targets() -> Registry:
+    return registry("hwopt_register_targets")
 
 
 def solvers() -> Registry:
     return registry("hwopt_register_solvers")
 
 
-def lowerings() -> Registry:
-    return registry("hwopt_register_lowerings")
+def formats() -> Registry:
+    """The output formats, by the name ``--format`` takes."""
+    return registry("hwopt_register_formats")
 
 
 def models() -> Registry:

@@ -14,7 +14,7 @@ every parent layer is covered exactly once (a set partition of the layers).
 
 A solver (registered through ``hwopt_register_solvers``) turns a ``Problem``
 into a ``Solution``. ``LinearForm`` is the problem as arrays, the one statement
-of the program that the built-in backends translate; ``diverse_solutions``
+of the program that the built-in solvers translate; ``diverse_solutions``
 asks a solver for several answers that differ from each other, and
 ``explain_infeasible`` tells the user which budget to relax, and by how much,
 when there is no answer.

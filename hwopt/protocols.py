@@ -11,10 +11,10 @@ hook                                       registers
 ``hwopt_register_block_types``             ``BlockType``
 ``hwopt_register_metrics``                 ``Metric`` (``hwopt.metric``)
 ``hwopt_register_backends``                ``Backend``
-``hwopt_register_hardware_profiles``       ``HardwareProfile`` (``hwopt.hardware``)
+``hwopt_register_targets``                 ``Target`` (``hwopt.targets``)
 ``hwopt_register_solvers``                 ``Solver`` (``hwopt.problem``)
-``hwopt_register_lowerings``               ``Lowering``
-``hwopt_register_models``                  ``ModelSpec`` (``hwopt.models``)
+``hwopt_register_formats``                 ``Format``
+``hwopt_register_models``                  ``ModelSpec`` (``hwopt.model_source``)
 =========================================  ==========================================
 
 Shapes below: ``batch`` sequences of ``tokens`` each, ``hidden`` the model's
@@ -33,8 +33,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from hwopt.hardware import HardwareProfile
 from hwopt.metric import Metric
+from hwopt.targets import Target
 
 if TYPE_CHECKING:
     import torch
@@ -45,15 +45,24 @@ if TYPE_CHECKING:
     from hwopt.search_space import Scenario, SearchSpace
     from hwopt.workload import Phase, Workload
 
-__all__ = ["NO_CACHE", "Backend", "BlockType", "HardwareProfile", "KVCacheShape", "Lowering", "Metric", "Solver"]
+__all__ = ["NO_CACHE", "Backend", "BlockType", "Format", "KVCacheShape", "Metric", "Solver", "Target"]
+
+_RENAMED = {"HardwareProfile": "Target", "Lowering": "Format"}  # old name -> new, kept for one release
 
 
 def __getattr__(name: str):
-    """``Solver``, from ``hwopt.problem`` on first use: that module needs numpy, which block types do not."""
+    """``Solver``, from ``hwopt.problem`` on first use: that module needs numpy, which block types do not.
+    A renamed protocol's old name gives the new one, with a DeprecationWarning."""
     if name == "Solver":
         from hwopt.problem import Solver
 
         return Solver
+    if name in _RENAMED:
+        import warnings
+
+        warnings.warn(f"hwopt.protocols.{name} is deprecated: use {_RENAMED[name]}", DeprecationWarning,
+                      stacklevel=2)
+        return globals()[_RENAMED[name]]
     raise AttributeError(f"module 'hwopt.protocols' has no attribute {name!r}")
 
 
@@ -162,22 +171,22 @@ class Backend(Protocol):
     name: str
     measures: bool  # True: it times real runs on a device; False: it estimates
 
-    def available(self, target: HardwareProfile, scenario: Scenario) -> tuple[bool, str]:
+    def available(self, target: Target, scenario: Scenario) -> tuple[bool, str]:
         """Whether it can work here for that target and scenario, and if not, why not (one line)."""
 
-    def describe(self, target: HardwareProfile, scenario: Scenario) -> dict[str, str]:
+    def describe(self, target: Target, scenario: Scenario) -> dict[str, str]:
         """The source every figure it makes carries: ``device``, ``backend`` and ``method`` when it measures,
         ``model`` when it estimates."""
 
-    def prepare(self, workload: Workload, target: HardwareProfile) -> Callable[[], list[float]]:
+    def prepare(self, workload: Workload, target: Target) -> Callable[[], list[float]]:
         """Everything set up (and warmed up) to time ``workload``; returns a timer whose every call is one
         round: the milliseconds of each of ``workload.phases``, in order (``hwopt.workload`` builds the
         pieces). The profile calls the timers of all variants in turn, round after round
         (``hwopt.timing``), so a round should be short and must not depend on the rounds before it."""
 
 
-class Lowering(Protocol):
-    """An output format for the child."""
+class Format(Protocol):
+    """An output format for the child: what ``--format`` names and the lower pass writes."""
 
     name: str
     description: str  # what it writes: one line for ``hwopt plugins``, ``hwopt lower --help`` and messages
@@ -185,8 +194,8 @@ class Lowering(Protocol):
 
     def lower(self, model, tokenizer, out_dir, options) -> None:
         """Write ``model`` (a ``hwopt.model.modeling.HeteroLlamaForCausalLM``) and its tokenizer (or None)
-        into the folder ``out_dir`` (a ``pathlib.Path``, created by the lowering), which the pipeline
+        into the folder ``out_dir`` (a ``pathlib.Path``, created by the format), which the pipeline
         then renames into place. ``options`` is a ``hwopt.passes.lower.LowerOptions`` (runtime, target,
-        scenario and its dtype). Raises HwoptError where its tool or device is missing; a lowering may
+        scenario and its dtype). Raises HwoptError where its tool or device is missing; a format may
         also have ``available(options) -> (bool, reason)``, asked before anything is written."""
 

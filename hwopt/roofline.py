@@ -32,7 +32,7 @@ conventions, with ``t = batch * new_tokens`` tokens in the phase:
 
 The roofline prices a phase as ``max(FLOPs / (peak · e_compute), bytes /
 (bandwidth · e_memory)) + overhead``. With the datasheet (``e = 1``, no
-overhead) it is a lower bound; a profile's ``[[calibration]]`` table of
+overhead) it is a lower bound; a target's ``[[calibration]]`` table of
 measured timings fits the three factors (``fit_calibration``), and
 ``calibrate`` measures such a table (both in ``hwopt.calibration``); a
 target's peaks come from ``hwopt.cpu_roof.roof_of``, measured on this CPU

@@ -32,13 +32,12 @@ from hwopt.devices import Placement, resolve_placement
 from hwopt.distributed import Ranks, local_world, ranks, staged_on_ranks
 from hwopt.errors import HwoptError
 from hwopt.evaluate import measured_speedup
-from hwopt.hardware import resolve_target
 from hwopt.lowering.runtimes import Runtime, resolve_runtime, runnable_library
 from hwopt.memory_plan import MemoryPlan, library_plan, score_plan, uptrain_plan
 from hwopt.model.checkpoint import load_checkpoint, save_nemotron_nas
 from hwopt.model.layerwise import LayerwiseParent
 from hwopt.model.modeling import HeteroLlamaForCausalLM
-from hwopt.models import resolve_model
+from hwopt.model_source import resolve_model
 from hwopt.passes.library import (
     BLDSettings,
     Library,
@@ -71,6 +70,7 @@ from hwopt.progress import console
 from hwopt.report import build_report, print_report
 from hwopt.search_space import Scenario, SearchSpace
 from hwopt.settings import PASS_INFO, Settings, load_settings, upstream
+from hwopt.targets import resolve_target
 from hwopt.tasks import read_task
 from hwopt.timing import check_threads, idle_cores
 

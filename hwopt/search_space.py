@@ -73,7 +73,7 @@ def sub_variant_from_json(kind: str, entry: dict, config, where: str) -> SubVari
 
 
 def model_sub_variants(source) -> list[tuple[SubVariant, SubVariant]]:
-    """The attention and FFN variant of every layer of a model (``source``: a ``hwopt.models.ModelSource``)."""
+    """The attention and FFN variant of every layer of a model (``source``: a ``hwopt.model_source.ModelSource``)."""
     config = source.architecture
     return [(sub_variant_of(config, b.attention), sub_variant_of(config, b.ffn)) for b in source.block_configs]
 

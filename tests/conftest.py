@@ -98,7 +98,7 @@ def make_tiny_llama_dir(directory: Path, seed: int = 0, layers: int = 4) -> Path
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from hwopt.builtin.models import smollm2_weights
+    from hwopt.builtin.model_names import smollm2_weights
 
     torch.manual_seed(seed)
     config = LlamaConfig(hidden_size=64, intermediate_size=512, num_hidden_layers=layers, num_attention_heads=4,

@@ -16,11 +16,11 @@ from hwopt.builtin.backend_onnxruntime import OnnxRuntimeBackend, new_session
 from hwopt.builtin.backend_tensorrt import TensorRTBackend
 from hwopt.builtin.backend_torch import TorchBackend
 from hwopt.errors import HwoptError
-from hwopt.hardware import resolve_target
 from hwopt.lowering.tensorrt_engine import BuildPlan, engine_build_plan
 from hwopt.onnx_export import export_step, named_inputs, output_names
 from hwopt.search_space import Scenario, SearchSpace, sub_variants
 from hwopt.steps import build_step, step_inputs
+from hwopt.targets import resolve_target
 from hwopt.timing import median_phases
 from hwopt.workload import Workload, scenario_phases
 

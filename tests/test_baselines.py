@@ -9,7 +9,7 @@ from hwopt.baselines import block_influence, layer_drop, predicted_runtime_ms, u
 from hwopt.errors import HwoptError
 from hwopt.model.config import AttentionConfig, BlockConfig, FFNConfig
 from hwopt.model.modeling import HeteroLlamaForCausalLM
-from hwopt.models import resolve_model
+from hwopt.model_source import resolve_model
 
 
 def costs(attention: dict[str, float], ffn: dict[str, float], outside: float = 2.0) -> dict:

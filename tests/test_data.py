@@ -122,7 +122,7 @@ def test_general_heldout_is_none_of_the_training_text():
 
 def test_sampling_from_the_parent_is_seeded_and_cached(tiny_llama_dir, tmp_path):
     from hwopt.data import cached_parent_samples, sample_from_parent
-    from hwopt.models import resolve_model
+    from hwopt.model_source import resolve_model
 
     source = resolve_model(str(tiny_llama_dir))
     model, tokenizer = source.load(), source.tokenizer()

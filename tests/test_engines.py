@@ -7,7 +7,6 @@ import pytest
 import torch
 from conftest import hwopt_cli, tiny_child
 
-from hwopt.hardware import resolve_target
 from hwopt.lowering.aoti import empty_past, export_aoti, run_aoti_step
 from hwopt.lowering.onnx_kv import OnnxRuntimeModel, export_onnx, kv_layers
 from hwopt.lowering.tensorrt_engine import (
@@ -22,6 +21,7 @@ from hwopt.model.checkpoint import load_checkpoint, save_nemotron_nas
 from hwopt.model.modeling import KVCache
 from hwopt.plugins import block_types
 from hwopt.search_space import Scenario
+from hwopt.targets import resolve_target
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +107,7 @@ def test_hwopt_lower_any_checkpoint_to_onnx_and_nemotron_nas(tiny_llama_dir, tmp
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, parent(ids).logits, atol=1e-5, rtol=0)
     bad = hwopt_cli("lower", "--model", tiny_llama_dir, "--format", "mlx", "--out", tmp_path / "x")
-    assert bad.returncode == 2 and "unknown lowering 'mlx'" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.returncode == 2 and "unknown format 'mlx'" in bad.stderr and "Traceback" not in bad.stderr
 
 
 @pytest.mark.slow  # AOTInductor compiles C++: about two minutes on two cores

@@ -13,7 +13,7 @@ from hwopt.evaluate import compare_on_heldout
 from hwopt.model.checkpoint import load_checkpoint, save_nemotron_nas
 from hwopt.model.config import AttentionConfig, BlockConfig, FFNConfig
 from hwopt.model.modeling import HeteroLlamaForCausalLM
-from hwopt.models import resolve_model
+from hwopt.model_source import resolve_model
 from hwopt.plugins import block_types
 from hwopt.report import report_rows, speedup_line
 

@@ -1,4 +1,4 @@
-"""The gguf lowering: llama.cpp's converter found (or not), its vocabulary fix, what llama.cpp's deci refuses.
+"""The gguf format: llama.cpp's converter found (or not), its vocabulary fix, what llama.cpp's deci refuses.
 
 The end-to-end check (convert, run in llama-cpp-python, compare logits) runs only where ``HWOPT_LLAMA_CPP``
 names a llama.cpp checkout and ``llama_cpp`` imports; ``benchmarks/gguf.py`` does it for every block kind.
@@ -21,7 +21,7 @@ from hwopt.model.config import AttentionConfig as A
 from hwopt.model.config import BlockConfig as B
 from hwopt.model.config import FFNConfig as F
 from hwopt.passes.lower import LowerOptions, lower
-from hwopt.plugins import lowerings
+from hwopt.plugins import formats
 
 CONFIG = LlamaConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                      num_key_value_heads=4, head_dim=16, vocab_size=49152, max_position_embeddings=128,
@@ -33,7 +33,7 @@ def test_without_a_llama_cpp_checkout_gguf_is_unavailable_and_nothing_is_written
     from conftest import tiny_child
 
     monkeypatch.delenv(ENV, raising=False)
-    ok, why = lowerings().get("gguf").available(None)
+    ok, why = formats().get("gguf").available(None)
     assert not ok and ENV in why and "convert_hf_to_gguf.py" in why
     with pytest.raises(HwoptError, match=f"cannot lower to gguf here: set {ENV}"):
         lower(tiny_child(), None, ["gguf"], tmp_path / "out", LowerOptions(RUNTIMES["llama.cpp"]))
@@ -109,7 +109,7 @@ def test_llama_cpp_gives_hwopt_logits(tmp_path):
     llama_cpp = pytest.importorskip("llama_cpp")
     from transformers import AutoTokenizer
 
-    from hwopt.builtin.models import smollm2_weights
+    from hwopt.builtin.model_names import smollm2_weights
     from hwopt.model.modeling import HeteroLlamaForCausalLM
     from hwopt.plugins import block_types
 

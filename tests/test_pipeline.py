@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from hwopt.model.checkpoint import load_checkpoint, save_nemotron_nas
 from hwopt.model.config import AttentionConfig, BlockConfig, FFNConfig
 from hwopt.model.modeling import HeteroLlamaForCausalLM, KVCache
-from hwopt.models import load_model
+from hwopt.model_source import load_model
 from hwopt.plugins import block_types
 
 

@@ -7,6 +7,7 @@ import json
 import math
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -14,10 +15,10 @@ from conftest import env_with_pythonpath
 
 from hwopt import hookimpl, plugins
 from hwopt.errors import HwoptError
-from hwopt.hardware import HardwareProfile
 from hwopt.metric import Outputs
 from hwopt.model.config import AttentionConfig, FFNConfig
 from hwopt.search_space import Scenario
+from hwopt.targets import Target, resolve_target
 
 EXPECTED = {
     # registry accessor -> (built-in module, {name} standing for the registered name; names that must be there; exact?)
@@ -26,10 +27,10 @@ EXPECTED = {
     "metrics": ("metrics", {"kl_div", "lm_loss", "cosine", "top1_agreement", "top5_agreement",
                             "task_accuracy"}, True),
     "backends": ("backends", {"torch", "onnxruntime", "tensorrt", "roofline"}, True),  # registered Lazy
-    "hardware_profiles": ("hardware_profiles", {"cpu", "h100-sxm", "a100-80gb", "rtx-4090"}, False),
+    "targets": ("targets", {"cpu", "h100-sxm", "a100-80gb", "rtx-4090"}, False),
     "solvers": ("solvers", {"scip"}, False),
-    "lowerings": ("lowerings", {"nemotron-nas"}, False),
-    "models": ("models", {"smollm2-135m", "llama-3.1-8b", "llama-3.1-70b"}, False),
+    "formats": ("formats", {"nemotron-nas"}, False),
+    "models": ("model_names", {"smollm2-135m", "llama-3.1-8b", "llama-3.1-70b"}, False),
 }
 
 
@@ -170,6 +171,34 @@ def test_broken_entry_point_plugin_only_warns(tmp_path):
     assert "broken" not in out["plugins"]
 
 
+OLD_HOOK_PLUGIN = """
+import hwopt
+from hwopt.targets import Target
+
+
+@hwopt.hookimpl
+def hwopt_register_hardware_profiles(register):
+    register(Target(name="old-gpu", kind="gpu", description="an installed plugin on the old hook name",
+                    peak_tflops={"bf16": 100.0}))
+"""
+
+
+def test_an_installed_plugin_on_a_renamed_hook_still_registers_and_is_warned(tmp_path):
+    (tmp_path / "old_hook_plugin.py").write_text(OLD_HOOK_PLUGIN)
+    dist = tmp_path / "old_hook_plugin-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: old-hook-plugin\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[hwopt]\nold_hook = old_hook_plugin\n")
+    code = BROKEN_CODE.replace('"metrics": names', '"targets": names').replace("metrics().names()", "targets().names()")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=env_with_pythonpath(tmp_path), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "old-gpu" in out["targets"] and "h100-sxm" in out["targets"] and "old_hook" in out["plugins"]
+    assert any(w.startswith("hwopt_register_hardware_profiles is deprecated") and "hwopt_register_targets" in w
+               for w in out["warnings"]), out["warnings"]
+
+
 class _Metric:
     def __init__(self, name):
         self.name = name
@@ -227,6 +256,75 @@ def test_a_misspelt_hook_is_an_error_naming_the_plugin_and_the_hook_meant():
     assert "typo" not in plugins.listing()
 
 
+class _Format:
+    def __init__(self, name):
+        self.name, self.description, self.needs = name, "nothing written", "nothing"
+
+    def lower(self, model, tokenizer, out_dir, options):
+        pass
+
+
+def _l40s(description="NVIDIA L40S"):
+    return Target(name="l40s", kind="gpu", description=description, nvml_names=("L40S",), memory_gib=48,
+                  bandwidth_gbs=864, peak_tflops={"bf16": 362, "fp8": 733})
+
+
+def test_a_plugin_implementing_a_renamed_hook_still_registers_and_is_warned():
+    class OldNames:  # a third-party plugin written before the hooks were renamed
+        @hookimpl
+        def hwopt_register_hardware_profiles(self, register):
+            register(_l40s("through the old hook"))
+
+        @hookimpl
+        def hwopt_register_lowerings(self, register):
+            register(_Format("card"))
+
+    with pytest.warns(DeprecationWarning) as caught:
+        with plugins.registered(OldNames(), name="old_names"):
+            assert resolve_target("l40s").description == "through the old hook"
+            assert plugins.targets().plugin_of["l40s"] == "old_names"
+            assert plugins.formats().get("card").name == "card"
+            assert plugins.listing()["old_names"] == {"target": ["l40s"], "format": ["card"]}
+    messages = [str(w.message) for w in caught]
+    for old, new in (("hwopt_register_hardware_profiles", "hwopt_register_targets"),
+                     ("hwopt_register_lowerings", "hwopt_register_formats")):
+        assert any(m.startswith(f"{old} is deprecated") and new in m for m in messages), messages
+    assert "l40s" not in plugins.targets().names() and "card" not in plugins.formats().names()
+
+
+def test_the_new_hook_names_register_without_a_deprecation_warning():
+    class NewNames:
+        @hookimpl
+        def hwopt_register_targets(self, register):
+            register(_l40s())
+
+        @hookimpl
+        def hwopt_register_formats(self, register):
+            register(_Format("card"))
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with plugins.registered(NewNames(), name="new_names"):
+            assert resolve_target("l40s").description == "NVIDIA L40S"
+            assert plugins.targets().plugin_of["l40s"] == "new_names"
+            assert plugins.formats().plugin_of["card"] == "new_names"
+    assert not [w for w in caught if "deprecated" in str(w.message)]
+
+
+def test_the_old_module_and_protocol_names_still_import_with_a_warning():
+    import hwopt.model_source
+    import hwopt.protocols
+
+    with pytest.warns(DeprecationWarning, match=r"hwopt.hardware.HardwareProfile is deprecated: use hwopt.targets"):
+        from hwopt.hardware import HardwareProfile
+    assert HardwareProfile is Target
+    with pytest.warns(DeprecationWarning, match="hwopt.protocols.Lowering is deprecated: use Format"):
+        assert hwopt.protocols.Lowering is hwopt.protocols.Format
+    with pytest.warns(DeprecationWarning, match=r"hwopt.models is deprecated: use hwopt.model_source.ModelSpec"):
+        from hwopt.models import ModelSpec
+    assert ModelSpec is hwopt.model_source.ModelSpec
+
+
 def test_two_block_types_claiming_one_config_is_an_error_naming_both():
     class WideSwiGLU:  # a plugin FFN family that wrongly reuses the built-in FFNConfig
         name = "wide_swiglu"
@@ -258,8 +356,7 @@ def test_two_block_types_claiming_one_config_is_an_error_naming_both():
 
 
 def test_a_target_built_in_python_gets_its_dtypes_from_its_peak_rates():
-    l40s = HardwareProfile(name="l40s", kind="gpu", description="NVIDIA L40S", nvml_names=("L40S",),
-                           memory_gib=48, bandwidth_gbs=864, peak_tflops={"bf16": 362, "fp8": 733})
+    l40s = _l40s()
     assert l40s.dtypes == ("bf16", "fp8")
     assert Scenario.for_target(l40s, "128/64", 1).dtype == "bf16"
     with pytest.raises(HwoptError, match=r"^l40s has no fp32 \(--dtype\); it computes in bf16, fp8$"):

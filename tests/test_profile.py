@@ -11,18 +11,18 @@ import torch
 from conftest import hwopt_cli
 from transformers import LlamaConfig
 
-from hwopt import hardware
+from hwopt import targets
 from hwopt.builtin import backend_torch
 from hwopt.errors import HwoptError
-from hwopt.hardware import resolve_target
 from hwopt.model.checkpoint import nemotron_nas_config
 from hwopt.model.config import AttentionConfig, BlockConfig, FFNConfig
 from hwopt.model.modeling import DecoderLayer, KVCache
-from hwopt.models import resolve_model
+from hwopt.model_source import resolve_model
 from hwopt.passes.profile import choose_backend, cost_entry
 from hwopt.plugins import backends, block_types
 from hwopt.search_space import Scenario, sub_variant_of
 from hwopt.steps import build_step, step_inputs
+from hwopt.targets import resolve_target
 from hwopt.workload import Phase, Workload, integrate_decode, phase_totals, scenario_phases
 
 TINY = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -86,19 +86,19 @@ def test_bad_scenarios(args, message):
 # --- targets ----------------------------------------------------------------------------------------------------
 
 def test_auto_target_is_the_gpu_nvml_sees_else_the_cpu(monkeypatch):
-    monkeypatch.setattr(hardware, "nvml_gpu_name", lambda: None)
+    monkeypatch.setattr(targets, "nvml_gpu_name", lambda: None)
     assert resolve_target("auto").name == "cpu"
-    monkeypatch.setattr(hardware, "nvml_gpu_name", lambda: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(targets, "nvml_gpu_name", lambda: "NVIDIA H100 80GB HBM3")
     assert resolve_target("auto").name == "h100-sxm"
-    monkeypatch.setattr(hardware, "nvml_gpu_name", lambda: "NVIDIA GeForce RTX 4090")
+    monkeypatch.setattr(targets, "nvml_gpu_name", lambda: "NVIDIA GeForce RTX 4090")
     assert resolve_target("auto").name == "rtx-4090"
-    monkeypatch.setattr(hardware, "nvml_gpu_name", lambda: "Tesla K80")
-    with pytest.raises(HwoptError, match="NVML sees 'Tesla K80', which no hardware profile recognises"):
+    monkeypatch.setattr(targets, "nvml_gpu_name", lambda: "Tesla K80")
+    with pytest.raises(HwoptError, match="NVML sees 'Tesla K80', which no target recognises"):
         resolve_target("auto")
 
 
 def test_nvml_without_a_driver_means_no_gpu():
-    assert hardware.nvml_gpu_name() is None  # this machine has no NVIDIA driver
+    assert targets.nvml_gpu_name() is None  # this machine has no NVIDIA driver
 
 
 def test_targets_lists_every_profile_with_its_specs():

@@ -13,8 +13,7 @@ from conftest import REPO
 from transformers import LlamaConfig
 
 from hwopt import plugins
-from hwopt.builtin.models import smollm2_config
-from hwopt.hardware import resolve_target
+from hwopt.builtin.model_names import smollm2_config
 from hwopt.lowering.runtimes import RUNTIMES
 from hwopt.metric import Outputs
 from hwopt.model.architecture import architecture_from_dict
@@ -27,6 +26,7 @@ from hwopt.passes.profile import choose_backend, measure_costs
 from hwopt.passes.solve import solve_library
 from hwopt.problem import Constraint
 from hwopt.search_space import Scenario, SearchSpace, sub_variants
+from hwopt.targets import resolve_target
 
 
 def readme_examples() -> dict[str, str]:
@@ -102,7 +102,7 @@ def test_backend_example_prices_a_model_through_profile():
 
 
 def test_target_example_is_a_target():
-    module = example("hwopt_register_hardware_profiles")
+    module = example("hwopt_register_targets")
     with plugins.registered(module, name="my_plugin"):
         l40s = resolve_target("l40s")
         assert l40s.dtypes == ("fp32", "bf16", "fp16", "fp8")
@@ -125,7 +125,7 @@ def test_solver_example_agrees_with_scip(tmp_path):
 
 
 def test_output_format_example_writes_its_file(tmp_path):
-    module = example("hwopt_register_lowerings")
+    module = example("hwopt_register_formats")
     with plugins.registered(module, name="my_plugin"):
         config = tiny_config()
         model = HeteroLlamaForCausalLM(config, [parent_block_config(config)] * 2, plugins.block_types())

@@ -16,16 +16,16 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from hwopt import load_model
 from hwopt.builtin.block_types import ffn_width
 from hwopt.errors import HwoptError
-from hwopt.hardware import resolve_target
 from hwopt.lowering.runtimes import RUNTIMES
 from hwopt.model.architecture import read_architecture
 from hwopt.model.checkpoint import weight_files
 from hwopt.model.config import AttentionConfig, BlockConfig, FFNConfig, rebuilt_by_ffn_mult
 from hwopt.model.modeling import HeteroLlamaForCausalLM
-from hwopt.models import resolve_model
+from hwopt.model_source import resolve_model
 from hwopt.passes.lower import LowerOptions, lower
 from hwopt.plugins import block_types
 from hwopt.search_space import Scenario, SearchSpace, sub_variants
+from hwopt.targets import resolve_target
 
 CASES = Path(__file__).parent / "data" / "real_world"
 

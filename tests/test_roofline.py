@@ -12,15 +12,15 @@ import hwopt.calibration as calibration
 import hwopt.cpu_roof as cpu_roof
 import hwopt.plugins
 import hwopt.roofline as roofline
-from hwopt.calibration import calibration_of, fit_calibration, profile_toml
+from hwopt.calibration import calibration_of, fit_calibration, target_toml
 from hwopt.cli import main
 from hwopt.cpu_roof import roof_of
 from hwopt.errors import HwoptError
-from hwopt.hardware import HardwareProfile, resolve_target
 from hwopt.model.config import AttentionConfig, FFNConfig
-from hwopt.models import resolve_model
+from hwopt.model_source import resolve_model
 from hwopt.roofline import CostTerms, Efficiency, Roof, outside_layers_terms, roofline_ms
 from hwopt.search_space import Scenario, SearchSpace, sub_variant_of, sub_variants
+from hwopt.targets import Target, resolve_target
 from hwopt.workload import Phase, Workload, scenario_phases
 
 # Llama-3.1-70B: hidden 8192, 64 query heads, 8 KV heads of 128, FFN 28672, vocab 128256, no biases.
@@ -159,15 +159,15 @@ def test_malformed_rows_name_row_and_field():
             fit_calibration(dataclasses.replace(h100, calibration=(good[0], bad)))
 
 
-def test_profile_toml_round_trip(tmp_path):
+def test_target_toml_round_trip(tmp_path):
     h100 = resolve_target("h100")
     rows = tuple(synthetic_rows(h100, KNOWN))
-    profile = dataclasses.replace(h100, description='H100 "SXM" 80GB, µ-tested', calibration=rows)
+    target = dataclasses.replace(h100, description='H100 "SXM" 80GB, µ-tested', calibration=rows)
     path = tmp_path / "h100-calibrated.toml"
-    path.write_text(profile_toml(profile, header="a test\nof the writer"))
-    back = HardwareProfile.from_toml(path)
+    path.write_text(target_toml(target, header="a test\nof the writer"))
+    back = Target.from_toml(path)
     assert back.calibration == rows
-    assert dataclasses.replace(back, path=None) == dataclasses.replace(profile, path=None)
+    assert dataclasses.replace(back, path=None) == dataclasses.replace(target, path=None)
 
 
 # ---------------------------------------------------------------- the backend
@@ -182,7 +182,7 @@ def test_availability_says_why_not():
     assert b.measures is False
     ok, why = b.available(resolve_target("a100"), Scenario.parse("128/64", 1, "fp8"))
     assert not ok and "fp8" in why
-    no_bandwidth = HardwareProfile("x1", "gpu", "X1", peak_tflops={"bf16": 100.0}, dtypes=("bf16",))
+    no_bandwidth = Target("x1", "gpu", "X1", peak_tflops={"bf16": 100.0}, dtypes=("bf16",))
     ok, why = b.available(no_bandwidth, Scenario.parse("128/64", 1, "bf16"))
     assert not ok and "bandwidth_gbs" in why
     no_fp8_peak = dataclasses.replace(no_bandwidth, bandwidth_gbs=1000.0, dtypes=("bf16", "fp8"))
@@ -258,7 +258,7 @@ class FakeMeasuringBackend:
         return lambda: ms
 
 
-def test_calibrate_command_writes_a_profile_the_roofline_uses(tmp_path, monkeypatch, capsys):
+def test_calibrate_command_writes_a_target_the_roofline_uses(tmp_path, monkeypatch, capsys):
     registry = hwopt.plugins.Registry("backend", {"fake": FakeMeasuringBackend(), "roofline": backend()})
     monkeypatch.setattr(hwopt.plugins, "backends", lambda: registry)
     out = tmp_path / "my-h100.toml"

@@ -15,7 +15,6 @@ from transformers import LlamaForCausalLM
 
 from hwopt.devices import FP32_CPU, Placement, resolve_device, resolve_placement
 from hwopt.errors import HwoptError
-from hwopt.hardware import resolve_target
 from hwopt.metric import kl_divergence
 from hwopt.model.checkpoint import load_checkpoint
 from hwopt.model.layerwise import LayerwiseParent
@@ -24,6 +23,7 @@ from hwopt.passes.score import score_metrics, waves
 from hwopt.plugins import block_types, metrics
 from hwopt.report import speedup_line
 from hwopt.search_space import SearchSpace
+from hwopt.targets import resolve_target
 
 SPACE = SearchSpace(kv_heads=(1,), ffn_fractions=(0.5,), linear=True, no_op=True)
 TINY_RUN = ["--threads", "1", "--scenario", "16/4", "--repeats", "2", "--seq-len", "32", "--bld-tokens", "512",

@@ -9,8 +9,8 @@ import torch
 from conftest import hwopt_cli
 from transformers import LlamaForCausalLM
 
-from hwopt.builtin.models import smollm2_weights
-from hwopt.models import load_model
+from hwopt.builtin.model_names import smollm2_weights
+from hwopt.model_source import load_model
 
 pytestmark = pytest.mark.slow
 

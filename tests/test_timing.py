@@ -19,11 +19,11 @@ import hwopt.run
 from hwopt import timing
 from hwopt.cli import main
 from hwopt.errors import HwoptError
-from hwopt.hardware import resolve_target
-from hwopt.models import resolve_model
+from hwopt.model_source import resolve_model
 from hwopt.passes.profile import check_profile, print_checks, profile
 from hwopt.pipeline import read_manifest
 from hwopt.search_space import Scenario, SearchSpace
+from hwopt.targets import resolve_target
 from hwopt.timing import interleaved_rounds, median_error, median_phases, spread
 
 

@@ -1,8 +1,8 @@
 """Built-in backend ``roofline``: block timings estimated from FLOPs and bytes, on no device at all.
 
 Each phase is priced by ``hwopt.roofline``: the target's peak rate and
-memory bandwidth (its profile's; for this CPU, measured once and cached),
-reached in full, or to the extent the profile's calibration table shows.
+memory bandwidth (for this CPU, measured once and cached),
+reached in full, or to the extent the target's calibration table shows.
 Nothing is built or run, so a 70B model's whole search space takes
 milliseconds.
 """
@@ -25,7 +25,7 @@ class RooflineBackend:
             return False, f"{target.name} has no {scenario.dtype}; it computes in {', '.join(target.dtypes)}"
         lack = roof_of(target).lacks(scenario.dtype)
         if lack:
-            return False, f"the {target.name} profile gives {lack}"
+            return False, f"the {target.name} target gives {lack}"
         return True, ""
 
     def describe(self, target, scenario) -> dict:

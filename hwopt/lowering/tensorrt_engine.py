@@ -37,7 +37,7 @@ def engine_build_plan(trt_major: int, dtype: str) -> BuildPlan:
     quantize/dequantize nodes in the graph in either version.
     """
     if dtype not in ENGINE_DTYPES:
-        raise HwoptError(f"the tensorrt backend builds {', '.join(ENGINE_DTYPES)} engines, not {dtype} "
+        raise HwoptError(f"hwopt builds TensorRT engines in {', '.join(ENGINE_DTYPES)}, not {dtype} "
                          "(that needs quantize/dequantize nodes in the ONNX graph, which hwopt does not insert)")
     if trt_major >= 11:
         return BuildPlan(strongly_typed=True, precision_flags=())

@@ -6,7 +6,7 @@ imports only torch and transformers) into a checkpoint and points
 directory, trust_remote_code=True)`` loads it without hwopt.
 ``register_with_transformers`` registers the same classes with transformers'
 Auto classes, so that once hwopt has loaded a model no remote code is needed;
-importing this module (as ``hwopt.models`` does) calls it.
+importing this module (as ``hwopt.model_source`` does) calls it.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Targets: shipped profiles by name or alias, a user's TOML file, and the errors."""
+"""Targets: shipped ones by name or alias, a user's TOML file, and the errors."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from hwopt.errors import HwoptError
-from hwopt.hardware import resolve_target, shipped_profiles
+from hwopt.targets import resolve_target, shipped_targets
 
 
 @pytest.mark.parametrize("target, name", [
@@ -21,18 +21,18 @@ def test_resolve_by_name_and_alias(target, name):
     assert resolve_target(target).name == name
 
 
-def test_gpu_profiles_carry_their_specs():
+def test_gpu_targets_carry_their_specs():
     h100 = resolve_target("h100")
     assert h100.kind == "gpu"
     assert h100.memory_gib == pytest.approx(74.5) and h100.bandwidth_gbs == 3350
     assert h100.peak_tflops["bf16"] == 989 and "fp8" in h100.peak_tflops
     assert any("H100" in n for n in h100.nvml_names)
     assert "fp8" not in resolve_target("a100").peak_tflops  # no fp8 on Ampere
-    assert {p.name for p in shipped_profiles()} == {"cpu", "h100-sxm", "h200-sxm", "a100-80gb", "rtx-4090"}
+    assert {t.name for t in shipped_targets()} == {"cpu", "h100-sxm", "h200-sxm", "a100-80gb", "rtx-4090"}
     assert resolve_target("h200").memory_gib == pytest.approx(141e9 / 2**30, abs=0.05)
 
 
-def test_cpu_profile_describes_this_machine():
+def test_cpu_target_describes_this_machine():
     cpu = resolve_target("cpu")
     assert cpu.kind == "cpu"
     expected_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
@@ -46,14 +46,14 @@ def test_cpu_profile_describes_this_machine():
     assert "memory_gib" in cpu.sources
 
 
-def test_a_user_toml_profile(tmp_path):
+def test_a_user_toml_target(tmp_path):
     path = tmp_path / "my-gpu.toml"
     path.write_text('name = "my-gpu"\nkind = "gpu"\ndescription = "a lab card"\naliases = ["mine"]\n'
                     'memory_gib = 40.0\nbandwidth_gbs = 1500\n\n[peak_tflops]\nbf16 = 200\n')
-    profile = resolve_target(str(path))
-    assert profile.name == "my-gpu" and profile.kind == "gpu" and profile.description == "a lab card"
-    assert profile.aliases == ("mine",)
-    assert profile.memory_gib == 40.0 and profile.bandwidth_gbs == 1500 and profile.peak_tflops == {"bf16": 200}
+    target = resolve_target(str(path))
+    assert target.name == "my-gpu" and target.kind == "gpu" and target.description == "a lab card"
+    assert target.aliases == ("mine",)
+    assert target.memory_gib == 40.0 and target.bandwidth_gbs == 1500 and target.peak_tflops == {"bf16": 200}
 
 
 def test_a_user_toml_lacking_a_field_or_malformed(tmp_path):
@@ -62,7 +62,7 @@ def test_a_user_toml_lacking_a_field_or_malformed(tmp_path):
     with pytest.raises(HwoptError, match="lacks the field 'kind'"):
         resolve_target(str(path))
     path.write_text('name = \n')
-    with pytest.raises(HwoptError, match="cannot read hardware profile"):
+    with pytest.raises(HwoptError, match="cannot read target file"):
         resolve_target(str(path))
 
 

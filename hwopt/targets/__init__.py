@@ -1,11 +1,11 @@
 """Targets: the hardware a child is optimised for.
 
-Profiles are TOML files (``hardware_profiles/*.toml`` in the source tree,
-shipped in the wheel as ``hwopt.hardware_profiles``); a user may pass the
-path of their own. The ``cpu`` profile describes this machine, read from
-the system. ``auto`` is the GPU that NVML sees, else the CPU.
+A target is a TOML file: those shipped with hwopt lie beside this module
+(``hwopt/targets/*.toml``, package data of ``hwopt.targets``); a user may
+pass the path of their own. The ``cpu`` target describes this machine, read
+from the system. ``auto`` is the GPU that NVML sees, else the CPU.
 
-A profile may carry a ``[[calibration]]`` table of measured block timings
+A target may carry a ``[[calibration]]`` table of measured block timings
 (device, backend, dtype, phase, date, milliseconds); the roofline model
 fits its efficiency factors to it (``hwopt.roofline``).
 """
@@ -24,7 +24,7 @@ from hwopt.errors import HwoptError
 
 
 @dataclass(frozen=True)
-class HardwareProfile:
+class Target:
     name: str
     kind: str  # "gpu" or "cpu"
     description: str
@@ -39,7 +39,7 @@ class HardwareProfile:
     path: Path | None = None  # the TOML file it was read from
 
     def __post_init__(self):
-        if not self.dtypes:  # however the profile is built (TOML or Python), its peak rates name its dtypes
+        if not self.dtypes:  # however the target is built (TOML or Python), its peak rates name its dtypes
             object.__setattr__(self, "dtypes", tuple(self.peak_tflops))
 
     def recognises(self, device_name: str) -> bool:
@@ -55,11 +55,11 @@ class HardwareProfile:
         return "bf16" if self.kind == "gpu" else "fp32"
 
     @classmethod
-    def from_toml(cls, path: Path) -> HardwareProfile:
+    def from_toml(cls, path: Path) -> Target:
         try:
             data = tomllib.loads(Path(path).read_text())
         except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise HwoptError(f"cannot read hardware profile {path}: {exc}") from None
+            raise HwoptError(f"cannot read target file {path}: {exc}") from None
         try:
             return cls(
                 name=data["name"],
@@ -76,10 +76,10 @@ class HardwareProfile:
                 path=Path(path),
             )
         except KeyError as exc:
-            raise HwoptError(f"hardware profile {path} lacks the field {exc.args[0]!r}") from None
+            raise HwoptError(f"target file {path} lacks the field {exc.args[0]!r}") from None
 
-    def with_system_facts(self) -> HardwareProfile:
-        """A CPU profile completed with what this machine says about itself."""
+    def with_system_facts(self) -> Target:
+        """A CPU target completed with what this machine says about itself."""
         if self.kind != "cpu":
             return self
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
@@ -103,9 +103,10 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def shipped_profiles() -> list[HardwareProfile]:
-    folder = resources.files("hwopt.hardware_profiles")
-    return [HardwareProfile.from_toml(Path(str(f))) for f in sorted(folder.iterdir(), key=lambda f: f.name)
+def shipped_targets() -> list[Target]:
+    """The targets shipped with hwopt (``hwopt/targets/*.toml``)."""
+    folder = resources.files("hwopt.targets")
+    return [Target.from_toml(Path(str(f))) for f in sorted(folder.iterdir(), key=lambda f: f.name)
             if f.name.endswith(".toml")]
 
 
@@ -126,32 +127,32 @@ def nvml_gpu_name() -> str | None:
         pynvml.nvmlShutdown()
 
 
-def auto_target() -> HardwareProfile:
-    """The profile of the GPU NVML sees, else this CPU."""
-    from hwopt.plugins import hardware_profiles
+def auto_target() -> Target:
+    """The target of the GPU NVML sees, else this CPU."""
+    from hwopt.plugins import targets
 
     name = nvml_gpu_name()
     if name is None:
         return resolve_target("cpu")
-    for profile in hardware_profiles():
-        if profile.kind == "gpu" and profile.recognises(name):
-            return profile
-    raise HwoptError(f"--target auto: NVML sees {name!r}, which no hardware profile recognises "
-                     "(pass --target with a profile .toml for it)")
+    for known in targets():
+        if known.kind == "gpu" and known.recognises(name):
+            return known
+    raise HwoptError(f"--target auto: NVML sees {name!r}, which no target recognises "
+                     "(pass --target with a target .toml for it)")
 
 
-def resolve_target(target: str) -> HardwareProfile:
+def resolve_target(target: str) -> Target:
     """A target by name, alias or TOML path; ``auto`` is the GPU that NVML sees, else the CPU."""
-    from hwopt.plugins import hardware_profiles
+    from hwopt.plugins import targets
 
     if target == "auto":
         return auto_target()
     if target.endswith(".toml"):
         if not Path(target).is_file():
-            raise HwoptError(f"hardware profile file {target} does not exist")
-        return HardwareProfile.from_toml(Path(target)).with_system_facts()
-    for profile in hardware_profiles():
-        if target.lower() in (profile.name, *profile.aliases):
-            return profile.with_system_facts()
-    known = ", ".join(sorted(p.name for p in hardware_profiles()))
-    raise HwoptError(f"unknown target {target!r} (known: {known}; or a path to a profile .toml)")
+            raise HwoptError(f"target file {target} does not exist")
+        return Target.from_toml(Path(target)).with_system_facts()
+    for known in targets():
+        if target.lower() in (known.name, *known.aliases):
+            return known.with_system_facts()
+    names = ", ".join(sorted(t.name for t in targets()))
+    raise HwoptError(f"unknown target {target!r} (known: {names}; or a path to a target .toml)")

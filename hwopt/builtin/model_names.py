@@ -16,7 +16,7 @@ from pathlib import Path
 from hwopt.errors import HwoptError
 from hwopt.hookspecs import hookimpl
 from hwopt.model.architecture import ModelConfig, model_config
-from hwopt.models import ModelSpec, hf_cache_snapshot
+from hwopt.model_source import ModelSpec, hf_cache_snapshot
 from hwopt.pipeline import cache_root
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

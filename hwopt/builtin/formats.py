@@ -1,11 +1,12 @@
-"""Built-in lowerings: the nemotron-nas checkpoint, ONNX with its KV cache, TensorRT engines, AOTInductor, GGUF.
+"""Built-in output formats: the nemotron-nas checkpoint, ONNX with its KV cache, TensorRT engines, AOTInductor, GGUF.
 
-A lowering has ``name``, ``description`` (what it writes), ``needs`` (what
-must be installed or present to write it), optionally ``available(options)
--> (bool, reason)``, and ``lower(model, tokenizer, out_dir, options)`` with
+A format (``hwopt.protocols.Format``, the name ``--format`` takes) has
+``name``, ``description`` (what it writes), ``needs`` (what must be
+installed or present to write it), optionally ``available(options) ->
+(bool, reason)``, and ``lower(model, tokenizer, out_dir, options)`` with
 ``options`` a ``hwopt.passes.lower.LowerOptions``.
 
-What a lowering writes with (torch, transformers, TensorRT) is imported in
+What a format writes with (torch, transformers, TensorRT) is imported in
 its ``lower``, so that listing the formats imports none of it.
 """
 
@@ -35,7 +36,7 @@ def weights_torch_dtype(options, fmt: str):
     return TORCH_DTYPES[weights_dtype(options, fmt)]
 
 
-class NemotronNASLowering:
+class NemotronNASFormat:
     name = "nemotron-nas"
     description = ("Hugging Face nemotron-nas checkpoint (DeciLMForCausalLM): config.json with block_configs, "
                    "safetensors in --dtype (sharded beyond 5 GB), tokenizer, and its own modeling code (auto_map) "
@@ -50,7 +51,7 @@ class NemotronNASLowering:
         write_remote_code(out_dir)
 
 
-class OnnxLowering:
+class OnnxFormat:
     name = "onnx"
     description = ("model.onnx: the whole child with its KV cache in Optimum / onnxruntime-genai names "
                    "(input_ids, attention_mask, position_ids, past_key_values.{i}.key/value -> logits, "
@@ -69,7 +70,7 @@ class OnnxLowering:
             tokenizer.save_pretrained(out_dir)
 
 
-class TensorRTLowering:
+class TensorRTFormat:
     name = "tensorrt"
     description = ("<model>.<target>.<dtype>.engine built from that ONNX for the --target GPU, one optimization "
                    "profile covering --scenario and --batch, with a manifest (<engine>.json: target, NVML device "
@@ -86,9 +87,9 @@ class TensorRTLowering:
     def lower(self, model, tokenizer, out_dir, options) -> None:
         import tempfile
 
-        from hwopt.hardware import nvml_gpu_name
         from hwopt.lowering.onnx_kv import export_onnx
         from hwopt.lowering.tensorrt_engine import build_tensorrt_engine
+        from hwopt.targets import nvml_gpu_name
 
         with tempfile.TemporaryDirectory(prefix="hwopt-trt-") as tmp:
             onnx_path = export_onnx(model, Path(tmp) / "model.onnx", weights_torch_dtype(options, self.name))
@@ -97,7 +98,7 @@ class TensorRTLowering:
                                   nvml_gpu_name())
 
 
-class AOTInductorLowering:
+class AOTInductorFormat:
     name = "aoti"
     description = ("model.<device>.pt2: torch.export + AOTInductor package for this CPU (and the GPU where torch "
                    "sees one), called as the ONNX graph is (see hwopt.lowering.aoti for its decode signature)")
@@ -114,7 +115,7 @@ class AOTInductorLowering:
         model.to("cpu")
 
 
-class GGUFLowering:
+class GGUFFormat:
     name = "gguf"
     description = ("<model>.<dtype>.gguf for llama.cpp ('deci' architecture), converted from the nemotron-nas "
                    "checkpoint by llama.cpp's own convert_hf_to_gguf.py, in fp32, fp16 or bf16, with the tokenizer; "
@@ -147,7 +148,6 @@ class GGUFLowering:
 
 
 @hookimpl
-def hwopt_register_lowerings(register):
-    for lowering in (NemotronNASLowering(), OnnxLowering(), TensorRTLowering(), AOTInductorLowering(),
-                     GGUFLowering()):
-        register(lowering)
+def hwopt_register_formats(register):
+    for fmt in (NemotronNASFormat(), OnnxFormat(), TensorRTFormat(), AOTInductorFormat(), GGUFFormat()):
+        register(fmt)

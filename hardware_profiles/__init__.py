@@ -1,1 +1,0 @@
-"""Hardware profiles shipped with hwopt (data only; see hwopt.hardware)."""
