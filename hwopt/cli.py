@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 
 from hwopt import __version__
@@ -545,6 +546,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("hwopt: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `hwopt targets | head`: the reader has gone, so nothing more is printed
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit must not fail
+        return 1
     return 0
 
 

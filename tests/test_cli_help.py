@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import runpy
+import subprocess
 import sys
 from pathlib import Path
 
@@ -89,3 +90,13 @@ def test_the_plans_benchmark_says_a_bad_model_in_one_line(monkeypatch):
     message = exit_.value.code
     assert isinstance(message, str) and message.startswith("plans.py: error: ") and "nope" in message
     assert len(message.splitlines()) == 1
+
+
+def test_a_reader_that_stops_early_gets_no_traceback():
+    """`hwopt targets | head -1`: the pipe closes before hwopt writes; it exits without a traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "hwopt", "targets"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader has gone before hwopt has printed anything
+    err = proc.stderr.read().decode()
+    assert proc.wait() == 1
+    assert "Traceback" not in err and "BrokenPipeError" not in err
