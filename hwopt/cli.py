@@ -160,6 +160,9 @@ def add_run_options(p: argparse.ArgumentParser, command: str, plugin_options: bo
                          '{"question": ..., "choices": [...], "answer": index or choice text} per line')
     o.add("--uptrain-tokens", "global distillation (GKD) tokens", type=int)
     o.add("--uptrain-lr", "global distillation (GKD) learning rate", type=float)
+    o.add("--uptrain-sharding", "under torchrun: ddp (every rank holds the whole child), fsdp (each rank a shard of "
+                                "the child and the teacher), or auto (fsdp when the ddp memory plan does not fit "
+                                "one rank)", choices=("auto", "ddp", "fsdp"))
     o.add("--seed", "random seed of training and data order", type=int)
     o.section("search", "budgets the run remembers; `none` forgets one (--memory none)")
     o.add("--objective", "library key to optimise (default: metrics.<first metric>)")

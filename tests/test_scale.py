@@ -14,14 +14,18 @@ from conftest import REPO, env_with_pythonpath, hwopt_cli
 from transformers import LlamaForCausalLM
 
 from hwopt.devices import FP32_CPU, Placement, resolve_device, resolve_placement
+from hwopt.distributed import Ranks
 from hwopt.errors import HwoptError
+from hwopt.memory_plan import uptrain_plan
 from hwopt.metric import kl_divergence
 from hwopt.model.checkpoint import load_checkpoint
 from hwopt.model.layerwise import LayerwiseParent
+from hwopt.model_source import resolve_model
 from hwopt.passes.library import BLDSettings, Library, build_library
 from hwopt.passes.score import COST_KEYS, score, waves
 from hwopt.plugins import block_types, metrics
 from hwopt.report import speedup_line
+from hwopt.run import Run, Settings
 from hwopt.search_space import SearchSpace
 from hwopt.targets import resolve_target
 
@@ -179,3 +183,54 @@ def test_two_ranks_on_gloo_give_the_library_and_scores_of_one(tiny_llama_dir, tm
         assert (one / path).read_bytes() == (two / path).read_bytes(), path
     assert all((two / p).stat().st_mtime_ns == mtime for p, mtime in kept.items())  # finished units were kept
     assert json.loads((two / "score/block_library.json").read_text()) == scores[1]
+
+
+def test_the_uptrain_plan_under_fsdp_holds_a_share_of_the_models_per_rank():
+    config = resolve_model("llama-3.1-70b").config
+    blocks = resolve_model("llama-3.1-70b").block_configs
+    h100 = Placement(torch.device("cuda", 0), torch.bfloat16)  # planned for: no GPU needed
+    whole, halves, eighths = (uptrain_plan(config, blocks, blocks, 512, 128, h100, shards) for shards in (1, 2, 8))
+    assert 0.5 < halves.device_bytes / whole.device_bytes < 0.52
+    assert 0.125 < eighths.device_bytes / whole.device_bytes < 0.14
+    assert whole.host_bytes < halves.host_bytes == eighths.host_bytes  # both models whole on the host at first
+    assert "over its 80.00 GiB" in eighths.over(None, 80 * 2**30)
+    assert uptrain_plan(config, blocks, blocks, 512, 128, h100, 32).over(None, 80 * 2**30) is None
+
+
+def test_uptrain_sharding_auto_chooses_fsdp_when_the_whole_child_does_not_fit_a_rank():
+    run = Run("/nonexistent", Settings(model="llama-3.1-70b", distill_samples=0))
+    run.placement = Placement(torch.device("cuda", 0), torch.bfloat16)
+    run.device_memory = 80 * 2**30
+    run.ranks = Ranks(0, 32)
+    assert run.uptrain_sharded and any("/ 32 ranks" in line for line in run.memory_plan("uptrain").lines(32))
+    run.memory_plan("uptrain").check(None, run.device_memory)  # fits: not refused
+    run.settings.uptrain_sharding = "ddp"
+    assert not run.uptrain_sharded
+    with pytest.raises(HwoptError, match="uptrain needs 1.*GiB of memory on cuda:0"):
+        run.memory_plan("uptrain").check(None, run.device_memory)
+    run.settings.uptrain_sharding = "zero3"
+    with pytest.raises(HwoptError, match="--uptrain-sharding 'zero3': choose auto, ddp or fsdp"):
+        run.memory_plan("uptrain")
+    run.settings.uptrain_sharding, run.ranks = "fsdp", Ranks(0, 1)
+    assert not run.uptrain_sharded  # one process: nothing to shard over
+
+
+@pytest.mark.slow  # about 30 s here: two torchrun jobs of two ranks
+def test_fsdp_and_ddp_uptrain_over_two_ranks_give_the_update_of_one_process(tmp_path):
+    sys.path.insert(0, str(REPO / "tests"))
+    from uptrain_worker import run, tiny_pair
+
+    _, one = run("one process")
+    start = tiny_pair()[0].state_dict()
+    assert max((one[k] - start[k]).abs().max().item() for k in one) > 1e-3  # it trained
+    for sharding in ("ddp", "fsdp"):
+        out = tmp_path / f"{sharding}.pt"
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                               str(REPO / "tests/uptrain_worker.py"), sharding, str(out)], capture_output=True,
+                              text=True, timeout=300, env=env_with_pythonpath(REPO, REPO / "tests"))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        result = torch.load(out)
+        assert result["stats"]["sharding"] == sharding and result["stats"]["kept_uptrained_weights"]
+        assert result["weights"].keys() == one.keys()
+        for k, v in one.items():
+            assert torch.allclose(result["weights"][k], v, rtol=0, atol=1e-5), (sharding, k)
