@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ import torch
 from conftest import REPO, env_with_pythonpath, hwopt_cli
 from transformers import LlamaForCausalLM
 
+from hwopt.cli import main
 from hwopt.devices import FP32_CPU, Placement, resolve_device, resolve_placement
 from hwopt.distributed import Ranks
 from hwopt.errors import HwoptError
@@ -234,3 +236,62 @@ def test_fsdp_and_ddp_uptrain_over_two_ranks_give_the_update_of_one_process(tmp_
         assert result["weights"].keys() == one.keys()
         for k, v in one.items():
             assert torch.allclose(result["weights"][k], v, rtol=0, atol=1e-5), (sharding, k)
+
+
+def test_calibrate_times_the_blocks_on_the_device_it_is_given(tiny_llama_dir, tmp_path, capsys):
+    out = tmp_path / "cpu-calibrated.toml"
+    args = ["calibrate", "--model", str(tiny_llama_dir), "--scenario", "16/4", "--repeats", "1", "--out", str(out)]
+    assert main([*args, "--target", "cpu", "--device", "cpu"]) == 0
+    rows = tomllib.loads(out.read_text())["calibration"]
+    assert rows and {row["device"] for row in rows} == {resolve_target("cpu").description}
+    capsys.readouterr()
+    for target, device, words in (("h100", "cpu", "calibrate times the gpu target h100-sxm itself: give --device cuda"),
+                                  ("cpu", "cuda:1", "torch sees no CUDA device here"),
+                                  ("cpu", "tpu", "choose auto, cpu")):
+        assert main([*args, "--target", target, "--device", device]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("hwopt: error: --device") and words in err and "\n" not in err, err
+
+
+def rank_errors(log_dir: Path) -> dict[int, list[str]]:
+    """Each rank's stderr lines from a torchrun job run with ``--log-dir log_dir --redirects 2``."""
+    return {int(path.parent.name): path.read_text().splitlines() for path in log_dir.rglob("stderr.log")}
+
+
+@pytest.mark.slow  # about 2 min here: a run to score in one process, then three torchrun jobs of two ranks
+def test_under_torchrun_fsdp_uptrain_writes_the_child_whole_and_a_failed_rank_stops_the_others_in_one_line(
+        tiny_llama_dir, tmp_path):
+    def torchrun(*args, logs=None):
+        redirect = ["--log-dir", str(logs), "--redirects", "2"] if logs else []
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *redirect,
+               "-m", "hwopt", *map(str, args)]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env_with_pythonpath(REPO))
+
+    work = tmp_path / "run"
+    # bad input that every rank finds: each says so in one line
+    proc = torchrun("library", "--model", tiny_llama_dir, "--workdir", work, "--max-memory", "200MiB", *TINY_RUN,
+                    logs=tmp_path / "logs_bad")
+    assert proc.returncode != 0
+    errors = rank_errors(tmp_path / "logs_bad")
+    assert errors[0][-1].startswith("hwopt: error: library needs") and len(errors[0]) == 1, errors
+    assert errors[1] == [errors[0][-1].replace("hwopt: error:", "hwopt: rank 1: error:")], errors
+    proc = hwopt_cli("optimize", "--model", tiny_llama_dir, "--workdir", work, "--until", "score", *TINY_RUN)
+    assert proc.returncode == 0, proc.stderr
+    # solve runs on rank 0 while rank 1 waits for it: rank 0's error stops rank 1 too, without a traceback
+    proc = torchrun("solve", "--workdir", work, "--speedup", "100", logs=tmp_path / "logs_solve")
+    assert proc.returncode != 0
+    errors = rank_errors(tmp_path / "logs_solve")
+    assert [line for line in errors[0] if line.startswith("hwopt:")] == [errors[0][-1]], errors
+    assert errors[0][-1].startswith("hwopt: error: no architecture in the library meets the budgets"), errors
+    assert errors[1] in ([], [errors[0][-1].replace("hwopt: error:", "hwopt: rank 1: stopped, rank 0 failed:")]), \
+        errors  # or killed by torchrun before its wait broke
+    assert not any("Traceback" in line for lines in errors.values() for line in lines)
+    proc = hwopt_cli("solve", "--workdir", work, "--speedup", "1.1")
+    assert proc.returncode == 0, proc.stderr
+    proc = torchrun("uptrain", "--workdir", work, "--uptrain-sharding", "fsdp", "--uptrain-tokens", "512")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "/ 2 ranks" in proc.stderr  # the plan printed: each rank holds half of each model
+    stats = json.loads((work / "uptrain/uptrain.json").read_text())
+    assert stats["sharding"] == "fsdp" and stats["ranks"] == 2
+    child = load_checkpoint(work / "uptrain/model", block_types())  # whole: every weight, none a shard
+    assert child.num_layers == 4 and all(p.isfinite().all() for p in child.parameters())
