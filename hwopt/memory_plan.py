@@ -13,6 +13,9 @@ peak against the plan.
 
 ``--max-memory`` is the host budget per rank: a plan over it is refused in one
 line before anything is read, and score fits its waves into what is left.
+uptrain holds the whole child and parent (``uptrain_plan``, sharded by FSDP
+under torchrun when they do not fit a rank), and so does the sampling of
+``--distill-samples`` from the parent (``sampling_plan``).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from dataclasses import dataclass, field
 
 from hwopt.devices import Placement
 from hwopt.errors import HwoptError
-from hwopt.model.config import BlockConfig
+from hwopt.model.config import BlockConfig, head_dim
 from hwopt.passes.library import variants_for_layer
 from hwopt.passes.solve import parse_memory_mib
 from hwopt.search_space import SearchSpace, sub_variant_of
@@ -190,4 +193,22 @@ def uptrain_plan(config, child_blocks: list[BlockConfig], parent_blocks: list[Bl
     plan.add(f"activations of one step ({tokens_per_step} tokens, both models, every layer)",
              2 * (layers + 1) * tokens_per_step * config.hidden_size * 4 + 3 * tokens_per_step * config.vocab_size * 4
              + transient(config, max(1, tokens_per_step // seq_len), seq_len) * layers // 4)
+    return plan
+
+
+def sampling_plan(config, blocks: list[BlockConfig], sequences: int, seq_len: int, placement: Placement
+                  ) -> MemoryPlan:
+    """Sampling ``--distill-samples`` from the parent (``hwopt.data.sample_from_parent``): the parent whole in the
+    train dtype, the KV cache of ``sequences`` drawn at once up to ``seq_len`` tokens, and their last logits."""
+    size = placement.dtype.itemsize
+    plan = MemoryPlan("sampling from the parent (--distill-samples)", placement,
+                      config.vocab_size * config.hidden_size * size)
+    tables = 1 if config.tie_word_embeddings else 2  # the embedding, and the LM head unless it is the same
+    plan.add(f"parent whole ({placement.dtype_name})",
+             (sum(layer_params(config, b) for b in blocks) + tables * config.vocab_size * config.hidden_size) * size)
+    kv_heads = [config.num_attention_heads // b.attention.n_heads_in_group for b in blocks
+                if b.attention.n_heads_in_group]
+    plan.add(f"KV cache of {sequences} sequences of {seq_len} tokens",
+             2 * sequences * (seq_len + 1) * sum(kv_heads) * head_dim(config) * size)
+    plan.add("logits of the last token and their softmax (fp32)", 2 * sequences * config.vocab_size * 4)
     return plan

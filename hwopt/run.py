@@ -19,13 +19,20 @@ from pathlib import Path
 
 import torch
 
-from hwopt.data import cached_parent_samples, check_data_files, general_heldout, load_split
+from hwopt.data import (
+    SAMPLING_BATCH,
+    cached_parent_samples,
+    check_data_files,
+    general_heldout,
+    load_split,
+    parent_samples_file,
+)
 from hwopt.devices import Placement, resolve_placement
 from hwopt.distributed import Ranks, local_world, ranks, staged_on_ranks
 from hwopt.errors import HwoptError
 from hwopt.evaluate import measured_speedup
 from hwopt.lowering.runtimes import Runtime, resolve_runtime, runnable_library
-from hwopt.memory_plan import MemoryPlan, library_plan, score_plan, uptrain_plan
+from hwopt.memory_plan import MemoryPlan, library_plan, sampling_plan, score_plan, uptrain_plan
 from hwopt.model.checkpoint import load_checkpoint, save_nemotron_nas
 from hwopt.model.layerwise import LayerwiseParent
 from hwopt.model.modeling import HeteroLlamaForCausalLM
@@ -119,15 +126,39 @@ class Run:
         return self.source.tokenizer()
 
     @cached_property
+    def _weights_id(self) -> str:
+        """The parent's weights, named for the cache of samples drawn from them: their folder, files and sizes."""
+        weights = self.source.require_weights()
+        return json.dumps([str(weights.resolve()),
+                           sorted((f.name, f.stat().st_size) for f in weights.glob("*.safetensors"))])
+
+    def sampling_plan(self) -> MemoryPlan | None:
+        """The memory plan of drawing ``--distill-samples`` from the whole parent, when they are to be drawn: None
+        with ``--distill-samples 0``, or when they are cached from an earlier run."""
+        s = self.settings
+        if not s.distill_samples:
+            return None
+        try:
+            weights_id = self._weights_id
+        except HwoptError:  # no weights: the pass's own check says so
+            return None
+        path, sequences, _ = parent_samples_file(self.tokenizer, weights_id, s.distill_samples, s.seq_len, s.seed,
+                                                 cache_root())
+        if path.is_file():
+            return None
+        return sampling_plan(self.source.config, self.source.block_configs, min(sequences, SAMPLING_BATCH),
+                             s.seq_len, self.placement)
+
+    @cached_property
     def split(self):
         s = self.settings
         samples = None
         if s.distill_samples:
-            weights = self.source.require_weights()
-            weights_id = json.dumps([str(weights.resolve()),
-                                     sorted((f.name, f.stat().st_size) for f in weights.glob("*.safetensors"))])
-            samples = cached_parent_samples(self.parent, self.tokenizer, weights_id, s.distill_samples, s.seq_len,
-                                            s.seed, cache_root())
+            plan = self.sampling_plan()
+            if plan:
+                console.print("\n".join(plan.lines(self.ranks.world)), highlight=False)
+            samples = cached_parent_samples(self.parent if plan else None, self.tokenizer, self._weights_id,
+                                            s.distill_samples, s.seq_len, s.seed, cache_root())
         return load_split(s.data, self.tokenizer, s.seq_len, samples)
 
     @cached_property
@@ -279,6 +310,10 @@ class Run:
             check_data_files(self.settings.data)
             if self.settings.distill_samples < 0:
                 raise HwoptError(f"--distill-samples must be 0 or more tokens, not {self.settings.distill_samples}")
+            sampling = self.sampling_plan() if STEPS[name].plan else None  # the passes that read the data
+            if sampling and (problem := sampling.over(self.settings.max_memory, self.device_memory)):
+                raise HwoptError(f"{problem}: give --distill-samples 0 (no samples from the parent), or a device "
+                                 "that holds the parent whole")
         STEPS[name].check(self)
 
     # --- each pass: its check (run before any pass starts), then what it runs ----------------------------------

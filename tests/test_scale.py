@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, env_with_pythonpath, hwopt_cli
+from conftest import REPO, env_with_pythonpath, hwopt_cli, make_tiny_llama_dir
 from transformers import LlamaForCausalLM
 
 from hwopt.cli import main
+from hwopt.data import parent_samples_file
 from hwopt.devices import FP32_CPU, Placement, resolve_device, resolve_placement
 from hwopt.distributed import Ranks
 from hwopt.errors import HwoptError
@@ -295,3 +296,27 @@ def test_under_torchrun_fsdp_uptrain_writes_the_child_whole_and_a_failed_rank_st
     assert stats["sharding"] == "fsdp" and stats["ranks"] == 2
     child = load_checkpoint(work / "uptrain/model", block_types())  # whole: every weight, none a shard
     assert child.num_layers == 4 and all(p.isfinite().all() for p in child.parameters())
+
+
+def test_sampling_from_a_parent_that_does_not_fit_the_device_is_refused_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("HWOPT_CACHE", str(tmp_path / "cache"))  # no samples cached yet
+    deep = make_tiny_llama_dir(tmp_path / "deep", layers=24)  # whole, it outweighs what library holds at once
+    run = Run(tmp_path / "run", Settings(model=str(deep), distill_samples=64, seq_len=32, bld_tokens=64,
+                                         target="cpu", kv_heads=[1], ffn_fractions=[0.5]))
+    run.placement = Placement(torch.device("cuda", 0), torch.float32)  # planned for: no GPU needed
+    library, sampling = run.memory_plan("library"), run.sampling_plan()
+    parent_bytes = sum(p.numel() * 4 for p in load_checkpoint(deep, block_types()).parameters())
+    assert dict(sampling.device)["parent whole (fp32)"] == pytest.approx(parent_bytes, rel=1e-3)
+    assert library.device_bytes < sampling.device_bytes
+    run.device_memory = (library.device_bytes + sampling.device_bytes) // 2  # library fits, the whole parent not
+    with pytest.raises(HwoptError, match=r"sampling from the parent \(--distill-samples\) needs .* over its .*: "
+                                         r"give --distill-samples 0"):
+        run._validate("library")
+    path, _, _ = parent_samples_file(run.tokenizer, run._weights_id, 64, 32, 0, tmp_path / "cache")
+    path.parent.mkdir(parents=True)
+    path.touch()  # cached by an earlier run: nothing to sample, nothing refused
+    assert run.sampling_plan() is None
+    run._validate("library")
+    run.settings.distill_samples = 0
+    path.unlink()
+    assert run.sampling_plan() is None
