@@ -219,8 +219,8 @@ def test_uptrain_sharding_auto_chooses_fsdp_when_the_whole_child_does_not_fit_a_
 
 
 @pytest.mark.slow  # about 30 s here: two torchrun jobs of two ranks
-def test_fsdp_and_ddp_uptrain_over_two_ranks_give_the_update_of_one_process(tmp_path):
-    sys.path.insert(0, str(REPO / "tests"))
+def test_fsdp_and_ddp_uptrain_over_two_ranks_give_the_update_of_one_process(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "tests"))
     from uptrain_worker import run, tiny_pair
 
     _, one = run("one process")
