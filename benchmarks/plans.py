@@ -50,7 +50,9 @@ def main() -> None:
         for name in ("library", "score", "uptrain"):
             plan = run.memory_plan(name)
             if name == "uptrain" and ranks > 1:
-                print(f"(uptrain under DDP holds the whole child on every rank: the same plan on each of {ranks})")
+                how = ("FSDP, each rank a shard of the child and the teacher" if run.uptrain_sharded else
+                       "DDP, the whole child on every rank")
+                print(f"(uptrain, --uptrain-sharding {settings.uptrain_sharding}: {how})")
             print("\n".join(plan.lines(ranks)))
 
 

@@ -254,9 +254,31 @@ def target_toml(target: Target, header: str = "") -> str:
     return comments + tomli_w.dumps(without_none(fields))
 
 
+def use_measuring_device(spec: str, target: Target) -> None:
+    """``--device`` of calibrate (as ``hwopt.devices.resolve_device`` reads it): the device timed must be of the
+    target's kind, for the timings are the target's; a GPU becomes torch's current device, which the measuring
+    backends run on.
+
+    Raises:
+        HwoptError: as ``resolve_device``, or a device of the other kind than the target.
+    """
+    import torch
+
+    from hwopt.devices import resolve_device
+
+    device = resolve_device(spec, target.kind)
+    if (device.type == "cuda") != (target.kind == "gpu"):
+        here = "this machine's CPU" if device.type == "cpu" else str(device)
+        raise HwoptError(f"--device {spec} is {here}, and calibrate times the {target.kind} target {target.name} "
+                         f"itself: give --device {'cuda or cuda:N' if target.kind == 'gpu' else 'cpu'}")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+
 def calibrate(target: Target, model: str, scenarios: list, backend_name: str, repeats: int,
-              out: Path) -> Fit:
-    """Measure calibration rows, write ``out`` (the target's TOML, these rows appended) and fit it.
+              out: Path, device: str = "auto") -> Fit:
+    """Measure calibration rows on ``device`` (``use_measuring_device``), write ``out`` (the target's TOML,
+    these rows appended) and fit it.
 
     The target written carries the peaks the factors are relative to: for
     a CPU, the ones measured here, so the file means the same on any machine.
@@ -265,6 +287,7 @@ def calibrate(target: Target, model: str, scenarios: list, backend_name: str, re
     from hwopt.pipeline import atomic_write_text
     from hwopt.plugins import backends
 
+    use_measuring_device(device, target)
     backend = backends().get(backend_name)
     if not backend.measures:
         raise HwoptError(f"calibrate needs a backend that measures; {backend_name} estimates")

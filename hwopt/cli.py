@@ -161,6 +161,9 @@ def add_run_options(p: argparse.ArgumentParser, command: str, plugin_options: bo
                          '{"question": ..., "choices": [...], "answer": index or choice text} per line')
     o.add("--uptrain-tokens", "global distillation (GKD) tokens", type=int)
     o.add("--uptrain-lr", "global distillation (GKD) learning rate", type=float)
+    o.add("--uptrain-sharding", "under torchrun: ddp (every rank holds the whole child), fsdp (each rank a shard of "
+                                "the child and the teacher), or auto (fsdp when the ddp memory plan does not fit "
+                                "one rank)", choices=("auto", "ddp", "fsdp"))
     o.add("--seed", "random seed of training and data order", type=int)
     o.section("search", "budgets the run remembers; `none` forgets one (--memory none)")
     o.add("--objective", "library key to optimise (default: metrics.<first metric>)")
@@ -294,6 +297,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1, help="requests served together (default 1)")
     p.add_argument("--dtype", help="weights, activations and KV cache (default: bf16 on a GPU, fp32 on the CPU)")
     p.add_argument("--backend", default="torch", help="measuring backend (default torch)")
+    p.add_argument("--device", default="auto", help="where the blocks are timed, of the target's kind: auto (the "
+                                                    "target's GPU when it is here, else the CPU), cpu, cuda, cuda:N "
+                                                    "(default auto)")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (default 5)")
     p.add_argument("--out", required=True, help="the calibrated target .toml to write")
     sub.add_parser("plugins", help="list plugins and what each registered")
@@ -435,7 +441,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
 
     target = resolve_target(args.target)
     scenarios = [Scenario.for_target(target, s, args.batch, args.dtype) for s in args.scenario or [DEFAULT_SCENARIO]]
-    print(calibrate(target, args.model, scenarios, args.backend, args.repeats, Path(args.out)).report())
+    print(calibrate(target, args.model, scenarios, args.backend, args.repeats, Path(args.out), args.device).report())
     print(f"wrote {args.out}; use it with --target {args.out} --backend roofline")
 
 
@@ -541,13 +547,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run_command(args)
     except HwoptError as exc:
-        print(f"hwopt: error: {exc}", file=sys.stderr)
+        from hwopt.distributed import announce_failure
+
+        print(announce_failure(str(exc)), file=sys.stderr)  # under torchrun, the other ranks learn it too
         return 2
     except KeyboardInterrupt:
         print("hwopt: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `hwopt targets | head`: the reader has gone, so nothing more is printed
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit must not fail
+        return 1
+    except Exception:
+        from hwopt.distributed import failure_elsewhere
+
+        if (cause := failure_elsewhere()) is None:  # a failure of this rank's own: its traceback
+            raise
+        print(f"hwopt: rank {os.environ.get('RANK')}: stopped, {cause}", file=sys.stderr)
         return 1
     return 0
 

@@ -147,9 +147,12 @@ def general_heldout(tokenizer, seq_len: int, path: Path = GENERAL_HELDOUT) -> to
     return _as_sequences(ids, seq_len)
 
 
+SAMPLING_BATCH = 32  # sequences drawn from the parent at once
+
+
 @torch.inference_mode()
 def sample_from_parent(model, start_token: int, sequences: int, seq_len: int, seed: int,
-                       batch: int = 32) -> torch.Tensor:
+                       batch: int = SAMPLING_BATCH) -> torch.Tensor:
     """``sequences`` x ``seq_len`` token ids drawn from ``model`` at temperature 1, each after ``start_token``.
 
     Ancestral sampling with the KV cache: one forward per token per batch. The start token itself is not kept.
@@ -172,6 +175,17 @@ def sample_from_parent(model, start_token: int, sequences: int, seq_len: int, se
     return torch.cat(rows)
 
 
+def parent_samples_file(tokenizer, weights_id: str, tokens: int, seq_len: int, seed: int, cache_dir: Path
+                        ) -> tuple[Path, int, int]:
+    """Where ``cached_parent_samples`` keeps these samples, the sequences it draws (``tokens`` and a tenth more to
+    hold out) and the token each starts after."""
+    sequences = -(-tokens // seq_len)
+    sequences += max(1, sequences // 9)  # the held-out tenth
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    key = hashlib.sha256(json.dumps([weights_id, sequences, seq_len, seed, start]).encode()).hexdigest()[:16]
+    return Path(cache_dir) / "parent-samples" / f"{key}.safetensors", sequences, start
+
+
 def cached_parent_samples(load_model: Callable[[], torch.nn.Module], tokenizer, weights_id: str, tokens: int,
                           seq_len: int, seed: int, cache_dir: Path) -> torch.Tensor:
     """``tokens`` (plus a tenth to hold out) sampled from the parent, kept in ``cache_dir`` across runs.
@@ -183,11 +197,7 @@ def cached_parent_samples(load_model: Callable[[], torch.nn.Module], tokenizer, 
 
     from hwopt.pipeline import atomic_path
 
-    sequences = -(-tokens // seq_len)
-    sequences += max(1, sequences // 9)  # the held-out tenth
-    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    key = hashlib.sha256(json.dumps([weights_id, sequences, seq_len, seed, start]).encode()).hexdigest()[:16]
-    path = Path(cache_dir) / "parent-samples" / f"{key}.safetensors"
+    path, sequences, start = parent_samples_file(tokenizer, weights_id, tokens, seq_len, seed, cache_dir)
     if path.is_file():
         return load_file(path)["ids"]
     ids = sample_from_parent(load_model(), start, sequences, seq_len, seed)

@@ -12,6 +12,12 @@ rerun of the job picks up from the files. Passes that are not sharded run
 on rank 0 while the others wait; rank 0 alone writes what all ranks share
 (indexes, ``run.json``, each pass's manifest).
 
+When a rank stops on an error (``HwoptError``) it leaves the error in the
+job's store (``announce_failure``) before it exits; the ranks waiting for it
+in a collective then see their connection break, find the error there
+(``failure_elsewhere``) and stop with one line naming it, instead of a
+traceback.
+
 Without ``torchrun`` (no ``WORLD_SIZE`` in the environment) this is one
 process of rank 0 in a world of 1, and every function here does nothing.
 """
@@ -20,7 +26,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -34,6 +40,7 @@ from hwopt.pipeline import locked_run_dir, partial_dir, staged_pass
 # BLD of a 70B parent's layers can keep one rank busy for hours while the others wait for it at the end of the pass
 TIMEOUT = timedelta(hours=12)
 _control = None  # the gloo group for barriers and objects
+FAILED_KEY = "hwopt/failed"  # in the job's store: the first error a rank stopped on
 
 
 @dataclass(frozen=True)
@@ -70,6 +77,40 @@ ONE_PROCESS = Ranks()  # no torchrun: the default of the passes' ``ranks``
 
 def under_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _job_store() -> dist.Store:
+    """The store torchrun's agent keeps for the job (it outlives the workers), as a client."""
+    return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                         timeout=timedelta(seconds=10))
+
+
+def store_key() -> str:
+    """``FAILED_KEY`` for this attempt of the job (torchrun may restart its workers)."""
+    return f"{FAILED_KEY}/{job_id()}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+
+
+def announce_failure(message: str) -> str:
+    """Under torchrun, leave ``message`` (this rank's error) for the job's other ranks, unless a rank did first;
+    returns the line this rank prints: ``hwopt: error: ...``, with ``rank N:`` before it on ranks other than 0."""
+    if not under_torchrun():
+        return f"hwopt: error: {message}"
+    rank = int(os.environ.get("RANK", "0"))
+    with suppress(Exception):  # no store to reach: the error is still printed here
+        _job_store().compare_set(store_key(), "", f"rank {rank} failed: {message}")
+    return f"hwopt: error: {message}" if rank == 0 else f"hwopt: rank {rank}: error: {message}"
+
+
+def failure_elsewhere() -> str | None:
+    """Under torchrun, the error another rank of the job stopped on (``announce_failure``), if one did: why a
+    collective of this rank broke. None otherwise."""
+    if not under_torchrun():
+        return None
+    try:
+        store = _job_store()
+        return store.get(store_key()).decode() if store.check([store_key()]) else None
+    except Exception:
+        return None
 
 
 def job_id() -> str:

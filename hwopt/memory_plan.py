@@ -13,6 +13,9 @@ peak against the plan.
 
 ``--max-memory`` is the host budget per rank: a plan over it is refused in one
 line before anything is read, and score fits its waves into what is left.
+uptrain holds the whole child and parent (``uptrain_plan``, sharded by FSDP
+under torchrun when they do not fit a rank), and so does the sampling of
+``--distill-samples`` from the parent (``sampling_plan``).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from dataclasses import dataclass, field
 
 from hwopt.devices import Placement
 from hwopt.errors import HwoptError
-from hwopt.model.config import BlockConfig
+from hwopt.model.config import BlockConfig, head_dim
 from hwopt.passes.library import variants_for_layer
 from hwopt.passes.solve import parse_memory_mib
 from hwopt.search_space import SearchSpace, sub_variant_of
@@ -69,21 +72,28 @@ class MemoryPlan:
         out += [f"  device  {n / GIB:8.2f} GiB  {what}" for what, n in self.device]
         return out
 
-    def check(self, max_memory: str | None, device_memory: int | None = None) -> None:
-        """Refuse a plan over ``--max-memory`` (host bytes per rank) or over ``device_memory`` (the GPU's bytes).
-
-        Raises:
-            HwoptError: one line with the plan's total, the budget and its largest item.
-        """
+    def over(self, max_memory: str | None, device_memory: int | None = None) -> str | None:
+        """Why the plan does not fit ``--max-memory`` (host bytes per rank) or ``device_memory`` (the GPU's
+        bytes): one line with the plan's total, the budget and its largest item; None when it fits."""
         if max_memory is not None and self.host_bytes > parse_max_memory(max_memory):
             what, n = max(self.host_items(), key=lambda item: item[1])
-            raise HwoptError(f"{self.pass_name} needs {self.host_bytes / GIB:.2f} GiB of host memory per rank by its "
-                             f"memory plan, over --max-memory {max_memory} (largest: {what}, {n / GIB:.2f} GiB)")
+            return (f"{self.pass_name} needs {self.host_bytes / GIB:.2f} GiB of host memory per rank by its memory "
+                    f"plan, over --max-memory {max_memory} (largest: {what}, {n / GIB:.2f} GiB)")
         if device_memory is not None and self.device_bytes > device_memory:
             what, n = max(self.device, key=lambda item: item[1])
-            raise HwoptError(f"{self.pass_name} needs {self.device_bytes / GIB:.2f} GiB of memory on "
-                             f"{self.placement.device} by its memory plan, over its {device_memory / GIB:.2f} GiB "
-                             f"(largest: {what}, {n / GIB:.2f} GiB)")
+            return (f"{self.pass_name} needs {self.device_bytes / GIB:.2f} GiB of memory on {self.placement.device} "
+                    f"by its memory plan, over its {device_memory / GIB:.2f} GiB (largest: {what}, "
+                    f"{n / GIB:.2f} GiB)")
+        return None
+
+    def check(self, max_memory: str | None, device_memory: int | None = None) -> None:
+        """Refuse a plan that does not fit (``over``).
+
+        Raises:
+            HwoptError: ``over``'s line.
+        """
+        if problem := self.over(max_memory, device_memory):
+            raise HwoptError(problem)
 
 
 def parse_max_memory(text: str) -> int:
@@ -158,18 +168,47 @@ def score_plan(config, block_configs: list[BlockConfig], tokens: int, seq_len: i
 
 def uptrain_plan(config, child_blocks: list[BlockConfig], parent_blocks: list[BlockConfig], tokens_per_step: int,
                  seq_len: int, placement: Placement, shards: int = 1) -> MemoryPlan:
-    """uptrain: the child in training (fp32 with AdamW, sharded over ``shards`` ranks by FSDP), the parent as
-    its teacher in the train dtype, and one step's activations of both with every layer's hidden states."""
+    """uptrain: the child in training (fp32 with AdamW, and a copy of its weights to go back to), the parent as
+    its teacher in the train dtype, and one step's activations of both with every layer's hidden states.
+
+    ``shards`` > 1: FSDP over that many ranks (``hwopt.passes.uptrain.shard``). Each rank then holds 1/shards of
+    both models and their state, plus the layers gathered whole while they run; but both models are still built
+    whole on each rank's host before they are sharded, so on the CPU sharding does not lower the peak.
+    """
     table = config.vocab_size * config.hidden_size
-    plan = MemoryPlan("uptrain", placement, table * placement.dtype.itemsize)
+    size = placement.dtype.itemsize
+    plan = MemoryPlan("uptrain", placement, table * size)
     child = sum(layer_params(config, b) for b in child_blocks) + 2 * table
     parent = sum(layer_params(config, b) for b in parent_blocks) + 2 * table
-    plan.add(f"child in training (fp32, AdamW state){' / ' + str(shards) + ' ranks' if shards > 1 else ''}",
-             child * FP32_TRAINING_BYTES // shards)
-    plan.add(f"parent as teacher ({placement.dtype_name}){' / ' + str(shards) + ' ranks' if shards > 1 else ''}",
-             parent * placement.dtype.itemsize // shards)
+    per_rank = f" / {shards} ranks" if shards > 1 else ""
+    plan.add(f"child in training (fp32, AdamW state, a copy to go back to){per_rank}",
+             child * (FP32_TRAINING_BYTES + 4) // shards)
+    plan.add(f"parent as teacher ({placement.dtype_name}){per_rank}", parent * size // shards)
+    if shards > 1:
+        layer = max(layer_params(config, b) for b in (*child_blocks, *parent_blocks))
+        plan.add("layers gathered whole while they run (two of each model; the child's with fp32 gradients)",
+                 2 * layer * (size + 4) + 2 * layer * size)
+        plan.host.append(("child (fp32) and parent whole, built before they are sharded", child * 4 + parent * size))
     layers = config.num_hidden_layers
     plan.add(f"activations of one step ({tokens_per_step} tokens, both models, every layer)",
              2 * (layers + 1) * tokens_per_step * config.hidden_size * 4 + 3 * tokens_per_step * config.vocab_size * 4
              + transient(config, max(1, tokens_per_step // seq_len), seq_len) * layers // 4)
+    return plan
+
+
+def sampling_plan(config, blocks: list[BlockConfig], sequences: int, seq_len: int, placement: Placement
+                  ) -> MemoryPlan:
+    """Sampling ``--distill-samples`` from the parent (``hwopt.data.sample_from_parent``): the parent whole in the
+    train dtype, the KV cache of ``sequences`` drawn at once up to ``seq_len`` tokens, and their last logits."""
+    size = placement.dtype.itemsize
+    plan = MemoryPlan("sampling from the parent (--distill-samples)", placement,
+                      config.vocab_size * config.hidden_size * size)
+    tables = 1 if config.tie_word_embeddings else 2  # the embedding, and the LM head unless it is the same
+    plan.add(f"parent whole ({placement.dtype_name})",
+             (sum(layer_params(config, b) for b in blocks) + tables * config.vocab_size * config.hidden_size) * size)
+    kv_heads = [config.num_attention_heads // b.attention.n_heads_in_group for b in blocks
+                if b.attention.n_heads_in_group]
+    plan.add(f"KV cache of {sequences} sequences of {seq_len} tokens",
+             2 * sequences * (seq_len + 1) * sum(kv_heads) * head_dim(config) * size)
+    plan.add("logits of the last token and their softmax (fp32)", 2 * sequences * config.vocab_size * 4)
     return plan

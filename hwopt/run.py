@@ -21,11 +21,13 @@ from pathlib import Path
 import torch
 
 from hwopt.data import (
+    SAMPLING_BATCH,
     cached_parent_samples,
     check_data_files,
     data_sha256,
     general_heldout,
     load_split,
+    parent_samples_file,
     read_corpus,
 )
 from hwopt.devices import Placement, resolve_placement
@@ -33,7 +35,7 @@ from hwopt.distributed import Ranks, local_world, ranks, staged_on_ranks
 from hwopt.errors import HwoptError
 from hwopt.evaluate import measured_speedup
 from hwopt.lowering.runtimes import Runtime, resolve_runtime, runnable_library
-from hwopt.memory_plan import MemoryPlan, library_plan, score_plan, uptrain_plan
+from hwopt.memory_plan import MemoryPlan, library_plan, sampling_plan, score_plan, uptrain_plan
 from hwopt.model.checkpoint import load_checkpoint, save_nemotron_nas
 from hwopt.model.layerwise import LayerwiseParent
 from hwopt.model.modeling import HeteroLlamaForCausalLM
@@ -51,7 +53,7 @@ from hwopt.passes.profile import choose_backend, layer_rows, model_variants, pri
 from hwopt.passes.score import SCORE_PAIRS, pairs_to_run, rescore_coupled, score_metrics, with_costs
 from hwopt.passes.solve import maximizes, meet_measured_speedup, solve
 from hwopt.passes.two_layer import add_two_layer_entries, assemble_child, build_two_layer
-from hwopt.passes.uptrain import UptrainSettings, uptrain
+from hwopt.passes.uptrain import UptrainSettings, full_weights, uptrain
 from hwopt.pipeline import (
     PASSES,
     atomic_write_json,
@@ -129,15 +131,39 @@ class Run:
         return self.source.tokenizer()
 
     @cached_property
-    def parent_samples(self) -> torch.Tensor | None:
-        """``--distill-samples`` tokens sampled from the parent (from the cache when they are there); None for none."""
+    def _weights_id(self) -> str:
+        """The parent's weights, named for the cache of samples drawn from them: their folder, files and sizes."""
+        weights = self.source.require_weights()
+        return json.dumps([str(weights.resolve()),
+                           sorted((f.name, f.stat().st_size) for f in weights.glob("*.safetensors"))])
+
+    def sampling_plan(self) -> MemoryPlan | None:
+        """The memory plan of drawing ``--distill-samples`` from the whole parent, when they are to be drawn: None
+        with ``--distill-samples 0``, or when they are cached from an earlier run."""
         s = self.settings
         if not s.distill_samples:
             return None
-        weights = self.source.require_weights()
-        weights_id = json.dumps([str(weights.resolve()),
-                                 sorted((f.name, f.stat().st_size) for f in weights.glob("*.safetensors"))])
-        return cached_parent_samples(lambda: self.parent, self.tokenizer, weights_id, s.distill_samples,
+        try:
+            weights_id = self._weights_id
+        except HwoptError:  # no weights: the pass's own check says so
+            return None
+        path, sequences, _ = parent_samples_file(self.tokenizer, weights_id, s.distill_samples, s.seq_len, s.seed,
+                                                 cache_root())
+        if path.is_file():
+            return None
+        return sampling_plan(self.source.config, self.source.block_configs, min(sequences, SAMPLING_BATCH),
+                             s.seq_len, self.placement)
+
+    @cached_property
+    def parent_samples(self) -> torch.Tensor | None:
+        """``--distill-samples`` tokens sampled from the parent (from the cache when they are there); None for none.
+        The sampling's memory plan is printed first (the pass's check refuses one that does not fit)."""
+        s = self.settings
+        if not s.distill_samples:
+            return None
+        if plan := self.sampling_plan():
+            console.print("\n".join(plan.lines(self.ranks.world)), highlight=False)
+        return cached_parent_samples(lambda: self.parent, self.tokenizer, self._weights_id, s.distill_samples,
                                      s.seq_len, s.seed, cache_root())  # the parent loaded only to sample
 
     @cached_property
@@ -302,6 +328,10 @@ class Run:
             check_data_files(self.settings.data)
             if self.settings.distill_samples < 0:
                 raise HwoptError(f"--distill-samples must be 0 or more tokens, not {self.settings.distill_samples}")
+            sampling = self.sampling_plan() if STEPS[name].plan else None  # the passes that read the data
+            if sampling and (problem := sampling.over(self.settings.max_memory, self.device_memory)):
+                raise HwoptError(f"{problem}: give --distill-samples 0 (no samples from the parent), or a device "
+                                 "that holds the parent whole")
         STEPS[name].check(self)
 
     # --- each pass: its check (run before any pass starts), then what it runs ----------------------------------
@@ -362,10 +392,30 @@ class Run:
     def _score_plan(self) -> MemoryPlan:
         return self.score_plan()[0]
 
-    def _uptrain_plan(self) -> MemoryPlan:
+    def _uptrain_plan(self, shards: int | None = None) -> MemoryPlan:
+        """uptrain's plan per rank, sharded over ``shards`` ranks (default: as ``uptrain_sharded`` chooses); the
+        child planned for is the size of the parent (its upper bound)."""
         s, blocks = self.settings, self.source.block_configs
+        shards = shards or (self.ranks.world if self.uptrain_sharded else 1)
         return uptrain_plan(self.source.config, blocks, blocks, UptrainSettings.batch_sequences * s.seq_len,
-                            s.seq_len, self.placement)
+                            s.seq_len, self.placement, shards)
+
+    @property
+    def uptrain_sharded(self) -> bool:
+        """Whether uptrain shards the child and its teacher over the ranks with FSDP (``--uptrain-sharding``):
+        ``fsdp``; ``auto`` when the DDP plan (the whole child on every rank) does not fit one rank, on its GPU or
+        within ``--max-memory``; never in one process.
+
+        Raises:
+            HwoptError: a choice other than auto, ddp and fsdp.
+        """
+        choice = self.settings.uptrain_sharding
+        if choice not in ("auto", "ddp", "fsdp"):
+            raise HwoptError(f"--uptrain-sharding {choice!r}: choose auto, ddp or fsdp")
+        if self.ranks.world == 1 or choice == "ddp":
+            return False
+        return choice == "fsdp" or self._uptrain_plan(shards=1).over(self.settings.max_memory,
+                                                                    self.device_memory) is not None
 
     def score_plan(self) -> tuple[MemoryPlan, int]:
         """score's memory plan, and the bytes of carried hidden states it leaves room for."""
@@ -419,13 +469,15 @@ class Run:
         coupled_dir = self.output("solve", "coupled", solve_dir) if coupled else None
         return Library(self.dir("library"), self.layerwise_parent, coupled_dir, self.placement)
 
-    def assemble(self, solution: dict, coupled_dir: Path | None = None) -> HeteroLlamaForCausalLM:
+    def assemble(self, solution: dict, coupled_dir: Path | None = None, placement: Placement | None = None
+                 ) -> HeteroLlamaForCausalLM:
         """A solution's child (an entry of ``solutions.json``), with its two-layer blocks and coupled-BLD pairs
-        (``coupled_dir``, default the solve pass's)."""
+        (``coupled_dir``, default the solve pass's), on ``placement``'s device (default the run's)."""
+        placement = placement or self.placement
         library = Library(self.dir("library"), self.layerwise_parent, coupled_dir or self.output("solve", "coupled"),
-                          self.placement)
+                          placement)
         two_layer = Library(self.dir("library"), self.layerwise_parent, self.output("library", "two_layer"),
-                            self.placement)
+                            placement)
         return assemble_child(library, two_layer, [tuple(v) for v in solution["variants"]],
                               solution.get("spans", []))
 
@@ -481,14 +533,20 @@ class Run:
         return rescored
 
     def _uptrain(self, out: Path) -> None:
-        s = self.settings
-        child = self.assemble(self.read_json(self.output("solve", "solutions"))["solutions"][0])
-        stats = uptrain(child, self.parent, self.split.train_batches(s.uptrain_tokens),
+        s, sharded = self.settings, self.uptrain_sharded
+        solution = self.read_json(self.output("solve", "solutions"))["solutions"][0]
+        if sharded:  # built on the host, each rank's shards then moved to the device
+            host = dataclasses.replace(self.placement, device=torch.device("cpu"))
+            child, parent = self.assemble(solution, placement=host), self.source.load("cpu", self.placement.dtype)
+        else:
+            child, parent = self.assemble(solution), self.parent
+        stats = uptrain(child, parent, self.split.train_batches(s.uptrain_tokens),
                         self.split.score_batches(self.settings.score_tokens),
                         UptrainSettings(tokens=s.uptrain_tokens, lr=s.uptrain_lr, seed=s.seed), self.placement,
-                        self.ranks)
+                        self.ranks, sharded)
+        weights = full_weights(child)  # under FSDP a collective: rank 0 gets them whole
         if self.ranks.is_main:
-            save_nemotron_nas(child, self.output("uptrain", "model", out), self.tokenizer)
+            save_nemotron_nas(child, self.output("uptrain", "model", out), self.tokenizer, state=weights)
             atomic_write_json(self.output("uptrain", "stats", out), stats)
         console.print(f"uptrain: held-out KL {stats['heldout_kl_before']:.4f} -> {stats['heldout_kl_after']:.4f}"
                       + ("" if stats["kept_uptrained_weights"] else " (worse: kept the weights from before)"))

@@ -67,6 +67,7 @@ class Settings:
     speedup_checks: int = 3  # on this CPU: children solved and timed at most until one measures --speedup
     uptrain_tokens: int = 32768
     uptrain_lr: float = 1e-4
+    uptrain_sharding: str = "auto"  # under torchrun: ddp, fsdp, or auto (fsdp when the ddp plan does not fit)
     formats: list[str] = field(default_factory=lambda: ["nemotron-nas"])
     runtime: str | None = None  # the runtime that serves the child (default: the target's, see hwopt.lowering.runtimes)
     seed: int = 0
@@ -135,7 +136,8 @@ PASS_INFO = {p.name: p for p in (
              # `solve --library`: the scenario its runtimes hold for; where coupled BLD and the speedup checks run
              also_reads=("scenario", "batch", "dtype", *PLACEMENT)),
     PassInfo("uptrain", (*DATA, *PLACEMENT, "uptrain_tokens", "uptrain_lr"), reads=("library", "solve"),
-             outputs={"model": "model", "stats": "uptrain.json"}, also_reads=("max_memory",)),
+             outputs={"model": "model", "stats": "uptrain.json"},
+             also_reads=("max_memory", "uptrain_sharding")),  # DDP or FSDP: the same update
     PassInfo("lower", ("formats", "runtime", "dtype"), reads=("uptrain",),  # a folder per format
              also_reads=("scenario", "batch", "kv_dtype", *PLACEMENT)),  # what the child is built for; the report
 )}

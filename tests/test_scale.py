@@ -6,22 +6,29 @@ import json
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, env_with_pythonpath, hwopt_cli
+from conftest import REPO, env_with_pythonpath, hwopt_cli, make_tiny_llama_dir
 from transformers import LlamaForCausalLM
 
+from hwopt.cli import main
+from hwopt.data import parent_samples_file
 from hwopt.devices import FP32_CPU, Placement, resolve_device, resolve_placement
+from hwopt.distributed import Ranks
 from hwopt.errors import HwoptError
+from hwopt.memory_plan import uptrain_plan
 from hwopt.metric import kl_divergence
 from hwopt.model.checkpoint import load_checkpoint
 from hwopt.model.layerwise import LayerwiseParent
+from hwopt.model_source import resolve_model
 from hwopt.passes.library import BLDSettings, Library, build_library
 from hwopt.passes.score import score_metrics, waves
 from hwopt.plugins import block_types, metrics
 from hwopt.report import speedup_line
+from hwopt.run import Run, Settings
 from hwopt.search_space import SearchSpace
 from hwopt.targets import resolve_target
 
@@ -172,3 +179,137 @@ def test_two_ranks_on_gloo_give_the_library_and_scores_of_one(tiny_llama_dir, tm
         assert (one / path).read_bytes() == (two / path).read_bytes(), path
     assert all((two / p).stat().st_mtime_ns == mtime for p, mtime in kept.items())  # finished units were kept
     assert json.loads((two / "score/block_library.json").read_text()) == scores[1]
+
+
+def test_the_uptrain_plan_under_fsdp_holds_a_share_of_the_models_per_rank():
+    config = resolve_model("llama-3.1-70b").config
+    blocks = resolve_model("llama-3.1-70b").block_configs
+    h100 = Placement(torch.device("cuda", 0), torch.bfloat16)  # planned for: no GPU needed
+    whole, halves, eighths = (uptrain_plan(config, blocks, blocks, 512, 128, h100, shards) for shards in (1, 2, 8))
+    assert 0.5 < halves.device_bytes / whole.device_bytes < 0.52
+    assert 0.125 < eighths.device_bytes / whole.device_bytes < 0.14
+    assert whole.host_bytes < halves.host_bytes == eighths.host_bytes  # both models whole on the host at first
+    assert "over its 80.00 GiB" in eighths.over(None, 80 * 2**30)
+    assert uptrain_plan(config, blocks, blocks, 512, 128, h100, 32).over(None, 80 * 2**30) is None
+
+
+def test_uptrain_sharding_auto_chooses_fsdp_when_the_whole_child_does_not_fit_a_rank():
+    run = Run("/nonexistent", Settings(model="llama-3.1-70b", distill_samples=0))
+    run.placement = Placement(torch.device("cuda", 0), torch.bfloat16)
+    run.device_memory = 80 * 2**30
+    run.ranks = Ranks(0, 32)
+    assert run.uptrain_sharded and any("/ 32 ranks" in line for line in run.memory_plan("uptrain").lines(32))
+    run.memory_plan("uptrain").check(None, run.device_memory)  # fits: not refused
+    run.settings.uptrain_sharding = "ddp"
+    assert not run.uptrain_sharded
+    with pytest.raises(HwoptError, match="uptrain needs 1.*GiB of memory on cuda:0"):
+        run.memory_plan("uptrain").check(None, run.device_memory)
+    run.settings.uptrain_sharding = "zero3"
+    with pytest.raises(HwoptError, match="--uptrain-sharding 'zero3': choose auto, ddp or fsdp"):
+        run.memory_plan("uptrain")
+    run.settings.uptrain_sharding, run.ranks = "fsdp", Ranks(0, 1)
+    assert not run.uptrain_sharded  # one process: nothing to shard over
+
+
+@pytest.mark.slow  # about 30 s here: two torchrun jobs of two ranks
+def test_fsdp_and_ddp_uptrain_over_two_ranks_give_the_update_of_one_process(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "tests"))
+    from uptrain_worker import run, tiny_pair
+
+    _, one = run("one process")
+    start = tiny_pair()[0].state_dict()
+    assert max((one[k] - start[k]).abs().max().item() for k in one) > 1e-3  # it trained
+    for sharding in ("ddp", "fsdp"):
+        out = tmp_path / f"{sharding}.pt"
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                               str(REPO / "tests/uptrain_worker.py"), sharding, str(out)], capture_output=True,
+                              text=True, timeout=300, env=env_with_pythonpath(REPO, REPO / "tests"))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        result = torch.load(out)
+        assert result["stats"]["sharding"] == sharding and result["stats"]["kept_uptrained_weights"]
+        assert result["weights"].keys() == one.keys()
+        for k, v in one.items():
+            assert torch.allclose(result["weights"][k], v, rtol=0, atol=1e-5), (sharding, k)
+
+
+def test_calibrate_times_the_blocks_on_the_device_it_is_given(tiny_llama_dir, tmp_path, capsys):
+    out = tmp_path / "cpu-calibrated.toml"
+    args = ["calibrate", "--model", str(tiny_llama_dir), "--scenario", "16/4", "--repeats", "1", "--out", str(out)]
+    assert main([*args, "--target", "cpu", "--device", "cpu"]) == 0
+    rows = tomllib.loads(out.read_text())["calibration"]
+    assert rows and {row["device"] for row in rows} == {resolve_target("cpu").description}
+    capsys.readouterr()
+    for target, device, words in (("h100", "cpu", "calibrate times the gpu target h100-sxm itself: give --device cuda"),
+                                  ("cpu", "cuda:1", "torch sees no CUDA device here"),
+                                  ("cpu", "tpu", "choose auto, cpu")):
+        assert main([*args, "--target", target, "--device", device]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("hwopt: error: --device") and words in err and "\n" not in err, err
+
+
+def rank_errors(log_dir: Path) -> dict[int, list[str]]:
+    """Each rank's stderr lines from a torchrun job run with ``--log-dir log_dir --redirects 2``."""
+    return {int(path.parent.name): path.read_text().splitlines() for path in log_dir.rglob("stderr.log")}
+
+
+@pytest.mark.slow  # about 2 min here: a run to score in one process, then three torchrun jobs of two ranks
+def test_under_torchrun_fsdp_uptrain_writes_the_child_whole_and_a_failed_rank_stops_the_others_in_one_line(
+        tiny_llama_dir, tmp_path):
+    def torchrun(*args, logs=None):
+        redirect = ["--log-dir", str(logs), "--redirects", "2"] if logs else []
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *redirect,
+               "-m", "hwopt", *map(str, args)]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env_with_pythonpath(REPO))
+
+    work = tmp_path / "run"
+    # bad input that every rank finds: each says so in one line
+    proc = torchrun("library", "--model", tiny_llama_dir, "--workdir", work, "--max-memory", "200MiB", *TINY_RUN,
+                    logs=tmp_path / "logs_bad")
+    assert proc.returncode != 0
+    errors = rank_errors(tmp_path / "logs_bad")
+    assert errors[0][-1].startswith("hwopt: error: library needs") and len(errors[0]) == 1, errors
+    assert errors[1] == [errors[0][-1].replace("hwopt: error:", "hwopt: rank 1: error:")], errors
+    proc = hwopt_cli("optimize", "--model", tiny_llama_dir, "--workdir", work, "--until", "score", *TINY_RUN)
+    assert proc.returncode == 0, proc.stderr
+    # solve runs on rank 0 while rank 1 waits for it: rank 0's error stops rank 1 too, without a traceback
+    proc = torchrun("solve", "--workdir", work, "--speedup", "100", logs=tmp_path / "logs_solve")
+    assert proc.returncode != 0
+    errors = rank_errors(tmp_path / "logs_solve")
+    assert [line for line in errors[0] if line.startswith("hwopt:")] == [errors[0][-1]], errors
+    assert errors[0][-1].startswith("hwopt: error: no architecture in the library meets the budgets"), errors
+    assert errors[1] in ([], [errors[0][-1].replace("hwopt: error:", "hwopt: rank 1: stopped, rank 0 failed:")]), \
+        errors  # or killed by torchrun before its wait broke
+    assert not any("Traceback" in line for lines in errors.values() for line in lines)
+    proc = hwopt_cli("solve", "--workdir", work, "--speedup", "1.1")
+    assert proc.returncode == 0, proc.stderr
+    proc = torchrun("uptrain", "--workdir", work, "--uptrain-sharding", "fsdp", "--uptrain-tokens", "512")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "/ 2 ranks" in proc.stderr  # the plan printed: each rank holds half of each model
+    stats = json.loads((work / "uptrain/uptrain.json").read_text())
+    assert stats["sharding"] == "fsdp" and stats["ranks"] == 2
+    child = load_checkpoint(work / "uptrain/model", block_types())  # whole: every weight, none a shard
+    assert child.num_layers == 4 and all(p.isfinite().all() for p in child.parameters())
+
+
+def test_sampling_from_a_parent_that_does_not_fit_the_device_is_refused_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("HWOPT_CACHE", str(tmp_path / "cache"))  # no samples cached yet
+    deep = make_tiny_llama_dir(tmp_path / "deep", layers=24)  # whole, it outweighs what library holds at once
+    run = Run(tmp_path / "run", Settings(model=str(deep), distill_samples=64, seq_len=32, bld_tokens=64,
+                                         target="cpu", kv_heads=[1], ffn_fractions=[0.5]))
+    run.placement = Placement(torch.device("cuda", 0), torch.float32)  # planned for: no GPU needed
+    library, sampling = run.memory_plan("library"), run.sampling_plan()
+    parent_bytes = sum(p.numel() * 4 for p in load_checkpoint(deep, block_types()).parameters())
+    assert dict(sampling.device)["parent whole (fp32)"] == pytest.approx(parent_bytes, rel=1e-3)
+    assert library.device_bytes < sampling.device_bytes
+    run.device_memory = (library.device_bytes + sampling.device_bytes) // 2  # library fits, the whole parent not
+    with pytest.raises(HwoptError, match=r"sampling from the parent \(--distill-samples\) needs .* over its .*: "
+                                         r"give --distill-samples 0"):
+        run._validate("library")
+    path, _, _ = parent_samples_file(run.tokenizer, run._weights_id, 64, 32, 0, tmp_path / "cache")
+    path.parent.mkdir(parents=True)
+    path.touch()  # cached by an earlier run: nothing to sample, nothing refused
+    assert run.sampling_plan() is None
+    run._validate("library")
+    run.settings.distill_samples = 0
+    path.unlink()
+    assert run.sampling_plan() is None

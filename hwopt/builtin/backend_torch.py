@@ -28,8 +28,8 @@ GPU_DTYPES = ("fp32", "bf16", "fp16")
 
 
 def gpu_name() -> str | None:
-    """The name of the GPU torch sees, or None without one."""
-    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    """The name of torch's current GPU (``hwopt calibrate --device cuda:N`` sets it), or None without one."""
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else None
 
 
 def target_gpu_missing(target) -> str | None:

@@ -144,20 +144,23 @@ def load_checkpoint(directory: Path, block_types, device: torch.device | str = "
 
 
 def save_nemotron_nas(model: HeteroLlamaForCausalLM, directory: Path, tokenizer=None,
-                      dtype: torch.dtype = torch.float32, max_shard_size: int | str = "5GB") -> None:
+                      dtype: torch.dtype = torch.float32, max_shard_size: int | str = "5GB",
+                      state: dict[str, torch.Tensor] | None = None) -> None:
     """Write config.json, the weights in ``dtype`` and (if given) the tokenizer into ``directory``.
 
     Weights beyond ``max_shard_size`` are split into shards with a
-    ``model.safetensors.index.json`` (huggingface_hub's sharding).
+    ``model.safetensors.index.json`` (huggingface_hub's sharding). ``state``: the weights to write when the
+    model does not hold them whole (one sharded by FSDP: ``hwopt.passes.uptrain.full_weights``); default its
+    own state dict.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = nemotron_nas_config(model.config, model.block_configs, model.block_types)
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    state = {k: v.detach().to(dtype) for k, v in model.state_dict().items()}
+    state = {k: v.detach().to(dtype) for k, v in (model.state_dict() if state is None else state).items()}
     if model.config.tie_word_embeddings:
-        state.pop("lm_head.weight")
+        state.pop("lm_head.weight", None)
     save_torch_state_dict(state, directory, max_shard_size=max_shard_size, metadata={"format": "pt"})
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)

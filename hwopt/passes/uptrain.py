@@ -4,9 +4,14 @@ The loss is the Puzzle paper's best (Table 1): cosine distance between the
 child's and the parent's hidden state after every layer, plus KL divergence
 of the logits; no LM loss. Embeddings and the LM head stay frozen. The
 uptrained weights are kept only if they lower the held-out KL divergence
-from the parent; the pass records both figures either way. Under torchrun
-the child trains data-parallel (DDP); a child larger than one device would
-need FSDP (``torch.distributed.fsdp.fully_shard``), which is not built yet.
+from the parent; the pass records both figures either way.
+
+Under torchrun the child trains data-parallel: with DDP every rank holds the
+whole child, its gradients and AdamW state; with FSDP (``shard=True``,
+``torch.distributed.fsdp.fully_shard`` per decoder layer, then the whole
+model) each rank holds 1/N of them, and the frozen teacher is sharded the
+same way. Both average the gradients of the ranks' sequences, so one step
+is the same update as one process taking all of them.
 """
 
 from __future__ import annotations
@@ -16,6 +21,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from hwopt.devices import FP32_CPU, Placement
@@ -44,21 +52,52 @@ def gkd_loss(student_out, teacher_out) -> torch.Tensor:
     return cosine + kl_divergence(student_out.logits.flatten(0, 1), teacher_out.logits.flatten(0, 1))
 
 
+def shard(child: HeteroLlamaForCausalLM, parent: HeteroLlamaForCausalLM, placement: Placement, ranks: Ranks
+          ) -> None:
+    """FSDP2 over all ranks, in place: each decoder layer of both models, then each whole model (the embedding,
+    final norm and LM head). The parameters become ``DTensor`` shards on ``placement.device``, one Nth of each on
+    every rank; a layer is gathered whole only while it runs. On a GPU in bf16 the child's fp32 weights are cast
+    to bf16 for its forward and gradients are averaged in fp32 (``MixedPrecisionPolicy``); the teacher is already
+    in the train dtype. Every rank must call it (its first forward is a collective)."""
+    device = placement.device
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    mesh = init_device_mesh(device.type, (ranks.world,))
+    mixed = MixedPrecisionPolicy(param_dtype=placement.dtype, reduce_dtype=torch.float32) \
+        if device.type == "cuda" and placement.dtype != torch.float32 else MixedPrecisionPolicy()
+    for model, policy in ((child, mixed), (parent, MixedPrecisionPolicy())):
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh, mp_policy=policy)
+        fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+def full_weights(model: HeteroLlamaForCausalLM) -> dict[str, torch.Tensor]:
+    """The model's state dict, whole: under FSDP gathered from every rank onto rank 0's CPU (a collective:
+    every rank calls it; the others get an empty dict), else the model's own."""
+    if isinstance(model, FSDPModule):
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return model.state_dict()
+
+
 def uptrain(child: HeteroLlamaForCausalLM, parent: HeteroLlamaForCausalLM, train_ids: torch.Tensor,
             heldout_ids: torch.Tensor, settings: UptrainSettings, placement: Placement = FP32_CPU,
-            ranks: Ranks = ONE_PROCESS) -> dict:
+            ranks: Ranks = ONE_PROCESS, sharded: bool = False) -> dict:
     """Distil ``child`` (fp32 weights, trained under ``placement.autocast()``) in place from ``parent`` (in the
     train dtype); returns the held-out KL before and after, and what was kept.
 
-    ``train_ids``, ``heldout_ids``: [sequences, tokens]. Under torchrun the child is wrapped in
-    ``DistributedDataParallel``: each step takes ``settings.batch_sequences`` sequences per rank (a final step
-    with fewer sequences than ranks is dropped), and gradients are averaged over the ranks.
+    ``train_ids``, ``heldout_ids``: [sequences, tokens]. Under torchrun each step takes
+    ``settings.batch_sequences`` sequences per rank (a final step with fewer sequences than ranks is dropped),
+    and gradients are averaged over the ranks: the child is wrapped in ``DistributedDataParallel``, or with
+    ``sharded`` both models are sharded in place by FSDP (``shard``; they may come on the CPU, and end on
+    ``placement.device``). Read the trained weights with ``full_weights``.
     """
     torch.manual_seed(settings.seed)
     parent.requires_grad_(False).eval()
     child.requires_grad_(True)
     child.model.embed_tokens.requires_grad_(False)
     child.lm_head.requires_grad_(False)
+    if sharded and ranks.world > 1:
+        shard(child, parent, placement, ranks)
     before = compare_on_heldout(child, parent, heldout_ids)["kl_div"]
     snapshot = {k: v.clone() for k, v in child.state_dict().items()}
     params = [p for p in child.parameters() if p.requires_grad]
@@ -70,7 +109,7 @@ def uptrain(child: HeteroLlamaForCausalLM, parent: HeteroLlamaForCausalLM, train
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps)))
     device = placement.device
-    model = child if ranks.world == 1 else DistributedDataParallel(
+    model = child if ranks.world == 1 or isinstance(child, FSDPModule) else DistributedDataParallel(
         child, device_ids=[device.index] if device.type == "cuda" else None)
     child.train()
     with progress("uptrain (GKD)", total=steps) as advance:
@@ -88,8 +127,10 @@ def uptrain(child: HeteroLlamaForCausalLM, parent: HeteroLlamaForCausalLM, train
             advance()
     child.eval().requires_grad_(False)
     after = compare_on_heldout(child, parent, heldout_ids)["kl_div"]
+    before, after = ranks.from_main((before, after))  # every rank keeps or drops the same weights
     kept = after <= before
     if not kept:
         child.load_state_dict(snapshot)
     return {"heldout_kl_before": before, "heldout_kl_after": after, "kept_uptrained_weights": kept,
-            "train_tokens": int(train_ids.numel()), "steps": steps, "ranks": ranks.world}
+            "train_tokens": int(train_ids.numel()), "steps": steps, "ranks": ranks.world,
+            "sharding": "fsdp" if isinstance(child, FSDPModule) else "ddp" if ranks.world > 1 else None}
