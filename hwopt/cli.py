@@ -146,8 +146,8 @@ def add_run_options(p: argparse.ArgumentParser, command: str, plugin_options: bo
     o.section("data and training")
     o.add("--data", "text or JSONL files (default: Python's own documentation); text sampled from the parent is "
                     "mixed in (--distill-samples)", nargs="+")
-    o.add("--distill-samples", "tokens sampled from the parent, three sample sequences to one of the corpus in "
-                               "training (data-free distillation; 0 for none)", type=int)
+    o.add("--distill-samples", "tokens sampled from the parent and mixed 1:1 into training (data-free "
+                               "distillation; 0 for none)", type=int)
     o.add("--seq-len", "tokens per training sequence", type=int)
     o.add("--bld-tokens", "blockwise distillation (BLD) tokens per variant", type=int)
     o.add("--bld-lr", "blockwise distillation (BLD) learning rate", type=float)

@@ -10,7 +10,7 @@ Three sources, kept apart:
   GKD, Agarwal et al. 2024, arXiv 2306.13649): ancestral sampling at
   temperature 1 from the start-of-text token, so the child is taught the
   parent's behaviour on text at large, not only on the corpus's domain.
-  Training takes three sample sequences per corpus sequence while both last;
+  Training alternates corpus and sample sequences 1:1 while samples last;
   a tenth of the samples is held out and joins the scoring set.
 - general English (``hwopt/heldout/general_english.txt``): prose on
   everyday subjects (baking, a lighthouse's history, rivers, language
@@ -35,10 +35,6 @@ import torch
 from hwopt.errors import HwoptError
 
 HELDOUT_FRACTION = 0.1
-# Training takes this many parent-sample sequences per corpus sequence while both last, so that text at
-# large (the parent's samples) outweighs the corpus's one domain (at 1:1 the demo child's perplexity on
-# general English stayed 2.7-2.8x the parent's; see README, "Data").
-SAMPLES_PER_CORPUS_SEQUENCE = 3
 GENERAL_HELDOUT = Path(__file__).parent / "heldout" / "general_english.txt"
 
 
@@ -95,7 +91,7 @@ class TokenSplit:
 
     def score_batches(self, tokens: int) -> torch.Tensor:
         """Held-out sequences for scoring and for uptraining's keep-or-revert check: corpus and samples alternating."""
-        mixed = self.heldout if self.samples_heldout is None else interleave(self.heldout, self.samples_heldout)
+        mixed = self.heldout if self.samples_heldout is None else alternate(self.heldout, self.samples_heldout)
         return _take(mixed, tokens)
 
 
@@ -107,11 +103,10 @@ def _take(seqs: torch.Tensor, tokens: int) -> torch.Tensor:
     return seqs[:n]
 
 
-def interleave(a: torch.Tensor, b: torch.Tensor, b_per_a: int = 1) -> torch.Tensor:
-    """Rows in groups of one of ``a`` then ``b_per_a`` of ``b`` while both last, then the rest of either."""
-    n = min(len(a), len(b) // b_per_a)
-    groups = torch.cat([a[:n, None], b[:n * b_per_a].view(n, b_per_a, -1)], 1)  # [n, 1 + b_per_a, seq_len]
-    return torch.cat([groups.flatten(0, 1), a[n:], b[n * b_per_a:]])
+def alternate(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Rows of ``a`` and ``b`` taken in turn while both last, then the rest of the longer one."""
+    n = min(len(a), len(b))
+    return torch.cat([torch.stack([a[:n], b[:n]], 1).flatten(0, 1), a[n:], b[n:]])
 
 
 def _as_sequences(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -130,7 +125,7 @@ def load_split(paths: list[str] | None, tokenizer, seq_len: int, samples: torch.
     if samples is None or not len(samples):
         return TokenSplit(train, heldout, source, data_sha256(text, samples))
     n_heldout = max(1, len(samples) // 10)
-    return TokenSplit(interleave(train, samples[:-n_heldout], SAMPLES_PER_CORPUS_SEQUENCE), heldout,
+    return TokenSplit(alternate(train, samples[:-n_heldout]), heldout,
                       f"{source} + {len(samples) * samples.shape[1]} tokens sampled from the parent",
                       data_sha256(text, samples), samples[-n_heldout:])
 
@@ -141,7 +136,6 @@ def data_sha256(text: str, samples: torch.Tensor | None) -> str:
     digest = hashlib.sha256(text.encode())
     if samples is not None and len(samples):
         digest.update(samples.numpy().tobytes())
-        digest.update(f"{SAMPLES_PER_CORPUS_SEQUENCE} samples per corpus sequence".encode())
     return digest.hexdigest()
 
 

@@ -37,7 +37,7 @@ class Settings:
     max_spread: float | None = None  # a measured figure's IQR / median above this is an error
     threads: int | None = None  # torch's CPU threads; chosen by the run's first command (idle cores), then kept
     data: list[str] | None = None
-    distill_samples: int = 98304  # tokens sampled from the parent, mixed into training (0: none)
+    distill_samples: int = 65536  # tokens sampled from the parent, mixed into training (0: none)
     seq_len: int = 128
     kv_heads: list[int] | None = None
     ffn_fractions: list[float] = field(default_factory=lambda: [0.75, 0.5, 0.25])

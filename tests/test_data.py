@@ -96,15 +96,14 @@ def test_empty_or_too_short_corpus_is_an_error(tmp_path):
     assert load_split([str(short)], TOK, 32).heldout.shape == (1, 32)
 
 
-def test_parent_samples_outweigh_the_corpus_three_to_one_and_a_tenth_is_held_out():
+def test_parent_samples_alternate_with_the_corpus_and_a_tenth_is_held_out():
     plain = load_split(None, TOK, 64)
     samples = torch.arange(20 * 64).view(20, 64) + 1000  # ids a byte tokenizer never makes
     split = load_split(None, TOK, 64, samples)
     assert torch.equal(split.heldout, plain.heldout)  # the run's own held-out text is the corpus's, as before
     assert torch.equal(split.samples_heldout, samples[-2:])
-    groups = split.train[:24].view(6, 4, 64)  # 18 training samples: 6 groups of one corpus sequence and 3 samples
-    assert torch.equal(groups[:, 0], plain.train[:6]) and torch.equal(groups[:, 1:].flatten(0, 1), samples[:18])
-    assert torch.equal(split.train[24:], plain.train[6:])
+    assert torch.equal(split.train[0:36:2], plain.train[:18]) and torch.equal(split.train[1:36:2], samples[:18])
+    assert torch.equal(split.train[36:], plain.train[18:])
     assert split.sha256 != plain.sha256 and "sampled from the parent" in split.source
     scoring = split.score_batches(64 * 4)
     assert torch.equal(scoring[1::2], samples[-2:]) and torch.equal(scoring[0::2], plain.heldout[:2])
