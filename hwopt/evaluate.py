@@ -23,7 +23,7 @@ from hwopt.model.modeling import HeteroLlamaForCausalLM, greedy_tokens
 from hwopt.model.modeling_nemotron_nas import GroupedQueryAttention
 from hwopt.search_space import Scenario
 from hwopt.tasks import MultipleChoice, task_accuracy
-from hwopt.timing import median_error
+from hwopt.timing import CpuLoad, median_error, oversubscribed
 from hwopt.workload import MIB
 
 
@@ -81,11 +81,16 @@ def measured_speedup(parent: HeteroLlamaForCausalLM, child: HeteroLlamaForCausal
     """The child's speedup measured here: the parent's median generation ms over the child's, runs interleaved
     (``runtime_rounds``), with the ratio's relative standard error ``error``: each median's
     (``hwopt.timing.median_error``) added in quadrature, as the relative errors of a ratio's independent factors
-    add to first order. Returns ``{"measured_speedup", "error", "measured_ms": {"parent", "child"}}``."""
-    rounds = runtime_rounds({"parent": parent, "child": child}, scenario, parent.config.vocab_size, repeats)
+    add to first order; ``others``: how many of this process's cores other processes kept busy meanwhile, and
+    ``disturbed``: whether they and torch's threads did not fit on them (``hwopt.timing.oversubscribed``), in which
+    case the ratio says more about the load than about the child. Returns ``{"measured_speedup", "error",
+    "measured_ms": {"parent", "child"}, "others", "disturbed"}``."""
+    with CpuLoad() as load:
+        rounds = runtime_rounds({"parent": parent, "child": child}, scenario, parent.config.vocab_size, repeats)
     ms = {name: statistics.median(t) for name, t in rounds.items()}
     return {"measured_speedup": ms["parent"] / ms["child"], "error": math.hypot(*map(median_error, rounds.values())),
-            "measured_ms": ms}
+            "measured_ms": ms, "others": load.others,
+            "disturbed": oversubscribed(load.others, torch.get_num_threads(), len(load.cores))}
 
 
 def memory_mib(model: HeteroLlamaForCausalLM, scenario: Scenario) -> dict[str, float]:

@@ -86,3 +86,13 @@ def test_evaluate_bad_input_is_one_error_line(tiny_child_dir, tiny_llama_dir, tm
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and message in err[0]
     assert not (tmp_path / "e").exists()
+
+
+def test_a_measured_speedup_says_how_busy_other_processes_kept_the_cores(tiny_child_dir, tiny_llama_dir):
+    from hwopt.evaluate import measured_speedup
+    from hwopt.search_space import Scenario
+
+    child, parent = load_checkpoint(tiny_child_dir, block_types()), load_checkpoint(tiny_llama_dir, block_types())
+    check = measured_speedup(parent, child, Scenario(input_len=8, output_len=2), repeats=2)
+    assert check["measured_speedup"] > 0 and check["error"] >= 0
+    assert check["others"] >= 0 and isinstance(check["disturbed"], bool)

@@ -502,6 +502,19 @@ def test_a_child_measuring_short_is_solved_again_with_the_budget_raised_by_the_s
                          "error": 0.01, "measured_ms": {}}
 
 
+def test_a_child_timed_on_a_loaded_machine_is_kept_and_the_budget_not_raised():
+    from hwopt.progress import console
+
+    solve_at, measure, budgets = _solver_with_measurements([1.38, 1.47, 1.91])
+
+    def loaded(result):
+        return {**measure(result), "others": 1.1, "disturbed": True}
+    with console.capture() as printed:
+        result, checks = meet_measured_speedup(solve_at, loaded, 1.5, checks=3)
+    assert budgets == [1.5] and len(checks) == 1 and result["solutions"][0]["n"] == 1
+    assert "not trusted" in printed.get()
+
+
 def test_when_no_child_measures_the_speedup_the_fastest_measured_one_is_kept():
     solve_at, measure, budgets = _solver_with_measurements([1.40, 1.46, 1.43, 1.70])
     result, checks = meet_measured_speedup(solve_at, measure, 1.5, checks=3)
