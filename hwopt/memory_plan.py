@@ -191,8 +191,8 @@ def uptrain_plan(config, child_blocks: list[BlockConfig], parent_blocks: list[Bl
         gathered = 2 * layer * (size + 4) + 2 * layer * size  # two of each model; the child's with fp32 gradients
         piece = max(layer * (2 * size + 4), table * (size + 4))  # a parent layer and the child's, or the embedding,
         # with one tensor of it in fp32
-        plan.add("layers gathered whole while training runs, or before it one piece read whole (a layer of each "
-                 "model, or the embedding) while the shards are built", max(gathered, piece))
+        plan.add("layers gathered whole while they run, or (before) one piece read whole to build the shards",
+                 max(gathered, piece))
     layers = config.num_hidden_layers
     plan.add(f"activations of one step ({tokens_per_step} tokens, both models, every layer)",
              2 * (layers + 1) * tokens_per_step * config.hidden_size * 4 + 3 * tokens_per_step * config.vocab_size * 4
