@@ -13,9 +13,10 @@ peak against the plan.
 
 ``--max-memory`` is the host budget per rank: a plan over it is refused in one
 line before anything is read, and score fits its waves into what is left.
-uptrain holds the whole child and parent (``uptrain_plan``, sharded by FSDP
-under torchrun when they do not fit a rank), and so does the sampling of
-``--distill-samples`` from the parent (``sampling_plan``).
+uptrain holds the whole child and parent (``uptrain_plan``), or under
+torchrun, when they do not fit a rank, each rank's FSDP shards of them and
+one piece read whole; the sampling of ``--distill-samples`` holds the
+whole parent (``sampling_plan``).
 """
 
 from __future__ import annotations
@@ -171,9 +172,10 @@ def uptrain_plan(config, child_blocks: list[BlockConfig], parent_blocks: list[Bl
     """uptrain: the child in training (fp32 with AdamW, and a copy of its weights to go back to), the parent as
     its teacher in the train dtype, and one step's activations of both with every layer's hidden states.
 
-    ``shards`` > 1: FSDP over that many ranks (``hwopt.passes.uptrain.shard``). Each rank then holds 1/shards of
-    both models and their state, plus the layers gathered whole while they run; but both models are still built
-    whole on each rank's host before they are sharded, so on the CPU sharding does not lower the peak.
+    ``shards`` > 1: FSDP over that many ranks (``hwopt.passes.uptrain.sharded_models``). Each rank then holds
+    1/shards of both models and their state, plus the layers gathered whole while they run. The models are built
+    on the meta device and each rank reads one piece whole at a time (a parent layer with the child's variant of
+    it, or the embedding) to keep its shards of it, so no rank ever holds either model whole.
     """
     table = config.vocab_size * config.hidden_size
     size = placement.dtype.itemsize
@@ -186,9 +188,11 @@ def uptrain_plan(config, child_blocks: list[BlockConfig], parent_blocks: list[Bl
     plan.add(f"parent as teacher ({placement.dtype_name}){per_rank}", parent * size // shards)
     if shards > 1:
         layer = max(layer_params(config, b) for b in (*child_blocks, *parent_blocks))
-        plan.add("layers gathered whole while they run (two of each model; the child's with fp32 gradients)",
-                 2 * layer * (size + 4) + 2 * layer * size)
-        plan.host.append(("child (fp32) and parent whole, built before they are sharded", child * 4 + parent * size))
+        gathered = 2 * layer * (size + 4) + 2 * layer * size  # two of each model; the child's with fp32 gradients
+        piece = max(layer * (2 * size + 4), table * (size + 4))  # a parent layer and the child's, or the embedding,
+        # with one tensor of it in fp32
+        plan.add("layers gathered whole while they run, or (before) one piece read whole to build the shards",
+                 max(gathered, piece))
     layers = config.num_hidden_layers
     plan.add(f"activations of one step ({tokens_per_step} tokens, both models, every layer)",
              2 * (layers + 1) * tokens_per_step * config.hidden_size * 4 + 3 * tokens_per_step * config.vocab_size * 4

@@ -37,11 +37,13 @@ from hwopt.evaluate import measured_speedup
 from hwopt.lowering.runtimes import Runtime, resolve_runtime, runnable_library
 from hwopt.memory_plan import MemoryPlan, library_plan, sampling_plan, score_plan, uptrain_plan
 from hwopt.model.checkpoint import load_checkpoint, save_nemotron_nas
-from hwopt.model.layerwise import LayerwiseParent
+from hwopt.model.config import BlockConfig
+from hwopt.model.layerwise import LayerwiseParent, whole_model
 from hwopt.model.modeling import HeteroLlamaForCausalLM
 from hwopt.model_source import resolve_model
 from hwopt.passes.library import (
     BLDSettings,
+    Child,
     Library,
     build_coupled,
     build_library,
@@ -52,8 +54,8 @@ from hwopt.passes.lower import LowerOptions, lower
 from hwopt.passes.profile import choose_backend, layer_rows, model_variants, print_checks, profile
 from hwopt.passes.score import SCORE_PAIRS, pairs_to_run, rescore_coupled, score_metrics, with_costs
 from hwopt.passes.solve import maximizes, meet_measured_speedup, solve
-from hwopt.passes.two_layer import add_two_layer_entries, assemble_child, build_two_layer
-from hwopt.passes.uptrain import UptrainSettings, full_weights, uptrain
+from hwopt.passes.two_layer import add_two_layer_entries, build_two_layer, child_of
+from hwopt.passes.uptrain import UptrainSettings, full_weights, sharded_models, uptrain
 from hwopt.pipeline import (
     PASSES,
     atomic_write_json,
@@ -393,12 +395,25 @@ class Run:
         return self.score_plan()[0]
 
     def _uptrain_plan(self, shards: int | None = None) -> MemoryPlan:
-        """uptrain's plan per rank, sharded over ``shards`` ranks (default: as ``uptrain_sharded`` chooses); the
-        child planned for is the size of the parent (its upper bound)."""
-        s, blocks = self.settings, self.source.block_configs
+        """uptrain's plan per rank, sharded over ``shards`` ranks (default: as ``uptrain_sharded`` chooses), for
+        the child solve chose, or one the size of the parent (its upper bound) before solve has run."""
+        s, config, blocks = self.settings, self.source.config, self.source.block_configs
         shards = shards or (self.ranks.world if self.uptrain_sharded else 1)
-        return uptrain_plan(self.source.config, blocks, blocks, UptrainSettings.batch_sequences * s.seq_len,
-                            s.seq_len, self.placement, shards)
+        return uptrain_plan(config, self.solved_blocks() or blocks, blocks,
+                            UptrainSettings.batch_sequences * s.seq_len, s.seq_len, self.placement, shards)
+
+    def solved_blocks(self) -> list[BlockConfig] | None:
+        """The blocks of the child solve chose (the first of ``solutions.json``); None before solve has run.
+
+        Raises:
+            HwoptError: a block in ``solutions.json`` that does not read as one.
+        """
+        path = self.output("solve", "solutions")
+        if not output_hash(self.dir("solve")) or not path.is_file():
+            return None
+        blocks = json.loads(path.read_text())["solutions"][0].get("blocks")  # not in those of older versions
+        return [BlockConfig.from_json(block, self.source.config, block_types(), f"{path}: layer {i}")
+                for i, block in enumerate(blocks)] if blocks else None
 
     @property
     def uptrain_sharded(self) -> bool:
@@ -469,17 +484,23 @@ class Run:
         coupled_dir = self.output("solve", "coupled", solve_dir) if coupled else None
         return Library(self.dir("library"), self.layerwise_parent, coupled_dir, self.placement)
 
-    def assemble(self, solution: dict, coupled_dir: Path | None = None, placement: Placement | None = None
-                 ) -> HeteroLlamaForCausalLM:
+    def child(self, solution: dict, coupled_dir: Path | None = None, placement: Placement | None = None) -> Child:
         """A solution's child (an entry of ``solutions.json``), with its two-layer blocks and coupled-BLD pairs
-        (``coupled_dir``, default the solve pass's), on ``placement``'s device (default the run's)."""
+        (``coupled_dir``, default the solve pass's), read a piece at a time onto ``placement``'s device in its dtype
+        (default the run's): built whole by ``assemble``, sharded by uptrain under FSDP."""
         placement = placement or self.placement
         library = Library(self.dir("library"), self.layerwise_parent, coupled_dir or self.output("solve", "coupled"),
                           placement)
         two_layer = Library(self.dir("library"), self.layerwise_parent, self.output("library", "two_layer"),
                             placement)
-        return assemble_child(library, two_layer, [tuple(v) for v in solution["variants"]],
-                              solution.get("spans", []))
+        return child_of(library, two_layer, [tuple(v) for v in solution["variants"]], solution.get("spans", []))
+
+    def assemble(self, solution: dict, coupled_dir: Path | None = None, placement: Placement | None = None
+                 ) -> HeteroLlamaForCausalLM:
+        """``child``'s child built whole, fp32, on ``placement``'s device (default the run's)."""
+        placement = placement or self.placement
+        return whole_model(self.child(solution, coupled_dir, placement), placement.device, torch.float32,
+                           str(self.dir("library")))
 
     def _solve(self, out: Path) -> None:
         s = self.settings
@@ -535,15 +556,14 @@ class Run:
     def _uptrain(self, out: Path) -> None:
         s, sharded = self.settings, self.uptrain_sharded
         solution = self.read_json(self.output("solve", "solutions"))["solutions"][0]
-        if sharded:  # built on the host, each rank's shards then moved to the device
-            host = dataclasses.replace(self.placement, device=torch.device("cpu"))
-            child, parent = self.assemble(solution, placement=host), self.source.load("cpu", self.placement.dtype)
+        if sharded:  # built on meta, each rank reading its shards a layer at a time: neither model whole anywhere
+            child, parent = sharded_models(self.child(solution), self.layerwise_parent, self.placement, self.ranks)
         else:
             child, parent = self.assemble(solution), self.parent
         stats = uptrain(child, parent, self.split.train_batches(s.uptrain_tokens),
                         self.split.score_batches(self.settings.score_tokens),
                         UptrainSettings(tokens=s.uptrain_tokens, lr=s.uptrain_lr, seed=s.seed), self.placement,
-                        self.ranks, sharded)
+                        self.ranks)
         weights = full_weights(child)  # under FSDP a collective: rank 0 gets them whole
         if self.ranks.is_main:
             save_nemotron_nas(child, self.output("uptrain", "model", out), self.tokenizer, state=weights)

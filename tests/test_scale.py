@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.distributed as dist
 from conftest import REPO, env_with_pythonpath, hwopt_cli, make_tiny_llama_dir
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy
 from transformers import LlamaForCausalLM
 
 from hwopt.cli import main
@@ -26,10 +31,12 @@ from hwopt.model.layerwise import LayerwiseParent
 from hwopt.model_source import resolve_model
 from hwopt.passes.library import BLDSettings, Library, build_library
 from hwopt.passes.score import score_metrics, waves
+from hwopt.passes.uptrain import sharded_model
 from hwopt.plugins import block_types, metrics
 from hwopt.report import speedup_line
 from hwopt.run import Run, Settings
 from hwopt.search_space import SearchSpace
+from hwopt.settings import load_settings
 from hwopt.targets import resolve_target
 
 SPACE = SearchSpace(kv_heads=(1,), ffn_fractions=(0.5,), linear=True, no_op=True)
@@ -188,7 +195,10 @@ def test_the_uptrain_plan_under_fsdp_holds_a_share_of_the_models_per_rank():
     whole, halves, eighths = (uptrain_plan(config, blocks, blocks, 512, 128, h100, shards) for shards in (1, 2, 8))
     assert 0.5 < halves.device_bytes / whole.device_bytes < 0.52
     assert 0.125 < eighths.device_bytes / whole.device_bytes < 0.14
-    assert whole.host_bytes < halves.host_bytes == eighths.host_bytes  # both models whole on the host at first
+    assert whole.host_bytes == halves.host_bytes == eighths.host_bytes  # the process and a piece's pages in transit
+    cpu = Placement(torch.device("cpu"), torch.float32)  # on the host, sharding lowers its peak too
+    assert 0.125 < uptrain_plan(config, blocks, blocks, 512, 128, cpu, 8).host_bytes / uptrain_plan(
+        config, blocks, blocks, 512, 128, cpu, 1).host_bytes < 0.15  # the layers gathered and activations unshared
     assert "over its 80.00 GiB" in eighths.over(None, 80 * 2**30)
     assert uptrain_plan(config, blocks, blocks, 512, 128, h100, 32).over(None, 80 * 2**30) is None
 
@@ -211,25 +221,64 @@ def test_uptrain_sharding_auto_chooses_fsdp_when_the_whole_child_does_not_fit_a_
     assert not run.uptrain_sharded  # one process: nothing to shard over
 
 
+def test_a_sharded_model_is_the_checkpoints_and_refuses_weights_that_do_not_fit_in_one_line(tiny_llama_dir,
+                                                                                             tmp_path):
+    parent = LayerwiseParent(tiny_llama_dir, block_types())  # tied embeddings: the LM head is the embedding
+    smaller_ffn = [dataclasses.replace(b, ffn=dataclasses.replace(b.ffn, intermediate_size=256))
+                   for b in parent.block_configs]
+    sources = {"short": SimpleNamespace(**{k: getattr(parent, k) for k in (
+                   "config", "block_configs", "block_types", "decoder_layer", "embedding", "output_head")},
+                   num_layers=3),  # its last layer's weights never come
+               "smaller": SimpleNamespace(**{k: getattr(parent, k) for k in (
+                   "config", "block_types", "num_layers", "decoder_layer", "embedding", "output_head")},
+                   block_configs=smaller_ffn)}
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        sharded = sharded_model(parent, torch.float32, torch.device("cpu"), mesh, MixedPrecisionPolicy())
+        ids = torch.randint(0, parent.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            expected = load_checkpoint(tiny_llama_dir, block_types())(ids).logits
+            assert torch.allclose(sharded(ids).logits, expected, rtol=0, atol=1e-5)
+        with pytest.raises(HwoptError, match=r"^no weights read for \['model\.layers\.3\."):
+            sharded_model(sources["short"], torch.float32, torch.device("cpu"), mesh, MixedPrecisionPolicy())
+        with pytest.raises(HwoptError, match=r"^weight model\.layers\.0\.mlp\.\w+_proj\.weight is \(\d+, \d+\), "
+                                             r"where the architecture being sharded has"):
+            sharded_model(sources["smaller"], torch.float32, torch.device("cpu"), mesh, MixedPrecisionPolicy())
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.mark.slow  # about 30 s here: two torchrun jobs of two ranks
 def test_fsdp_and_ddp_uptrain_over_two_ranks_give_the_update_of_one_process(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(REPO / "tests"))
-    from uptrain_worker import run, tiny_pair
+    from uptrain_worker import run, save_pair, tiny_pair
 
-    _, one = run("one process")
-    start = tiny_pair()[0].state_dict()
+    _, one, _ = run("one process")
+    child, parent = tiny_pair()
+    start = child.state_dict()
     assert max((one[k] - start[k]).abs().max().item() for k in one) > 1e-3  # it trained
+    save_pair(tmp_path / "pair")  # under FSDP, each rank reads its shards of both from these
     for sharding in ("ddp", "fsdp"):
         out = tmp_path / f"{sharding}.pt"
         proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                               str(REPO / "tests/uptrain_worker.py"), sharding, str(out)], capture_output=True,
-                              text=True, timeout=300, env=env_with_pythonpath(REPO, REPO / "tests"))
+                               str(REPO / "tests/uptrain_worker.py"), sharding, str(out), str(tmp_path / "pair")],
+                              capture_output=True, text=True, timeout=300,
+                              env=env_with_pythonpath(REPO, REPO / "tests"))
         assert proc.returncode == 0, proc.stderr[-3000:]
         result = torch.load(out)
         assert result["stats"]["sharding"] == sharding and result["stats"]["kept_uptrained_weights"]
         assert result["weights"].keys() == one.keys()
         for k, v in one.items():
             assert torch.allclose(result["weights"][k], v, rtol=0, atol=1e-5), (sharding, k)
+    # the sharded build never held a model whole: both were sharded while still on the meta device (each layer,
+    # then each model), their weights came a layer at a time, and a rank keeps half of the child
+    seen = result["seen"]
+    assert seen["sharded_on_meta"] == [True] * 10
+    layer_bytes = [sum(t.numel() * 4 for t in layer.state_dict().values()) for layer in parent.model.layers]
+    assert len(seen["piece_bytes"]) == 2 * (4 + 2) and max(seen["piece_bytes"]) == max(layer_bytes)
+    whole_bytes = sum(p.numel() * 4 for p in child.parameters())
+    assert whole_bytes / 2 <= seen["child_shard_bytes"] <= whole_bytes / 2 + 2 * 32 * 4  # 97 rows: 49 on rank 0
 
 
 def test_calibrate_times_the_blocks_on_the_device_it_is_given(tiny_llama_dir, tmp_path, capsys):
@@ -282,6 +331,14 @@ def test_under_torchrun_fsdp_uptrain_writes_the_child_whole_and_a_failed_rank_st
     assert not any("Traceback" in line for lines in errors.values() for line in lines)
     proc = hwopt_cli("solve", "--workdir", work, "--speedup", "1.1")
     assert proc.returncode == 0, proc.stderr
+    # once solve has run, uptrain's plan is for the child it chose, smaller than one the size of the parent
+    run = Run(work, load_settings(work, {}))
+    solution = json.loads((work / "solve/solutions.json").read_text())["solutions"][0]
+    assert [b.to_json(block_types(), run.source.config) for b in run.solved_blocks()] == solution["blocks"]
+    child = "child in training (fp32, AdamW state, a copy to go back to)"
+    parent_sized = uptrain_plan(run.source.config, run.source.block_configs, run.source.block_configs,
+                                4 * 32, 32, run.placement)
+    assert dict(run.memory_plan("uptrain").host)[child] < dict(parent_sized.host)[child]
     proc = torchrun("uptrain", "--workdir", work, "--uptrain-sharding", "fsdp", "--uptrain-tokens", "512")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "/ 2 ranks" in proc.stderr  # the plan printed: each rank holds half of each model

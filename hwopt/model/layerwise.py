@@ -8,10 +8,16 @@ asked; the caller drops it when done. It offers what
 ``HeteroLlamaForCausalLM`` offers for this (``num_layers``,
 ``decoder_layer``, ``embedding``, ``output_head``, ``position_embeddings``),
 so a pass takes either.
+
+``pieces`` reads any such source (the library's children too) a piece at a
+time, keyed as in the whole model's state dict: ``whole_model`` builds it
+whole from them, ``hwopt.passes.uptrain.sharded_model`` gives each rank of an
+FSDP job its shards of them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -19,7 +25,7 @@ from torch import nn
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding
 
 from hwopt.model.architecture import read_architecture
-from hwopt.model.checkpoint import load_checkpoint, materialise, read_tensors, weight_files
+from hwopt.model.checkpoint import load_checkpoint, materialise, materialise_model, read_tensors, weight_files
 from hwopt.model.modeling import DecoderLayer, HeteroLlamaForCausalLM, rotary_tables
 
 
@@ -75,3 +81,33 @@ class LayerwiseParent:
     def whole(self) -> HeteroLlamaForCausalLM:
         """The whole parent in memory (for passes that run it end to end: uptrain's teacher, the report)."""
         return load_checkpoint(self.directory, self.block_types, self.device, self.dtype)
+
+
+def pieces(source) -> Iterator[dict[str, torch.Tensor]]:
+    """``source``'s weights a piece at a time, keyed as in the whole model's state dict: each decoder layer
+    (``model.layers.<i>.*``), then the embedding, then the final norm and the LM head (``lm_head.weight`` is the
+    embedding's matrix when the two are tied). ``source``: anything that offers ``num_layers``, ``decoder_layer``,
+    ``embedding`` and ``output_head`` (a ``HeteroLlamaForCausalLM``, a ``LayerwiseParent``, a library's
+    ``Child``); a ``LayerwiseParent`` reads each piece from disk when it is asked for, so a caller that drops
+    each piece before asking for the next holds one at a time."""
+    for i in range(source.num_layers):
+        yield {f"model.layers.{i}.{name}": t for name, t in source.decoder_layer(i).state_dict().items()}
+    yield {"model.embed_tokens.weight": source.embedding().weight}
+    norm, head = source.output_head()
+    yield {"model.norm.weight": norm.weight, "lm_head.weight": head.weight}
+
+
+def whole_model(source, device: torch.device | str, dtype: torch.dtype, what: str) -> HeteroLlamaForCausalLM:
+    """``source`` (see ``pieces``, which also offers ``config``, ``block_configs`` and ``block_types``) as one
+    model on ``device`` in ``dtype``: built on the meta device, then given copies of its pieces (weights of its
+    own: training it leaves the source as it is). Raises HwoptError naming ``what`` when the weights do not fit
+    the architecture."""
+    state = {}
+    for piece in pieces(source):
+        state.update({name: t.detach().to(device, dtype, copy=True) for name, t in piece.items()})
+    if source.config.tie_word_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    with torch.device("meta"):
+        model = HeteroLlamaForCausalLM(source.config, source.block_configs, source.block_types)
+    materialise_model(model, state, what, device)
+    return model.eval()

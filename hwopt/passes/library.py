@@ -31,9 +31,9 @@ from torch import nn
 
 from hwopt.devices import FP32_CPU, Placement
 from hwopt.distributed import ONE_PROCESS, Ranks
-from hwopt.model.checkpoint import materialise, materialise_model
+from hwopt.model.checkpoint import materialise
 from hwopt.model.config import BlockConfig
-from hwopt.model.layerwise import LayerwiseParent
+from hwopt.model.layerwise import LayerwiseParent, whole_model
 from hwopt.model.modeling import DecoderLayer, HeteroLlamaForCausalLM
 from hwopt.pipeline import atomic_path, atomic_write_json
 from hwopt.progress import progress
@@ -327,8 +327,7 @@ class Library:
         parent_layer = parent_layer if parent_layer is not None else self.parent.decoder_layer(i)
         load = cache(partial(self.load, i, parent_layer=parent_layer))
         for attention, ffn in pairs:
-            block = BlockConfig(self.sub_variant(i, "attention", attention).config,
-                                self.sub_variant(i, "ffn", ffn).config)
+            block = self.block_config(i, attention, ffn)
             coupled = self.coupled.get(f"layer_{i}", {}).get(f"{attention}+{ffn}")
             if coupled:
                 with torch.device("meta"):
@@ -339,23 +338,43 @@ class Library:
             else:
                 yield attention, ffn, DecoderLayer.from_parts(block, *load("attention", attention), *load("ffn", ffn))
 
+    def block_config(self, i: int, attention: str, ffn: str) -> BlockConfig:
+        """Layer ``i``'s block of one attention and one FFN variant."""
+        return BlockConfig(self.sub_variant(i, "attention", attention).config, self.sub_variant(i, "ffn", ffn).config)
+
     def assemble(self, choice: list[tuple[str, str]]) -> HeteroLlamaForCausalLM:
         """The child with the given (attention, ffn) variant names per layer, built a layer at a time on the
         library's device, fp32 (weights of its own: training it leaves the parent as it is); embeddings and head
         from the parent."""
-        device = self.placement.device
-        state, blocks = {}, []
-        for i, (attention, ffn) in enumerate(choice):
-            layer = self.layer(i, attention, ffn)
-            blocks.append(layer.block)
-            state.update({f"model.layers.{i}.{k}": v for k, v in layer.state_dict().items()})
-        norm, head = self.parent.output_head()
-        state.update({"model.embed_tokens.weight": self.parent.embedding().weight, "model.norm.weight": norm.weight,
-                      "lm_head.weight": head.weight})
-        state = {k: v.detach().to(device, torch.float32, copy=True) for k, v in state.items()}
-        if self.config.tie_word_embeddings:
-            state["lm_head.weight"] = state["model.embed_tokens.weight"]
-        with torch.device("meta"):
-            child = HeteroLlamaForCausalLM(self.config, blocks, self.parent.block_types)
-        materialise_model(child, state, str(self.dir), device)
-        return child.eval()
+        return whole_model(Child(self, choice), self.placement.device, torch.float32, str(self.dir))
+
+
+class Child:
+    """A child of a library before it is built: its architecture, and its weights read a piece at a time.
+
+    ``choice``: the (attention, FFN) variant names per layer; ``layers``: layer index -> the library (read with
+    coupled weights) whose pair stands at that layer instead of ``library``'s (two-layer blocks). It offers what
+    ``hwopt.model.layerwise.pieces`` reads (``num_layers``, ``decoder_layer``, ``embedding``, ``output_head``,
+    with ``config``, ``block_configs`` and ``block_types``), so it is built whole (``Library.assemble``) or
+    sharded over ranks (``hwopt.passes.uptrain.sharded_model``) without holding it whole first. Each layer is
+    read from disk when asked for, on the library's device in its dtype; the embedding and head are the
+    parent's.
+    """
+
+    def __init__(self, library: Library, choice: list[tuple[str, str]], layers: dict[int, Library] | None = None):
+        self.library, self.choice, self.layers = library, [tuple(pair) for pair in choice], layers or {}
+        self.config, self.block_types = library.config, library.parent.block_types
+        self.block_configs = [library.block_config(i, a, f) for i, (a, f) in enumerate(self.choice)]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.choice)
+
+    def decoder_layer(self, i: int) -> DecoderLayer:
+        return self.layers.get(i, self.library).layer(i, *self.choice[i])
+
+    def embedding(self) -> nn.Embedding:
+        return self.library.parent.embedding()
+
+    def output_head(self) -> tuple[nn.Module, nn.Linear]:
+        return self.library.parent.output_head()

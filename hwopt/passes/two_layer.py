@@ -35,8 +35,9 @@ from hwopt.devices import FP32_CPU, Placement
 from hwopt.errors import HwoptError
 from hwopt.metric import Metric
 from hwopt.model.config import BlockConfig
+from hwopt.model.layerwise import whole_model
 from hwopt.model.modeling import HeteroLlamaForCausalLM
-from hwopt.passes.library import BLDSettings, Library, Parent, build_coupled
+from hwopt.passes.library import BLDSettings, Child, Library, Parent, build_coupled
 from hwopt.passes.score import outputs_of, swapped_final_hidden, swapped_logits
 from hwopt.progress import progress
 from hwopt.search_space import block_variant_name
@@ -161,16 +162,15 @@ def add_two_layer_entries(parent: Parent, two_layer: Library, block_library: dic
     return out
 
 
-def assemble_child(library: Library, two_layer: Library, choice: list[tuple[str, str]],
-             spans: list[int]) -> HeteroLlamaForCausalLM:
+def child_of(library: Library, two_layer: Library, choice: list[tuple[str, str]], spans: list[int]) -> Child:
     """The child of ``choice`` ((attention, FFN) names per layer, as ``Library.assemble`` takes it) whose layers
-    ``spans`` hold two-layer blocks (``two_layer``'s weights); the layer after each must be a no-op.
+    ``spans`` hold two-layer blocks (``two_layer``'s weights), read a piece at a time (``Child``); the layer
+    after each span must be a no-op.
 
     Raises:
         HwoptError: a span at the last layer, a layer after a span that is not a no-op, or a two-layer block that
             was not trained.
     """
-    child = library.assemble(choice)
     for i in spans:
         if i + 1 >= len(choice) or tuple(choice[i + 1]) != noop_pair(library, i + 1):
             raise HwoptError(f"layer {i} holds a two-layer block, so layer {i + 1} must be a no-op, not "
@@ -178,5 +178,11 @@ def assemble_child(library: Library, two_layer: Library, choice: list[tuple[str,
         name = block_variant_name(*choice[i])
         if name not in two_layer.coupled.get(f"layer_{i}", {}):
             raise HwoptError(f"{two_layer.coupled_dir}: no two-layer block {name} was trained at layer {i}")
-        child.model.layers[i].load_state_dict(two_layer.layer(i, *choice[i]).state_dict())
-    return child.eval()
+    return Child(library, choice, dict.fromkeys(spans, two_layer))
+
+
+def assemble_child(library: Library, two_layer: Library, choice: list[tuple[str, str]],
+                   spans: list[int]) -> HeteroLlamaForCausalLM:
+    """``child_of``'s child built whole, fp32, on ``library``'s device. Raises HwoptError as ``child_of``."""
+    return whole_model(child_of(library, two_layer, choice, spans), library.placement.device, torch.float32,
+                       str(library.dir))
