@@ -66,6 +66,7 @@ from hwopt.pipeline import (
     kept_units,
     mark_not_up_to_date,
     output_hash,
+    read_manifest,
     units_dir,
 )
 from hwopt.plots import per_layer_runtime
@@ -289,6 +290,24 @@ class Run:
                                  f"`hwopt optimize --workdir {self.workdir} --from {up} --until {name}` with the "
                                  f"new settings, or leave them out")
 
+    def check_upstream_current(self, name: str) -> None:
+        """Refuse to run ``name`` on the output of an earlier pass that is itself out of date: something it reads
+        changed after it ran (e.g. ``hwopt solve`` again, then ``hwopt lower`` without ``uptrain`` between).
+
+        A pass kept although it failed its checks (a noisy profile) is used as it is, as its warning said.
+
+        Raises:
+            HwoptError: naming the stale pass and the command that brings it and ``name`` up to date.
+        """
+        for up in upstream(name):
+            manifest = read_manifest(self.dir(up))
+            if manifest is None or manifest.get("failed_checks"):
+                continue  # not run yet (the fingerprint says so), or kept despite its checks
+            if manifest.get("fingerprint") != self.fingerprint(up):
+                raise HwoptError(f"{up} is out of date (what it reads changed after it ran), so {name} would read "
+                                 f"stale outputs: run `hwopt optimize --workdir {self.workdir} --from {up} "
+                                 f"--until {name}`")
+
     def run_pass(self, name: str, force: bool = False) -> None:
         """Run one pass, unless it is up to date (``force``: run it anyway).
 
@@ -297,6 +316,7 @@ class Run:
         """
         self._validate(name)  # bad input fails before anything is said or chosen
         self.check_upstream_settings(name)
+        self.check_upstream_current(name)
         self.use_threads()
         if self.ranks.is_main:
             self.save_settings()

@@ -237,3 +237,19 @@ def test_estimate_with_require_measured_refuses_an_estimate(capsys):
     assert main(["estimate", "--model", "smollm2-135m", "--target", "h100", "--require-measured"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--require-measured" in err
+
+
+def test_a_pass_after_a_stale_one_is_refused_until_the_stale_one_runs_again(tiny_llama_dir, tmp_path, capsys):
+    """`solve` again, then `lower`: uptrain's child is the old solution's, so lower must not call itself up to date."""
+    workdir = tmp_path / "run"
+    assert main(["optimize", "--model", str(tiny_llama_dir), "--workdir", str(workdir), "--until", "lower",
+                 "--speedup", "1.2", "--speedup-checks", "0", *FAST_RUN]) == 0
+    assert main(["solve", "--workdir", str(workdir), "--speedup", "1.4"]) == 0
+    capsys.readouterr()
+    assert main(["lower", "--workdir", str(workdir)]) == 2
+    err = capsys.readouterr().err
+    assert "uptrain is out of date" in err and "--from uptrain --until lower" in err and len(err.splitlines()) == 1
+    assert main(["optimize", "--workdir", str(workdir), "--from", "uptrain"]) == 0
+    capsys.readouterr()
+    assert main(["lower", "--workdir", str(workdir)]) == 0
+    assert "lower: up to date, skipped" in capsys.readouterr().err
