@@ -257,15 +257,18 @@ def target_toml(target: Target, header: str = "") -> str:
 def use_measuring_device(spec: str, target: Target) -> None:
     """``--device`` of calibrate (as ``hwopt.devices.resolve_device`` reads it): the device timed must be of the
     target's kind, for the timings are the target's; a GPU becomes torch's current device, which the measuring
-    backends run on.
+    backends run on. ``auto`` for a GPU target with no GPU here leaves the choice to the backend (one that times
+    elsewhere may; the torch backend says it is not available).
 
     Raises:
-        HwoptError: as ``resolve_device``, or a device of the other kind than the target.
+        HwoptError: as ``resolve_device``, or a device given of the other kind than the target.
     """
     import torch
 
     from hwopt.devices import resolve_device
 
+    if spec.strip().lower() == "auto" and target.kind == "gpu" and not torch.cuda.is_available():
+        return
     device = resolve_device(spec, target.kind)
     if (device.type == "cuda") != (target.kind == "gpu"):
         here = "this machine's CPU" if device.type == "cpu" else str(device)
