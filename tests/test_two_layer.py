@@ -248,7 +248,8 @@ def test_assembly_refuses_a_span_whose_next_layer_is_not_a_no_op(built):
 def test_pipeline_with_two_layer_blocks_through_solve(tiny_llama_dir, tmp_path):
     workdir = tmp_path / "run"
     assert main(["optimize", "--model", str(tiny_llama_dir), "--workdir", str(workdir), "--until", "uptrain",
-                 "--speedup", "1.6", "--speedup-checks", "0", *FAST_RUN, "--two-layer"]) == 0
+                 "--speedup", "1.1", "--speedup-checks", "0", *FAST_RUN, "--two-layer",
+                 "--backend", "roofline"]) == 0  # estimated costs: the budget must not depend on the load
     assert json.loads((workdir / "run.json").read_text())["two_layer"] is True
     index = json.loads((workdir / "library/two_layer" / INDEX).read_text())
     assert set(index) == {"layer_0", "layer_1", "layer_2"}
