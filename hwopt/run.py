@@ -336,8 +336,9 @@ class Run:
             for line in problems:
                 console.print(f"[yellow]{name}: warning: {line}[/yellow]", soft_wrap=True)  # one line, however long
             mark_not_up_to_date(self.dir(name), problems)
-            console.print(f"[yellow]{name}: failed its checks, so it is not recorded as up to date: the next command "
-                          "runs it again (this one goes on with it)[/yellow]", soft_wrap=True)
+            console.print(f"[yellow]{name}: failed its checks, so it is not recorded as up to date: the next "
+                          f"`hwopt optimize` or `hwopt {name}` runs it again; this command, and a later pass run on "
+                          "its own, go on with it[/yellow]", soft_wrap=True)
 
     def _validate(self, name: str) -> None:
         """Resolve what a pass will need before it starts, then run its own check, so bad input fails at once."""
