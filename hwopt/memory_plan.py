@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from hwopt.devices import Placement
 from hwopt.errors import HwoptError
-from hwopt.model.config import BlockConfig, head_dim
+from hwopt.model.config import BlockConfig
 from hwopt.passes.library import variants_for_layer
 from hwopt.passes.solve import parse_memory_mib
 from hwopt.search_space import SearchSpace, sub_variant_of
@@ -210,9 +210,8 @@ def sampling_plan(config, blocks: list[BlockConfig], sequences: int, seq_len: in
     tables = 1 if config.tie_word_embeddings else 2  # the embedding, and the LM head unless it is the same
     plan.add(f"parent whole ({placement.dtype_name})",
              (sum(layer_params(config, b) for b in blocks) + tables * config.vocab_size * config.hidden_size) * size)
-    kv_heads = [config.num_attention_heads // b.attention.n_heads_in_group for b in blocks
-                if b.attention.n_heads_in_group]
-    plan.add(f"KV cache of {sequences} sequences of {seq_len} tokens",
-             2 * sequences * (seq_len + 1) * sum(kv_heads) * head_dim(config) * size)
+    kv_elements = sum(sub_variant_of(config, b.attention).block_type.kv_cache(b.attention, config).elements(seq_len + 1)
+                      for b in blocks)  # per sequence, as each attention's block type keeps it
+    plan.add(f"KV cache of {sequences} sequences of {seq_len} tokens", sequences * kv_elements * size)
     plan.add("logits of the last token and their softmax (fp32)", 2 * sequences * config.vocab_size * 4)
     return plan

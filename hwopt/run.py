@@ -38,7 +38,7 @@ from hwopt.lowering.runtimes import Runtime, resolve_runtime, runnable_library
 from hwopt.memory_plan import MemoryPlan, library_plan, sampling_plan, score_plan, uptrain_plan
 from hwopt.model.checkpoint import load_checkpoint, save_nemotron_nas
 from hwopt.model.config import BlockConfig
-from hwopt.model.layerwise import LayerwiseParent, whole_model
+from hwopt.model.layerwise import LayerwiseParent
 from hwopt.model.modeling import HeteroLlamaForCausalLM
 from hwopt.model_source import resolve_model
 from hwopt.passes.library import (
@@ -519,9 +519,7 @@ class Run:
     def assemble(self, solution: dict, coupled_dir: Path | None = None, placement: Placement | None = None
                  ) -> HeteroLlamaForCausalLM:
         """``child``'s child built whole, fp32, on ``placement``'s device (default the run's)."""
-        placement = placement or self.placement
-        return whole_model(self.child(solution, coupled_dir, placement), placement.device, torch.float32,
-                           str(self.dir("library")))
+        return self.child(solution, coupled_dir, placement).whole()
 
     def _solve(self, out: Path) -> None:
         s = self.settings

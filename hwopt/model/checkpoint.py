@@ -125,6 +125,11 @@ def materialise_model(model: HeteroLlamaForCausalLM, state: dict[str, torch.Tens
     materialise(model, state, what)
     if model.config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
+    rebuild_rotary(model, device)
+
+
+def rebuild_rotary(model: HeteroLlamaForCausalLM, device: torch.device | str) -> None:
+    """The rotary tables of a model built on the meta device, computed on ``device`` (a state dict has none)."""
     with torch.device(device):
         model.model.rotary_emb = LlamaRotaryEmbedding(model.config)
 

@@ -346,7 +346,7 @@ class Library:
         """The child with the given (attention, ffn) variant names per layer, built a layer at a time on the
         library's device, fp32 (weights of its own: training it leaves the parent as it is); embeddings and head
         from the parent."""
-        return whole_model(Child(self, choice), self.placement.device, torch.float32, str(self.dir))
+        return Child(self, choice).whole()
 
 
 class Child:
@@ -378,3 +378,8 @@ class Child:
 
     def output_head(self) -> tuple[nn.Module, nn.Linear]:
         return self.library.parent.output_head()
+
+    def whole(self) -> HeteroLlamaForCausalLM:
+        """The child built whole on the library's device, fp32 (weights of its own: training it leaves the parent
+        and the library as they are)."""
+        return whole_model(self, self.library.placement.device, torch.float32, str(self.library.dir))

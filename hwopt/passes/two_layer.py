@@ -35,7 +35,6 @@ from hwopt.devices import FP32_CPU, Placement
 from hwopt.errors import HwoptError
 from hwopt.metric import Metric
 from hwopt.model.config import BlockConfig
-from hwopt.model.layerwise import whole_model
 from hwopt.model.modeling import HeteroLlamaForCausalLM
 from hwopt.passes.library import BLDSettings, Child, Library, Parent, build_coupled
 from hwopt.passes.score import outputs_of, swapped_final_hidden, swapped_logits
@@ -184,5 +183,4 @@ def child_of(library: Library, two_layer: Library, choice: list[tuple[str, str]]
 def assemble_child(library: Library, two_layer: Library, choice: list[tuple[str, str]],
                    spans: list[int]) -> HeteroLlamaForCausalLM:
     """``child_of``'s child built whole, fp32, on ``library``'s device. Raises HwoptError as ``child_of``."""
-    return whole_model(child_of(library, two_layer, choice, spans), library.placement.device, torch.float32,
-                       str(library.dir))
+    return child_of(library, two_layer, choice, spans).whole()

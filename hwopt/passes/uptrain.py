@@ -28,13 +28,13 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
-from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from hwopt.devices import FP32_CPU, Placement
 from hwopt.distributed import ONE_PROCESS, Ranks
 from hwopt.errors import HwoptError
 from hwopt.evaluate import compare_on_heldout
 from hwopt.metric import kl_divergence
+from hwopt.model.checkpoint import rebuild_rotary
 from hwopt.model.layerwise import pieces
 from hwopt.model.modeling import HeteroLlamaForCausalLM
 from hwopt.progress import progress
@@ -105,8 +105,7 @@ def sharded_model(source, dtype: torch.dtype, device: torch.device, mesh: Device
         del piece  # before the next piece is read
     if missing := sorted(params.keys() - loaded):
         raise HwoptError(f"no weights read for {missing[:3]} of the model being sharded")
-    with torch.device(device):
-        model.model.rotary_emb = LlamaRotaryEmbedding(source.config)
+    rebuild_rotary(model, device)
     return model.eval()
 
 
