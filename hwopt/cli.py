@@ -213,7 +213,7 @@ def add_library_options(p: argparse.ArgumentParser) -> None:
 def add_standalone_lower_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="lower --model (any Llama or nemotron-nas checkpoint directory) into OUT/<format>, "
                                  "outside any run directory")
-    p.format_help = lambda: argparse.ArgumentParser.format_help(p) + formats_help()  # the formats plugins register
+    p.format_help = lambda: Parser.format_help(p) + formats_help()  # the formats plugins register
 
 
 def formats_help() -> str:
@@ -231,6 +231,17 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def format_help(self) -> str:
+        """argparse's help without the sections whose every option this command hides (another pass's settings,
+        accepted but not listed), which argparse would still head with their title and description."""
+        groups = self._action_groups
+        self._action_groups = [g for g in groups if not g._group_actions
+                               or any(a.help is not argparse.SUPPRESS for a in g._group_actions)]
+        try:
+            return super().format_help()
+        finally:
+            self._action_groups = groups
 
     def parse_args(self, args=None, namespace=None):
         """``ArgumentParser.parse_args``, with arguments no option takes blamed on the sub-command they were given

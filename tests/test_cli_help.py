@@ -40,6 +40,13 @@ def test_solve_help_lists_only_what_solve_reads():
     assert "--uptrain-lr" not in help_text and "--speedup" in help_text
 
 
+@pytest.mark.parametrize("command", ["lower", "profile"])
+def test_a_section_whose_options_are_all_hidden_is_left_out(command):
+    """`lower` reads no budget: its help has no `search:` heading, while `solve`'s has."""
+    assert "\nsearch:\n" not in subparsers(build_parser(command))[command].format_help()
+    assert "\nsearch:\n" in subparsers(build_parser("solve"))["solve"].format_help()
+
+
 def test_an_option_left_out_of_a_pass_help_is_still_accepted():
     args = build_parser("solve").parse_args(["solve", "--uptrain-lr", "3e-4", "--scenario", "512/256"])
     assert args.uptrain_lr == 3e-4 and args.scenario == "512/256"
