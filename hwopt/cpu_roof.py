@@ -4,6 +4,9 @@ A CPU target that gives no peaks (the built-in ``cpu``) is priced
 with this machine's: a square matmul per dtype for the FLOP rate and a big
 matrix-vector product for the bandwidth decode streams weights at, measured
 once per machine and thread count and kept in ``$HWOPT_CACHE/cpu-roofs.json``.
+A measurement taken while other processes left its threads too few cores
+(``hwopt.timing.oversubscribed``) is used once, said to be low, and not kept:
+the next command measures again.
 """
 
 from __future__ import annotations
@@ -51,7 +54,19 @@ def _cached_cpu_roof(machine: str, cache_file: str) -> Roof:
     except (OSError, json.JSONDecodeError):  # no cache yet, or a damaged one: measure again
         known = {}
     if machine not in known:
-        known[machine] = dataclasses.asdict(measure_cpu_roof(machine))
+        import torch
+
+        from hwopt.progress import console
+        from hwopt.timing import CpuLoad, oversubscribed
+
+        with CpuLoad() as load:
+            roof = measure_cpu_roof(machine)
+        if oversubscribed(load.others, torch.get_num_threads(), len(load.cores)):
+            console.print(f"[yellow]warning: this CPU's peaks were measured while {load.describe()}: they are low, "
+                          "and so are the estimates' speeds; they are not kept, so the next command measures again"
+                          "[/yellow]", soft_wrap=True)
+            return dataclasses.replace(roof, source=f"{roof.source}, while {load.describe()} (too low; not kept)")
+        known[machine] = dataclasses.asdict(roof)
         atomic_write_text(path, json.dumps(known, indent=2) + "\n")
     return Roof(**known[machine])
 

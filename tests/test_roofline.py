@@ -7,11 +7,13 @@ import itertools
 import time
 
 import pytest
+import torch
 
 import hwopt.calibration as calibration
 import hwopt.cpu_roof as cpu_roof
 import hwopt.plugins
 import hwopt.roofline as roofline
+import hwopt.timing as timing
 from hwopt.calibration import calibration_of, fit_calibration, target_toml
 from hwopt.cli import main
 from hwopt.cpu_roof import roof_of
@@ -215,7 +217,23 @@ def test_llama_70b_search_space_in_well_under_a_second():
 # ---------------------------------------------------------------- this CPU, and hwopt calibrate
 
 
-def test_cpu_roof_measured_once_and_cached(tmp_path, monkeypatch):
+def fake_load(others: float):
+    """A ``hwopt.timing.CpuLoad`` that says other processes kept ``others`` of two cores busy."""
+
+    class FakeLoad(timing.CpuLoad):
+        def __enter__(self):
+            self.cores, self.others = [0, 1], others
+            return self
+
+        def __exit__(self, *exc):
+            return None
+
+    return FakeLoad
+
+
+def fake_measurements(monkeypatch, tmp_path, others: float = 0.0) -> list[str]:
+    """The CPU's micro-benchmarks replaced by a fixed roof, taken with ``others`` cores busy elsewhere; the
+    cache in ``tmp_path``. Returns the machines measured, as they are."""
     monkeypatch.setenv("HWOPT_CACHE", str(tmp_path))
     calls = []
 
@@ -224,12 +242,35 @@ def test_cpu_roof_measured_once_and_cached(tmp_path, monkeypatch):
         return Roof({"fp32": 0.1, "bf16": 0.2}, 20.0, f"peaks measured on {machine}")
 
     monkeypatch.setattr(cpu_roof, "measure_cpu_roof", fake_measure)
+    monkeypatch.setattr(timing, "CpuLoad", fake_load(others))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     cpu_roof._cached_cpu_roof.cache_clear()
+    return calls
+
+
+def test_cpu_roof_measured_once_and_cached(tmp_path, monkeypatch):
+    calls = fake_measurements(monkeypatch, tmp_path)
     cpu = resolve_target("cpu")
     assert roof_of(cpu).bandwidth_gbs == 20.0
     cpu_roof._cached_cpu_roof.cache_clear()  # a new process: the file answers
     assert roof_of(cpu).peak_tflops == {"fp32": 0.1, "bf16": 0.2}
     assert len(calls) == 1 and cpu.description in calls[0]
+    assert (tmp_path / "cpu-roofs.json").is_file()
+    cpu_roof._cached_cpu_roof.cache_clear()
+
+
+def test_cpu_roof_measured_on_a_busy_machine_is_not_kept(tmp_path, monkeypatch, capsys):
+    """Other processes held 1.5 of 2 cores while 2 threads measured: the roof is used once, labelled, and measured
+    again by the next process."""
+    calls = fake_measurements(monkeypatch, tmp_path, others=1.5)
+    cpu = resolve_target("cpu")
+    roof = roof_of(cpu)
+    assert "too low; not kept" in roof.source and "1.5 of this process's 2 cores" in roof.source
+    assert "warning: this CPU's peaks were measured while" in capsys.readouterr().err
+    assert not (tmp_path / "cpu-roofs.json").exists()
+    cpu_roof._cached_cpu_roof.cache_clear()  # a new process, on a quiet machine now: measured again, and kept
+    monkeypatch.setattr(timing, "CpuLoad", fake_load(0.0))
+    assert "not kept" not in roof_of(cpu).source and len(calls) == 2
     assert (tmp_path / "cpu-roofs.json").is_file()
     cpu_roof._cached_cpu_roof.cache_clear()
 
