@@ -121,7 +121,8 @@ def add_run_options(p: argparse.ArgumentParser, command: str, plugin_options: bo
     o.add("--device", "where library, score, uptrain and the report run: auto (the target's GPU when it is here, else "
                       "the CPU), cpu, cuda, cuda:N (under torchrun, cuda is each rank's LOCAL_RANK)")
     o.add("--train-dtype", "the parent and activations there; trained weights and AdamW state stay fp32 (default: "
-                           "bf16 on a GPU, fp32 on the CPU)", choices=("bf16", "fp32"))
+                           "bf16 on a GPU or on a CPU with native bf16 (AMX, AVX512-BF16), else fp32; whole models "
+                           "are timed and compared in the scenario's --dtype)", choices=("bf16", "fp32"))
     o.add("--max-memory", "host memory per rank a pass may plan for, e.g. 8GiB: a pass whose memory plan needs more "
                           "stops before it starts (default: no limit; score carries up to 1 GiB of hidden states)",
           type=or_none(str))
@@ -292,8 +293,6 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--target", default="cpu", help="target the per-layer runtimes are predicted for (default cpu)")
     p.add_argument("--device", default="auto", help="where both models run: auto (the target's GPU when it is here, "
                                                     "else the CPU), cpu, cuda, cuda:N (default auto)")
-    p.add_argument("--train-dtype", choices=("bf16", "fp32"), help="the models' dtype there (default: bf16 on a GPU, "
-                                                                   "fp32 on the CPU)")
     p.add_argument("--out", default="evaluation", help="folder for report.md, evaluation.json and per_layer.png "
                                                        "(default ./evaluation)")
     p.add_argument("--threads", type=or_none(int), help="torch CPU threads (default, or none: one per core other "
@@ -385,7 +384,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     import torch
 
     from hwopt.data import GENERAL_HELDOUT, check_data_files, general_heldout, load_split
-    from hwopt.devices import resolve_placement
+    from hwopt.devices import deployed_placement, resolve_placement
     from hwopt.estimate import estimate
     from hwopt.evaluate import evaluate
     from hwopt.model_source import resolve_model
@@ -412,7 +411,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     task = read_task(args.task_data, tokenizer) if args.task_data else None
     split = load_split(args.data, tokenizer, args.seq_len)
     texts = {"heldout": split.heldout_batches(args.tokens), "general": general_heldout(tokenizer, args.seq_len)}
-    placement = resolve_placement(args.device, args.train_dtype, target.kind)
+    placement = deployed_placement(resolve_placement(args.device, None, target.kind), scenario.dtype)  # as served
     if args.threads is None:  # as a run chooses
         args.threads, load = idle_cores()
         print(f"threads: {args.threads} ({load.describe()}); --threads N changes it", file=sys.stderr)

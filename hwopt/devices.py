@@ -3,11 +3,15 @@
 ``--device auto`` is the target's GPU when the target is a GPU and CUDA sees
 one here, else this machine's CPU; under ``torchrun`` each process takes the
 GPU of its ``LOCAL_RANK``. ``--train-dtype`` is the dtype the parent's
-weights and the activations are held in: bf16 on a GPU, fp32 on the CPU by
-default. Trainable weights (BLD's variants, the uptrained child) and their
-AdamW state stay fp32; their forwards run under ``torch.autocast`` in the
-train dtype (mixed precision, as Megatron and FSDP's ``MixedPrecisionPolicy``
-do), so that bf16 updates never round small steps away.
+weights and the activations are held in: by default bf16 on a GPU and on a
+CPU that multiplies bf16 natively (AMX or AVX512-BF16: about twice as fast
+as fp32 there, for the same uptrained child; see README "Data"), else fp32.
+Trainable weights (BLD's variants, the uptrained child) and their AdamW
+state stay fp32; their forwards run under ``torch.autocast`` in the train
+dtype (mixed precision, as Megatron and FSDP's ``MixedPrecisionPolicy`` do),
+so that bf16 updates never round small steps away. Whole models timed and
+compared as deployed (solve's speed checks, the closing report) are held in
+the scenario's dtype instead (``deployed_placement``).
 """
 
 from __future__ import annotations
@@ -89,17 +93,35 @@ def resolve_device(spec: str, target_kind: str) -> torch.device:
     return torch.device("cuda", index)
 
 
+def native_bf16_cpu() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AMX tiles or AVX512-BF16), where oneDNN's bf16 matmuls beat
+    fp32's; elsewhere torch emulates bf16 on the CPU, slower than fp32. torch asks cpuinfo (``torch.cpu``'s
+    private probes; a torch without them counts as no). ``HWOPT_CPU_BF16=0`` or ``1`` in the environment
+    answers instead (the tests run fp32 on any CPU so)."""
+    if (forced := os.environ.get("HWOPT_CPU_BF16")) in ("0", "1"):
+        return forced == "1"
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+
+
 def resolve_placement(device: str, train_dtype: str | None, target_kind: str) -> Placement:
-    """``--device`` and ``--train-dtype`` (None: bf16 on a GPU, fp32 on the CPU).
+    """``--device`` and ``--train-dtype`` (None: bf16 on a GPU or on a CPU with native bf16, else fp32).
 
     Raises:
         HwoptError: as ``resolve_device``, or a train dtype other than bf16 and fp32.
     """
     resolved = resolve_device(device, target_kind)
-    name = train_dtype or ("bf16" if resolved.type == "cuda" else "fp32")
+    name = train_dtype or ("bf16" if resolved.type == "cuda" or native_bf16_cpu() else "fp32")
     if name not in TRAIN_DTYPES:
         raise HwoptError(f"--train-dtype {name}: choose {' or '.join(TRAIN_DTYPES)}")
     return Placement(resolved, TRAIN_DTYPES[name])
+
+
+def deployed_placement(placement: Placement, scenario_dtype: str) -> Placement:
+    """Where a parent and child are timed and compared as they will serve: ``placement``'s device, in the
+    scenario's dtype where models are held in it there (fp32, bf16), else in ``placement``'s (an fp16 or fp8
+    scenario). Training in bf16 on a CPU must not time an fp32 deployment in bf16."""
+    return Placement(placement.device, TRAIN_DTYPES.get(scenario_dtype, placement.dtype))
 
 
 FP32_CPU = Placement(torch.device("cpu"), torch.float32)  # what every pass ran on before --device

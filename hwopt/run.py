@@ -30,7 +30,7 @@ from hwopt.data import (
     parent_samples_file,
     read_corpus,
 )
-from hwopt.devices import Placement, resolve_placement
+from hwopt.devices import Placement, deployed_placement, resolve_placement
 from hwopt.distributed import Ranks, local_world, ranks, staged_on_ranks
 from hwopt.errors import HwoptError
 from hwopt.evaluate import measured_speedup
@@ -122,6 +122,18 @@ class Run:
     def parent(self):
         """The whole parent, on the run's device in its train dtype."""
         return self.source.load(self.placement.device, self.placement.dtype)
+
+    @cached_property
+    def deployed(self) -> Placement:
+        """Where whole models are timed and compared as they will serve (``hwopt.devices.deployed_placement``)."""
+        return deployed_placement(self.placement, self.scenario.dtype)
+
+    @cached_property
+    def deployed_parent(self):
+        """The whole parent as it will serve: ``parent`` itself when the train dtype is the scenario's."""
+        if self.deployed == self.placement:
+            return self.parent
+        return self.source.load(self.deployed.device, self.deployed.dtype)
 
     @cached_property
     def layerwise_parent(self) -> LayerwiseParent:
@@ -508,17 +520,18 @@ class Run:
     def child(self, solution: dict, coupled_dir: Path | None = None, placement: Placement | None = None) -> Child:
         """A solution's child (an entry of ``solutions.json``), with its two-layer blocks and coupled-BLD pairs
         (``coupled_dir``, default the solve pass's), read a piece at a time onto ``placement``'s device in its dtype
-        (default the run's): built whole by ``assemble``, sharded by uptrain under FSDP."""
-        placement = placement or self.placement
-        library = Library(self.dir("library"), self.layerwise_parent, coupled_dir or self.output("solve", "coupled"),
-                          placement)
-        two_layer = Library(self.dir("library"), self.layerwise_parent, self.output("library", "two_layer"),
-                            placement)
+        (default: the run's device in fp32, the weights as stored, for a child that trains in fp32 whatever the
+        train dtype): built whole by ``assemble``, sharded by uptrain under FSDP."""
+        placement = placement or Placement(self.placement.device, torch.float32)
+        parent = self.layerwise_parent if placement == self.placement else LayerwiseParent(
+            self.source.require_weights(), block_types(), placement.device, placement.dtype)
+        library = Library(self.dir("library"), parent, coupled_dir or self.output("solve", "coupled"), placement)
+        two_layer = Library(self.dir("library"), parent, self.output("library", "two_layer"), placement)
         return child_of(library, two_layer, [tuple(v) for v in solution["variants"]], solution.get("spans", []))
 
     def assemble(self, solution: dict, coupled_dir: Path | None = None, placement: Placement | None = None
                  ) -> HeteroLlamaForCausalLM:
-        """``child``'s child built whole, fp32, on ``placement``'s device (default the run's)."""
+        """``child``'s child built whole, fp32, on ``placement``'s device (default the run's; see ``child``)."""
         return self.child(solution, coupled_dir, placement).whole()
 
     def _solve(self, out: Path) -> None:
@@ -538,7 +551,7 @@ class Run:
             # the target is this machine: time the chosen child against the parent, whole, as the report will
             def measure(result: dict) -> dict:
                 child = self.assemble(result["solutions"][0], self.output("solve", "coupled", out))
-                return measured_speedup(self.parent, child, self.scenario)
+                return measured_speedup(self.deployed_parent, child.to(self.deployed.dtype), self.scenario)
 
             result, checks = meet_measured_speedup(solve_at, measure, s.speedup, s.speedup_checks)
             # the child kept, which need not be the last one solved
@@ -605,11 +618,11 @@ class Run:
         if path.is_file() and (old := json.loads(path.read_text())).get("fingerprint") == fp:
             print_report(old)
             return old
-        child = load_checkpoint(self.output("uptrain", "model"), block_types(), self.placement.device,
-                                self.placement.dtype)
+        child = load_checkpoint(self.output("uptrain", "model"), block_types(), self.deployed.device,
+                                self.deployed.dtype)
         texts = {"heldout": self.split.heldout_batches(self.settings.score_tokens), "general": self.general_heldout}
-        report = build_report(self.parent, child, self.read_json(self.output("solve", "solutions")), self.scenario,
-                              texts, self.placement, self.target, self.task)
+        report = build_report(self.deployed_parent, child, self.read_json(self.output("solve", "solutions")),
+                              self.scenario, texts, self.deployed, self.target, self.task)
         report["fingerprint"] = fp
         atomic_write_json(path, report)
         print_report(report)
@@ -626,6 +639,8 @@ class Run:
             self.run_pass(name, force)
         if until == "lower" and self.ranks.is_main:
             self.report()
+            formats = ", ".join(f"{self.dir('lower') / name}" for name in self.settings.formats)
+            console.print(f"the child: {formats} (report: {self.workdir / 'report.json'})", highlight=False)
 
 
 @dataclass(frozen=True)

@@ -72,7 +72,7 @@ class Settings:
     runtime: str | None = None  # the runtime that serves the child (default: the target's, see hwopt.lowering.runtimes)
     seed: int = 0
     device: str = "auto"  # where library, score, uptrain and the report run: auto, cpu, cuda, cuda:N
-    train_dtype: str | None = None  # parent and activations there: bf16 on a GPU, fp32 on the CPU
+    train_dtype: str | None = None  # parent and activations there: bf16 on a GPU or a CPU with native bf16, else fp32
     max_memory: str | None = None  # host memory per rank a pass may plan for (e.g. 8GiB); none: no limit
 
     @property

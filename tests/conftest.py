@@ -14,6 +14,9 @@ import pytest
 from hwopt.model.config import AttentionConfig, BlockConfig, FFNConfig
 
 REPO = Path(__file__).resolve().parents[1]
+# fp32 by default on any CPU, in-process and in every command a test starts, so that exact comparisons hold where
+# the CPU multiplies bf16 natively too (tests/test_scale.py checks that default on its own)
+os.environ["HWOPT_CPU_BF16"] = "0"
 JS_PLUGIN_SRC = REPO / "plugins" / "hwopt-js-divergence"
 WINDOW_PLUGIN_SRC = REPO / "plugins" / "hwopt-sliding-window"
 

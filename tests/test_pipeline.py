@@ -266,3 +266,20 @@ def test_checkpoint_without_tokenizer_is_one_error_line(tiny_llama_dir, tmp_path
         (model_dir / name).write_bytes((tiny_llama_dir / name).read_bytes())
     proc = hwopt_cli("library", "--model", model_dir, "--workdir", tmp_path / "run", *FAST_RUN)
     assert_one_error_line(proc, f"cannot load a tokenizer from {model_dir}")
+
+
+def test_training_in_bf16_on_the_cpu_times_and_compares_in_the_scenarios_dtype(tiny_run, run_copy):
+    """library, score and uptrain in bf16 (as on a CPU with native bf16), the scenario fp32: the closing report
+    holds both models in fp32, so the parent's perplexity is the fp32 run's to the last digit, and the child
+    is written in fp32 as it was trained."""
+    proc = hwopt_cli("optimize", "--workdir", run_copy, "--train-dtype", "bf16")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    before, after = (json.loads((run / "report.json").read_text()) for run in (tiny_run, run_copy))
+    assert after["measured_on"].startswith("cpu (") and ", fp32, torch" in after["measured_on"]
+    for name, quality in after["texts"].items():
+        assert quality["parent_perplexity"] == before["texts"][name]["parent_perplexity"]
+    assert after["child"]["weights_mib"] == pytest.approx(after["child"]["params"] * 4 / 2**20)  # fp32 in memory
+    trained = json.loads((run_copy / "run.json").read_text())
+    assert trained["train_dtype"] == "bf16"
+    weights = [t for path in (run_copy / "uptrain/model").glob("*.safetensors") for t in load_file(path).values()]
+    assert weights and {t.dtype for t in weights} == {torch.float32}

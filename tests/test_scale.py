@@ -21,7 +21,7 @@ from transformers import LlamaForCausalLM
 
 from hwopt.cli import main
 from hwopt.data import parent_samples_file
-from hwopt.devices import FP32_CPU, Placement, resolve_device, resolve_placement
+from hwopt.devices import FP32_CPU, Placement, deployed_placement, native_bf16_cpu, resolve_device, resolve_placement
 from hwopt.distributed import Ranks
 from hwopt.errors import HwoptError
 from hwopt.memory_plan import uptrain_plan
@@ -370,3 +370,26 @@ def test_sampling_from_a_parent_that_does_not_fit_the_device_is_refused_in_one_l
     run.settings.distill_samples = 0
     path.unlink()
     assert run.sampling_plan() is None
+
+
+@pytest.mark.parametrize("env, probes, expected", [("1", False, torch.bfloat16), ("0", True, torch.float32),
+                                                   (None, True, torch.bfloat16), (None, False, torch.float32)])
+def test_the_default_train_dtype_on_a_cpu_is_bf16_where_it_multiplies_bf16_natively(monkeypatch, env, probes,
+                                                                                      expected):
+    """HWOPT_CPU_BF16 answers when set; else torch's probes of AMX and AVX512-BF16. --train-dtype always wins."""
+    if env is None:
+        monkeypatch.delenv("HWOPT_CPU_BF16", raising=False)
+    else:
+        monkeypatch.setenv("HWOPT_CPU_BF16", env)
+    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        monkeypatch.setattr(torch.cpu, probe, lambda: probes, raising=False)
+    assert native_bf16_cpu() == (expected == torch.bfloat16)
+    assert resolve_placement("cpu", None, "cpu").dtype == expected
+    assert resolve_placement("cpu", "fp32", "cpu").dtype == torch.float32
+
+
+def test_whole_models_are_compared_in_the_scenarios_dtype_where_they_can_be_held_in_it():
+    bf16_cpu = Placement(torch.device("cpu"), torch.bfloat16)
+    assert deployed_placement(bf16_cpu, "fp32") == FP32_CPU
+    assert deployed_placement(FP32_CPU, "bf16") == bf16_cpu
+    assert deployed_placement(bf16_cpu, "fp8") == bf16_cpu  # fp8 is priced, not held: the train dtype
