@@ -37,7 +37,7 @@ class Settings:
     max_spread: float | None = None  # a measured figure's IQR / median above this is an error
     threads: int | None = None  # torch's CPU threads; chosen by the run's first command (idle cores), then kept
     data: list[str] | None = None
-    distill_samples: int = 65536  # tokens sampled from the parent, mixed into training (0: none)
+    distill_samples: int = 131072  # tokens sampled from the parent, mixed into training (0: none)
     seq_len: int = 128
     kv_heads: list[int] | None = None
     ffn_fractions: list[float] = field(default_factory=lambda: [0.75, 0.5, 0.25])
@@ -65,7 +65,7 @@ class Settings:
     time_limit: float = 60.0  # seconds per solution
     coupled_bld: int = 0  # coupled BLD on the pairs of this many diverse decoupled solutions, then solve again
     speedup_checks: int = 3  # on this CPU: children solved and timed at most until one measures --speedup
-    uptrain_tokens: int = 131072
+    uptrain_tokens: int = 262144
     uptrain_lr: float = 3e-4
     uptrain_sharding: str = "auto"  # under torchrun: ddp, fsdp, or auto (fsdp when the ddp plan does not fit)
     formats: list[str] = field(default_factory=lambda: ["nemotron-nas"])
