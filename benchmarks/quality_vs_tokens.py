@@ -12,7 +12,7 @@ last, cycled if fewer are available), then measured against the parent on
 parent-sampled tokens, learning rate or uptraining precision than the run's
 (the library and the child stay the run's; bf16 is mixed precision: fp32
 weights, the teacher and the forwards in bf16; both models are measured in
-fp32). Each row says how long its uptraining took (wall seconds,
+the scenario's dtype, as the report does). Each row says how long its uptraining took (wall seconds,
 on this machine under whatever load it had). Prints a table; ``--json``
 writes the rows and ``<stem>.png``, the plot.
 """
@@ -23,9 +23,7 @@ import argparse
 import time
 from pathlib import Path
 
-import torch
-
-from hwopt.devices import TRAIN_DTYPES, Placement
+from hwopt.devices import TRAIN_DTYPES
 from hwopt.evaluate import compare_on_heldout
 from hwopt.passes.uptrain import UptrainSettings, uptrain
 from hwopt.pipeline import atomic_path, atomic_write_json
@@ -46,8 +44,7 @@ def main() -> None:
     run = Run(args.workdir, load_settings(args.workdir, {"distill_samples": args.distill_samples,
                                                          "uptrain_lr": args.lr, "train_dtype": args.train_dtype}))
     s, placement = run.settings, run.placement
-    fp32 = Placement(placement.device, torch.float32)
-    parent = run.source.load(placement.device, torch.float32)  # measured in fp32; the teacher is run.parent
+    parent = run.deployed_parent  # the models compared as they serve; the teacher is run.parent
     solution = run.read_json("solve/solutions.json")["solutions"][0]
     own = run.split.heldout_batches(s.score_tokens)
     distinct = len(run.split.train) * run.split.train.shape[1]
@@ -56,7 +53,7 @@ def main() -> None:
     print(f"{'tokens':>8} {'general KL':>10} {'general ppl':>11} {'own KL':>7} {'own ppl':>8} {'uptrain s':>9}  "
           "(ppl as child / parent)")
     for tokens in args.tokens:
-        child = run.assemble(solution, placement=fp32)  # the library's weights as trained, fp32
+        child = run.assemble(solution)
         start = time.perf_counter()
         stats = uptrain(child, run.parent, run.split.train_batches(tokens), run.split.score_batches(s.score_tokens),
                         UptrainSettings(tokens=tokens, lr=s.uptrain_lr, seed=s.seed), placement)

@@ -4,8 +4,9 @@
 one here, else this machine's CPU; under ``torchrun`` each process takes the
 GPU of its ``LOCAL_RANK``. ``--train-dtype`` is the dtype the parent's
 weights and the activations are held in: by default bf16 on a GPU and on a
-CPU that multiplies bf16 natively (AMX or AVX512-BF16: about twice as fast
-as fp32 there, for the same uptrained child; see README "Data"), else fp32.
+CPU that multiplies bf16 natively (AMX or AVX512-BF16: uptraining about
+1.7x faster than in fp32 there, to the same quality; see README "Data"),
+else fp32.
 Trainable weights (BLD's variants, the uptrained child) and their AdamW
 state stay fp32; their forwards run under ``torch.autocast`` in the train
 dtype (mixed precision, as Megatron and FSDP's ``MixedPrecisionPolicy`` do),

@@ -137,9 +137,12 @@ class Run:
 
     @cached_property
     def layerwise_parent(self) -> LayerwiseParent:
-        """The parent read a layer at a time (library and score never hold it whole)."""
-        return LayerwiseParent(self.source.require_weights(), block_types(), self.placement.device,
-                               self.placement.dtype)
+        """The parent read a layer at a time (library and score never hold it whole), in the run's placement."""
+        return self.layerwise_parent_on(self.placement)
+
+    def layerwise_parent_on(self, placement: Placement) -> LayerwiseParent:
+        """The parent read a layer at a time onto ``placement``'s device in its dtype (reads nothing yet)."""
+        return LayerwiseParent(self.source.require_weights(), block_types(), placement.device, placement.dtype)
 
     @cached_property
     def tokenizer(self):
@@ -523,8 +526,7 @@ class Run:
         (default: the run's device in fp32, the weights as stored, for a child that trains in fp32 whatever the
         train dtype): built whole by ``assemble``, sharded by uptrain under FSDP."""
         placement = placement or Placement(self.placement.device, torch.float32)
-        parent = self.layerwise_parent if placement == self.placement else LayerwiseParent(
-            self.source.require_weights(), block_types(), placement.device, placement.dtype)
+        parent = self.layerwise_parent if placement == self.placement else self.layerwise_parent_on(placement)
         library = Library(self.dir("library"), parent, coupled_dir or self.output("solve", "coupled"), placement)
         two_layer = Library(self.dir("library"), parent, self.output("library", "two_layer"), placement)
         return child_of(library, two_layer, [tuple(v) for v in solution["variants"]], solution.get("spans", []))
