@@ -24,6 +24,7 @@ process of rank 0 in a world of 1, and every function here does nothing.
 
 from __future__ import annotations
 
+import atexit
 import os
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, suppress
@@ -132,7 +133,19 @@ def ranks() -> Ranks:
         backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend=backend, timeout=TIMEOUT)
         _control = dist.new_group(backend="gloo", timeout=TIMEOUT)
+        atexit.register(leave_job)
     return Ranks(dist.get_rank(), dist.get_world_size())
+
+
+def leave_job() -> None:
+    """Destroy the job's process groups, if this process joined them: run at exit while the interpreter is still
+    whole. Left to interpreter shutdown, gloo's worker threads can be torn down holding Python tensors and the
+    process aborts ("terminate called without an active exception", SIGABRT) after its work is done; see
+    pytorch/pytorch#190489 and #179291."""
+    global _control
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _control = None
 
 
 @contextmanager
