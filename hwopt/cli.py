@@ -17,7 +17,7 @@ from hwopt import __version__
 from hwopt.errors import HwoptError
 from hwopt.lowering.runtimes import RUNTIMES
 from hwopt.pipeline import PASSES, UNSET
-from hwopt.settings import DEFAULT_SCENARIO, Settings, settings_read_by
+from hwopt.settings import DEFAULT_SCENARIO, EVALUATION_TOKENS, Settings, load_settings, settings_read_by
 
 SETTINGS_DEFAULTS = {f.name: getattr(Settings(), f.name) for f in dataclasses.fields(Settings)}
 
@@ -283,14 +283,17 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     add_scenario_options(Options(p), backend_default="roofline")
     p = sub.add_parser("evaluate", help="a child against its parent: held-out KL, perplexity, top-1 agreement, task "
                                         "accuracy; runtime, tokens/s and memory measured here; report.md with pictures")
-    p.add_argument("--model", required=True, help="the child: a nemotron-nas (or Llama) checkpoint directory")
-    p.add_argument("--parent", required=True, help="its parent: a model name or checkpoint directory")
+    p.add_argument("--model", required=True, help="the child: a nemotron-nas (or Llama) checkpoint directory; one "
+                                                  "inside a run directory (runs/demo/uptrain/model) takes that run's "
+                                                  "parent, data, sequence length, target and scenario unless given")
+    p.add_argument("--parent", help="its parent: a model name or checkpoint directory (default: the run's model)")
     p.add_argument("--data", nargs="+", help="text or JSONL files whose last tenth is the held-out text (default: "
-                                            "Python's own documentation, as the runs use)")
+                                            "the run's, else Python's own documentation, as the runs use)")
     p.add_argument("--task-data", help="multiple-choice JSONL to measure task accuracy on")
-    p.add_argument("--tokens", type=int, default=4096, help="held-out tokens from --data (default 4096)")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per held-out sequence (default 128)")
-    p.add_argument("--target", default="cpu", help="target the per-layer runtimes are predicted for (default cpu)")
+    p.add_argument("--tokens", type=int, default=EVALUATION_TOKENS,
+                   help=f"held-out tokens from --data (default {EVALUATION_TOKENS}, as a run's closing report)")
+    p.add_argument("--seq-len", type=int, help="tokens per held-out sequence (default: the run's, else 128)")
+    p.add_argument("--target", help="target the per-layer runtimes are predicted for (default: the run's, else cpu)")
     p.add_argument("--device", default="auto", help="where both models run: auto (the target's GPU when it is here, "
                                                     "else the CPU), cpu, cuda, cuda:N (default auto)")
     p.add_argument("--out", default="evaluation", help="folder for report.md, evaluation.json and per_layer.png "
@@ -363,8 +366,12 @@ def cmd_estimate(args: argparse.Namespace) -> None:
                for role, source in sources.items()}
     if args.plot:
         parent = results.get("parent")
+        source = results["model"]["source"]
+        against = f" against {args.parent}" if parent else ""
         per_layer_runtime(args.plot, results["model"]["layers"], parent["layers"] if parent else None,
-                          f"{args.model} on {target.name}, {scenario.describe()}")
+                          f"{args.model}{against} on {target.name}, {scenario.describe()}: {source['kind']} "
+                          f"by the {source['backend_name']} backend",
+                          child_label="model" if not parent else "child")
     if args.json:
         print(json.dumps(results["model"] if not args.parent else results, indent=2))
         return
@@ -377,33 +384,62 @@ def cmd_estimate(args: argparse.Namespace) -> None:
               f"{parent['kv_cache_mib'] - child['kv_cache_mib']:,.0f} MiB smaller")
 
 
+# evaluate's options taken from a run's run.json when not given: option -> setting
+EVALUATE_FROM_RUN = {"parent": "model", **{k: k for k in ("data", "seq_len", "target", "scenario", "batch", "dtype",
+                                                          "kv_dtype")}}
+
+
+def take_run_settings(args: argparse.Namespace) -> None:
+    """``hwopt evaluate`` of a run's child: the options not given (``EVALUATE_FROM_RUN``) from the run's run.json,
+    so the child is measured on the text and in the scenario it was made for; else the runs' defaults. Raises
+    ``HwoptError`` when no parent is known."""
+    from hwopt.settings import run_containing
+
+    found = run_containing(args.model)
+    if found:
+        workdir, saved = found
+        taken = [key for key, setting in EVALUATE_FROM_RUN.items()
+                 if getattr(args, key) is None and saved.get(setting) is not None]
+        for key in taken:
+            setattr(args, key, saved[EVALUATE_FROM_RUN[key]])
+        if taken:
+            print(f"{args.model} is in run {workdir}: its {', '.join(k.replace('_', ' ') for k in taken)} "
+                  f"from its run.json", file=sys.stderr)
+    if args.parent is None:
+        raise HwoptError(f"{args.model} is not inside a run directory: say which model is its parent (--parent)")
+    args.seq_len = SETTINGS_DEFAULTS["seq_len"] if args.seq_len is None else args.seq_len
+    args.target = args.target or "cpu"
+
+
 def cmd_evaluate(args: argparse.Namespace) -> None:
     """Quality on the held-out text sets and the task, speed and memory measured here, predicted per layer."""
     from pathlib import Path
 
+    from hwopt.model_source import resolve_model
+    from hwopt.targets import resolve_target
+
+    take_run_settings(args)  # checked before torch is imported, so that bad input fails at once
+    if args.tokens < args.seq_len or args.seq_len < 2:
+        raise HwoptError(f"--tokens {args.tokens} must hold at least one sequence of --seq-len {args.seq_len} (>= 2)")
+    target = resolve_target(args.target)
+    scenario = standalone_scenario(args, target)
     import torch
 
     from hwopt.data import GENERAL_HELDOUT, check_data_files, general_heldout, load_split
     from hwopt.devices import deployed_placement, resolve_placement
     from hwopt.estimate import estimate
     from hwopt.evaluate import evaluate
-    from hwopt.model_source import resolve_model
     from hwopt.pipeline import atomic_write_json
     from hwopt.plots import per_layer_runtime
     from hwopt.report import label_measurement, print_report, write_markdown
-    from hwopt.targets import resolve_target
     from hwopt.tasks import read_task
     from hwopt.timing import check_threads, idle_cores
 
-    if args.tokens < args.seq_len or args.seq_len < 2:
-        raise HwoptError(f"--tokens {args.tokens} must hold at least one sequence of --seq-len {args.seq_len} (>= 2)")
     check_data_files(args.data)
     if args.threads == UNSET:
         args.threads = None
     if args.threads is not None:
         check_threads(args.threads)
-    target = resolve_target(args.target)
-    scenario = standalone_scenario(args, target)
     sources = {"child": resolve_model(args.model), "parent": resolve_model(args.parent)}
     if sources["child"].architecture.vocab_size != sources["parent"].architecture.vocab_size:
         raise HwoptError(f"{args.model} and {args.parent} have different vocabularies: not a child and its parent")
@@ -529,13 +565,15 @@ def run_command(args: argparse.Namespace) -> None:
     skip = ("command", "workdir", "start", "until", "out", "force", *LIBRARY_OPTIONS, *options)
     overrides = {k: v for k, v in vars(args).items() if k not in skip}
     given = {name: vars(args)[dest] for dest, name in options.items() if vars(args).get(dest) is not None}
-    from hwopt.distributed import locked_for_job
-    from hwopt.progress import console
-    from hwopt.run import Run, load_settings
-
     if given:
         overrides["block_options"] = {**load_settings(args.workdir, {}).block_options, **given}
-    run = Run(args.workdir, load_settings(args.workdir, overrides))
+    settings = load_settings(args.workdir, overrides)
+    settings.check_names()
+    from hwopt.distributed import locked_for_job
+    from hwopt.progress import console
+    from hwopt.run import Run
+
+    run = Run(args.workdir, settings)
     run.require_run(args.start if args.command == "optimize" else args.command)
     if not run.ranks.is_main:  # under torchrun, rank 0 speaks for the job
         console.quiet = True
@@ -551,15 +589,23 @@ def command_of(argv: list[str]) -> str | None:
     return next((a for a in argv if not a.startswith("-")), None)
 
 
+def error_line(message: str) -> str:
+    """The one line a bad input gets; under torchrun the job's other ranks learn it too (``announce_failure``,
+    which needs torch: not imported for the error of a single process)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from hwopt.distributed import announce_failure
+
+        return announce_failure(message)
+    return f"hwopt: error: {message}"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(command_of(argv)).parse_args(argv)
     try:
         run_command(args)
     except HwoptError as exc:
-        from hwopt.distributed import announce_failure
-
-        print(announce_failure(str(exc)), file=sys.stderr)  # under torchrun, the other ranks learn it too
+        print(error_line(str(exc)), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("hwopt: interrupted; run the same command again to resume", file=sys.stderr)

@@ -94,8 +94,6 @@ def store_key() -> str:
 def announce_failure(message: str) -> str:
     """Under torchrun, leave ``message`` (this rank's error) for the job's other ranks, unless a rank did first;
     returns the line this rank prints: ``hwopt: error: ...``, with ``rank N:`` before it on ranks other than 0."""
-    if not under_torchrun():
-        return f"hwopt: error: {message}"
     rank = int(os.environ.get("RANK", "0"))
     with suppress(Exception):  # no store to reach: the error is still printed here
         _job_store().compare_set(store_key(), "", f"rank {rank} failed: {message}")

@@ -60,7 +60,7 @@ def print_estimate(result: dict) -> None:
     console.print(
         f"whole model, batch {s['batch']}, {s['input_len']}/{s['output_len']} tokens, {s['dtype']} "
         f"(KV {s['kv_dtype']}): runtime {t['runtime_ms']:.1f} ms, time to first token {t['ttft_ms']:.1f} ms, "
-        f"{t['tokens_per_s']:.0f} tokens/s, {t['num_params'] / 1e9:.3f}B parameters, "
+        f"{Scenario.tokens_per_s_text(t['tokens_per_s'])} tokens/s, {t['num_params'] / 1e9:.3f}B parameters, "
         f"memory {t['memory_mib'] / 1024:.2f} GiB{fits} (KV cache {t['kv_cache_mib']:,.0f} MiB)")
     if result["source"]["kind"] == "estimated":
         console.print(f"[dim]estimated, {result['source']['reason']}[/dim]")

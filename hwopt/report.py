@@ -50,14 +50,14 @@ def report_rows(report: dict) -> list[tuple[str, str, str, str]]:
     p, c = report["parent"], report["child"]
     rows = [("parameters", f"{p['params']:,}", f"{c['params']:,}", f"{c['params'] / p['params']:.3f}")]
     here = "" if report.get("measured_on_target", True) else " here"
-    for label, key, fmt in (("memory (MiB, weights + KV)", "memory_mib", "{:.1f}"),
+    for label, key, fmt in (("memory (MiB, weights + KV)", "memory_mib", "{:.1f}".format),
                             (f"runtime predicted on {report.get('predicted_on', 'the target')} (ms)",
-                             "runtime_ms_predicted", "{:.1f}"),
-                            (f"runtime measured{here} (ms)", "runtime_ms_measured", "{:.1f}"),
-                            (f"tokens/s measured{here}", "tokens_per_s", "{:.0f}"),
-                            ("task accuracy", "task_accuracy", "{:.3f}")):
+                             "runtime_ms_predicted", "{:.1f}".format),
+                            (f"runtime measured{here} (ms)", "runtime_ms_measured", "{:.1f}".format),
+                            (f"tokens/s measured{here}", "tokens_per_s", Scenario.tokens_per_s_text),
+                            ("task accuracy", "task_accuracy", "{:.3f}".format)):
         if key in p:
-            rows.append((label, fmt.format(p[key]), fmt.format(c[key]), f"{c[key] / p[key]:.3f}" if p[key] else ""))
+            rows.append((label, fmt(p[key]), fmt(c[key]), f"{c[key] / p[key]:.3f}" if p[key] else ""))
     for name, q in report["texts"].items():
         where = TEXT_LABELS.get(name, name)
         rows.append((f"KL from parent ({where})", "0", f"{q['kl_div']:.4f}", ""))

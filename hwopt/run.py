@@ -74,7 +74,7 @@ from hwopt.plugins import block_types, metrics
 from hwopt.progress import console
 from hwopt.report import build_report, print_report
 from hwopt.search_space import Scenario, SearchSpace
-from hwopt.settings import PASS_INFO, Settings, load_settings, upstream
+from hwopt.settings import EVALUATION_TOKENS, PASS_INFO, Settings, load_settings, upstream
 from hwopt.targets import resolve_target
 from hwopt.tasks import read_task
 from hwopt.timing import check_threads, idle_cores
@@ -613,7 +613,7 @@ class Run:
     def report(self) -> dict:
         """Parent against the child, both timed here; recomputed only when the child or scenario changed."""
         fp = fingerprint({"scenario": self.scenario.to_json(), "data_sha256": self.data_sha256,
-                          "general_heldout": self.general_heldout.tolist(), "score_tokens": self.settings.score_tokens,
+                          "general_heldout": self.general_heldout.tolist(), "heldout_tokens": EVALUATION_TOKENS,
                           "task_data_sha256": self.task.sha256 if self.task else None},
                          {"lower": output_hash(self.dir("lower")), "solve": output_hash(self.dir("solve"))})
         path = self.workdir / "report.json"
@@ -622,7 +622,7 @@ class Run:
             return old
         child = load_checkpoint(self.output("uptrain", "model"), block_types(), self.deployed.device,
                                 self.deployed.dtype)
-        texts = {"heldout": self.split.heldout_batches(self.settings.score_tokens), "general": self.general_heldout}
+        texts = {"heldout": self.split.heldout_batches(EVALUATION_TOKENS), "general": self.general_heldout}
         report = build_report(self.deployed_parent, child, self.read_json(self.output("solve", "solutions")),
                               self.scenario, texts, self.deployed, self.target, self.task)
         report["fingerprint"] = fp

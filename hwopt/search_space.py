@@ -153,6 +153,12 @@ class Scenario:
     def throughput(self, runtime_ms: float) -> float:
         return self.batch * self.max_context / runtime_ms * 1000
 
+    @staticmethod
+    def tokens_per_s_text(tokens_per_s: float) -> str:
+        """A throughput as printed: three significant figures below 100 tokens/s (a slow CPU's 0.42 is not "0"),
+        whole tokens above."""
+        return f"{tokens_per_s:,.0f}" if tokens_per_s >= 100 else f"{tokens_per_s:.3g}"
+
     def describe(self) -> str:
         kv = f", KV cache {self.kv_dtype}" if self.kv_dtype != self.dtype else ""
         return f"batch {self.batch}, {self.input_len}/{self.output_len} tokens, {self.dtype}{kv}"

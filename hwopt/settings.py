@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from hwopt.passes.solve import Budgets
 
 DEFAULT_SCENARIO = "128/64"  # INPUT/OUTPUT tokens per request, wherever a command takes --scenario
+EVALUATION_TOKENS = 4096  # of the corpus's held-out tenth, measured by a run's closing report and hwopt evaluate
 
 
 @dataclass
@@ -85,6 +86,19 @@ class Settings:
         from hwopt.passes.solve import Budgets
 
         return Budgets(self.speedup, self.memory, self.throughput, self.latency, self.ttft, self.params)
+
+    def check_names(self) -> None:
+        """The model, target, scenario and budgets resolved without torch (a tenth of a second), so a mistyped one
+        fails at once, before a pass imports the seconds of torch it needs; the passes' own checks follow.
+        Raises ``HwoptError`` naming the option."""
+        from hwopt.model_source import resolve_model
+        from hwopt.search_space import Scenario
+        from hwopt.targets import resolve_target
+
+        target = resolve_target(self.target)
+        resolve_model(self.model)
+        Scenario.for_target(target, self.scenario, self.batch, self.dtype, self.kv_dtype)
+        _ = self.budgets
 
 
 SEARCH_SPACE = ("model", "kv_heads", "ffn_fractions", "linear", "no_op", "block_types", "block_options")
@@ -168,6 +182,18 @@ def load_settings(workdir: Path, overrides: dict) -> Settings:
     merged = {**{k: v for k, v in saved.items() if k in names},
               **{k: None if v == UNSET else v for k, v in given.items()}}
     return Settings(**merged)
+
+
+def run_containing(path: str | Path) -> tuple[Path, dict] | None:
+    """The run directory ``path`` lies in (its nearest ancestor, or itself, holding a ``run.json``) and that run's
+    saved settings; None when it lies in none. How ``hwopt evaluate`` knows a run's child."""
+    for directory in (Path(path).resolve(), *Path(path).resolve().parents):
+        if (directory / "run.json").is_file():
+            try:
+                return directory, json.loads((directory / "run.json").read_text())
+            except (OSError, json.JSONDecodeError):
+                return None
+    return None
 
 
 def default(name: str):

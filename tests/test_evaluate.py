@@ -96,3 +96,47 @@ def test_a_measured_speedup_says_how_busy_other_processes_kept_the_cores(tiny_ch
     check = measured_speedup(parent, child, Scenario(input_len=8, output_len=2), repeats=2)
     assert check["measured_speedup"] > 0 and check["error"] >= 0
     assert check["others"] >= 0 and isinstance(check["disturbed"], bool)
+
+
+def test_a_runs_child_is_evaluated_with_the_runs_parent_data_and_scenario(tiny_child_dir, tiny_llama_dir, tmp_path,
+                                                                         capsys):
+    """`hwopt evaluate --model RUN/uptrain/model` alone: the parent, sequence length, target and scenario come from
+    the run's run.json (an option given still wins), so its figures are those of the run's closing report."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_child_dir, run / "uptrain" / "model")
+    (run / "run.json").write_text(json.dumps({"model": str(tiny_llama_dir), "seq_len": 24, "scenario": "8/4",
+                                              "target": "cpu", "data": None, "dtype": None}))
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--model", str(run / "uptrain" / "model"), "--out", str(out), "--repeats", "1",
+                 "--tokens", "96", "--threads", "1"]) == 0
+    assert "its parent, seq len, target, scenario from its run.json" in capsys.readouterr().err
+    report = json.loads((out / "evaluation.json").read_text())
+    assert report["texts"]["heldout"]["tokens"] == 96
+    from hwopt.data import general_heldout
+
+    tokenizer = resolve_model(str(tiny_llama_dir)).tokenizer()
+    in_sequences_of = {n: general_heldout(tokenizer, n).numel() for n in (16, 24)}
+    assert in_sequences_of[24] != in_sequences_of[16]  # so the next line tells which sequence length was used
+    assert report["texts"]["general"]["tokens"] == in_sequences_of[24]
+    assert report["scenario"]["input_len"] == 8
+    assert main(["evaluate", "--model", str(run / "uptrain" / "model"), "--out", str(out), "--repeats", "1",
+                 "--tokens", "64", "--threads", "1", "--seq-len", "16", "--parent", str(tiny_llama_dir)]) == 0
+    assert json.loads((out / "evaluation.json").read_text())["texts"]["general"]["tokens"] == in_sequences_of[16]
+
+
+def test_a_child_outside_a_run_needs_its_parent(tiny_child_dir, capsys):
+    assert main(["evaluate", "--model", str(tiny_child_dir)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"hwopt: error: {tiny_child_dir} is not inside a run directory: say which model is its parent "
+                   "(--parent)"]
+
+
+def test_a_slow_throughput_keeps_its_decimals():
+    from hwopt.search_space import Scenario
+
+    assert [Scenario.tokens_per_s_text(x) for x in (0.4236, 42.17, 36317.2)] == ["0.424", "42.2", "36,317"]
+    report = {"parent": {"params": 10, "tokens_per_s": 0.4236}, "child": {"params": 5, "tokens_per_s": 0.8472},
+              "texts": {}}
+    assert ("tokens/s measured", "0.424", "0.847", "2.000") in report_rows(report)

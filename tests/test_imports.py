@@ -128,6 +128,13 @@ def test_light_commands_import_neither_torch_nor_transformers(argv, heavy, tmp_p
     library.write_text(json.dumps(LIBRARY))
     child = PACKAGE.parent / "tests" / "data" / "real_world" / "puzzletron-child-llama8b.config.json"
     argv = [a.format(library=library, out=tmp_path / "solutions.json", child=child) for a in argv]
+    assert main_in_fresh_python(argv, heavy) in ("0 []", "None []"), f"hwopt {' '.join(argv)}"
+    if "--library" in argv:  # it did solve
+        assert json.loads((tmp_path / "solutions.json").read_text())["solutions"]
+
+
+def main_in_fresh_python(argv: list[str], heavy: tuple[str, ...]) -> str:
+    """``hwopt.cli.main(argv)`` in a new interpreter: "<exit code> [the modules of ``heavy`` it imported]"."""
     code = ("import sys, contextlib, io\n"
             "from hwopt.cli import main\n"
             "with contextlib.redirect_stdout(io.StringIO()):\n"
@@ -139,6 +146,16 @@ def test_light_commands_import_neither_torch_nor_transformers(argv, heavy, tmp_p
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           cwd=PACKAGE.parent)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip().splitlines()[-1] in ("0 []", "None []"), f"hwopt {' '.join(argv)}: {proc.stdout}"
-    if "--library" in argv:  # it did solve
-        assert json.loads((tmp_path / "solutions.json").read_text())["solutions"]
+    return proc.stdout.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("argv", [
+    ["optimize", "--model", "no-such-model"], ["optimize", "--target", "no-such-gpu"],
+    ["profile", "--scenario", "12x"], ["solve", "--speedup", "-1"], ["optimize", "--memory", "lots"],
+    ["evaluate", "--model", "no/such/child"],
+], ids=" ".join)
+def test_a_mistyped_option_fails_before_torch_is_imported(argv, tmp_path):
+    """Bad names and numbers are refused in a fraction of a second, not after the seconds torch takes to load."""
+    assert main_in_fresh_python([*argv, *(["--workdir", str(tmp_path / "run")] if argv[0] != "evaluate" else [])],
+                                HEAVY) == "2 []"
+    assert not (tmp_path / "run").exists()
