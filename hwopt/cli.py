@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import sys
+from pathlib import Path
 
 from hwopt import __version__
 from hwopt.errors import HwoptError
@@ -413,8 +414,6 @@ def take_run_settings(args: argparse.Namespace) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     """Quality on the held-out text sets and the task, speed and memory measured here, predicted per layer."""
-    from pathlib import Path
-
     from hwopt.model_source import resolve_model
     from hwopt.targets import resolve_target
 
@@ -479,8 +478,6 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
     """Measure, write --out, print the fit; ``--target OUT --backend roofline`` then uses it."""
-    from pathlib import Path
-
     from hwopt.calibration import calibrate
     from hwopt.search_space import Scenario
     from hwopt.targets import resolve_target
@@ -491,10 +488,23 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}; use it with --target {args.out} --backend roofline")
 
 
+def run_outside_costs(library: Path) -> tuple[str, dict[str, float]] | None:
+    """For a block library inside a run directory (``RUN/score/block_library.json``): the run's costs outside the
+    layers, from its profile, and that file's path, so `solve --library` budgets the whole model as the run's solve
+    pass does; None for a library of no run (a published one)."""
+    from hwopt.passes.solve import outside_offsets
+    from hwopt.settings import PASS_INFO, run_containing
+
+    found = run_containing(library)
+    costs = found and found[0] / "profile" / PASS_INFO["profile"].outputs["costs"]
+    if not costs or not costs.is_file():
+        return None
+    return str(costs), outside_offsets(json.loads(costs.read_text()))
+
+
 def cmd_solve_library(args: argparse.Namespace) -> None:
     """`hwopt solve --library FILE`: the solve pass on any block library, no other pass needed."""
     import dataclasses
-    from pathlib import Path
 
     from hwopt.passes.solve import maximizes, parse_max, parse_range, solve_library
     from hwopt.search_space import Scenario
@@ -518,13 +528,12 @@ def cmd_solve_library(args: argparse.Namespace) -> None:
         time_limit_s=s.time_limit,
         sweep=SweepSpec.parse(args.sweep) if args.sweep else None,
         json_path=Path(args.json) if args.json else None,
+        outside=run_outside_costs(Path(args.library)),
     )
 
 
 def cmd_lower_standalone(args: argparse.Namespace) -> None:
     """`hwopt lower --model DIR --out DIR`: any checkpoint in the chosen formats, no run directory."""
-    from pathlib import Path
-
     from hwopt.lowering.runtimes import resolve_runtime
     from hwopt.model_source import resolve_model
     from hwopt.passes.lower import LowerOptions, lower

@@ -267,3 +267,34 @@ def test_sweep_rejects_a_key_that_is_already_bounded():
     problem = problem_from_library(LIBRARY, "metrics.kl_div", [Constraint("stats.runtime_ms", max=30)])
     with pytest.raises(HwoptError, match="also bounded"):
         pareto_sweep(problem, builtin.ScipSolver(), SweepSpec("stats.runtime_ms", 0.4, 1.0, 4))
+
+
+def test_a_runs_library_is_budgeted_on_the_whole_model_as_the_run_does(tmp_path):
+    """`solve --library RUN/score/block_library.json --speedup 2` adds the run's costs outside the layers (its
+    profile's LM head and embeddings), as the run's solve pass does; a published library, which has none, says
+    its budget is of the layers alone."""
+    library = {f"layer_{i}": {"parent": {"stats": {"runtime_ms": 4.0}, "metrics": {"kl_div": 0.0}, "parent": True},
+                              "half": {"stats": {"runtime_ms": 2.0}, "metrics": {"kl_div": 0.1 + i / 100}},
+                              "none": {"stats": {"runtime_ms": 0.0}, "metrics": {"kl_div": 1.0 + i / 100}}}
+               for i in range(4)}  # parent: 16 ms of layers
+    run = tmp_path / "run"
+    (run / "score").mkdir(parents=True)
+    (run / "profile").mkdir()
+    (run / "run.json").write_text("{}")
+    (run / "score" / "block_library.json").write_text(json.dumps(library))
+    (run / "profile" / "costs.json").write_text(json.dumps({"outside_layers": {"runtime_ms": 4.0}}))
+    published = tmp_path / "published.json"
+    published.write_text(json.dumps(library))
+    from hwopt.progress import console
+
+    chosen = {}
+    for name, path in (("run", run / "score" / "block_library.json"), ("published", published)):
+        with console.capture() as printed:
+            assert solve_cli("--library", path, "--speedup", 2, "--json", tmp_path / f"{name}.json") == 0
+        chosen[name] = json.loads((tmp_path / f"{name}.json").read_text())["solutions"][0]["choice"]
+        chosen[name + " said"] = printed.get()
+    # layers alone: 8 ms of 16 is 2x, every layer halved; the whole model: (16 + 4) / 2 = 10 ms, 6 for the layers
+    assert sorted(chosen["published"].values()) == ["half"] * 4
+    assert sorted(chosen["run"].values()) == ["half", "half", "half", "none"]
+    assert "costs outside the layers are from" in chosen["run said"]
+    assert "budgets are of the layers alone" in chosen["published said"]

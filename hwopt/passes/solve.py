@@ -234,6 +234,13 @@ def print_choice(problem: Problem, solution: Solution) -> None:
     console.print(table)
 
 
+def outside_offsets(costs: dict) -> dict[str, float]:
+    """The profile's costs outside the layers (embeddings, final norm, LM head; ``costs.json``'s
+    ``outside_layers``) as offsets on library keys (``stats.runtime_ms``: ms), so budgets hold for the whole model."""
+    return {f"stats.{k}": float(v) for k, v in costs["outside_layers"].items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
 def solve(library: dict, costs: dict, budgets: Budgets, objective: str, solver_name: str, out_path: Path,
           maximize: bool = False, num_solutions: int = 1, min_diversity: int = 1,
           time_limit_s: float = 60.0) -> dict:
@@ -243,9 +250,7 @@ def solve(library: dict, costs: dict, budgets: Budgets, objective: str, solver_n
     """
     solver = solvers().get(solver_name)
     scenario = Scenario.from_json(costs["scenario"])
-    offsets = {f"stats.{k}": float(v) for k, v in costs["outside_layers"].items()
-               if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    unconstrained = problem_from_library(library, objective, [], maximize, offsets=offsets)
+    unconstrained = problem_from_library(library, objective, [], maximize, offsets=outside_offsets(costs))
     if unconstrained.parent is None:
         raise HwoptError("the score pass's block library flags no parent variant; rerun `hwopt score`")
     problem = with_budgets(unconstrained, budgets, scenario)
@@ -351,8 +356,13 @@ def read_library(path: Path) -> dict:
 def solve_library(path: Path, *, objective: str, maximize: bool = False, constraints: list[Constraint] = (),
                   budgets: Budgets = Budgets(), scenario: Scenario | None = None, solver_name: str = "scip",
                   num_solutions: int = 1, min_diversity: int = 1, time_limit_s: float = 60.0,
-                  sweep: SweepSpec | None = None, json_path: Path | None = None) -> dict:
+                  sweep: SweepSpec | None = None, json_path: Path | None = None,
+                  outside: tuple[str, dict[str, float]] | None = None) -> dict:
     """Solve any block library file, without a run directory; print the result, and write it to ``json_path``.
+
+    ``outside``: where costs outside the layers were found, and those costs (``outside_offsets``), so that
+    budgets such as ``--speedup`` are of the whole model as in a run; without them they are of the layers alone
+    (said when there are budgets).
 
     With ``sweep``, it solves at each of the sweep's budgets instead, and writes
     the sweep's table and plot next to ``json_path`` (``<name>.sweep.csv``,
@@ -363,8 +373,13 @@ def solve_library(path: Path, *, objective: str, maximize: bool = False, constra
     if sweep is not None and num_solutions != 1:
         raise HwoptError("--sweep finds one solution per budget: drop --num-solutions")
     solver = solvers().get(solver_name)
-    unconstrained = problem_from_library(read_library(path), objective, [], maximize)
+    unconstrained = problem_from_library(read_library(path), objective, [], maximize,
+                                         offsets=outside[1] if outside else None)
     problem = with_budgets(unconstrained, budgets, scenario, list(constraints))
+    if budgets.keys():
+        console.print(f"budgets are of the whole model: the costs outside the layers are from {outside[0]}" if outside
+                      else f"{path} carries no costs outside its layers (embeddings, LM head): budgets are of the "
+                           "layers alone", style="dim", soft_wrap=True)
     result = {"library": str(path), **_summary(problem)}
     if sweep is None:
         solutions = find_solutions(problem, solver, num_solutions, min_diversity, time_limit_s)
