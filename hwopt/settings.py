@@ -186,7 +186,10 @@ def load_settings(workdir: Path, overrides: dict) -> Settings:
 
 def run_containing(path: str | Path) -> tuple[Path, dict] | None:
     """The run directory ``path`` lies in (its nearest ancestor, or itself, holding a ``run.json``) and that run's
-    saved settings; None when it lies in none. How ``hwopt evaluate`` knows a run's child."""
+    saved settings; None when it lies in none or does not exist (a model name is no path). How ``hwopt evaluate``
+    knows a run's child."""
+    if not Path(path).exists():
+        return None
     for directory in (Path(path).resolve(), *Path(path).resolve().parents):
         if (directory / "run.json").is_file():
             try:
