@@ -299,8 +299,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                                                     "else the CPU), cpu, cuda, cuda:N (default auto)")
     p.add_argument("--out", default="evaluation", help="folder for report.md, evaluation.json and per_layer.png "
                                                        "(default ./evaluation)")
-    p.add_argument("--threads", type=or_none(int), help="torch CPU threads (default, or none: one per core other "
-                                                        "processes leave idle)")
+    p.add_argument("--threads", type=or_none(int), help="torch CPU threads (default: the run's; else, or none: one "
+                                                        "per core other processes leave idle)")
     add_scenario_options(Options(p), backend_default="roofline")
     p = sub.add_parser("calibrate", help="time every block variant with a measuring backend; write the target's "
                                          ".toml with these timings, which fit the roofline estimate")
@@ -387,7 +387,7 @@ def cmd_estimate(args: argparse.Namespace) -> None:
 
 # evaluate's options taken from a run's run.json when not given: option -> setting
 EVALUATE_FROM_RUN = {"parent": "model", **{k: k for k in ("data", "seq_len", "target", "scenario", "batch", "dtype",
-                                                          "kv_dtype")}}
+                                                          "kv_dtype", "threads")}}
 
 
 def take_run_settings(args: argparse.Namespace) -> None:
@@ -404,8 +404,8 @@ def take_run_settings(args: argparse.Namespace) -> None:
         for key in taken:
             setattr(args, key, saved[EVALUATE_FROM_RUN[key]])
         if taken:
-            print(f"{args.model} is in run {workdir}: its {', '.join(k.replace('_', ' ') for k in taken)} "
-                  f"from its run.json", file=sys.stderr)
+            values = ", ".join(f"{k.replace('_', ' ')} {getattr(args, k)}" for k in taken)
+            print(f"{args.model} is in run {workdir}; from its run.json: {values}", file=sys.stderr)
     if args.parent is None:
         raise HwoptError(f"{args.model} is not inside a run directory: say which model is its parent (--parent)")
     args.seq_len = SETTINGS_DEFAULTS["seq_len"] if args.seq_len is None else args.seq_len
@@ -454,8 +454,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     child, parent = (sources[role].load(placement.device, placement.dtype) for role in ("child", "parent"))
     report = evaluate(child, parent, texts, scenario, task, args.repeats or 3)
     label_measurement(report, placement, target)
-    report["texts"]["heldout"]["source"] = f"the last tenth of {split.source}"
-    report["texts"]["general"]["source"] = str(GENERAL_HELDOUT.name)
+    report["texts"]["heldout"]["source"] = f"the last tenth of {split.source}, in sequences of {args.seq_len}"
+    report["texts"]["general"]["source"] = f"{GENERAL_HELDOUT.name}, in sequences of {args.seq_len}"
     predicted = {role: estimate(source, target, scenario, args.backend or "roofline", args.repeats or 3)
                  for role, source in sources.items()}
     report["predicted_speedup"] = predicted["parent"]["total"]["runtime_ms"] / predicted["child"]["total"]["runtime_ms"]

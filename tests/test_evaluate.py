@@ -111,9 +111,11 @@ def test_a_runs_child_is_evaluated_with_the_runs_parent_data_and_scenario(tiny_c
     out = tmp_path / "eval"
     assert main(["evaluate", "--model", str(run / "uptrain" / "model"), "--out", str(out), "--repeats", "1",
                  "--tokens", "96", "--threads", "1"]) == 0
-    assert "its parent, seq len, target, scenario from its run.json" in capsys.readouterr().err
+    assert (f"is in run {run}; from its run.json: parent {tiny_llama_dir}, seq len 24, target cpu, scenario 8/4"
+            in capsys.readouterr().err)
     report = json.loads((out / "evaluation.json").read_text())
-    assert report["texts"]["heldout"]["tokens"] == 96
+    assert report["texts"]["heldout"]["tokens"] == 96 and report["texts"]["general"]["source"].endswith(
+        "in sequences of 24")
     from hwopt.data import general_heldout
 
     tokenizer = resolve_model(str(tiny_llama_dir)).tokenizer()
