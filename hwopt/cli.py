@@ -301,7 +301,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                                                        "(default ./evaluation)")
     p.add_argument("--threads", type=or_none(int), help="torch CPU threads (default: the run's; else, or none: one "
                                                         "per core other processes leave idle)")
-    add_scenario_options(Options(p), backend_default="roofline")
+    add_scenario_options(Options(p), backend_default="the run's, else roofline")
     p = sub.add_parser("calibrate", help="time every block variant with a measuring backend; write the target's "
                                          ".toml with these timings, which fit the roofline estimate")
     p.add_argument("--target", required=True, help="hardware target to measure on: cpu, h100, ..., or a target .toml")
@@ -387,7 +387,7 @@ def cmd_estimate(args: argparse.Namespace) -> None:
 
 # evaluate's options taken from a run's run.json when not given: option -> setting
 EVALUATE_FROM_RUN = {"parent": "model", **{k: k for k in ("data", "seq_len", "target", "scenario", "batch", "dtype",
-                                                          "kv_dtype", "threads")}}
+                                                          "kv_dtype", "threads", "backend")}}
 
 
 def take_run_settings(args: argparse.Namespace) -> None:

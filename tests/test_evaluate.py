@@ -107,12 +107,12 @@ def test_a_runs_child_is_evaluated_with_the_runs_parent_data_and_scenario(tiny_c
     run = tmp_path / "run"
     shutil.copytree(tiny_child_dir, run / "uptrain" / "model")
     (run / "run.json").write_text(json.dumps({"model": str(tiny_llama_dir), "seq_len": 24, "scenario": "8/4",
-                                              "target": "cpu", "data": None, "dtype": None}))
+                                              "target": "cpu", "data": None, "dtype": None, "backend": "roofline"}))
     out = tmp_path / "eval"
     assert main(["evaluate", "--model", str(run / "uptrain" / "model"), "--out", str(out), "--repeats", "1",
                  "--tokens", "96", "--threads", "1"]) == 0
-    assert (f"is in run {run}; from its run.json: parent {tiny_llama_dir}, seq len 24, target cpu, scenario 8/4"
-            in capsys.readouterr().err)
+    assert (f"is in run {run}; from its run.json: parent {tiny_llama_dir}, seq len 24, target cpu, scenario 8/4, "
+            "backend roofline" in capsys.readouterr().err)
     report = json.loads((out / "evaluation.json").read_text())
     assert report["texts"]["heldout"]["tokens"] == 96 and report["texts"]["general"]["source"].endswith(
         "in sequences of 24")
