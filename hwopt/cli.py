@@ -409,7 +409,7 @@ def take_run_settings(args: argparse.Namespace) -> None:
     if args.parent is None:
         raise HwoptError(f"{args.model} is not inside a run directory: say which model is its parent (--parent)")
     args.seq_len = SETTINGS_DEFAULTS["seq_len"] if args.seq_len is None else args.seq_len
-    args.target = args.target or "cpu"
+    args.target = args.target or SETTINGS_DEFAULTS["target"]
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
