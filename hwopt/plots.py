@@ -30,7 +30,7 @@ def per_layer_runtime(path: Path, child_rows: list[dict], parent_rows: list[dict
     from matplotlib.figure import Figure
 
     width = max(8.0, len(child_rows) * 0.18)  # inches
-    fig = Figure(figsize=(width, 6))
+    fig = Figure(figsize=(width, 7 if label_layers else 6))  # the labelled ticks take an inch
     axes = fig.subplots(2, 1, sharex=True)
     for ax, key, label in ((axes[0], "attention_ms", "attention"), (axes[1], "ffn_ms", "FFN")):
         if parent_rows is not None:
@@ -42,8 +42,9 @@ def per_layer_runtime(path: Path, child_rows: list[dict], parent_rows: list[dict
         ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
     axes[1].set_xlabel("layer")
     if label_layers:
+        axes[1].set_xlabel("layer: attention / FFN it became (removed: a no-op, attn_noop / ffn_noop in solve's table)")
         axes[1].set_xticks([r["layer"] for r in child_rows],
-                           [f"{r['layer']}: {became(r)}" for r in child_rows], rotation=90, fontsize=6)
+                           [f"{r['layer']}: {became(r)}" for r in child_rows], rotation=90, fontsize=8)
     characters = int(width * 8)  # a line of the title at matplotlib's 12 pt, in inches of figure
     fig.suptitle("\n".join(textwrap.fill(line, characters) for line in title.splitlines()))
     fig.tight_layout()

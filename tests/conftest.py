@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,21 @@ WINDOW_PLUGIN_SRC = REPO / "plugins" / "hwopt-sliding-window"
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "installs_plugin: pip-installs an example plugin from plugins/ into a temp dir")
+    use_session_cache(config)
+
+
+def use_session_cache(config) -> None:
+    """Point ``HWOPT_CACHE`` at a folder of this session's, so that the tiny models' parent samples and the like
+    stay out of the user's cache; the user's SmolLM2 weights and measured CPU roofs are linked in, not redone."""
+    from hwopt.pipeline import cache_root
+
+    users = cache_root()
+    session = Path(tempfile.mkdtemp(prefix="hwopt-test-cache-"))
+    for name in ("smollm2-135m-instruct", "cpu-roofs.json"):  # read-only here: new files replace a link, not its file
+        if (users / name).exists():
+            (session / name).symlink_to(users / name)
+    os.environ["HWOPT_CACHE"] = str(session)
+    config.add_cleanup(lambda: shutil.rmtree(session, ignore_errors=True))
 
 
 def env_with_pythonpath(*paths) -> dict:

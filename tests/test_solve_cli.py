@@ -298,3 +298,7 @@ def test_a_runs_library_is_budgeted_on_the_whole_model_as_the_run_does(tmp_path)
     assert sorted(chosen["run"].values()) == ["half", "half", "half", "none"]
     assert "costs outside the layers are from" in chosen["run said"]
     assert "budgets are of the layers alone" in chosen["published said"]
+    # the per-layer table's rows add up to the totals: the run's has a row for the 4 ms outside the layers
+    outside_row = [line for line in chosen["run said"].splitlines() if "outside the layers" in line and "│" in line]
+    assert len(outside_row) == 1 and outside_row[0].split("│")[-2].strip() == "4"
+    assert not [line for line in chosen["published said"].splitlines() if "outside the layers" in line and "│" in line]

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 from hwopt.errors import HwoptError
 from hwopt.model.config import BlockConfig, rebuilt_by_ffn_mult
-from hwopt.plugins import block_types
 
 
 @dataclass(frozen=True)
@@ -113,6 +112,8 @@ def runnable_library(library: dict, runtime: Runtime, config) -> dict:
 
     Entries without a ``block_config`` (published libraries) are kept: there is nothing to check them by.
     """
+    from hwopt.plugins import block_types  # here, not at the top: the CLI reads ``RUNTIMES`` for its help
+
     def runnable(entry: dict) -> bool:
         block = entry.get("block_config")
         if block is None:

@@ -223,7 +223,9 @@ def print_solutions(problem: Problem, solutions: list[Solution]) -> None:
 
 
 def print_choice(problem: Problem, solution: Solution) -> None:
-    """The chosen variant per layer, with its share of the objective and of each constrained key."""
+    """The chosen variant per layer, with its share of the objective and of each constrained key; a last row
+    holds the costs outside the layers (``Problem.offsets``) where the budgets count them, so the rows add up to
+    the totals."""
     keys = list(dict.fromkeys([problem.objective, *(c.key for c in problem.constraints)]))
     table = Table(title="solution 0, per layer")
     for name in ["layer", "variant", *keys]:
@@ -231,6 +233,10 @@ def print_choice(problem: Problem, solution: Solution) -> None:
     for layer in problem.layers:
         variant = solution.choice[layer]
         table.add_row(layer, variant, *(f"{problem.value(layer, variant, k):.4g}" for k in keys))
+    if any(problem.offsets.get(k) for k in keys):
+        table.add_section()
+        table.add_row("outside the layers", "embeddings, LM head",
+                      *(f"{problem.offsets[k]:.4g}" if k in problem.offsets else "" for k in keys))
     console.print(table)
 
 
