@@ -28,7 +28,7 @@ from hwopt.evaluate import compare_on_heldout
 from hwopt.passes.uptrain import UptrainSettings, uptrain
 from hwopt.pipeline import atomic_path, atomic_write_json
 from hwopt.run import Run
-from hwopt.settings import load_settings
+from hwopt.settings import EVALUATION_TOKENS, load_settings
 
 
 def main() -> None:
@@ -46,7 +46,7 @@ def main() -> None:
     s, placement = run.settings, run.placement
     parent = run.deployed_parent  # the models compared as they serve; the teacher is run.parent
     solution = run.read_json("solve/solutions.json")["solutions"][0]
-    own = run.split.heldout_batches(s.score_tokens)
+    own = run.split.heldout_batches(EVALUATION_TOKENS)  # as the closing report measures it
     distinct = len(run.split.train) * run.split.train.shape[1]
     rows = []
     print(f"data: {run.split.source}; uptraining lr {s.uptrain_lr:g} on {placement.describe()}", flush=True)
