@@ -14,9 +14,11 @@ same predicted-runtime budget (parent runtime / speedup, from the profile):
 
 Each child gets the run's uptraining (GKD, same tokens and learning rate),
 then its generation time is measured against the parent's on this machine
-(runs interleaved) and its KL and perplexity are measured on general
+(runs interleaved, both in the scenario's dtype as they serve, as the solve pass's
+speed check does), and its KL and perplexity are measured on general
 English text no pass trained on (``hwopt/heldout/general_english.txt``).
-Prints a table; writes ``<json>`` rows ``{"method", "measured_speedup",
+Prints a table (a measured speedup marked ``!`` was taken while other
+processes kept the cores busy: rerun on a quiet machine); writes ``<json>`` rows ``{"method", "measured_speedup",
 "heldout_kl", "heldout_ppl", ...}`` and a frontier plot ``<json stem>.png``.
 """
 
@@ -28,7 +30,7 @@ from pathlib import Path
 
 from hwopt.baselines import block_influence, layer_drop, predicted_runtime_ms, uniform_width
 from hwopt.errors import HwoptError
-from hwopt.evaluate import compare_on_heldout, measure_runtimes
+from hwopt.evaluate import compare_on_heldout, measured_speedup
 from hwopt.passes.solve import Budgets, solve
 from hwopt.passes.uptrain import UptrainSettings, uptrain
 from hwopt.pipeline import atomic_path, atomic_write_json
@@ -96,7 +98,7 @@ def main() -> None:
     lib = run.library()
     tokens = args.uptrain_tokens or s.uptrain_tokens
     rows = []
-    print(f"{'speedup':>7} {'method':>11} {'predicted':>9} {'measured':>8} {'KL':>7} {'ppl ratio':>9}")
+    print(f"{'speedup':>7} {'method':>11} {'predicted':>9} {'measured':>14} {'KL':>7} {'ppl ratio':>9}")
     for speedup in args.speedups:
         for method, solution in children(run, library, costs, speedup).items():
             if method not in args.methods:
@@ -104,18 +106,23 @@ def main() -> None:
             choice = solution["variants"]
             child = run.assemble(solution)
             uptrain(child, run.parent, run.split.train_batches(tokens), run.split.score_batches(s.score_tokens),
-                    UptrainSettings(tokens=tokens, lr=s.uptrain_lr, seed=s.seed))
-            ms = measure_runtimes({"parent": run.parent, "child": child}, run.scenario, run.parent.config.vocab_size)
-            quality = compare_on_heldout(child, run.parent, run.general_heldout)
+                    UptrainSettings(tokens=tokens, lr=s.uptrain_lr, seed=s.seed), run.placement)
+            # timed and compared as they serve, as the solve pass's check and the closing report do: the teacher
+            # (run.parent) is in the train dtype, which need not be the scenario's
+            child = child.to(run.deployed.dtype)
+            timing = measured_speedup(run.deployed_parent, child, run.scenario)
+            quality = compare_on_heldout(child, run.deployed_parent, run.general_heldout)
             parent_ms = predicted_runtime_ms(costs, [(lib.variant_names(i, "attention")[0],
                                                       lib.variant_names(i, "ffn")[0]) for i in range(len(choice))])
             row = {"method": method, "budget_speedup": speedup,
                    "predicted_speedup": parent_ms / predicted_runtime_ms(costs, choice),
-                   "measured_speedup": ms["parent"] / ms["child"], "heldout_kl": quality["kl_div"],
+                   "measured_speedup": timing["measured_speedup"], "measured_error": timing["error"],
+                   "measured_while_disturbed": timing["disturbed"], "heldout_kl": quality["kl_div"],
                    "heldout_ppl": quality["perplexity"], "parent_ppl": quality["parent_perplexity"],
                    "uptrain_tokens": tokens, "choice": choice}
             rows.append(row)
-            print(f"{speedup:>7.2f} {method:>11} {row['predicted_speedup']:>8.2f}x {row['measured_speedup']:>7.2f}x "
+            measured = f"{row['measured_speedup']:.2f}x ± {row['measured_error']:.0%}" + "!" * timing["disturbed"]
+            print(f"{speedup:>7.2f} {method:>11} {row['predicted_speedup']:>8.2f}x {measured:>14} "
                   f"{row['heldout_kl']:>7.3f} {row['heldout_ppl'] / row['parent_ppl']:>8.2f}x", flush=True)
             if args.json:
                 atomic_write_json(args.json, rows)
