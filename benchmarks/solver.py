@@ -243,8 +243,13 @@ def process_benchmark(repeats: int) -> None:
                  *(arg for key, limit in budgets.items() for arg in ("--max", f"{key}={limit}"))]
         cbc = [sys.executable, "-c", CBC_SCRIPT, str(path), json.dumps(budgets), f"{tmp}/cbc.json"]
         hwopt_s, cbc_s = best_process_time(hwopt, repeats), best_process_time(cbc, repeats)
-    print(f"\nwhole processes on an 80 x 16 library (best of {repeats}): hwopt solve --library {hwopt_s:.2f} s, "
-          f"python-mip/CBC script {cbc_s:.2f} s: hwopt takes {hwopt_s / cbc_s:.2f}x CBC's time")
+    # the floor of any process that solves with SCIP: the interpreter, and pyscipopt's import (numpy within it)
+    bare_s = best_process_time([sys.executable, "-c", "pass"], repeats)
+    scip_import_s = best_process_time([sys.executable, "-c", "import pyscipopt"], repeats)
+    print(f"\nwhole processes on an 80 x 16 library (best of {repeats}): hwopt solve --library {hwopt_s:.3f} s, "
+          f"python-mip/CBC script {cbc_s:.3f} s: hwopt takes {hwopt_s / cbc_s:.2f}x CBC's time")
+    print(f"  floor of a SCIP process: python alone {bare_s:.3f} s, python importing pyscipopt {scip_import_s:.3f} s "
+          f"({scip_import_s / cbc_s:.0%} of the CBC script's whole process)")
 
 
 def main() -> None:
