@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -40,8 +41,17 @@ def or_none(cast):
     return parse
 
 
-def number(text: str) -> int | float:
+def finite(text: str) -> float:
+    """A float option's type: ``nan`` and ``inf``, which ``float`` takes, are refused (argparse then says
+    "invalid finite value")."""
     value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(text)
+    return value
+
+
+def number(text: str) -> int | float:
+    value = finite(text)
     return int(value) if value.is_integer() else value
 
 
@@ -115,7 +125,7 @@ def add_run_options(p: argparse.ArgumentParser, command: str, plugin_options: bo
     o.add("--max-spread", "stop with an error when a measured block's timings spread (IQR / median over rounds) by "
                           "more than this, e.g. 0.1, or the machine is too busy to measure (default: warn when a "
                           "median's standard error exceeds 4%%)",
-          type=or_none(float))
+          type=or_none(finite))
     o.add("--threads", "torch CPU threads for this run, per process under torchrun (default: chosen by its first "
                        "command, one per core other processes leave idle, shared among a node's ranks, then kept)",
           type=or_none(int))
@@ -133,7 +143,7 @@ def add_run_options(p: argparse.ArgumentParser, command: str, plugin_options: bo
     add_scenario_options(o)
     o.section("search space")
     o.add("--kv-heads", "KV-head counts to offer (default: every divisor)", type=or_none(_csv(int)))
-    o.add("--ffn-fractions", "FFN widths to offer", type=_csv(float))
+    o.add("--ffn-fractions", "FFN widths to offer", type=_csv(finite))
     o.add("--no-linear", "offer no linear blocks", dest="linear", action="store_const", const=False)
     o.add("--no-noop", "offer no removed blocks", dest="no_op", action="store_const", const=False)
     o.add("--two-layer", "also offer blocks that replace two consecutive parent layers (the layer after one is a "
@@ -152,7 +162,7 @@ def add_run_options(p: argparse.ArgumentParser, command: str, plugin_options: bo
                                "distillation; 0 for none)", type=int)
     o.add("--seq-len", "tokens per training sequence", type=int)
     o.add("--bld-tokens", "blockwise distillation (BLD) tokens per variant", type=int)
-    o.add("--bld-lr", "blockwise distillation (BLD) learning rate", type=float)
+    o.add("--bld-lr", "blockwise distillation (BLD) learning rate", type=finite)
     o.add("--score-tokens", "held-out tokens for replace-1-block scoring", type=int)
     o.add("--score-pairs", "decoupled: run each attention and each FFN variant beside the parent's other half and "
                            "estimate pairs to first order; coupled: run every (attention, FFN) pair",
@@ -162,24 +172,24 @@ def add_run_options(p: argparse.ArgumentParser, command: str, plugin_options: bo
     o.add("--task-data", "multiple-choice JSONL for --metric task_accuracy, one "
                          '{"question": ..., "choices": [...], "answer": index or choice text} per line')
     o.add("--uptrain-tokens", "global distillation (GKD) tokens", type=int)
-    o.add("--uptrain-lr", "global distillation (GKD) learning rate", type=float)
+    o.add("--uptrain-lr", "global distillation (GKD) learning rate", type=finite)
     o.add("--uptrain-sharding", "under torchrun: ddp (every rank holds the whole child), fsdp (each rank a shard of "
                                 "the child and the teacher), or auto (fsdp when the ddp memory plan does not fit "
                                 "one rank)", choices=("auto", "ddp", "fsdp"))
     o.add("--seed", "random seed of training and data order", type=int)
     o.section("search", "budgets the run remembers; `none` forgets one (--memory none)")
     o.add("--objective", "library key to optimise (default: metrics.<first metric>)")
-    o.add("--speedup", "child runtime at most parent runtime / X", type=or_none(float))
+    o.add("--speedup", "child runtime at most parent runtime / X", type=or_none(finite))
     o.add("--memory", "weights + KV cache at most this (e.g. 80GB, 300MiB)")
-    o.add("--throughput", "at least this many tokens/s (input + output tokens)", type=or_none(float))
-    o.add("--latency", "the whole batch's generation in at most this many ms (stats.runtime_ms)", type=or_none(float))
+    o.add("--throughput", "at least this many tokens/s (input + output tokens)", type=or_none(finite))
+    o.add("--latency", "the whole batch's generation in at most this many ms (stats.runtime_ms)", type=or_none(finite))
     o.add("--ttft", "time to first token (TTFT) at most this many ms (stats.ttft_ms, or stats.prefill_ms in "
-                    "libraries without it)", type=or_none(float))
+                    "libraries without it)", type=or_none(finite))
     o.add("--params", "at most this many parameters, e.g. 50B, 135M (stats.num_params)")
     o.add("--solver", "solver: scip, highs, greedy, or a plugin's")
     o.add("--num-solutions", "this many solutions, best first", type=int)
     o.add("--min-diversity", "each solution differs from every earlier one in at least this many layers", type=int)
-    o.add("--time-limit", "solver seconds per solution", type=float)
+    o.add("--time-limit", "solver seconds per solution", type=finite)
     o.add("--speedup-checks", "with --speedup on this CPU: time the chosen child against the parent and solve again "
                               "with a budget tighter by the shortfall while it measures slower; at most this many "
                               "children (0: off)",

@@ -57,6 +57,9 @@ class Constraint:
     def __post_init__(self) -> None:
         if self.max is None and self.min is None:
             raise HwoptError(f"constraint on {self.key} needs a max, a min or both")
+        if not all(math.isfinite(b) for b in (self.max, self.min) if b is not None):
+            raise HwoptError(f"constraint on {self.key}: its bounds must be finite numbers, not {self.min}:{self.max} "
+                             "(leave a side out for no bound)")
         if self.max is not None and self.min is not None and self.min > self.max:
             raise HwoptError(f"constraint {self.describe()} is empty: min is above max")
 

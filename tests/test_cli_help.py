@@ -77,7 +77,7 @@ def test_estimate_help_names_the_roofline_default_backend(command, default):
 
 
 @pytest.mark.parametrize(("argv", "line"), [
-    (["solve", "--speedup", "x"], "hwopt solve: error: argument --speedup: invalid float value: 'x' "
+    (["solve", "--speedup", "x"], "hwopt solve: error: argument --speedup: invalid finite value: 'x' "
                                   "(see hwopt solve --help)"),
     (["optimize", "--no-such-option"], "hwopt optimize: error: unrecognized arguments: --no-such-option "
                                        "(see hwopt optimize --help)"),

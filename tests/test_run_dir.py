@@ -138,8 +138,9 @@ def test_budgets_become_whole_model_constraints():
     assert runtime.max == pytest.approx(500)
     runtime, memory = Budgets(speedup=1.0, memory="1GiB").constraints(parent, scenario)
     assert memory.key == "stats.memory_mib" and memory.max == 1024
-    with pytest.raises(HwoptError, match="--speedup must be positive"):
-        Budgets(speedup=0).constraints(parent, scenario)
+    for bad in (0, float("nan"), float("inf")):
+        with pytest.raises(HwoptError, match="--speedup must be a positive number"):
+            Budgets(speedup=bad).constraints(parent, scenario)
 
 
 # --- the run directory never disagrees with itself ---------------------------------------------------------------

@@ -107,7 +107,9 @@ def test_missing_or_binary_library_file_is_one_error_line(tmp_path, capsys):
     (["--range", "stats.runtime_ms=9:5"], "min is above max"),
     (["--params", "lots"], "--params takes a count"),
     (["--throughput", "100"], "--throughput needs the workload"),
-    (["--latency", "-1"], "--latency must be positive"),
+    (["--latency", "-1"], "--latency must be a positive number"),
+    (["--max", "stats.runtime_ms=nan"], "its bounds must be finite numbers"),
+    (["--range", "stats.runtime_ms=1:inf"], "its bounds must be finite numbers"),
     (["--max", "stats.nope=1"], "stats.nope is missing"),
     (["--max", "stats.runtime_ms=9", "--num-solutions", "0"], "--num-solutions and --min-diversity must be at least 1"),
     (["--max", "stats.runtime_ms=9", "--solver", "cplex"], "unknown solver 'cplex'"),
@@ -117,6 +119,18 @@ def test_missing_or_binary_library_file_is_one_error_line(tmp_path, capsys):
 def test_bad_options_are_one_error_line(library_file, capsys, args, error):
     assert solve_cli("--library", library_file, *args) == 2
     assert_one_error_line(capsys, error)
+
+
+@pytest.mark.parametrize("option", ["--speedup", "--latency", "--time-limit"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_a_number_option_refuses_nan_and_inf_in_one_line(library_file, capsys, option, value):
+    """``float`` takes them; SCIP asserted on a nan budget (a traceback) and inf made every layer a no-op."""
+    with pytest.raises(SystemExit) as stopped:
+        solve_cli("--library", library_file, f"{option}={value}")  # = : argparse takes "-inf" for an option
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("hwopt solve: error:") and f"{option}: invalid finite value: '{value}'" in err[-1]
+    assert not any("Traceback" in line for line in err)
 
 
 def test_library_options_need_a_library(tmp_path, capsys):

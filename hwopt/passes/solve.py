@@ -111,8 +111,9 @@ class Budgets:
     def __post_init__(self) -> None:
         """Check every budget at once, before any file is read."""
         for name in ("speedup", "throughput", "latency", "ttft"):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise HwoptError(f"--{name} must be positive")
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise HwoptError(f"--{name} must be a positive number, not {value}")
         for text, parse in ((self.memory, parse_memory_mib), (self.params, parse_count)):
             if text is not None:
                 parse(text)
