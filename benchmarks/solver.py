@@ -13,10 +13,12 @@ sweep at 80 x 50: hwopt builds its model once and moves the budget; CBC is
 rebuilt per point, as the demo does. Last, ablations show where SCIP's speed
 comes from. CBC needs ``pip install mip``; without it, its rows are skipped.
 
-Last, whole processes, as a user runs them: ``hwopt solve --library`` on an
-80 x 16 library file against a python-mip/CBC script that reads the same file
-and solves it as NVIDIA's demo does, each started afresh (interpreter start
-and imports included), best of ``--repeats``.
+Before the ablations (with CBC installed), whole processes, as a user runs them:
+``hwopt solve --library`` on an 80 x 16 library file against a python-mip/CBC
+script that reads the same file and solves it as NVIDIA's demo does, each
+started afresh (interpreter start and imports included), best of
+``--repeats``, beside the floor of any SCIP process (python alone, and python
+importing pyscipopt, which imports numpy).
 """
 
 from __future__ import annotations
@@ -232,7 +234,8 @@ def best_process_time(argv: list[str], repeats: int) -> float:
 
 
 def process_benchmark(repeats: int) -> None:
-    """``hwopt solve --library`` against the CBC script, process against process, on an 80 x 16 library."""
+    """``hwopt solve --library`` against the CBC script, process against process, on an 80 x 16 library; then the
+    floor of a SCIP process (``python -c pass``, ``python -c "import pyscipopt"``) timed the same way."""
     library = random_library(80, 16, 0)
     problem = budgeted(library)
     budgets = {c.key: c.max for c in problem.constraints}
@@ -256,7 +259,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("library", nargs="?", type=Path, help="also solve this block_library.json")
     parser.add_argument("--seeds", type=int, default=3, help="random libraries per size (default 3)")
-    parser.add_argument("--repeats", type=int, default=3, help="time each solve this often, keep the best")
+    parser.add_argument("--repeats", type=int, default=3, help="time each solve this often, keep the best (default 3)")
     parser.add_argument("--time-limit", type=float, default=60.0, help="seconds per solve (default 60)")
     args = parser.parse_args()
 
