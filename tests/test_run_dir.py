@@ -146,8 +146,10 @@ def test_budgets_become_whole_model_constraints():
 # --- the run directory never disagrees with itself ---------------------------------------------------------------
 
 def finished_run(workdir, **settings):
-    """A run directory whose profile, library and score passes have finished (with stand-in outputs)."""
-    atomic_write_json(workdir / "run.json", dataclasses.asdict(Settings(**settings)))
+    """A run directory whose profile, library and score passes have finished (with stand-in outputs). No parent
+    samples unless asked: a pass's fingerprint would otherwise draw SmolLM2's 146K tokens (minutes) where the
+    cache lacks them."""
+    atomic_write_json(workdir / "run.json", dataclasses.asdict(Settings(**{"distill_samples": 0, **settings})))
     for name in ("profile", "library", "score"):
         with staged_pass(workdir / name, f"fp-{name}") as out:
             (out / "output.json").write_text("{}")
