@@ -135,7 +135,7 @@ def test_installed_plugin_through_the_pipeline_to_a_reloadable_checkpoint(instal
     workdir = tmp_path / "run"
     space = ["--block-types", "sliding_window", "--window", "8", "--kv-heads", "2", "--no-linear", "--no-noop",
              "--ffn-fractions", "1", "--scenario", "24/16", "--repeats", "2", "--seq-len", "32", "--bld-tokens",
-             "512", "--score-tokens", "64", "--uptrain-tokens", "128"]
+             "512", "--score-tokens", "64", "--uptrain-tokens", "128", "--distill-samples", "64"]
     proc = hwopt_cli("profile", "--model", tiny_llama_dir, "--workdir", workdir, *space, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     costs = json.loads((workdir / "profile/costs.json").read_text())
