@@ -19,7 +19,14 @@ from hwopt import __version__
 from hwopt.errors import HwoptError
 from hwopt.lowering.runtimes import RUNTIMES
 from hwopt.pipeline import PASSES, UNSET
-from hwopt.settings import DEFAULT_SCENARIO, EVALUATION_TOKENS, Settings, load_settings, settings_read_by
+from hwopt.settings import (
+    DEFAULT_SCENARIO,
+    EVALUATION_TOKENS,
+    Settings,
+    load_settings,
+    run_containing,
+    settings_read_by,
+)
 
 SETTINGS_DEFAULTS = {f.name: getattr(Settings(), f.name) for f in dataclasses.fields(Settings)}
 
@@ -404,15 +411,13 @@ def take_run_settings(args: argparse.Namespace) -> None:
     """``hwopt evaluate`` of a run's child: the options not given (``EVALUATE_FROM_RUN``) from the run's run.json,
     so the child is measured on the text and in the scenario it was made for; else the runs' defaults. Raises
     ``HwoptError`` when no parent is known."""
-    from hwopt.settings import run_containing
-
     found = run_containing(args.model)
     if found:
         workdir, saved = found
-        taken = [key for key, setting in EVALUATE_FROM_RUN.items()
-                 if getattr(args, key) is None and saved.get(setting) is not None]
-        for key in taken:
-            setattr(args, key, saved[EVALUATE_FROM_RUN[key]])
+        taken = {key: saved[setting] for key, setting in EVALUATE_FROM_RUN.items()
+                 if getattr(args, key) is None and saved.get(setting) is not None}
+        for key, value in taken.items():
+            setattr(args, key, value)
         if taken:
             values = ", ".join(f"{k.replace('_', ' ')} {getattr(args, k)}" for k in taken)
             print(f"{args.model} is in run {workdir}; from its run.json: {values}", file=sys.stderr)
@@ -514,11 +519,8 @@ def run_outside_costs(library: Path) -> tuple[str, dict[str, float]] | None:
 
 def cmd_solve_library(args: argparse.Namespace) -> None:
     """`hwopt solve --library FILE`: the solve pass on any block library, no other pass needed."""
-    import dataclasses
-
     from hwopt.passes.solve import maximizes, parse_max, parse_range, solve_library
     from hwopt.search_space import Scenario
-    from hwopt.settings import Settings
     from hwopt.sweep import SweepSpec
 
     names = {f.name for f in dataclasses.fields(Settings)}

@@ -40,9 +40,9 @@ def per_layer_runtime(path: Path, child_rows: list[dict], parent_rows: list[dict
                label=child_label)
         ax.set_ylabel(f"{label} runtime (ms)")
         ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    axes[1].set_xlabel("layer")
+    axes[1].set_xlabel("layer: attention / FFN it became (removed: a no-op, attn_noop / ffn_noop in solve's table)"
+                       if label_layers else "layer")
     if label_layers:
-        axes[1].set_xlabel("layer: attention / FFN it became (removed: a no-op, attn_noop / ffn_noop in solve's table)")
         axes[1].set_xticks([r["layer"] for r in child_rows],
                            [f"{r['layer']}: {became(r)}" for r in child_rows], rotation=90, fontsize=8)
     characters = int(width * 8)  # a line of the title at matplotlib's 12 pt, in inches of figure
