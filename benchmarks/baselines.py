@@ -31,10 +31,10 @@ from pathlib import Path
 from hwopt.baselines import block_influence, layer_drop, predicted_runtime_ms, uniform_width
 from hwopt.errors import HwoptError
 from hwopt.evaluate import compare_on_heldout, measured_speedup
-from hwopt.passes.solve import Budgets, solve
-from hwopt.passes.uptrain import UptrainSettings, uptrain
 from hwopt.pipeline import atomic_path, atomic_write_json
 from hwopt.run import Run, load_settings
+from hwopt.solving import Budgets, solve
+from hwopt.uptraining import UptrainSettings, uptrain
 
 SEARCHED = {"mip": ("scip", None, False), "greedy": ("greedy", None, False),
             "max_params": ("scip", "stats.num_params", True)}

@@ -21,6 +21,7 @@ from hwopt.devices import TRAIN_DTYPES, Placement
 from hwopt.distributed import Ranks
 from hwopt.errors import HwoptError
 from hwopt.model_source import resolve_model
+from hwopt.passes import uptrain as uptrain_pass
 from hwopt.run import Run, Settings
 from hwopt.targets import resolve_target
 
@@ -50,7 +51,7 @@ def main() -> None:
         for name in ("library", "score", "uptrain"):
             plan = run.memory_plan(name)
             if name == "uptrain" and ranks > 1:
-                how = ("FSDP, each rank a shard of the child and the teacher" if run.uptrain_sharded else
+                how = ("FSDP, each rank a shard of the child and the teacher" if uptrain_pass.sharded(run) else
                        "DDP, the whole child on every rank")
                 print(f"(uptrain, --uptrain-sharding {settings.uptrain_sharding}: {how})")
             print("\n".join(plan.lines(ranks)))

@@ -33,8 +33,8 @@ from hwopt.evaluate import measure_runtimes
 from hwopt.model.config import BlockConfig
 from hwopt.model.modeling import HeteroLlamaForCausalLM
 from hwopt.model_source import resolve_model
-from hwopt.passes.profile import choose_backend, layer_rows, measure_costs, model_total, profile_variants
 from hwopt.plugins import block_types
+from hwopt.profiling import choose_backend, layer_rows, measure_costs, model_total, profile_variants
 from hwopt.search_space import Scenario, SearchSpace, model_sub_variants
 from hwopt.targets import resolve_target
 from hwopt.workload import scenario_phases

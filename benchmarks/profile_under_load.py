@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from hwopt.model_source import resolve_model
-from hwopt.passes.profile import model_variants
+from hwopt.profiling import model_variants
 from hwopt.timing import usable_cores
 
 REPO = Path(__file__).resolve().parents[1]

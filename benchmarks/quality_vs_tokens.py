@@ -25,10 +25,10 @@ from pathlib import Path
 
 from hwopt.devices import TRAIN_DTYPES
 from hwopt.evaluate import compare_on_heldout
-from hwopt.passes.uptrain import UptrainSettings, uptrain
 from hwopt.pipeline import atomic_path, atomic_write_json
 from hwopt.run import Run
 from hwopt.settings import EVALUATION_TOKENS, load_settings
+from hwopt.uptraining import UptrainSettings, uptrain
 
 
 def main() -> None:

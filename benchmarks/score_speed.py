@@ -28,10 +28,10 @@ from pathlib import Path
 import torch
 from scipy.stats import spearmanr
 
+from hwopt.bld import Library
 from hwopt.builtin.metrics import KLDivergence
-from hwopt.passes.library import Library
-from hwopt.passes.score import outputs_of, score_metrics
 from hwopt.run import Run, load_settings
+from hwopt.scoring import outputs_of, score_metrics
 
 
 def subset(library: Library, layers: list[int]) -> Library:

@@ -39,8 +39,8 @@ import numpy as np
 from pyscipopt import SCIP_PARAMSETTING
 
 from hwopt.builtin.mip_solvers import GreedySolver, HighsSolver, ScipModel, ScipSolver
-from hwopt.passes.solve import MEMORY, PARAMS, RUNTIME, read_library
 from hwopt.problem import Constraint, LinearForm, Problem, Solution, problem_from_library
+from hwopt.solving import MEMORY, PARAMS, RUNTIME, read_library
 from hwopt.sweep import SweepSpec, pareto_sweep
 
 # budgets as fractions of the parent's totals: tight enough that all three bind in places

@@ -4,7 +4,7 @@
 
 Needs a run through the score pass (``hwopt optimize ... --until score``). A
 run made without ``--two-layer`` gets its two-layer blocks here: trained by
-BLD (``hwopt.passes.two_layer``, the run's BLD tokens and learning rate) into
+BLD (``hwopt.two_layer``, the run's BLD tokens and learning rate) into
 ``RUN/bench_two_layer/`` (kept for a rerun) and scored by replace-2-blocks on
 the run's held-out tokens; a run made with it has them already.
 
@@ -26,15 +26,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from hwopt.bld import BLDSettings, Library
 from hwopt.errors import HwoptError
 from hwopt.evaluate import compare_on_heldout, measure_runtimes
-from hwopt.passes.library import BLDSettings, Library
-from hwopt.passes.score import with_costs
-from hwopt.passes.solve import Budgets, solve
-from hwopt.passes.two_layer import add_two_layer_entries, assemble_child, build_two_layer
-from hwopt.passes.uptrain import UptrainSettings, uptrain
 from hwopt.pipeline import atomic_write_json
 from hwopt.run import Run, load_settings
+from hwopt.scoring import with_costs
+from hwopt.solving import Budgets, solve
+from hwopt.two_layer import add_two_layer_entries, assemble_child, build_two_layer
+from hwopt.uptraining import UptrainSettings, uptrain
 
 
 def one_layer_only(block_library: dict) -> dict:

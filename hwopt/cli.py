@@ -18,15 +18,9 @@ from pathlib import Path
 from hwopt import __version__
 from hwopt.errors import HwoptError
 from hwopt.lowering.runtimes import RUNTIMES
+from hwopt.passes import PASS_INFO, settings_read_by
 from hwopt.pipeline import PASSES, UNSET
-from hwopt.settings import (
-    DEFAULT_SCENARIO,
-    EVALUATION_TOKENS,
-    Settings,
-    load_settings,
-    run_containing,
-    settings_read_by,
-)
+from hwopt.settings import DEFAULT_SCENARIO, EVALUATION_TOKENS, Settings, load_settings, run_containing
 
 SETTINGS_DEFAULTS = {f.name: getattr(Settings(), f.name) for f in dataclasses.fields(Settings)}
 
@@ -507,8 +501,7 @@ def run_outside_costs(library: Path) -> tuple[str, dict[str, float]] | None:
     """For a block library inside a run directory (``RUN/score/block_library.json``): the run's costs outside the
     layers, from its profile, and that file's path, so `solve --library` budgets the whole model as the run's solve
     pass does; None for a library of no run (a published one)."""
-    from hwopt.passes.solve import outside_offsets
-    from hwopt.settings import PASS_INFO, run_containing
+    from hwopt.solving import outside_offsets
 
     found = run_containing(library)
     costs = found and found[0] / "profile" / PASS_INFO["profile"].outputs["costs"]
@@ -519,8 +512,8 @@ def run_outside_costs(library: Path) -> tuple[str, dict[str, float]] | None:
 
 def cmd_solve_library(args: argparse.Namespace) -> None:
     """`hwopt solve --library FILE`: the solve pass on any block library, no other pass needed."""
-    from hwopt.passes.solve import maximizes, parse_max, parse_range, solve_library
     from hwopt.search_space import Scenario
+    from hwopt.solving import maximizes, parse_max, parse_range, solve_library
     from hwopt.sweep import SweepSpec
 
     names = {f.name for f in dataclasses.fields(Settings)}

@@ -14,7 +14,7 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
-from hwopt.passes.profile import SIZE_KEYS, TIME_KEYS, choose_backend, layer_rows, measure_costs, model_total
+from hwopt.profiling import SIZE_KEYS, TIME_KEYS, choose_backend, layer_rows, measure_costs, model_total
 from hwopt.search_space import Scenario, model_sub_variants
 from hwopt.targets import Target
 from hwopt.workload import MIB

@@ -23,12 +23,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from hwopt.bld import variants_for_layer
 from hwopt.devices import Placement
 from hwopt.errors import HwoptError
 from hwopt.model.config import BlockConfig
-from hwopt.passes.library import variants_for_layer
-from hwopt.passes.solve import parse_memory_mib
 from hwopt.search_space import SearchSpace, sub_variant_of
+from hwopt.solving import parse_memory_mib
 
 GIB = 2**30
 # peak RSS after `import hwopt.run` and reading the default data (0.50 GiB: torch 2.13 CPU, transformers 5.24)
@@ -172,7 +172,7 @@ def uptrain_plan(config, child_blocks: list[BlockConfig], parent_blocks: list[Bl
     """uptrain: the child in training (fp32 with AdamW, and a copy of its weights to go back to), the parent as
     its teacher in the train dtype, and one step's activations of both with every layer's hidden states.
 
-    ``shards`` > 1: FSDP over that many ranks (``hwopt.passes.uptrain.sharded_models``). Each rank then holds
+    ``shards`` > 1: FSDP over that many ranks (``hwopt.uptraining.sharded_models``). Each rank then holds
     1/shards of both models and their state, plus the layers gathered whole while they run. The models are built
     on the meta device and each rank reads one piece whole at a time (a parent layer with the child's variant of
     it, or the embedding) to keep its shards of it, so no rank ever holds either model whole.

@@ -26,17 +26,58 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hwopt.errors import HwoptError
+
+if TYPE_CHECKING:
+    from hwopt.memory_plan import MemoryPlan
+    from hwopt.run import Run
 
 PASSES = ("profile", "library", "score", "solve", "uptrain", "lower")  # in the order they run
 UNSET = "none"  # `--memory none`: forget a remembered setting that has no default (a budget, --threads, ...)
 MANIFEST = ".manifest.json"
 FINGERPRINT = ".fingerprint"
 LOCK = ".lock"
+
+
+@dataclass(frozen=True)
+class PassInfo:
+    """What a pass declares about itself in its module (``hwopt.passes.<name>``), in the manner of TVM's
+    ``PassInfo`` and torch.fx's ``PassBase``: the settings it reads, the passes whose outputs it reads (requires),
+    the outputs it writes into ``<workdir>/<name>/`` (ensures), and the functions a run calls.
+
+    ``settings`` are those its fingerprint covers: a change to one reruns
+    the pass, and the passes after it. ``also_reads``: settings it reads
+    that leave its outputs unchanged (its command's help lists them too).
+    ``outputs``: artifact -> its path inside the pass's folder, named here
+    once for the pass that writes it and the passes that read it. ``joins``:
+    those of ``reads`` whose outputs the pass only joins into its result in a
+    last, cheap step: its units of work (``kept_units``) do not depend on
+    them, so a change there redoes that step alone.
+
+    ``check(run)`` runs before any pass of a command starts, so bad input
+    fails at once (raises ``HwoptError``). ``call(run, out)`` writes the
+    outputs into the folder ``out`` and returns the pass's failed
+    self-checks (None or [] when it has none). ``plan(run)``: its peak memory
+    per rank, for a pass that runs the parent. ``sharded``: every rank of a
+    torchrun job runs it (the others run on rank 0 while the rest wait).
+    """
+
+    name: str
+    settings: tuple[str, ...]
+    check: Callable[[Run], None]
+    call: Callable[[Run, Path], list[str] | None]
+    reads: tuple[str, ...] = ()
+    outputs: dict[str, str] = field(default_factory=dict)
+    also_reads: tuple[str, ...] = ()
+    joins: tuple[str, ...] = ()
+    plan: Callable[[Run], MemoryPlan] | None = None
+    sharded: bool = False
 
 
 @contextmanager

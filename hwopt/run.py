@@ -1,10 +1,13 @@
-"""A run: its settings, its directory, and the passes in order.
+"""A run: its settings, its directory, what they name resolved once, and the driver that runs the passes.
 
 Settings (``hwopt.settings``) come from defaults, then the run directory's ``run.json`` (what
 earlier commands on this run said), then the command line; the merged
 settings are saved back, so ``hwopt solve --workdir runs/demo --speedup 2``
-needs no other option. Each pass reads the settings it depends on and the
-outputs of the passes before it; its fingerprint covers both.
+needs no other option. Each pass describes itself in its module of
+``hwopt.passes`` (the settings and outputs it reads, what it writes, its
+check, its plan and the function that runs it); a ``Run`` is what those
+functions are handed, and its driver (``run_pass``, ``optimize``) checks,
+fingerprints, skips or stages each pass the same way.
 """
 
 from __future__ import annotations
@@ -12,14 +15,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 import torch
 
+from hwopt.bld import (
+    Child,
+    Library,
+)
 from hwopt.data import (
     SAMPLING_BATCH,
     cached_parent_samples,
@@ -33,29 +39,13 @@ from hwopt.data import (
 from hwopt.devices import Placement, deployed_placement, resolve_placement
 from hwopt.distributed import Ranks, local_world, ranks, staged_on_ranks
 from hwopt.errors import HwoptError
-from hwopt.evaluate import measured_speedup
-from hwopt.lowering.runtimes import Runtime, resolve_runtime, runnable_library
-from hwopt.memory_plan import MemoryPlan, library_plan, sampling_plan, score_plan, uptrain_plan
-from hwopt.model.checkpoint import load_checkpoint, save_nemotron_nas
-from hwopt.model.config import BlockConfig
+from hwopt.lowering.runtimes import Runtime, resolve_runtime
+from hwopt.memory_plan import MemoryPlan, sampling_plan
+from hwopt.model.checkpoint import load_checkpoint
 from hwopt.model.layerwise import LayerwiseParent
 from hwopt.model.modeling import HeteroLlamaForCausalLM
 from hwopt.model_source import resolve_model
-from hwopt.passes.library import (
-    BLDSettings,
-    Child,
-    Library,
-    build_coupled,
-    build_library,
-    coupled_subspace,
-    variants_for_layer,
-)
-from hwopt.passes.lower import LowerOptions, lower
-from hwopt.passes.profile import choose_backend, layer_rows, model_variants, print_checks, profile
-from hwopt.passes.score import SCORE_PAIRS, pairs_to_run, rescore_coupled, score_metrics, with_costs
-from hwopt.passes.solve import maximizes, meet_measured_speedup, solve
-from hwopt.passes.two_layer import add_two_layer_entries, build_two_layer, child_of
-from hwopt.passes.uptrain import UptrainSettings, full_weights, sharded_models, uptrain
+from hwopt.passes import PASS_INFO, upstream
 from hwopt.pipeline import (
     PASSES,
     atomic_write_json,
@@ -69,15 +59,15 @@ from hwopt.pipeline import (
     read_manifest,
     units_dir,
 )
-from hwopt.plots import per_layer_runtime
 from hwopt.plugins import block_types, metrics
 from hwopt.progress import console
 from hwopt.report import build_report, print_report
 from hwopt.search_space import Scenario, SearchSpace
-from hwopt.settings import EVALUATION_TOKENS, PASS_INFO, Settings, load_settings, upstream
+from hwopt.settings import EVALUATION_TOKENS, Settings, load_settings
 from hwopt.targets import resolve_target
 from hwopt.tasks import read_task
 from hwopt.timing import check_threads, idle_cores
+from hwopt.two_layer import child_of
 
 
 class Run:
@@ -344,9 +334,9 @@ class Run:
             console.print("\n".join(plan.lines(self.ranks.world)), highlight=False)
         if force and self.ranks.is_main:  # run again means every unit of work
             shutil.rmtree(units_dir(self.dir(name)), ignore_errors=True)
-        works_here = name in SHARDED or self.ranks.is_main
+        works_here = PASS_INFO[name].sharded or self.ranks.is_main
         with staged_on_ranks(self.dir(name), fp, self.ranks) as out:
-            problems = STEPS[name].run(self, out) if works_here else None
+            problems = PASS_INFO[name].call(self, out) if works_here else None
         if problems:  # only the profile checks itself so far
             for line in problems:
                 console.print(f"[yellow]{name}: warning: {line}[/yellow]", soft_wrap=True)  # one line, however long
@@ -366,49 +356,11 @@ class Run:
             check_data_files(self.settings.data)
             if self.settings.distill_samples < 0:
                 raise HwoptError(f"--distill-samples must be 0 or more tokens, not {self.settings.distill_samples}")
-            sampling = self.sampling_plan() if STEPS[name].plan else None  # the passes that read the data
+            sampling = self.sampling_plan() if PASS_INFO[name].plan else None  # the passes that read the data
             if sampling and (problem := sampling.over(self.settings.max_memory, self.device_memory)):
                 raise HwoptError(f"{problem}: give --distill-samples 0 (no samples from the parent), or a device "
                                  "that holds the parent whole")
-        STEPS[name].check(self)
-
-    # --- each pass: its check (run before any pass starts), then what it runs ----------------------------------
-    def _check_profile(self) -> None:
-        choose_backend(self.settings.backend, self.target, self.scenario, self.settings.require_measured)
-        if self.settings.max_spread is not None and not self.settings.max_spread > 0:
-            raise HwoptError(f"--max-spread must be a positive fraction (0.1 is 10%), not "
-                             f"{self.settings.max_spread:g}")
-
-    def _check_weights(self) -> None:
-        self.source.require_weights()
-
-    def _check_library(self) -> None:
-        self._check_weights()
-        if self.settings.two_layer and not self.settings.no_op:
-            raise HwoptError("--two-layer leaves a no-op layer after each two-layer block: drop --no-noop")
-
-    def _check_score(self) -> None:
-        self._check_weights()
-        if self.settings.score_pairs not in SCORE_PAIRS:
-            raise HwoptError(f"--score-pairs {self.settings.score_pairs!r}: choose {' or '.join(SCORE_PAIRS)}")
-        needing = [m.name for m in self.metric_objects if "task" in getattr(m, "needs", ())]
-        if needing and not self.settings.task_data:
-            raise HwoptError(f"metric {', '.join(needing)} needs --task-data FILE.jsonl (multiple-choice "
-                             "questions, one per line)")
-        _ = self.task
-
-    def _check_solve(self) -> None:
-        if not self.settings.budgets.keys():
-            raise HwoptError("solve needs a budget: --speedup, --memory, --throughput, --latency, --ttft or --params")
-        if self.settings.speedup_checks < 0:
-            raise HwoptError(f"--speedup-checks must be 0 (off) or more, not {self.settings.speedup_checks}")
-
-    def _profile(self, out: Path) -> list[str]:
-        s = self.settings
-        costs = profile(self.source, self.target, self.scenario, self.space, s.backend, s.repeats,
-                        self.output("profile", "costs", out), s.require_measured, s.max_spread)
-        print_checks(costs)
-        return costs["checks"]["problems"]
+        PASS_INFO[name].check(self)
 
     @cached_property
     def device_memory(self) -> int | None:
@@ -419,73 +371,8 @@ class Run:
     def memory_plan(self, name: str) -> MemoryPlan | None:
         """What pass ``name`` will hold at its peak per rank (``hwopt.memory_plan``); None for the passes that do
         not run the parent."""
-        plan = STEPS[name].plan
+        plan = PASS_INFO[name].plan
         return plan(self) if plan else None
-
-    def _library_plan(self) -> MemoryPlan:
-        s = self.settings
-        return library_plan(self.source.config, self.source.block_configs, self.space, s.bld_tokens, s.seq_len,
-                            BLDSettings.batch_sequences, self.placement)
-
-    def _score_plan(self) -> MemoryPlan:
-        return self.score_plan()[0]
-
-    def _uptrain_plan(self, shards: int | None = None) -> MemoryPlan:
-        """uptrain's plan per rank, sharded over ``shards`` ranks (default: as ``uptrain_sharded`` chooses), for
-        the child solve chose, or one the size of the parent (its upper bound) before solve has run."""
-        s, config, blocks = self.settings, self.source.config, self.source.block_configs
-        shards = shards or (self.ranks.world if self.uptrain_sharded else 1)
-        return uptrain_plan(config, self.solved_blocks() or blocks, blocks,
-                            UptrainSettings.batch_sequences * s.seq_len, s.seq_len, self.placement, shards)
-
-    def solved_blocks(self) -> list[BlockConfig] | None:
-        """The blocks of the child solve chose (the first of ``solutions.json``); None before solve has run.
-
-        Raises:
-            HwoptError: a block in ``solutions.json`` that does not read as one.
-        """
-        path = self.output("solve", "solutions")
-        if not output_hash(self.dir("solve")) or not path.is_file():
-            return None
-        blocks = json.loads(path.read_text())["solutions"][0].get("blocks")  # not in those of older versions
-        return [BlockConfig.from_json(block, self.source.config, block_types(), f"{path}: layer {i}")
-                for i, block in enumerate(blocks)] if blocks else None
-
-    @property
-    def uptrain_sharded(self) -> bool:
-        """Whether uptrain shards the child and its teacher over the ranks with FSDP (``--uptrain-sharding``):
-        ``fsdp``; ``auto`` when the DDP plan (the whole child on every rank) does not fit one rank, on its GPU or
-        within ``--max-memory``; never in one process.
-
-        Raises:
-            HwoptError: a choice other than auto, ddp and fsdp.
-        """
-        choice = self.settings.uptrain_sharding
-        if choice not in ("auto", "ddp", "fsdp"):
-            raise HwoptError(f"--uptrain-sharding {choice!r}: choose auto, ddp or fsdp")
-        if self.ranks.world == 1 or choice == "ddp":
-            return False
-        return choice == "fsdp" or self._uptrain_plan(shards=1).over(self.settings.max_memory,
-                                                                    self.device_memory) is not None
-
-    def score_plan(self) -> tuple[MemoryPlan, int]:
-        """score's memory plan, and the bytes of carried hidden states it leaves room for."""
-        s, config, blocks = self.settings, self.source.config, self.source.block_configs
-        forwards = sum(len(pairs_to_run([v.name for v in plan["attention"]], [v.name for v in plan["ffn"]],
-                                        s.score_pairs)) - 1  # rank 0's layers: the most of any rank
-                       for plan in (variants_for_layer(config, b, self.space) for b in blocks[::self.ranks.world]))
-        return score_plan(config, blocks, s.score_tokens, s.seq_len, forwards, self.placement, s.max_memory,
-                          self.device_memory)
-
-    def _library(self, out: Path) -> None:
-        s = self.settings
-        settings = BLDSettings(tokens=s.bld_tokens, lr=s.bld_lr, seed=s.seed)
-        build_library(self.layerwise_parent, self.split.train_batches(s.bld_tokens), self.space, settings, out,
-                      self.placement, self.ranks)
-        if s.two_layer and self.ranks.is_main:
-            build_two_layer(self.layerwise_parent, Library(out, self.layerwise_parent, placement=self.placement),
-                            self.split.train_batches(s.bld_tokens), settings, self.output("library", "two_layer", out),
-                            self.placement)
 
     def kept_units(self, name: str) -> Path:
         """Pass ``name``'s folder of units of work kept across changes to what it only joins in
@@ -494,25 +381,6 @@ class Run:
             kept_units(self.dir(name), self.fingerprint(name, units=True))
         self.ranks.barrier()
         return units_dir(self.dir(name))
-
-    def _score(self, out: Path) -> None:
-        """Metrics into units that outlive a new profile (they do not depend on it), then the costs joined in."""
-        s = self.settings
-        units, heldout = self.kept_units("score"), self.split.score_batches(s.score_tokens)
-        scored = score_metrics(self.layerwise_parent, self.library(coupled=False), heldout, self.metric_objects,
-                               units, self.task, s.score_pairs, self.ranks, self.score_plan()[1])
-        if not self.ranks.is_main:
-            return
-        if s.two_layer:
-            with_two_layer = units / "two_layer.json"
-            if not with_two_layer.is_file():
-                two_layer = Library(self.dir("library"), self.layerwise_parent, self.output("library", "two_layer"),
-                                    self.placement)
-                atomic_write_json(with_two_layer, add_two_layer_entries(self.layerwise_parent, two_layer, scored,
-                                                                        heldout, self.metric_objects, self.task))
-            scored = json.loads(with_two_layer.read_text())
-        atomic_write_json(self.output("score", "block_library", out),
-                          with_costs(scored, self.read_json(self.output("profile", "costs"))))
 
     def library(self, coupled: bool = True, solve_dir: Path | None = None) -> Library:
         """The run's block library, with the solve pass's coupled-BLD pairs (in ``solve_dir`` while solve writes
@@ -535,80 +403,6 @@ class Run:
                  ) -> HeteroLlamaForCausalLM:
         """``child``'s child built whole, fp32, on ``placement``'s device (default the run's; see ``child``)."""
         return self.child(solution, coupled_dir, placement).whole()
-
-    def _solve(self, out: Path) -> None:
-        s = self.settings
-        costs = self.read_json(self.output("profile", "costs"))
-        library = runnable_library(self.read_json(self.output("score", "block_library")), self.runtime,
-                                   self.source.config)
-        if s.coupled_bld:
-            library = self._coupled_bld(library, costs, out)
-
-        def solve_at(speedup: float | None) -> dict:
-            return solve(library, costs, dataclasses.replace(s.budgets, speedup=speedup), s.objective_key, s.solver,
-                         self.output("solve", "solutions", out), maximizes(s.objective_key), s.num_solutions,
-                         s.min_diversity, s.time_limit)
-
-        if s.speedup and s.speedup_checks and self.target.kind == "cpu" and costs["source"]["kind"] == "measured":
-            # the target is this machine: time the chosen child against the parent, whole, as the report will
-            def measure(result: dict) -> dict:
-                child = self.assemble(result["solutions"][0], self.output("solve", "coupled", out))
-                return measured_speedup(self.deployed_parent, child.to(self.deployed.dtype), self.scenario)
-
-            result, checks = meet_measured_speedup(solve_at, measure, s.speedup, s.speedup_checks)
-            # the child kept, which need not be the last one solved
-            atomic_write_json(self.output("solve", "solutions", out), result)
-        else:
-            result, checks = solve_at(s.speedup), []
-        best = result["solutions"][0]
-        atomic_write_json(out / "speedup_checks.json", checks)
-        console.print(f"solve: predicted speedup {best['predicted_speedup']:.2f}x, "
-                      f"objective {best['objective']:.4f} ({best['solver']}, {best['status']})")
-        per_layer_runtime(out / "per_layer_runtime.png", layer_rows(costs, best["variants"]),
-                          layer_rows(costs, model_variants(self.source)),
-                          f"child vs parent on {self.target.name}, {self.scenario.describe()} "
-                          f"({costs['source']['kind']})")
-
-    def _coupled_bld(self, library: dict, costs: dict, out: Path) -> dict:
-        """Decoupled search, coupled BLD of the pairs it chose, those pairs scored again: the library to solve."""
-        s = self.settings
-        decoupled = solve(library, costs, s.budgets, s.objective_key, s.solver, out / "decoupled_solutions.json",
-                          maximizes(s.objective_key), s.coupled_bld, s.min_diversity, s.time_limit)
-        decoupled_library = self.library(coupled=False)
-        names = decoupled_library.variant_names
-        layers = range(self.source.config.num_hidden_layers)
-        parent_choice = [(names(i, "attention")[0], names(i, "ffn")[0]) for i in layers]
-        subspace = coupled_subspace([sol["variants"] for sol in decoupled["solutions"]], parent_choice)
-        build_coupled(self.layerwise_parent, decoupled_library, subspace, self.split.train_batches(s.bld_tokens),
-                      BLDSettings(tokens=s.bld_tokens, lr=s.bld_lr, seed=s.seed), self.output("solve", "coupled", out),
-                      self.placement)
-        rescored = rescore_coupled(self.layerwise_parent, self.library(solve_dir=out), library, subspace,
-                                   self.split.score_batches(s.score_tokens), self.metric_objects, costs, self.task)
-        atomic_write_json(self.output("solve", "block_library", out), rescored)
-        return rescored
-
-    def _uptrain(self, out: Path) -> None:
-        s, sharded = self.settings, self.uptrain_sharded
-        solution = self.read_json(self.output("solve", "solutions"))["solutions"][0]
-        if sharded:  # built on meta, each rank reading its shards a layer at a time: neither model whole anywhere
-            child, parent = sharded_models(self.child(solution), self.layerwise_parent, self.placement, self.ranks)
-        else:
-            child, parent = self.assemble(solution), self.parent
-        stats = uptrain(child, parent, self.split.train_batches(s.uptrain_tokens),
-                        self.split.score_batches(self.settings.score_tokens),
-                        UptrainSettings(tokens=s.uptrain_tokens, lr=s.uptrain_lr, seed=s.seed), self.placement,
-                        self.ranks)
-        weights = full_weights(child)  # under FSDP a collective: rank 0 gets them whole
-        if self.ranks.is_main:
-            save_nemotron_nas(child, self.output("uptrain", "model", out), self.tokenizer, state=weights)
-            atomic_write_json(self.output("uptrain", "stats", out), stats)
-        console.print(f"uptrain: held-out KL {stats['heldout_kl_before']:.4f} -> {stats['heldout_kl_after']:.4f}"
-                      + ("" if stats["kept_uptrained_weights"] else " (worse: kept the weights from before)"))
-
-    def _lower(self, out: Path) -> None:
-        options = LowerOptions(self.runtime, self.target, self.scenario, self.source.label)
-        child = load_checkpoint(self.output("uptrain", "model"), block_types())
-        lower(child, self.tokenizer, self.settings.formats, out, options)
 
     def report(self) -> dict:
         """Parent against the child, both timed here; recomputed only when the child or scenario changed."""
@@ -643,24 +437,3 @@ class Run:
             self.report()
             formats = ", ".join(f"{self.dir('lower') / name}" for name in self.settings.formats)
             console.print(f"the child: {formats} (report: {self.workdir / 'report.json'})", highlight=False)
-
-
-@dataclass(frozen=True)
-class Step:
-    """How a run carries out one pass (``PassInfo`` in ``hwopt.settings`` says what it reads and writes)."""
-
-    check: Callable[[Run], None]  # run before any pass of the command starts: bad input fails at once
-    run: Callable[[Run, Path], list[str] | None]  # writes the outputs into the folder; returns failed self-checks
-    plan: Callable[[Run], MemoryPlan] | None = None  # peak memory per rank, for a pass that runs the parent
-
-
-SHARDED = ("library", "score", "uptrain")  # the passes every rank of a torchrun job runs
-STEPS = {
-    "profile": Step(Run._check_profile, Run._profile),
-    "library": Step(Run._check_library, Run._library, Run._library_plan),
-    "score": Step(Run._check_score, Run._score, Run._score_plan),
-    "solve": Step(Run._check_solve, Run._solve),
-    "uptrain": Step(Run._check_weights, Run._uptrain, Run._uptrain_plan),
-    "lower": Step(Run._check_weights, Run._lower),
-}
-assert tuple(STEPS) == PASSES

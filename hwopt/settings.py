@@ -1,4 +1,4 @@
-"""A run's settings: one set of defaults, what each pass reads, and how a command's options merge in.
+"""A run's settings: one set of defaults, the groups of them passes read, and how a command's options merge in.
 
 Settings come from the defaults below, then the run directory's
 ``run.json`` (what earlier commands on this run said), then the command
@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hwopt.errors import HwoptError
-from hwopt.pipeline import PASSES, UNSET
+from hwopt.pipeline import UNSET
 
 if TYPE_CHECKING:
-    from hwopt.passes.solve import Budgets
+    from hwopt.solving import Budgets
 
 DEFAULT_SCENARIO = "128/64"  # INPUT/OUTPUT tokens per request, wherever a command takes --scenario
 EVALUATION_TOKENS = 4096  # of the corpus's held-out tenth, measured by a run's closing report and hwopt evaluate
@@ -44,7 +44,7 @@ class Settings:
     ffn_fractions: list[float] = field(default_factory=lambda: [0.75, 0.5, 0.25])
     linear: bool = True
     no_op: bool = True
-    two_layer: bool = False  # also blocks that replace two consecutive parent layers (hwopt.passes.two_layer)
+    two_layer: bool = False  # also blocks that replace two consecutive parent layers (hwopt.two_layer)
     block_types: list[str] = field(default_factory=list)  # plugins whose block types the run uses, besides built-ins
     block_options: dict[str, list] = field(default_factory=dict)  # their options (--window 64,256), by name
     bld_tokens: int = 16384
@@ -83,7 +83,7 @@ class Settings:
 
     @property
     def budgets(self) -> Budgets:
-        from hwopt.passes.solve import Budgets
+        from hwopt.solving import Budgets
 
         return Budgets(self.speedup, self.memory, self.throughput, self.latency, self.ttft, self.params)
 
@@ -101,69 +101,10 @@ class Settings:
         _ = self.budgets
 
 
+# groups of settings that several passes read (their ``PassInfo.settings``, in ``hwopt.passes``)
 SEARCH_SPACE = ("model", "kv_heads", "ffn_fractions", "linear", "no_op", "block_types", "block_options")
 DATA = ("data", "distill_samples", "seq_len", "seed")
 PLACEMENT = ("device", "train_dtype")  # where a pass runs the model changes its results (slightly)
-
-
-@dataclass(frozen=True)
-class PassInfo:
-    """What a pass declares about itself, in the manner of TVM's ``PassInfo``: the settings it reads, the passes
-    whose outputs it reads (requires), and the outputs it writes into ``<workdir>/<name>/`` (ensures).
-
-    ``settings`` are those its fingerprint covers: a change to one reruns
-    the pass, and the passes after it. ``also_reads``: settings it reads
-    that leave its outputs unchanged (its command's help lists them too).
-    ``outputs``: artifact -> its path inside the pass's folder, named here
-    once for the pass that writes it and the passes that read it. ``joins``:
-    those of ``reads`` whose outputs the pass only joins into its result in a
-    last, cheap step: its units of work (``hwopt.pipeline.kept_units``) do
-    not depend on them, so a change there redoes that step alone.
-    """
-
-    name: str
-    settings: tuple[str, ...]
-    reads: tuple[str, ...] = ()
-    outputs: dict[str, str] = field(default_factory=dict)
-    also_reads: tuple[str, ...] = ()
-    joins: tuple[str, ...] = ()
-
-
-
-PASS_INFO = {p.name: p for p in (
-    PassInfo("profile", (*SEARCH_SPACE, "target", "scenario", "batch", "dtype", "kv_dtype", "backend",
-                         "require_measured", "repeats", "max_spread", "threads"),
-             outputs={"costs": "costs.json"}),
-    PassInfo("library", (*SEARCH_SPACE, *DATA, *PLACEMENT, "two_layer", "bld_tokens", "bld_lr"),  # trained variants
-             outputs={"two_layer": "two_layer"},  # with --two-layer, the blocks that replace two layers, trained
-             also_reads=("max_memory",)),
-    PassInfo("score", (*DATA, *PLACEMENT, "two_layer", "score_tokens", "score_pairs", "metrics", "task_data"),
-             reads=("library", "profile"), outputs={"block_library": "block_library.json"},
-             also_reads=("max_memory",),  # the waves of carried hidden states: the same scores in any number
-             joins=("profile",)),  # the costs: the metrics do not depend on them
-    PassInfo("solve", (*DATA, "runtime", "objective", "speedup", "memory", "throughput", "latency", "ttft", "params",
-                       "solver", "num_solutions", "min_diversity", "time_limit", "coupled_bld", "speedup_checks",
-                       "bld_tokens", "bld_lr", "score_tokens", "metrics", "task_data"),
-             reads=("score", "profile", "library"),
-             outputs={"solutions": "solutions.json", "coupled": "coupled",  # coupled BLD's pairs, trained
-                      "block_library": "block_library.json"},  # rescored with them
-             # `solve --library`: the scenario its runtimes hold for; where coupled BLD and the speedup checks run
-             also_reads=("scenario", "batch", "dtype", *PLACEMENT)),
-    PassInfo("uptrain", (*DATA, *PLACEMENT, "uptrain_tokens", "uptrain_lr"), reads=("library", "solve"),
-             outputs={"model": "model", "stats": "uptrain.json"},
-             also_reads=("max_memory", "uptrain_sharding")),  # DDP or FSDP: the same update
-    PassInfo("lower", ("formats", "runtime", "dtype"), reads=("uptrain",),  # a folder per format
-             also_reads=("scenario", "batch", "kv_dtype", *PLACEMENT)),  # what the child is built for; the report
-)}
-assert tuple(PASS_INFO) == PASSES
-
-
-def upstream(name: str) -> list[str]:
-    """Every pass whose outputs ``name`` reads, directly or through another pass, in pipeline order."""
-    found = set(PASS_INFO[name].reads)
-    for up in PASS_INFO[name].reads:
-        found.update(upstream(up))
-    return [p for p in PASSES if p in found]
 
 
 def load_settings(workdir: Path, overrides: dict) -> Settings:
@@ -203,12 +144,3 @@ def default(name: str):
     """The default of one setting (``default("bld_lr")``), for code that must not repeat it."""
     f = next(f for f in dataclasses.fields(Settings) if f.name == name)
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-
-
-RESOLVED = ("model", "target")  # every pass resolves the run's model and target before it starts
-
-
-def settings_read_by(command: str) -> set[str]:
-    """The settings ``hwopt <command>`` reads: a pass's own, or every pass's for ``optimize``."""
-    passes = PASSES if command == "optimize" else [command]
-    return {k for p in passes for k in (*RESOLVED, *PASS_INFO[p].settings, *PASS_INFO[p].also_reads)}

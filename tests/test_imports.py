@@ -110,6 +110,26 @@ def test_model_code_does_not_import_the_plugin_layer():
     assert not offenders, ", ".join(sorted(offenders))
 
 
+def test_each_pass_describes_itself_in_its_own_module():
+    """``hwopt.passes.<name>`` declares pass ``name`` (``INFO``), in pipeline order, with every pass it reads run
+    before it and its check and call its own; reading the descriptions imports neither torch nor numpy."""
+    from hwopt import passes
+    from hwopt.pipeline import PASSES, PassInfo
+
+    modules = sorted(p.stem for p in (PACKAGE / "passes").glob("*.py") if p.stem != "__init__")
+    assert sorted(PASSES) == modules
+    assert tuple(passes.PASS_INFO) == PASSES
+    for name, info in passes.PASS_INFO.items():
+        module = getattr(passes, name)
+        assert isinstance(info, PassInfo) and info is module.INFO and info.name == name
+        assert info.check.__module__ == info.call.__module__ == module.__name__
+        assert all(PASSES.index(up) < PASSES.index(name) for up in info.reads), name
+    loaded = subprocess.run([sys.executable, "-c", "import sys, hwopt.passes; "
+                             f"print([m for m in {HEAVY + NUMERIC!r} if m in sys.modules])"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "[]", f"importing the passes' descriptions loads {loaded}"
+
+
 LIBRARY = {f"layer_{i}": {f"v{j}": {"stats": {"runtime_ms": 1.0 + i + j, "memory_mib": 10.0 * (4 - j)},
                                       "metrics": {"kl_div": 0.1 * j}} for j in range(4)} for i in range(3)}
 HEAVY = ("torch", "transformers")

@@ -18,9 +18,9 @@ from hwopt.errors import HwoptError
 from hwopt.metric import Outputs
 from hwopt.model.config import AttentionConfig, BlockConfig, FFNConfig
 from hwopt.model.modeling import DecoderLayer
-from hwopt.passes.score import outputs_of, replace_one_block, swapped_logits
 from hwopt.plugins import block_types
 from hwopt.run import Run, load_settings
+from hwopt.scoring import outputs_of, replace_one_block, swapped_logits
 from hwopt.tasks import choice_loglikelihoods, read_task, task_accuracy
 
 
@@ -319,7 +319,7 @@ def test_decoupled_scoring_runs_halves_and_estimates_pairs_to_first_order(tiny_l
 def test_coupled_bld_trains_the_chosen_pairs_and_solves_again(tiny_llama_dir, tmp_path):
     from safetensors.torch import load_file
 
-    from hwopt.passes.library import coupled_subspace
+    from hwopt.bld import coupled_subspace
 
     workdir = tmp_path / "run"
     assert main(["optimize", "--model", str(tiny_llama_dir), "--workdir", str(workdir), "--until", "uptrain",

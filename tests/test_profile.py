@@ -18,8 +18,8 @@ from hwopt.model.checkpoint import nemotron_nas_config
 from hwopt.model.config import AttentionConfig, BlockConfig, FFNConfig
 from hwopt.model.modeling import DecoderLayer, KVCache
 from hwopt.model_source import resolve_model
-from hwopt.passes.profile import choose_backend, cost_entry
 from hwopt.plugins import backends, block_types
+from hwopt.profiling import choose_backend, cost_entry
 from hwopt.search_space import Scenario, sub_variant_of
 from hwopt.steps import build_step, step_inputs
 from hwopt.targets import resolve_target

@@ -13,6 +13,7 @@ from conftest import REPO
 from transformers import LlamaConfig
 
 from hwopt import plugins
+from hwopt.bld import BLDSettings, Library, build_library
 from hwopt.builtin.model_names import smollm2_config
 from hwopt.lowering.runtimes import RUNTIMES
 from hwopt.metric import Outputs
@@ -20,12 +21,11 @@ from hwopt.model.architecture import architecture_from_dict
 from hwopt.model.checkpoint import nemotron_nas_config
 from hwopt.model.config import parent_block_config
 from hwopt.model.modeling import HeteroLlamaForCausalLM
-from hwopt.passes.library import BLDSettings, Library, build_library
 from hwopt.passes.lower import LowerOptions, lower
-from hwopt.passes.profile import choose_backend, measure_costs
-from hwopt.passes.solve import solve_library
 from hwopt.problem import Constraint
+from hwopt.profiling import choose_backend, measure_costs
 from hwopt.search_space import Scenario, SearchSpace, sub_variants
+from hwopt.solving import solve_library
 from hwopt.targets import resolve_target
 
 

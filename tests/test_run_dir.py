@@ -9,11 +9,9 @@ import os
 import pytest
 from conftest import FAST_RUN
 
+from hwopt import scoring as score_module
 from hwopt.cli import build_parser, main
 from hwopt.errors import HwoptError
-from hwopt.passes import score as score_module
-from hwopt.passes.score import block_stats
-from hwopt.passes.solve import RUNTIME, Budgets, parse_memory_mib
 from hwopt.pipeline import (
     atomic_write_json,
     fingerprint,
@@ -25,7 +23,9 @@ from hwopt.pipeline import (
     staged_pass,
 )
 from hwopt.run import Settings, load_settings
+from hwopt.scoring import block_stats
 from hwopt.search_space import Scenario
+from hwopt.solving import RUNTIME, Budgets, parse_memory_mib
 
 
 def test_pass_appears_only_when_complete(tmp_path):
@@ -217,6 +217,7 @@ def test_a_command_that_fails_on_bad_input_leaves_no_new_run_directory(tiny_llam
 
 
 def test_a_command_that_fails_leaves_the_remembered_settings_as_they_were(tmp_path, capsys, monkeypatch):
+    from hwopt import passes
     from hwopt import run as run_module
 
     def failing_solve(run, out):
@@ -224,7 +225,7 @@ def test_a_command_that_fails_leaves_the_remembered_settings_as_they_were(tmp_pa
 
     finished_run(tmp_path, speedup=2.0, threads=1)
     before = (tmp_path / "run.json").read_text()
-    monkeypatch.setitem(run_module.STEPS, "solve", dataclasses.replace(run_module.STEPS["solve"], run=failing_solve))
+    monkeypatch.setitem(passes.PASS_INFO, "solve", dataclasses.replace(passes.PASS_INFO["solve"], call=failing_solve))
     monkeypatch.setattr(run_module.Run, "check_upstream_current", lambda run, name: None)  # stand-ins' fingerprints
     assert main(["solve", "--workdir", str(tmp_path), "--objective", "metrics.js_div"]) == 2
     assert "metrics.js_div is missing" in capsys.readouterr().err

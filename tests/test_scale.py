@@ -19,6 +19,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy
 from transformers import LlamaForCausalLM
 
+from hwopt.bld import BLDSettings, Library, build_library
 from hwopt.cli import main
 from hwopt.data import parent_samples_file
 from hwopt.devices import FP32_CPU, Placement, deployed_placement, native_bf16_cpu, resolve_device, resolve_placement
@@ -29,15 +30,15 @@ from hwopt.metric import kl_divergence
 from hwopt.model.checkpoint import load_checkpoint
 from hwopt.model.layerwise import LayerwiseParent
 from hwopt.model_source import resolve_model
-from hwopt.passes.library import BLDSettings, Library, build_library
-from hwopt.passes.score import score_metrics, waves
-from hwopt.passes.uptrain import sharded_model
+from hwopt.passes import uptrain as uptrain_pass
 from hwopt.plugins import block_types, metrics
 from hwopt.report import speedup_line
 from hwopt.run import Run, Settings
+from hwopt.scoring import score_metrics, waves
 from hwopt.search_space import SearchSpace
 from hwopt.settings import load_settings
 from hwopt.targets import resolve_target
+from hwopt.uptraining import sharded_model
 
 SPACE = SearchSpace(kv_heads=(1,), ffn_fractions=(0.5,), linear=True, no_op=True)
 TINY_RUN = ["--threads", "1", "--scenario", "16/4", "--repeats", "2", "--seq-len", "32", "--bld-tokens", "512",
@@ -208,17 +209,17 @@ def test_uptrain_sharding_auto_chooses_fsdp_when_the_whole_child_does_not_fit_a_
     run.placement = Placement(torch.device("cuda", 0), torch.bfloat16)
     run.device_memory = 80 * 2**30
     run.ranks = Ranks(0, 32)
-    assert run.uptrain_sharded and any("/ 32 ranks" in line for line in run.memory_plan("uptrain").lines(32))
+    assert uptrain_pass.sharded(run) and any("/ 32 ranks" in line for line in run.memory_plan("uptrain").lines(32))
     run.memory_plan("uptrain").check(None, run.device_memory)  # fits: not refused
     run.settings.uptrain_sharding = "ddp"
-    assert not run.uptrain_sharded
+    assert not uptrain_pass.sharded(run)
     with pytest.raises(HwoptError, match="uptrain needs 1.*GiB of memory on cuda:0"):
         run.memory_plan("uptrain").check(None, run.device_memory)
     run.settings.uptrain_sharding = "zero3"
     with pytest.raises(HwoptError, match="--uptrain-sharding 'zero3': choose auto, ddp or fsdp"):
         run.memory_plan("uptrain")
     run.settings.uptrain_sharding, run.ranks = "fsdp", Ranks(0, 1)
-    assert not run.uptrain_sharded  # one process: nothing to shard over
+    assert not uptrain_pass.sharded(run)  # one process: nothing to shard over
 
 
 def test_a_sharded_model_is_the_checkpoints_and_refuses_weights_that_do_not_fit_in_one_line(tiny_llama_dir,
@@ -334,7 +335,7 @@ def test_under_torchrun_fsdp_uptrain_writes_the_child_whole_and_a_failed_rank_st
     # once solve has run, uptrain's plan is for the child it chose, smaller than one the size of the parent
     run = Run(work, load_settings(work, {}))
     solution = json.loads((work / "solve/solutions.json").read_text())["solutions"][0]
-    assert [b.to_json(block_types(), run.source.config) for b in run.solved_blocks()] == solution["blocks"]
+    assert [b.to_json(block_types(), run.source.config) for b in uptrain_pass.solved_blocks(run)] == solution["blocks"]
     child = "child in training (fp32, AdamW state, a copy to go back to)"
     parent_sized = uptrain_plan(run.source.config, run.source.block_configs, run.source.block_configs,
                                 4 * 32, 32, run.placement)

@@ -18,8 +18,8 @@ from hwopt.model.checkpoint import nemotron_nas_config
 from hwopt.model.config import AttentionConfig, BlockConfig, parent_block_config
 from hwopt.model.modeling import HeteroLlamaForCausalLM
 from hwopt.model_source import resolve_model
-from hwopt.passes.profile import cost_entry
 from hwopt.plugins import block_types
+from hwopt.profiling import cost_entry
 from hwopt.roofline import CostTerms, attended_pairs
 from hwopt.search_space import Scenario, SearchSpace, sub_variant_of, sub_variants
 from hwopt.targets import resolve_target

@@ -8,8 +8,8 @@ import pytest
 
 from hwopt.builtin.mip_solvers import GreedySolver, HighsSolver, ScipSolver
 from hwopt.errors import HwoptError
-from hwopt.passes.solve import meet_measured_speedup
 from hwopt.problem import Constraint, LinearForm, diverse_solutions, explain_infeasible, problem_from_library
+from hwopt.solving import meet_measured_speedup
 
 EXACT = [ScipSolver(), HighsSolver()]
 exact_solvers = pytest.mark.parametrize("solver", EXACT, ids=lambda s: s.name)

@@ -10,9 +10,9 @@ from test_solve import brute_force, library_total, random_library
 from hwopt.builtin import mip_solvers as builtin
 from hwopt.cli import main
 from hwopt.errors import HwoptError
-from hwopt.passes.solve import PREFILL, RUNTIME, TTFT, Budgets, parse_count, solve, with_budgets
 from hwopt.problem import Constraint, LinearForm, problem_from_library
 from hwopt.search_space import Scenario
+from hwopt.solving import PREFILL, RUNTIME, TTFT, Budgets, parse_count, solve, with_budgets
 from hwopt.sweep import SweepSpec, pareto_sweep
 
 LIBRARY = random_library(21, n_layers=5, n_variants=4)

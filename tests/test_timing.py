@@ -13,15 +13,15 @@ import types
 import pytest
 import torch
 
-import hwopt.passes.profile
 import hwopt.plugins
+import hwopt.profiling
 import hwopt.run
 from hwopt import timing
 from hwopt.cli import main
 from hwopt.errors import HwoptError
 from hwopt.model_source import resolve_model
-from hwopt.passes.profile import check_profile, print_checks, profile
 from hwopt.pipeline import read_manifest
+from hwopt.profiling import check_profile, print_checks, profile
 from hwopt.search_space import Scenario, SearchSpace
 from hwopt.targets import resolve_target
 from hwopt.timing import interleaved_rounds, median_error, median_phases, spread
@@ -164,8 +164,8 @@ def fake_backends(monkeypatch):
     """Backends ``quiet`` and ``noisy`` on a machine nobody else uses."""
     registry = hwopt.plugins.Registry("backend", {"quiet": FakeBackend("quiet"), "noisy": FakeBackend("noisy", 1.0),
                                                   "scattered": FakeBackend("scattered", 0.2)})
-    monkeypatch.setattr(hwopt.passes.profile, "backends", lambda: registry)
-    monkeypatch.setattr(hwopt.passes.profile, "CpuLoad", FakeLoad)
+    monkeypatch.setattr(hwopt.profiling, "backends", lambda: registry)
+    monkeypatch.setattr(hwopt.profiling, "CpuLoad", FakeLoad)
     monkeypatch.setattr(FakeLoad, "others", 0.0)
 
 
@@ -212,7 +212,7 @@ def test_a_machine_too_busy_for_the_timing_threads_is_named(tmp_path, fake_backe
 
 
 def test_a_scattered_figure_whose_median_more_rounds_pin_down_passes(tmp_path, fake_backends, monkeypatch):
-    monkeypatch.setattr(hwopt.passes.profile, "interleaved_rounds",  # time for enough rounds on the fake backend
+    monkeypatch.setattr(hwopt.profiling, "interleaved_rounds",  # time for enough rounds on the fake backend
                         lambda *a, **k: interleaved_rounds(*a, **k, extra_time_factor=100.0))
     costs = _profile(tmp_path, "scattered")
     kv3 = costs["attention"]["kv3"]

@@ -9,14 +9,18 @@ import pytest
 import torch
 from conftest import FAST_RUN, tiny_parent
 
+from hwopt.bld import INDEX, BLDSettings, Library, build_library
 from hwopt.builtin.mip_solvers import GreedySolver, HighsSolver, ScipSolver
 from hwopt.cli import main
 from hwopt.errors import HwoptError
 from hwopt.metric import Outputs
 from hwopt.model.checkpoint import load_checkpoint, save_nemotron_nas
-from hwopt.passes.library import INDEX, BLDSettings, Library, build_library
-from hwopt.passes.score import block_stats, outputs_of, score_metrics, swapped_final_hidden, with_costs
-from hwopt.passes.two_layer import (
+from hwopt.plugins import block_types, metrics
+from hwopt.problem import Constraint, problem_from_library
+from hwopt.run import Run, load_settings
+from hwopt.scoring import block_stats, outputs_of, score_metrics, swapped_final_hidden, with_costs
+from hwopt.search_space import SearchSpace
+from hwopt.two_layer import (
     SPANNED,
     add_two_layer_entries,
     assemble_child,
@@ -24,10 +28,6 @@ from hwopt.passes.two_layer import (
     two_layer_name,
     two_layer_subspace,
 )
-from hwopt.plugins import block_types, metrics
-from hwopt.problem import Constraint, problem_from_library
-from hwopt.run import Run, load_settings
-from hwopt.search_space import SearchSpace
 
 RUNTIME, KL = "stats.runtime_ms", "metrics.kl_div"
 

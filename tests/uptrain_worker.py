@@ -4,7 +4,7 @@ write the trained child's weights, whole, to ``OUT`` (rank 0).
     python -m torch.distributed.run --standalone --nproc-per-node 2 tests/uptrain_worker.py ddp|fsdp OUT DIR
 
 ``DIR`` holds the pair as checkpoints (``save_pair``): under FSDP each rank builds both models from them on the
-meta device (``hwopt.passes.uptrain.sharded_models``), watched (``watched_build``): what it saw goes to ``OUT``
+meta device (``hwopt.uptraining.sharded_models``), watched (``watched_build``): what it saw goes to ``OUT``
 too.
 """
 
@@ -16,13 +16,13 @@ from pathlib import Path
 import torch
 from conftest import tiny_parent
 
-import hwopt.passes.uptrain as uptrain_module
+import hwopt.uptraining as uptrain_module
 from hwopt.devices import FP32_CPU
 from hwopt.distributed import ranks
 from hwopt.model.checkpoint import save_nemotron_nas
 from hwopt.model.layerwise import LayerwiseParent
-from hwopt.passes.uptrain import UptrainSettings, full_weights, uptrain
 from hwopt.plugins import block_types
+from hwopt.uptraining import UptrainSettings, full_weights, uptrain
 
 SEQUENCES_PER_STEP = 4  # all ranks together
 

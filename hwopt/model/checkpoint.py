@@ -155,7 +155,7 @@ def save_nemotron_nas(model: HeteroLlamaForCausalLM, directory: Path, tokenizer=
 
     Weights beyond ``max_shard_size`` are split into shards with a
     ``model.safetensors.index.json`` (huggingface_hub's sharding). ``state``: the weights to write when the
-    model does not hold them whole (one sharded by FSDP: ``hwopt.passes.uptrain.full_weights``); default its
+    model does not hold them whole (one sharded by FSDP: ``hwopt.uptraining.full_weights``); default its
     own state dict.
     """
     directory = Path(directory)

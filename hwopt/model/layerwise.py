@@ -11,7 +11,7 @@ so a pass takes either.
 
 ``pieces`` reads any such source (the library's children too) a piece at a
 time, keyed as in the whole model's state dict: ``whole_model`` builds it
-whole from them, ``hwopt.passes.uptrain.sharded_model`` gives each rank of an
+whole from them, ``hwopt.uptraining.sharded_model`` gives each rank of an
 FSDP job its shards of them.
 """
 

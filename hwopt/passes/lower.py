@@ -2,18 +2,25 @@
 
 Before anything is written, the child is checked against the runtime that
 will serve it (``--runtime``): lower refuses a checkpoint that runtime would
-fail on or misread.
+fail on or misread. ``LowerOptions`` is what every format plugin is told
+(``hookspecs.hwopt_register_formats``); the child is read whole, as the formats
+write it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from hwopt import plugins
 from hwopt.errors import HwoptError
 from hwopt.lowering.runtimes import Runtime, check_checkpoint
+from hwopt.pipeline import PassInfo
 from hwopt.search_space import Scenario
+from hwopt.settings import PLACEMENT
+
+if TYPE_CHECKING:
+    from hwopt.run import Run
 
 
 @dataclass(frozen=True)
@@ -32,6 +39,8 @@ class LowerOptions:
 
 def lower(model, tokenizer, formats: list[str], out_dir: Path, options: LowerOptions) -> None:
     """Write ``model`` in each of ``formats`` under ``out_dir/<format>``; HwoptError if the runtime would misread it."""
+    from hwopt import plugins
+
     chosen = [plugins.formats().get(name) for name in formats]  # an unknown format fails before anything is written
     for fmt in chosen:
         if hasattr(fmt, "available") and not (found := fmt.available(options))[0]:
@@ -39,3 +48,21 @@ def lower(model, tokenizer, formats: list[str], out_dir: Path, options: LowerOpt
     check_checkpoint(options.runtime, model.block_configs, model.config)
     for fmt in chosen:
         fmt.lower(model, tokenizer, Path(out_dir) / fmt.name, options)
+
+
+def check(run: Run) -> None:
+    run.source.require_weights()
+
+
+def call(run: Run, out: Path) -> None:
+    """The uptrained child, read back, in each of ``--format``'s formats."""
+    from hwopt.model.checkpoint import load_checkpoint
+    from hwopt.plugins import block_types
+
+    options = LowerOptions(run.runtime, run.target, run.scenario, run.source.label)
+    child = load_checkpoint(run.output("uptrain", "model"), block_types())
+    lower(child, run.tokenizer, run.settings.formats, out, options)
+
+
+INFO = PassInfo("lower", ("formats", "runtime", "dtype"), check, call, reads=("uptrain",),  # a folder per format
+                also_reads=("scenario", "batch", "kv_dtype", *PLACEMENT))  # what the child is built for; the report

@@ -31,14 +31,14 @@ from pathlib import Path
 
 import torch
 
+from hwopt.bld import BLDSettings, Child, Library, Parent, build_coupled
 from hwopt.devices import FP32_CPU, Placement
 from hwopt.errors import HwoptError
 from hwopt.metric import Metric
 from hwopt.model.config import BlockConfig
 from hwopt.model.modeling import HeteroLlamaForCausalLM
-from hwopt.passes.library import BLDSettings, Child, Library, Parent, build_coupled
-from hwopt.passes.score import outputs_of, swapped_final_hidden, swapped_logits
 from hwopt.progress import progress
+from hwopt.scoring import outputs_of, swapped_final_hidden, swapped_logits
 from hwopt.search_space import block_variant_name
 from hwopt.tasks import MultipleChoice
 
