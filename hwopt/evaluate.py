@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from hwopt.metric import kl_divergence
 from hwopt.model.modeling import HeteroLlamaForCausalLM, greedy_tokens
 from hwopt.model.modeling_nemotron_nas import GroupedQueryAttention
+from hwopt.passes.score import swapped_final_hidden
 from hwopt.search_space import Scenario
 from hwopt.tasks import MultipleChoice, task_accuracy
 from hwopt.timing import CpuLoad, median_error, oversubscribed
@@ -31,15 +33,12 @@ def _next_token_loss_sum(logits: torch.Tensor, ids: torch.Tensor) -> float:
     return F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").item()
 
 
-@torch.no_grad()
-def compare_on_heldout(child, parent, ids: torch.Tensor, batch: int = 4) -> dict[str, float]:
-    """On ``ids`` ([sequences, tokens]): KL(parent || child) per token (nats), the perplexity of each model
-    (exp of the mean next-token cross-entropy), and top-1 agreement (fraction of positions where the child's
-    most likely next token is the parent's)."""
+def _comparison(batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], ids: torch.Tensor
+                ) -> dict[str, float]:
+    """``compare_on_heldout``'s figures on ``ids`` [sequences, tokens] from its batches in order: (rows [batch,
+    tokens], the child's logits, the parent's logits [batch, tokens, vocab])."""
     kl = child_loss = parent_loss = agree = 0.0
-    device = next(child.parameters()).device
-    for rows in torch.split(ids.to(device), batch):
-        student, teacher = child(rows).logits, parent(rows).logits
+    for rows, student, teacher in batches:
         kl += kl_divergence(student.flatten(0, 1), teacher.flatten(0, 1)).item() * len(rows)
         child_loss += _next_token_loss_sum(student, rows)
         parent_loss += _next_token_loss_sum(teacher, rows)
@@ -47,6 +46,34 @@ def compare_on_heldout(child, parent, ids: torch.Tensor, batch: int = 4) -> dict
     predicted = ids.shape[0] * (ids.shape[1] - 1)
     return {"kl_div": kl / len(ids), "perplexity": math.exp(child_loss / predicted),
             "parent_perplexity": math.exp(parent_loss / predicted), "top1_agreement": agree / ids.numel()}
+
+
+@torch.no_grad()
+def compare_on_heldout(child, parent, ids: torch.Tensor, batch: int = 4) -> dict[str, float]:
+    """On ``ids`` ([sequences, tokens]): KL(parent || child) per token (nats), the perplexity of each model
+    (exp of the mean next-token cross-entropy), and top-1 agreement (fraction of positions where the child's
+    most likely next token is the parent's). Both models whole, ``batch`` sequences at a time."""
+    device = next(child.parameters()).device
+    return _comparison(((rows, child(rows).logits, parent(rows).logits) for rows in torch.split(ids.to(device), batch)),
+                       ids)
+
+
+@torch.no_grad()
+def compare_layerwise(child, parent, ids: torch.Tensor, batch: int = 4) -> dict[str, float]:
+    """``compare_on_heldout``'s figures (the same keys and definitions) with at most one decoder layer of either
+    model in memory: ``child`` and ``parent`` are anything ``hwopt.passes.score.swapped_final_hidden`` streams (a
+    ``LayerwiseParent`` reads each layer from disk when asked; a whole model works too, on the same device).
+
+    Each model's layers run in order over all the sequences of ``ids`` [sequences, tokens], the child's first,
+    carrying their hidden states [sequences, tokens, hidden]; then the logits [batch, tokens, vocab] of both come
+    from those final states ``batch`` sequences at a time, never those of all sequences at once. Peak: one layer,
+    its forward over all the sequences, both final norms and LM heads, two final states and one batch's logits.
+    """
+    child_final, parent_final = (swapped_final_hidden(model, ids) for model in (child, parent))
+    (child_norm, child_head), (parent_norm, parent_head) = child.output_head(), parent.output_head()
+    batches = zip(torch.split(ids.to(child.device), batch), child_final.split(batch), parent_final.split(batch))
+    return _comparison(((rows, child_head(child_norm(c)), parent_head(parent_norm(p))) for rows, c, p in batches),
+                       ids)
 
 
 def runtime_rounds(models: dict[str, HeteroLlamaForCausalLM], scenario: Scenario, vocab_size: int,

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from hwopt.cli import main
-from hwopt.evaluate import compare_on_heldout
+from hwopt.evaluate import compare_layerwise, compare_on_heldout
 from hwopt.model.checkpoint import load_checkpoint, save_nemotron_nas
 from hwopt.model.config import AttentionConfig, BlockConfig, FFNConfig
+from hwopt.model.layerwise import LayerwiseParent
 from hwopt.model.modeling import HeteroLlamaForCausalLM
 from hwopt.model_source import resolve_model
 from hwopt.plugins import block_types
@@ -72,6 +73,25 @@ def test_evaluate_writes_report_with_every_figure(tiny_child_dir, tiny_llama_dir
     assert "general English" in markdown and "per_layer.png" in markdown and "task accuracy" in markdown
     assert (out / "per_layer.png").stat().st_size > 1000
     assert "wrote" in capsys.readouterr().out
+
+
+def test_a_comparison_a_layer_at_a_time_gives_the_whole_models_figures(tiny_child_dir, tiny_llama_dir):
+    """Both read from disk a piece at a time, the child (layer 1 without FFN, layer 2's attention linear) against
+    its parent: every figure of ``compare_on_heldout`` on the whole models, over a last batch that is short."""
+    torch.manual_seed(1)
+    ids = torch.randint(0, 49152, (7, 16))  # [sequences, tokens]: batches of 4 and 3
+    child, parent = load_checkpoint(tiny_child_dir, block_types()), load_checkpoint(tiny_llama_dir, block_types())
+    whole = compare_on_heldout(child, parent, ids)
+    read = []
+    streamed = [LayerwiseParent(d, block_types()) for d in (tiny_child_dir, tiny_llama_dir)]
+    for source in streamed:
+        layer = source.decoder_layer
+        source.decoder_layer = lambda i, layer=layer: read.append(i) or layer(i)
+    figures = compare_layerwise(*streamed, ids)
+    assert figures.keys() == whole.keys() and whole["kl_div"] > 0 and whole["perplexity"] != whole["parent_perplexity"]
+    assert figures == pytest.approx(whole, rel=1e-5)
+    assert read == [*range(4), *range(4)]  # each layer of each model read once, the child's first
+    assert compare_layerwise(child, parent, ids) == pytest.approx(whole, rel=1e-5)  # whole models stream too
 
 
 @pytest.mark.parametrize("args, message", [
