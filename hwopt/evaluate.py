@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -130,20 +130,50 @@ def memory_mib(model: HeteroLlamaForCausalLM, scenario: Scenario) -> dict[str, f
     return {"weights_mib": weights / MIB, "kv_cache_mib": kv / MIB, "memory_mib": (weights + kv) / MIB}
 
 
-def evaluate(child: HeteroLlamaForCausalLM, parent: HeteroLlamaForCausalLM, texts: dict[str, torch.Tensor],
-             scenario: Scenario, task: MultipleChoice | None = None, repeats: int = 3) -> dict:
+def architecture_only(source) -> HeteroLlamaForCausalLM:
+    """``source`` (a ``LayerwiseParent``: ``config``, ``block_configs``, ``block_types``, ``dtype``) built on the
+    meta device in its dtype: its parameters and memory (``memory_mib``) without reading or holding a weight."""
+    with torch.device("meta"):
+        return HeteroLlamaForCausalLM(source.config, source.block_configs, source.block_types).to(source.dtype)
+
+
+def task_logits_layerwise(model, task: MultipleChoice) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``model``'s logits on rows of ``task.ids``, its layers streamed once over all of them
+    (``swapped_final_hidden``): token ids [rows, tokens], each a row of ``task.ids`` -> logits [rows, tokens,
+    vocab], computed from the kept final states when asked (what ``hwopt.tasks.task_accuracy`` calls)."""
+    final = swapped_final_hidden(model, task.ids)  # [task rows, tokens, hidden]
+    row_of = {tuple(row.tolist()): n for n, row in enumerate(task.ids)}
+    norm, head = model.output_head()
+    return lambda ids: head(norm(final[[row_of[tuple(row.tolist())] for row in ids]]))
+
+
+def evaluate(child, parent, texts: dict[str, torch.Tensor], scenario: Scenario, task: MultipleChoice | None = None,
+             repeats: int = 3, not_measured: str | None = None) -> dict:
     """Every figure of ``hwopt evaluate``: per text set (name -> [sequences, tokens] ids) the comparison of
-    ``compare_on_heldout``; task accuracy of each model when ``task`` is given; per model the measured
-    generation ms, tokens/s (batch x (input + output) / runtime) and memory; the measured speedup."""
+    ``compare_on_heldout``; task accuracy of each model when ``task`` is given; per model its parameters, memory
+    (MiB), the measured generation ms and tokens/s (batch x (input + output) / runtime); the measured speedup.
+
+    ``not_measured``: why the models are not whole (the report says it, as ``runtime_not_measured``). ``child``
+    and ``parent`` are then ``LayerwiseParent``s, compared a layer at a time (``compare_layerwise``, and
+    ``task_logits_layerwise``), and nothing is timed: parameters and memory come from their architecture."""
+    whole = not_measured is None
     result = {"scenario": scenario.to_json(), "texts": {}}
     for name, ids in texts.items():
-        result["texts"][name] = {"tokens": ids.numel(), **compare_on_heldout(child, parent, ids)}
-    ms = measure_runtimes({"parent": parent, "child": child}, scenario, parent.config.vocab_size, repeats)
+        compared = (compare_on_heldout if whole else compare_layerwise)(child, parent, ids)
+        result["texts"][name] = {"tokens": ids.numel(), **compared}
+    if whole:
+        ms = measure_runtimes({"parent": parent, "child": child}, scenario, parent.config.vocab_size, repeats)
+        result["measured_speedup"] = ms["parent"] / ms["child"]
+    else:
+        result["runtime_not_measured"] = not_measured
     for role, model in (("parent", parent), ("child", child)):
-        result[role] = {"params": model.num_parameters(), "runtime_ms_measured": ms[role],
-                        "tokens_per_s": scenario.throughput(ms[role]), **memory_mib(model, scenario)}
+        built = model if whole else architecture_only(model)
+        result[role] = {"params": built.num_parameters()}
+        if whole:
+            result[role].update(runtime_ms_measured=ms[role], tokens_per_s=scenario.throughput(ms[role]))
+        result[role].update(memory_mib(built, scenario))
         if task is not None:
             with torch.no_grad():
-                result[role]["task_accuracy"] = task_accuracy(lambda x, m=model: m(x).logits, task)
-    result["measured_speedup"] = ms["parent"] / ms["child"]
+                logits = (lambda x, m=model: m(x).logits) if whole else task_logits_layerwise(model, task)
+                result[role]["task_accuracy"] = task_accuracy(logits, task)
     return result

@@ -94,6 +94,37 @@ def test_a_comparison_a_layer_at_a_time_gives_the_whole_models_figures(tiny_chil
     assert compare_layerwise(child, parent, ids) == pytest.approx(whole, rel=1e-5)  # whole models stream too
 
 
+def test_models_that_do_not_fit_together_are_compared_a_layer_at_a_time_and_not_timed(tiny_child_dir, tiny_llama_dir,
+                                                                                       tmp_path, capsys):
+    """Under a --max-memory that cannot hold both whole: the same quality figures, task accuracy included, each
+    model read a layer at a time; parameters and memory from the architecture; the runtime said not measured."""
+    task = tmp_path / "task.jsonl"
+    task.write_text("\n".join(json.dumps({"question": f"Is {n} odd?", "choices": ["yes", "no", "maybe"],
+                                          "answer": n % 3}) for n in range(5)))
+    reports = {}
+    for budget in ("1MiB", "64GiB"):
+        out = tmp_path / budget
+        assert main(["evaluate", "--model", str(tiny_child_dir), "--parent", str(tiny_llama_dir), "--out", str(out),
+                     "--task-data", str(task), "--threads", "1", "--max-memory", budget, *FAST]) == 0
+        reports[budget] = json.loads((out / "evaluation.json").read_text())
+    err = capsys.readouterr().err
+    assert "report with parent and child whole memory plan per rank (1 rank, cpu, fp32)" in err
+    streamed, whole = reports["1MiB"], reports["64GiB"]
+    reason = streamed["runtime_not_measured"]
+    assert "over --max-memory 1MiB" in reason and reason.endswith("; quality computed a layer at a time")
+    assert f"runtime not measured: {reason}" in err and "runtime_not_measured" not in whole
+    assert "measured_speedup" not in streamed and "runtime_ms_measured" not in streamed["child"]
+    for name, q in whole["texts"].items():
+        assert streamed["texts"][name] == pytest.approx(q, rel=1e-5)
+    for role in ("parent", "child"):
+        for key in ("params", "weights_mib", "kv_cache_mib", "memory_mib", "task_accuracy"):
+            assert streamed[role][key] == pytest.approx(whole[role][key]), (role, key)
+    assert ("runtime measured (ms)", "not measured", "not measured", "") in report_rows(streamed)
+    assert speedup_line(streamed).endswith(f"runtime not measured ({reason})")
+    markdown = (tmp_path / "1MiB" / "report.md").read_text()
+    assert "| runtime measured (ms) | not measured | not measured |  |" in markdown and reason in markdown
+
+
 @pytest.mark.parametrize("args, message", [
     (["--tokens", "8"], "--tokens 8 must hold at least one sequence"),
     (["--data", "no/such/file.txt"], "data file no/such/file.txt does not exist"),
