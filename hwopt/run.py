@@ -72,7 +72,7 @@ from hwopt.pipeline import (
 from hwopt.plots import per_layer_runtime
 from hwopt.plugins import block_types, metrics
 from hwopt.progress import console
-from hwopt.report import build_report, print_report
+from hwopt.report import build_report, plan_text, print_report, whole_plan
 from hwopt.search_space import Scenario, SearchSpace
 from hwopt.settings import EVALUATION_TOKENS, PASS_INFO, Settings, load_settings, upstream
 from hwopt.targets import resolve_target
@@ -610,21 +610,36 @@ class Run:
         child = load_checkpoint(self.output("uptrain", "model"), block_types())
         lower(child, self.tokenizer, self.settings.formats, out, options)
 
+    def report_models(self) -> tuple[LayerwiseParent, LayerwiseParent, MemoryPlan, str | None]:
+        """The uptrained child and the parent, read a layer at a time onto the deployed placement (nothing read
+        yet), the plan of holding both whole there (``hwopt.report.whole_plan``, within ``--max-memory`` and the
+        GPU), and why they are compared a layer at a time and not timed: None when the plan fits."""
+        child = LayerwiseParent(self.output("uptrain", "model"), block_types(), self.deployed.device,
+                                self.deployed.dtype)
+        parent = self.layerwise_parent_on(self.deployed)
+        plan, not_measured = whole_plan(child, parent, self.scenario, self.settings.seq_len, self.deployed,
+                                        self.settings.max_memory, self.device_memory)
+        return child, parent, plan, not_measured
+
     def report(self) -> dict:
-        """Parent against the child, both timed here; recomputed only when the child or scenario changed."""
+        """Parent against the child, both timed here, or compared a layer at a time where they do not fit together
+        (``report_models``); recomputed only when the child, the scenario or that choice changed."""
+        child, parent, plan, not_measured = self.report_models()
         fp = fingerprint({"scenario": self.scenario.to_json(), "data_sha256": self.data_sha256,
                           "general_heldout": self.general_heldout.tolist(), "heldout_tokens": EVALUATION_TOKENS,
-                          "task_data_sha256": self.task.sha256 if self.task else None},
+                          "task_data_sha256": self.task.sha256 if self.task else None,
+                          **({"layerwise": True} if not_measured else {})},  # a fitting run's fingerprint as before
                          {"lower": output_hash(self.dir("lower")), "solve": output_hash(self.dir("solve"))})
         path = self.workdir / "report.json"
         if path.is_file() and (old := json.loads(path.read_text())).get("fingerprint") == fp:
             print_report(old)
             return old
-        child = load_checkpoint(self.output("uptrain", "model"), block_types(), self.deployed.device,
-                                self.deployed.dtype)
+        console.print(plan_text(plan, not_measured), highlight=False, soft_wrap=True)
+        if not_measured is None:
+            child, parent = child.whole(), self.deployed_parent
         texts = {"heldout": self.split.heldout_batches(EVALUATION_TOKENS), "general": self.general_heldout}
-        report = build_report(self.deployed_parent, child, self.read_json(self.output("solve", "solutions")),
-                              self.scenario, texts, self.deployed, self.target, self.task)
+        report = build_report(parent, child, self.read_json(self.output("solve", "solutions")), self.scenario, texts,
+                              self.deployed, self.target, self.task, not_measured)
         report["fingerprint"] = fp
         atomic_write_json(path, report)
         print_report(report)

@@ -125,6 +125,46 @@ def test_models_that_do_not_fit_together_are_compared_a_layer_at_a_time_and_not_
     assert "| runtime measured (ms) | not measured | not measured |  |" in markdown and reason in markdown
 
 
+def test_a_runs_closing_report_compares_models_that_do_not_fit_a_layer_at_a_time(tiny_child_dir, tiny_llama_dir,
+                                                                                 tmp_path, capsys, monkeypatch):
+    """``Run.report`` on a run whose uptrain, solve and lower are stand-ins (the tiny child, made-up totals): under
+    --max-memory 1MiB quality a layer at a time and no runtime; a budget that fits is another report, timed. Few
+    held-out tokens (the LM head over 49152 tokens is most of the time)."""
+    import shutil
+
+    from hwopt import run as run_module
+    from hwopt.data import general_heldout
+    from hwopt.pipeline import staged_pass
+    from hwopt.run import Run
+    from hwopt.settings import Settings
+
+    monkeypatch.setattr(run_module, "EVALUATION_TOKENS", 64)
+    monkeypatch.setattr(run_module, "general_heldout", lambda tokenizer, seq_len: general_heldout(tokenizer,
+                                                                                                 seq_len)[:4])
+
+    workdir = tmp_path / "run"
+    with staged_pass(workdir / "uptrain", "fp-uptrain") as out:
+        shutil.copytree(tiny_child_dir, out / "model")
+    with staged_pass(workdir / "solve", "fp-solve") as out:
+        (out / "solutions.json").write_text(json.dumps({
+            "parent": {"totals": {"stats.memory_mib": 14.0, "stats.runtime_ms": 3.0}},
+            "solutions": [{"totals": {"stats.memory_mib": 13.0, "stats.runtime_ms": 2.0}}]}))
+    with staged_pass(workdir / "lower", "fp-lower") as out:
+        (out / "stand-in").write_text("")
+    reports = {}
+    for budget in ("1MiB", None):
+        settings = Settings(model=str(tiny_llama_dir), seq_len=16, scenario="8/4", threads=1, distill_samples=0,
+                            max_memory=budget)
+        reports[budget] = Run(workdir, settings).report()
+    streamed, whole = reports["1MiB"], reports[None]
+    assert "over --max-memory 1MiB" in streamed["runtime_not_measured"] and "measured_speedup" in whole
+    assert streamed["predicted_speedup"] == 1.5 and streamed["child"]["memory_mib_predicted"] == 13.0
+    for name, q in whole["texts"].items():
+        assert streamed["texts"][name] == pytest.approx(q, rel=1e-5)
+    assert "runtime not measured (report with parent and child whole needs" in capsys.readouterr().err
+    assert Run(workdir, settings).report() == whole  # kept: nothing changed
+
+
 @pytest.mark.parametrize("args, message", [
     (["--tokens", "8"], "--tokens 8 must hold at least one sequence"),
     (["--data", "no/such/file.txt"], "data file no/such/file.txt does not exist"),
