@@ -2,11 +2,14 @@
 
 ``compare_on_heldout`` is one forward of each model per batch: KL(parent ||
 child) per token, both perplexities, and how often the child's top token is
-the parent's. ``measure_runtimes`` times whole generations, runs
+the parent's. ``compare_layerwise`` gives the same figures holding one
+decoder layer at a time, for models that do not fit in memory together.
+``measure_runtimes`` times whole generations, runs
 interleaved so that drift on a shared machine affects both alike;
 ``measured_speedup`` says how precise the ratio of two such times is.
 ``evaluate`` is ``hwopt evaluate``: every figure on every text set given,
-plus runtime, tokens/s and memory in one serving scenario.
+plus runtime, tokens/s and memory in one serving scenario (no runtime for
+models compared a layer at a time).
 """
 
 from __future__ import annotations
