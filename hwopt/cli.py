@@ -312,6 +312,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                                                        "(default ./evaluation)")
     p.add_argument("--threads", type=or_none(int), help="torch CPU threads (default: the run's; else, or none: one "
                                                         "per core other processes leave idle)")
+    p.add_argument("--max-memory", help="host memory both models may take whole, e.g. 8GiB (default: the run's, "
+                                        "else no limit): where they do not fit it (or the GPU), quality is computed "
+                                        "a layer at a time and the runtime is not measured")
     add_scenario_options(Options(p), backend_default="the run's, else roofline")
     p = sub.add_parser("calibrate", help="time every block variant with a measuring backend; write the target's "
                                          ".toml with these timings, which fit the roofline estimate")
@@ -398,7 +401,7 @@ def cmd_estimate(args: argparse.Namespace) -> None:
 
 # evaluate's options taken from a run's run.json when not given: option -> setting
 EVALUATE_FROM_RUN = {"parent": "model", **{k: k for k in ("data", "seq_len", "target", "scenario", "batch", "dtype",
-                                                          "kv_dtype", "threads", "backend")}}
+                                                          "kv_dtype", "threads", "backend", "max_memory")}}
 
 
 def take_run_settings(args: argparse.Namespace) -> None:
@@ -434,16 +437,22 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     import torch
 
     from hwopt.data import GENERAL_HELDOUT, check_data_files, general_heldout, load_split
-    from hwopt.devices import deployed_placement, resolve_placement
+    from hwopt.devices import deployed_placement, device_memory, resolve_placement
     from hwopt.estimate import estimate
     from hwopt.evaluate import evaluate
+    from hwopt.memory_plan import parse_max_memory
+    from hwopt.model.layerwise import LayerwiseParent
     from hwopt.pipeline import atomic_write_json
     from hwopt.plots import per_layer_runtime
-    from hwopt.report import label_measurement, print_report, write_markdown
+    from hwopt.plugins import block_types
+    from hwopt.progress import console
+    from hwopt.report import label_measurement, plan_text, print_report, whole_plan, write_markdown
     from hwopt.tasks import read_task
     from hwopt.timing import check_threads, idle_cores
 
     check_data_files(args.data)
+    if args.max_memory is not None:
+        parse_max_memory(args.max_memory)
     if args.threads == UNSET:
         args.threads = None
     if args.threads is not None:
@@ -460,8 +469,14 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         args.threads, load = idle_cores()
         print(f"threads: {args.threads} ({load.describe()}); --threads N changes it", file=sys.stderr)
     torch.set_num_threads(args.threads)
-    child, parent = (sources[role].load(placement.device, placement.dtype) for role in ("child", "parent"))
-    report = evaluate(child, parent, texts, scenario, task, args.repeats or 3)
+    streamed = [LayerwiseParent(sources[role].require_weights(), block_types(), placement.device, placement.dtype)
+                for role in ("child", "parent")]  # nothing read yet
+    plan, not_measured = whole_plan(*streamed, scenario, args.seq_len, placement, args.max_memory,
+                                    device_memory(placement.device))
+    console.print(plan_text(plan, not_measured), highlight=False, soft_wrap=True)
+    child, parent = streamed if not_measured else (sources[role].load(placement.device, placement.dtype)
+                                                   for role in ("child", "parent"))
+    report = evaluate(child, parent, texts, scenario, task, args.repeats or 3, not_measured)
     label_measurement(report, placement, target)
     report["texts"]["heldout"]["source"] = f"the last tenth of {split.source}, in sequences of {args.seq_len}"
     report["texts"]["general"]["source"] = f"{GENERAL_HELDOUT.name}, in sequences of {args.seq_len}"
@@ -475,10 +490,11 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         report[role]["runtime_ms_predicted"] = predicted[role]["total"]["runtime_ms"]
     out = Path(args.out)
     kind = predicted["child"]["source"]["kind"]
+    measured = f"{report['measured_speedup']:.2f}x here" if "measured_speedup" in report else "not here"
     per_layer_runtime(out / "per_layer.png", predicted["child"]["layers"], predicted["parent"]["layers"],
                       f"{args.model} vs parent {args.parent}: {kind} on {target.name}, {scenario.describe()}\n"
-                      f"speedup predicted {report['predicted_speedup']:.2f}x ({kind}), measured "
-                      f"{report['measured_speedup']:.2f}x here", label_layers=True)
+                      f"speedup predicted {report['predicted_speedup']:.2f}x ({kind}), measured {measured}",
+                      label_layers=True)
     atomic_write_json(out / "evaluation.json", report)
     write_markdown(report, out / "report.md", "per_layer.png", f"{args.model} against its parent {args.parent}")
     print_report(report)

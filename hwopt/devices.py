@@ -94,6 +94,11 @@ def resolve_device(spec: str, target_kind: str) -> torch.device:
     return torch.device("cuda", index)
 
 
+def device_memory(device: torch.device) -> int | None:
+    """Bytes of memory on ``device`` when it is a GPU; None on the CPU (whose budget is ``--max-memory``)."""
+    return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+
+
 def native_bf16_cpu() -> bool:
     """Whether this CPU multiplies bf16 in hardware (AMX tiles or AVX512-BF16), where oneDNN's bf16 matmuls beat
     fp32's; elsewhere torch emulates bf16 on the CPU, slower than fp32. torch asks cpuinfo (``torch.cpu``'s

@@ -2,11 +2,14 @@
 
 ``compare_on_heldout`` is one forward of each model per batch: KL(parent ||
 child) per token, both perplexities, and how often the child's top token is
-the parent's. ``measure_runtimes`` times whole generations, runs
+the parent's. ``compare_layerwise`` gives the same figures holding one
+decoder layer at a time, for models that do not fit in memory together.
+``measure_runtimes`` times whole generations, runs
 interleaved so that drift on a shared machine affects both alike;
 ``measured_speedup`` says how precise the ratio of two such times is.
 ``evaluate`` is ``hwopt evaluate``: every figure on every text set given,
-plus runtime, tokens/s and memory in one serving scenario.
+plus runtime, tokens/s and memory in one serving scenario (no runtime for
+models compared a layer at a time).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -21,25 +25,25 @@ import torch.nn.functional as F
 from hwopt.metric import kl_divergence
 from hwopt.model.modeling import HeteroLlamaForCausalLM, greedy_tokens
 from hwopt.model.modeling_nemotron_nas import GroupedQueryAttention
+from hwopt.scoring import swapped_final_hidden
 from hwopt.search_space import Scenario
 from hwopt.tasks import MultipleChoice, task_accuracy
 from hwopt.timing import CpuLoad, median_error, oversubscribed
 from hwopt.workload import MIB
+
+COMPARISON_BATCH = 4  # held-out sequences whose logits a comparison holds at once
 
 
 def _next_token_loss_sum(logits: torch.Tensor, ids: torch.Tensor) -> float:
     return F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").item()
 
 
-@torch.no_grad()
-def compare_on_heldout(child, parent, ids: torch.Tensor, batch: int = 4) -> dict[str, float]:
-    """On ``ids`` ([sequences, tokens]): KL(parent || child) per token (nats), the perplexity of each model
-    (exp of the mean next-token cross-entropy), and top-1 agreement (fraction of positions where the child's
-    most likely next token is the parent's)."""
+def _comparison(batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], ids: torch.Tensor
+                ) -> dict[str, float]:
+    """``compare_on_heldout``'s figures on ``ids`` [sequences, tokens] from its batches in order: (rows [batch,
+    tokens], the child's logits, the parent's logits [batch, tokens, vocab])."""
     kl = child_loss = parent_loss = agree = 0.0
-    device = next(child.parameters()).device
-    for rows in torch.split(ids.to(device), batch):
-        student, teacher = child(rows).logits, parent(rows).logits
+    for rows, student, teacher in batches:
         kl += kl_divergence(student.flatten(0, 1), teacher.flatten(0, 1)).item() * len(rows)
         child_loss += _next_token_loss_sum(student, rows)
         parent_loss += _next_token_loss_sum(teacher, rows)
@@ -47,6 +51,34 @@ def compare_on_heldout(child, parent, ids: torch.Tensor, batch: int = 4) -> dict
     predicted = ids.shape[0] * (ids.shape[1] - 1)
     return {"kl_div": kl / len(ids), "perplexity": math.exp(child_loss / predicted),
             "parent_perplexity": math.exp(parent_loss / predicted), "top1_agreement": agree / ids.numel()}
+
+
+@torch.no_grad()
+def compare_on_heldout(child, parent, ids: torch.Tensor, batch: int = COMPARISON_BATCH) -> dict[str, float]:
+    """On ``ids`` ([sequences, tokens]): KL(parent || child) per token (nats), the perplexity of each model
+    (exp of the mean next-token cross-entropy), and top-1 agreement (fraction of positions where the child's
+    most likely next token is the parent's). Both models whole, ``batch`` sequences at a time."""
+    device = next(child.parameters()).device
+    return _comparison(((rows, child(rows).logits, parent(rows).logits) for rows in torch.split(ids.to(device), batch)),
+                       ids)
+
+
+@torch.no_grad()
+def compare_layerwise(child, parent, ids: torch.Tensor, batch: int = COMPARISON_BATCH) -> dict[str, float]:
+    """``compare_on_heldout``'s figures (the same keys and definitions) with at most one decoder layer of either
+    model in memory: ``child`` and ``parent`` are anything ``hwopt.scoring.swapped_final_hidden`` streams (a
+    ``LayerwiseParent`` reads each layer from disk when asked; a whole model works too, on the same device).
+
+    Each model's layers run in order over all the sequences of ``ids`` [sequences, tokens], the child's first,
+    carrying their hidden states [sequences, tokens, hidden]; then the logits [batch, tokens, vocab] of both come
+    from those final states ``batch`` sequences at a time, never those of all sequences at once. Peak: one layer,
+    its forward over all the sequences, both final norms and LM heads, two final states and one batch's logits.
+    """
+    child_final, parent_final = (swapped_final_hidden(model, ids) for model in (child, parent))
+    (child_norm, child_head), (parent_norm, parent_head) = child.output_head(), parent.output_head()
+    batches = zip(torch.split(ids.to(child.device), batch), child_final.split(batch), parent_final.split(batch))
+    return _comparison(((rows, child_head(child_norm(c)), parent_head(parent_norm(p))) for rows, c, p in batches),
+                       ids)
 
 
 def runtime_rounds(models: dict[str, HeteroLlamaForCausalLM], scenario: Scenario, vocab_size: int,
@@ -103,20 +135,50 @@ def memory_mib(model: HeteroLlamaForCausalLM, scenario: Scenario) -> dict[str, f
     return {"weights_mib": weights / MIB, "kv_cache_mib": kv / MIB, "memory_mib": (weights + kv) / MIB}
 
 
-def evaluate(child: HeteroLlamaForCausalLM, parent: HeteroLlamaForCausalLM, texts: dict[str, torch.Tensor],
-             scenario: Scenario, task: MultipleChoice | None = None, repeats: int = 3) -> dict:
+def architecture_only(source) -> HeteroLlamaForCausalLM:
+    """``source`` (a ``LayerwiseParent``: ``config``, ``block_configs``, ``block_types``, ``dtype``) built on the
+    meta device in its dtype: its parameters and memory (``memory_mib``) without reading or holding a weight."""
+    with torch.device("meta"):
+        return HeteroLlamaForCausalLM(source.config, source.block_configs, source.block_types).to(source.dtype)
+
+
+def task_logits_layerwise(model, task: MultipleChoice) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``model``'s logits on rows of ``task.ids``, its layers streamed once over all of them
+    (``swapped_final_hidden``): token ids [rows, tokens], each a row of ``task.ids`` -> logits [rows, tokens,
+    vocab], computed from the kept final states when asked (what ``hwopt.tasks.task_accuracy`` calls)."""
+    final = swapped_final_hidden(model, task.ids)  # [task rows, tokens, hidden]
+    row_of = {tuple(row.tolist()): n for n, row in enumerate(task.ids)}
+    norm, head = model.output_head()
+    return lambda ids: head(norm(final[[row_of[tuple(row.tolist())] for row in ids]]))
+
+
+def evaluate(child, parent, texts: dict[str, torch.Tensor], scenario: Scenario, task: MultipleChoice | None = None,
+             repeats: int = 3, not_measured: str | None = None) -> dict:
     """Every figure of ``hwopt evaluate``: per text set (name -> [sequences, tokens] ids) the comparison of
-    ``compare_on_heldout``; task accuracy of each model when ``task`` is given; per model the measured
-    generation ms, tokens/s (batch x (input + output) / runtime) and memory; the measured speedup."""
+    ``compare_on_heldout``; task accuracy of each model when ``task`` is given; per model its parameters, memory
+    (MiB), the measured generation ms and tokens/s (batch x (input + output) / runtime); the measured speedup.
+
+    ``not_measured``: why the models are not whole (the report says it, as ``runtime_not_measured``). ``child``
+    and ``parent`` are then ``LayerwiseParent``s, compared a layer at a time (``compare_layerwise``, and
+    ``task_logits_layerwise``), and nothing is timed: parameters and memory come from their architecture."""
+    whole = not_measured is None
     result = {"scenario": scenario.to_json(), "texts": {}}
     for name, ids in texts.items():
-        result["texts"][name] = {"tokens": ids.numel(), **compare_on_heldout(child, parent, ids)}
-    ms = measure_runtimes({"parent": parent, "child": child}, scenario, parent.config.vocab_size, repeats)
+        compared = (compare_on_heldout if whole else compare_layerwise)(child, parent, ids)
+        result["texts"][name] = {"tokens": ids.numel(), **compared}
+    if whole:
+        ms = measure_runtimes({"parent": parent, "child": child}, scenario, parent.config.vocab_size, repeats)
+        result["measured_speedup"] = ms["parent"] / ms["child"]
+    else:
+        result["runtime_not_measured"] = not_measured
     for role, model in (("parent", parent), ("child", child)):
-        result[role] = {"params": model.num_parameters(), "runtime_ms_measured": ms[role],
-                        "tokens_per_s": scenario.throughput(ms[role]), **memory_mib(model, scenario)}
+        built = model if whole else architecture_only(model)
+        result[role] = {"params": built.num_parameters()}
+        if whole:
+            result[role].update(runtime_ms_measured=ms[role], tokens_per_s=scenario.throughput(ms[role]))
+        result[role].update(memory_mib(built, scenario))
         if task is not None:
             with torch.no_grad():
-                result[role]["task_accuracy"] = task_accuracy(lambda x, m=model: m(x).logits, task)
-    result["measured_speedup"] = ms["parent"] / ms["child"]
+                logits = (lambda x, m=model: m(x).logits) if whole else task_logits_layerwise(model, task)
+                result[role]["task_accuracy"] = task_accuracy(logits, task)
     return result

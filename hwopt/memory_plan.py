@@ -16,7 +16,9 @@ line before anything is read, and score fits its waves into what is left.
 uptrain holds the whole child and parent (``uptrain_plan``), or under
 torchrun, when they do not fit a rank, each rank's FSDP shards of them and
 one piece read whole; the sampling of ``--distill-samples`` holds the
-whole parent (``sampling_plan``).
+whole parent (``sampling_plan``). The closing report and ``hwopt evaluate``
+time the parent and the child whole (``report_plan``); where they do not fit
+together, they compare them a layer at a time and time neither.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from hwopt.bld import variants_for_layer
 from hwopt.devices import Placement
 from hwopt.errors import HwoptError
 from hwopt.model.config import BlockConfig
-from hwopt.search_space import SearchSpace, sub_variant_of
+from hwopt.search_space import Scenario, SearchSpace, sub_variant_of
 from hwopt.solving import parse_memory_mib
 
 GIB = 2**30
@@ -200,18 +202,49 @@ def uptrain_plan(config, child_blocks: list[BlockConfig], parent_blocks: list[Bl
     return plan
 
 
+def whole_bytes(config, blocks: list[BlockConfig], placement: Placement) -> int:
+    """Bytes of a model whole in ``placement``'s dtype: its layers, the embedding, and the LM head unless it is
+    the embedding's matrix."""
+    tables = 1 if config.tie_word_embeddings else 2
+    return (sum(layer_params(config, b) for b in blocks) + tables * config.vocab_size * config.hidden_size) * \
+        placement.dtype.itemsize
+
+
+def kv_cache_bytes(config, blocks: list[BlockConfig], sequences: int, seq_len: int, placement: Placement) -> int:
+    """Bytes of the KV cache of ``sequences`` up to ``seq_len`` tokens each, as each attention's block type keeps
+    it, in ``placement``'s dtype."""
+    per_sequence = sum(sub_variant_of(config, b.attention).block_type.kv_cache(b.attention, config)
+                       .elements(seq_len + 1) for b in blocks)  # elements
+    return sequences * per_sequence * placement.dtype.itemsize
+
+
 def sampling_plan(config, blocks: list[BlockConfig], sequences: int, seq_len: int, placement: Placement
                   ) -> MemoryPlan:
     """Sampling ``--distill-samples`` from the parent (``hwopt.data.sample_from_parent``): the parent whole in the
     train dtype, the KV cache of ``sequences`` drawn at once up to ``seq_len`` tokens, and their last logits."""
-    size = placement.dtype.itemsize
     plan = MemoryPlan("sampling from the parent (--distill-samples)", placement,
-                      config.vocab_size * config.hidden_size * size)
-    tables = 1 if config.tie_word_embeddings else 2  # the embedding, and the LM head unless it is the same
-    plan.add(f"parent whole ({placement.dtype_name})",
-             (sum(layer_params(config, b) for b in blocks) + tables * config.vocab_size * config.hidden_size) * size)
-    kv_elements = sum(sub_variant_of(config, b.attention).block_type.kv_cache(b.attention, config).elements(seq_len + 1)
-                      for b in blocks)  # per sequence, as each attention's block type keeps it
-    plan.add(f"KV cache of {sequences} sequences of {seq_len} tokens", sequences * kv_elements * size)
+                      config.vocab_size * config.hidden_size * placement.dtype.itemsize)
+    plan.add(f"parent whole ({placement.dtype_name})", whole_bytes(config, blocks, placement))
+    plan.add(f"KV cache of {sequences} sequences of {seq_len} tokens",
+             kv_cache_bytes(config, blocks, sequences, seq_len, placement))
     plan.add("logits of the last token and their softmax (fp32)", 2 * sequences * config.vocab_size * 4)
+    return plan
+
+
+def report_plan(parent, child, scenario: Scenario, sequences: int, seq_len: int, placement: Placement
+                ) -> MemoryPlan:
+    """The closing report and ``hwopt evaluate`` with both models whole in ``placement``'s dtype (the scenario's),
+    as they are timed: ``parent`` and ``child`` (anything with ``config`` and ``block_configs``, such as a
+    ``LayerwiseParent``), the KV cache of the scenario's generation (of the larger, as they are timed one after the
+    other), and the logits of ``sequences`` held-out sequences of ``seq_len`` tokens from both (fp32, each with its
+    log-softmax: ``hwopt.evaluate.compare_on_heldout``'s batch)."""
+    table = parent.config.vocab_size * parent.config.hidden_size * placement.dtype.itemsize  # the largest piece
+    plan = MemoryPlan("report with parent and child whole", placement, table)
+    for role, model in (("parent", parent), ("child", child)):
+        plan.add(f"{role} whole ({placement.dtype_name})", whole_bytes(model.config, model.block_configs, placement))
+    context = scenario.input_len + scenario.output_len
+    kv = [kv_cache_bytes(m.config, m.block_configs, scenario.batch, context, placement) for m in (parent, child)]
+    plan.add(f"KV cache of {scenario.batch} sequences of {context} tokens (the larger model's)", max(kv))
+    plan.add(f"logits of {sequences} sequences of {seq_len} tokens from both, with their log-softmax (fp32)",
+             4 * sequences * seq_len * parent.config.vocab_size * 4)
     return plan

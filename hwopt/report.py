@@ -3,8 +3,10 @@
 Predicted runtime comes from the profile (the sum of block costs) or, for
 ``hwopt evaluate``, from the target's cost model; measured runtime times both
 whole models generating in the same scenario on this machine (see
-``hwopt.evaluate``). Quality is on each held-out text set: the run's own
-(the corpus's last tenth) and general English (``hwopt.data``).
+``hwopt.evaluate``); where the two do not fit together (``whole_plan``),
+neither is timed and quality is computed a layer at a time. Quality is on
+each held-out text set: the run's own (the corpus's last tenth) and general
+English (``hwopt.data``).
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from pathlib import Path
 from rich.table import Table
 
 from hwopt.devices import Placement
-from hwopt.evaluate import evaluate
+from hwopt.evaluate import COMPARISON_BATCH, evaluate
+from hwopt.memory_plan import MemoryPlan, report_plan
 from hwopt.pipeline import atomic_write_text
 from hwopt.progress import console
 from hwopt.search_space import Scenario
@@ -22,11 +25,30 @@ from hwopt.search_space import Scenario
 TEXT_LABELS = {"heldout": "run's own held-out text", "general": "general English (never trained on)"}
 
 
+def whole_plan(child, parent, scenario: Scenario, seq_len: int, placement: Placement, max_memory: str | None,
+               device_memory: int | None) -> tuple[MemoryPlan, str | None]:
+    """The memory plan of timing and comparing ``child`` and ``parent`` (``LayerwiseParent``s: nothing read yet)
+    whole on ``placement`` (``report_plan``, held-out sequences of ``seq_len`` tokens), and why they are not:
+    None when the plan fits ``max_memory`` (``--max-memory``, host bytes) and ``device_memory`` (the GPU's bytes,
+    None on the CPU), else the plan's line of what it is over, and that quality is then computed a layer at a
+    time (``evaluate``'s ``not_measured``)."""
+    plan = report_plan(parent, child, scenario, COMPARISON_BATCH, seq_len, placement)
+    problem = plan.over(max_memory, device_memory)
+    return plan, problem and f"{problem}; quality computed a layer at a time"
+
+
+def plan_text(plan: MemoryPlan, not_measured: str | None) -> str:
+    """What is printed before the comparison starts: the plan, and the route taken when it does not fit."""
+    route = f"\nruntime not measured: {not_measured}" if not_measured else ""
+    return "\n".join(plan.lines(1)) + route
+
+
 def build_report(parent, child, solutions: dict, scenario: Scenario, texts: dict, placement: Placement, target,
-                 task=None) -> dict:
+                 task=None, not_measured: str | None = None) -> dict:
     """``hwopt.evaluate.evaluate`` of the child (run where ``placement`` says), with the profile's predicted
-    runtimes and memory for ``target``; says whether the measurement is of the target."""
-    report = evaluate(child, parent, texts, scenario, task)
+    runtimes and memory for ``target``; says whether the measurement is of the target. ``not_measured``: why the
+    two are ``LayerwiseParent``s, compared a layer at a time and not timed (``whole_plan``)."""
+    report = evaluate(child, parent, texts, scenario, task, not_measured=not_measured)
     label_measurement(report, placement, target)
     report["predicted_on"] = target.name
     totals = {"parent": solutions["parent"]["totals"], "child": solutions["solutions"][0]["totals"]}
@@ -58,6 +80,8 @@ def report_rows(report: dict) -> list[tuple[str, str, str, str]]:
                             ("task accuracy", "task_accuracy", "{:.3f}".format)):
         if key in p:
             rows.append((label, fmt(p[key]), fmt(c[key]), f"{c[key] / p[key]:.3f}" if p[key] else ""))
+        elif key == "runtime_ms_measured" and "runtime_not_measured" in report:  # why: in ``speedup_line``
+            rows.append((label, "not measured", "not measured", ""))
     for name, q in report["texts"].items():
         where = TEXT_LABELS.get(name, name)
         rows.append((f"KL from parent ({where})", "0", f"{q['kl_div']:.4f}", ""))
@@ -72,6 +96,8 @@ def speedup_line(report: dict) -> str:
     target is said to be one, not put beside the prediction as if it checked it."""
     target = report.get("predicted_on", "the target")
     predicted = f"predicted {report['predicted_speedup']:.2f}x on {target}" if "predicted_speedup" in report else ""
+    if "measured_speedup" not in report:  # parent and child compared a layer at a time
+        return f"speedup: {predicted}{'; ' if predicted else ''}runtime not measured ({report['runtime_not_measured']})"
     measured = f"measured {report['measured_speedup']:.2f}x on {report['measured_on']}"
     if report.get("measured_on_target", True):
         return f"speedup: {predicted}{', ' if predicted else ''}{measured}"

@@ -36,12 +36,11 @@ from hwopt.data import (
     parent_samples_file,
     read_corpus,
 )
-from hwopt.devices import Placement, deployed_placement, resolve_placement
+from hwopt.devices import Placement, deployed_placement, device_memory, resolve_placement
 from hwopt.distributed import Ranks, local_world, ranks, staged_on_ranks
 from hwopt.errors import HwoptError
 from hwopt.lowering.runtimes import Runtime, resolve_runtime
 from hwopt.memory_plan import MemoryPlan, sampling_plan
-from hwopt.model.checkpoint import load_checkpoint
 from hwopt.model.layerwise import LayerwiseParent
 from hwopt.model.modeling import HeteroLlamaForCausalLM
 from hwopt.model_source import resolve_model
@@ -61,7 +60,7 @@ from hwopt.pipeline import (
 )
 from hwopt.plugins import block_types, metrics
 from hwopt.progress import console
-from hwopt.report import build_report, print_report
+from hwopt.report import build_report, plan_text, print_report, whole_plan
 from hwopt.search_space import Scenario, SearchSpace
 from hwopt.settings import EVALUATION_TOKENS, Settings, load_settings
 from hwopt.targets import resolve_target
@@ -365,8 +364,7 @@ class Run:
     @cached_property
     def device_memory(self) -> int | None:
         """Bytes of memory on the run's GPU; None on the CPU."""
-        device = self.placement.device
-        return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+        return device_memory(self.placement.device)
 
     def memory_plan(self, name: str) -> MemoryPlan | None:
         """What pass ``name`` will hold at its peak per rank (``hwopt.memory_plan``); None for the passes that do
@@ -404,21 +402,36 @@ class Run:
         """``child``'s child built whole, fp32, on ``placement``'s device (default the run's; see ``child``)."""
         return self.child(solution, coupled_dir, placement).whole()
 
+    def report_models(self) -> tuple[LayerwiseParent, LayerwiseParent, MemoryPlan, str | None]:
+        """The uptrained child and the parent, read a layer at a time onto the deployed placement (nothing read
+        yet), the plan of holding both whole there (``hwopt.report.whole_plan``, within ``--max-memory`` and the
+        GPU), and why they are compared a layer at a time and not timed: None when the plan fits."""
+        child = LayerwiseParent(self.output("uptrain", "model"), block_types(), self.deployed.device,
+                                self.deployed.dtype)
+        parent = self.layerwise_parent_on(self.deployed)
+        plan, not_measured = whole_plan(child, parent, self.scenario, self.settings.seq_len, self.deployed,
+                                        self.settings.max_memory, self.device_memory)
+        return child, parent, plan, not_measured
+
     def report(self) -> dict:
-        """Parent against the child, both timed here; recomputed only when the child or scenario changed."""
+        """Parent against the child, both timed here, or compared a layer at a time where they do not fit together
+        (``report_models``); recomputed only when the child, the scenario or that choice changed."""
+        child, parent, plan, not_measured = self.report_models()
         fp = fingerprint({"scenario": self.scenario.to_json(), "data_sha256": self.data_sha256,
                           "general_heldout": self.general_heldout.tolist(), "heldout_tokens": EVALUATION_TOKENS,
-                          "task_data_sha256": self.task.sha256 if self.task else None},
+                          "task_data_sha256": self.task.sha256 if self.task else None,
+                          **({"layerwise": True} if not_measured else {})},  # a fitting run's fingerprint as before
                          {"lower": output_hash(self.dir("lower")), "solve": output_hash(self.dir("solve"))})
         path = self.workdir / "report.json"
         if path.is_file() and (old := json.loads(path.read_text())).get("fingerprint") == fp:
             print_report(old)
             return old
-        child = load_checkpoint(self.output("uptrain", "model"), block_types(), self.deployed.device,
-                                self.deployed.dtype)
+        console.print(plan_text(plan, not_measured), highlight=False, soft_wrap=True)
+        if not_measured is None:
+            child, parent = child.whole(), self.deployed_parent
         texts = {"heldout": self.split.heldout_batches(EVALUATION_TOKENS), "general": self.general_heldout}
-        report = build_report(self.deployed_parent, child, self.read_json(self.output("solve", "solutions")),
-                              self.scenario, texts, self.deployed, self.target, self.task)
+        report = build_report(parent, child, self.read_json(self.output("solve", "solutions")), self.scenario, texts,
+                              self.deployed, self.target, self.task, not_measured)
         report["fingerprint"] = fp
         atomic_write_json(path, report)
         print_report(report)

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from hwopt.cli import main
-from hwopt.evaluate import compare_on_heldout
+from hwopt.evaluate import compare_layerwise, compare_on_heldout
 from hwopt.model.checkpoint import load_checkpoint, save_nemotron_nas
 from hwopt.model.config import AttentionConfig, BlockConfig, FFNConfig
+from hwopt.model.layerwise import LayerwiseParent
 from hwopt.model.modeling import HeteroLlamaForCausalLM
 from hwopt.model_source import resolve_model
 from hwopt.plugins import block_types
@@ -72,6 +73,96 @@ def test_evaluate_writes_report_with_every_figure(tiny_child_dir, tiny_llama_dir
     assert "general English" in markdown and "per_layer.png" in markdown and "task accuracy" in markdown
     assert (out / "per_layer.png").stat().st_size > 1000
     assert "wrote" in capsys.readouterr().out
+
+
+def test_a_comparison_a_layer_at_a_time_gives_the_whole_models_figures(tiny_child_dir, tiny_llama_dir):
+    """Both read from disk a piece at a time, the child (layer 1 without FFN, layer 2's attention linear) against
+    its parent: every figure of ``compare_on_heldout`` on the whole models, over a last batch that is short."""
+    torch.manual_seed(1)
+    ids = torch.randint(0, 49152, (7, 16))  # [sequences, tokens]: batches of 4 and 3
+    child, parent = load_checkpoint(tiny_child_dir, block_types()), load_checkpoint(tiny_llama_dir, block_types())
+    whole = compare_on_heldout(child, parent, ids)
+    read = []
+    streamed = [LayerwiseParent(d, block_types()) for d in (tiny_child_dir, tiny_llama_dir)]
+    for source in streamed:
+        layer = source.decoder_layer
+        source.decoder_layer = lambda i, layer=layer: read.append(i) or layer(i)
+    figures = compare_layerwise(*streamed, ids)
+    assert figures.keys() == whole.keys() and whole["kl_div"] > 0 and whole["perplexity"] != whole["parent_perplexity"]
+    assert figures == pytest.approx(whole, rel=1e-5)
+    assert read == [*range(4), *range(4)]  # each layer of each model read once, the child's first
+    assert compare_layerwise(child, parent, ids) == pytest.approx(whole, rel=1e-5)  # whole models stream too
+
+
+def test_models_that_do_not_fit_together_are_compared_a_layer_at_a_time_and_not_timed(tiny_child_dir, tiny_llama_dir,
+                                                                                       tmp_path, capsys):
+    """Under a --max-memory that cannot hold both whole: the same quality figures, task accuracy included, each
+    model read a layer at a time; parameters and memory from the architecture; the runtime said not measured."""
+    task = tmp_path / "task.jsonl"
+    task.write_text("\n".join(json.dumps({"question": f"Is {n} odd?", "choices": ["yes", "no", "maybe"],
+                                          "answer": n % 3}) for n in range(5)))
+    reports = {}
+    for budget in ("1MiB", "64GiB"):
+        out = tmp_path / budget
+        assert main(["evaluate", "--model", str(tiny_child_dir), "--parent", str(tiny_llama_dir), "--out", str(out),
+                     "--task-data", str(task), "--threads", "1", "--max-memory", budget, *FAST]) == 0
+        reports[budget] = json.loads((out / "evaluation.json").read_text())
+    err = capsys.readouterr().err
+    assert "report with parent and child whole memory plan per rank (1 rank, cpu, fp32)" in err
+    streamed, whole = reports["1MiB"], reports["64GiB"]
+    reason = streamed["runtime_not_measured"]
+    assert "over --max-memory 1MiB" in reason and reason.endswith("; quality computed a layer at a time")
+    assert f"runtime not measured: {reason}" in err and "runtime_not_measured" not in whole
+    assert "measured_speedup" not in streamed and "runtime_ms_measured" not in streamed["child"]
+    for name, q in whole["texts"].items():
+        assert streamed["texts"][name] == pytest.approx(q, rel=1e-5)
+    for role in ("parent", "child"):
+        for key in ("params", "weights_mib", "kv_cache_mib", "memory_mib", "task_accuracy"):
+            assert streamed[role][key] == pytest.approx(whole[role][key]), (role, key)
+    assert ("runtime measured (ms)", "not measured", "not measured", "") in report_rows(streamed)
+    assert speedup_line(streamed).endswith(f"runtime not measured ({reason})")
+    markdown = (tmp_path / "1MiB" / "report.md").read_text()
+    assert "| runtime measured (ms) | not measured | not measured |  |" in markdown and reason in markdown
+
+
+def test_a_runs_closing_report_compares_models_that_do_not_fit_a_layer_at_a_time(tiny_child_dir, tiny_llama_dir,
+                                                                                 tmp_path, capsys, monkeypatch):
+    """``Run.report`` on a run whose uptrain, solve and lower are stand-ins (the tiny child, made-up totals): under
+    --max-memory 1MiB quality a layer at a time and no runtime; a budget that fits is another report, timed. Few
+    held-out tokens (the LM head over 49152 tokens is most of the time)."""
+    import shutil
+
+    from hwopt import run as run_module
+    from hwopt.data import general_heldout
+    from hwopt.pipeline import staged_pass
+    from hwopt.run import Run
+    from hwopt.settings import Settings
+
+    monkeypatch.setattr(run_module, "EVALUATION_TOKENS", 64)
+    monkeypatch.setattr(run_module, "general_heldout", lambda tokenizer, seq_len: general_heldout(tokenizer,
+                                                                                                 seq_len)[:4])
+
+    workdir = tmp_path / "run"
+    with staged_pass(workdir / "uptrain", "fp-uptrain") as out:
+        shutil.copytree(tiny_child_dir, out / "model")
+    with staged_pass(workdir / "solve", "fp-solve") as out:
+        (out / "solutions.json").write_text(json.dumps({
+            "parent": {"totals": {"stats.memory_mib": 14.0, "stats.runtime_ms": 3.0}},
+            "solutions": [{"totals": {"stats.memory_mib": 13.0, "stats.runtime_ms": 2.0}}]}))
+    with staged_pass(workdir / "lower", "fp-lower") as out:
+        (out / "stand-in").write_text("")
+    reports = {}
+    for budget in ("1MiB", None):
+        settings = Settings(model=str(tiny_llama_dir), seq_len=16, scenario="8/4", threads=1, distill_samples=0,
+                            max_memory=budget)
+        reports[budget] = Run(workdir, settings).report()
+    streamed, whole = reports["1MiB"], reports[None]
+    assert "over --max-memory 1MiB" in streamed["runtime_not_measured"] and "measured_speedup" in whole
+    assert streamed["predicted_speedup"] == 1.5 and streamed["child"]["memory_mib_predicted"] == 13.0
+    for name, q in whole["texts"].items():
+        assert streamed["texts"][name] == pytest.approx(q, rel=1e-5)
+    assert "runtime not measured (report with parent and child whole needs" in capsys.readouterr().err
+    assert Run(workdir, settings).report() == whole  # kept: nothing changed
 
 
 @pytest.mark.parametrize("args, message", [
