@@ -106,6 +106,15 @@ def test_changed_budget_reruns_from_solve(run_copy):
     assert "up to date" not in proc.stderr
 
 
+def test_a_parent_and_child_that_do_not_fit_whole_are_not_timed_by_solve(run_copy):
+    """Under a --max-memory the whole parent and child would exceed, solve keeps its MIP child and says why it
+    did not time it, rather than loading them."""
+    proc = hwopt_cli("solve", "--workdir", run_copy, "--speedup", "1.1", "--max-memory", "1MiB")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "speedup is not checked by timing" in proc.stdout + proc.stderr
+    assert json.loads((run_copy / "solve/speedup_checks.json").read_text()) == []
+
+
 def test_memory_budget_is_respected(run_copy):
     run = run_copy
     parent = json.loads((run / "solve/solutions.json").read_text())["parent"]["totals"]

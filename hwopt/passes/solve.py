@@ -49,7 +49,11 @@ def call(run: Run, out: Path) -> None:
                      run.output("solve", "solutions", out), maximizes(s.objective_key), s.num_solutions,
                      s.min_diversity, s.time_limit)
 
-    if s.speedup and s.speedup_checks and run.target.kind == "cpu" and costs["source"]["kind"] == "measured":
+    checks_here = s.speedup and s.speedup_checks and run.target.kind == "cpu" and costs["source"]["kind"] == "measured"
+    if checks_here and (too_big := whole_memory_problem(run)):
+        console.print(f"solve: the speedup is not checked by timing: {too_big}", highlight=False, soft_wrap=True)
+        checks_here = False
+    if checks_here:
         # the target is this machine: time the chosen child against the parent, whole, as the report will
         def measure(result: dict) -> dict:
             child = run.assemble(result["solutions"][0], run.output("solve", "coupled", out))
@@ -67,6 +71,15 @@ def call(run: Run, out: Path) -> None:
     per_layer_runtime(out / "per_layer_runtime.png", layer_rows(costs, best["variants"]),
                       layer_rows(costs, model_variants(run.source)),
                       f"child vs parent on {run.target.name}, {run.scenario.describe()} ({costs['source']['kind']})")
+
+
+def whole_memory_problem(run: Run) -> str | None:
+    """Why the parent and a child cannot be timed whole here (``hwopt.memory_plan.report_plan``, the child as large
+    as the parent at most, within ``--max-memory``); None when they can."""
+    from hwopt.memory_plan import report_plan
+
+    plan = report_plan(run.layerwise_parent, run.layerwise_parent, run.scenario, 1, run.settings.seq_len, run.deployed)
+    return plan.over(run.settings.max_memory, run.device_memory)
 
 
 def coupled_bld(run: Run, library: dict, costs: dict, out: Path) -> dict:
@@ -98,4 +111,4 @@ INFO = PassInfo("solve", (*DATA, "runtime", "objective", "speedup", "memory", "t
                 outputs={"solutions": "solutions.json", "coupled": "coupled",  # coupled BLD's pairs, trained
                          "block_library": "block_library.json"},  # rescored with them
                 # `solve --library`: the scenario its runtimes hold for; where coupled BLD and the speedup checks run
-                also_reads=("scenario", "batch", "dtype", *PLACEMENT))
+                also_reads=("scenario", "batch", "dtype", *PLACEMENT, "max_memory"))
