@@ -197,5 +197,8 @@ class Format(Protocol):
         into the folder ``out_dir`` (a ``pathlib.Path``, created by the format), which the pipeline
         then renames into place. ``options`` is a ``hwopt.passes.lower.LowerOptions`` (runtime, target,
         scenario and its dtype). Raises HwoptError where its tool or device is missing; a format may
-        also have ``available(options) -> (bool, reason)``, asked before anything is written."""
+        also have ``available(options) -> (bool, reason)``, asked before anything is written, and
+        ``streams = True`` when its ``lower`` also takes the child read a piece at a time (a
+        ``hwopt.model.layerwise.LayerwiseParent``: ``config``, ``block_configs``, ``pieces()``): where every
+        format asked for streams, the lower pass never loads the child whole."""
 

@@ -120,6 +120,38 @@ def test_bf16_weights_sharded_with_an_index(tmp_path):
     assert torch.equal(reloaded.model.layers[1].mlp.up_proj.weight, expected)
 
 
+@pytest.mark.parametrize("tie", [True, False])
+def test_a_checkpoint_read_a_piece_at_a_time_is_written_as_the_whole_model_would_be(tmp_path, tie):
+    """nemotron-nas streams: lowered from the child read a piece at a time (as the lower pass does), it has the
+    same files, index and tensors as written from the whole model, and is read back as the same model."""
+    from safetensors.torch import load_file
+
+    from hwopt.model.checkpoint import save_nemotron_nas
+    from hwopt.model.layerwise import LayerwiseParent
+
+    model = tiny_child(tie=tie)
+    save_nemotron_nas(model, tmp_path / "child")  # as uptrain saves it: fp32
+    options = LowerOptions(RUNTIMES["hwopt"], scenario=Scenario(dtype="bf16"))
+    streamed = LayerwiseParent(tmp_path / "child", block_types())
+    for name, source in (("whole", model), ("streamed", streamed)):
+        save_nemotron_nas(source, tmp_path / name, dtype=torch.bfloat16, max_shard_size="40KB")
+    lower(streamed, None, ["nemotron-nas"], tmp_path / "lower", options)
+    whole, written = tmp_path / "whole", tmp_path / "streamed"
+    assert sorted(p.name for p in whole.iterdir()) == sorted(p.name for p in written.iterdir())
+    index = json.loads((whole / "model.safetensors.index.json").read_text())
+    assert json.loads((written / "model.safetensors.index.json").read_text()) == index
+    assert len(set(index["weight_map"].values())) > 1  # sharded, each shard written once complete
+    for shard in set(index["weight_map"].values()):
+        expected, got = load_file(whole / shard), load_file(written / shard)
+        assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    lowered = json.loads((tmp_path / "lower/nemotron-nas/config.json").read_text())
+    assert lowered.pop("auto_map") and lowered == json.loads((whole / "config.json").read_text())  # + remote code
+    reloaded = load_checkpoint(tmp_path / "lower/nemotron-nas", block_types())
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, load_checkpoint(whole, block_types())(ids).logits)
+
+
 def test_lower_refuses_what_the_runtime_would_misread(tmp_path):
     model = tiny_child()
     for runtime in ("vllm", "sglang"):

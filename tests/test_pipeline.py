@@ -135,6 +135,22 @@ def test_lowered_checkpoint_reloads_with_identical_logits(tiny_run):
         assert torch.equal(uptrained(ids).logits, lowered(ids).logits)
 
 
+def test_lower_writes_the_nemotron_nas_checkpoint_without_loading_the_child_whole(run_copy, monkeypatch):
+    """nemotron-nas streams (``Format.streams``): the lower pass reads the uptrained child a piece at a time, so
+    a loader of whole models is never called, and writes the same weights."""
+    import hwopt.model.checkpoint
+    from hwopt.cli import main
+
+    def whole(*args, **kwargs):
+        raise AssertionError("the lower pass loaded the child whole")
+
+    before = load_file(run_copy / "lower/nemotron-nas/model.safetensors")
+    monkeypatch.setattr(hwopt.model.checkpoint, "load_checkpoint", whole)
+    assert main(["lower", "--workdir", str(run_copy), "--force"]) == 0
+    after = load_file(run_copy / "lower/nemotron-nas/model.safetensors")
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
 def test_kill_during_library_resumes_to_the_same_result(tiny_llama_dir, tiny_run, tmp_path):
     workdir = tmp_path / "killed"
     args = [sys.executable, "-m", "hwopt", "optimize", "--model", str(tiny_llama_dir), "--workdir", str(workdir),

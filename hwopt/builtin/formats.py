@@ -42,6 +42,7 @@ class NemotronNASFormat:
                    "safetensors in --dtype (sharded beyond 5 GB), tokenizer, and its own modeling code (auto_map) "
                    "for transformers; read by vLLM, SGLang, TensorRT-LLM, llama.cpp's converter")
     needs = "nothing beyond hwopt"
+    streams = True  # written shard by shard from the checkpoint read a piece at a time, never whole
 
     def lower(self, model, tokenizer, out_dir, options) -> None:
         from hwopt.lowering.transformers_code import write_remote_code

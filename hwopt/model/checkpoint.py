@@ -14,8 +14,9 @@ import warnings
 from pathlib import Path
 
 import torch
-from huggingface_hub import save_torch_state_dict
+from huggingface_hub import save_torch_state_dict, split_torch_state_dict_into_shards
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
@@ -148,27 +149,69 @@ def load_checkpoint(directory: Path, block_types, device: torch.device | str = "
     return model.eval()
 
 
-def save_nemotron_nas(model: HeteroLlamaForCausalLM, directory: Path, tokenizer=None,
-                      dtype: torch.dtype = torch.float32, max_shard_size: int | str = "5GB",
-                      state: dict[str, torch.Tensor] | None = None) -> None:
+def save_nemotron_nas(model, directory: Path, tokenizer=None, dtype: torch.dtype = torch.float32,
+                      max_shard_size: int | str = "5GB", state: dict[str, torch.Tensor] | None = None) -> None:
     """Write config.json, the weights in ``dtype`` and (if given) the tokenizer into ``directory``.
 
     Weights beyond ``max_shard_size`` are split into shards with a
-    ``model.safetensors.index.json`` (huggingface_hub's sharding). ``state``: the weights to write when the
-    model does not hold them whole (one sharded by FSDP: ``hwopt.uptraining.full_weights``); default its
-    own state dict.
+    ``model.safetensors.index.json`` (huggingface_hub's sharding). ``model``: a
+    ``HeteroLlamaForCausalLM``, or a checkpoint read a piece at a time
+    (``hwopt.model.layerwise.LayerwiseParent``), whose weights are then written
+    shard by shard as they are read, never whole (``write_pieces``). ``state``:
+    the weights to write when the model does not hold them whole (one sharded
+    by FSDP: ``hwopt.uptraining.full_weights``); default its own state dict.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = nemotron_nas_config(model.config, model.block_configs, model.block_types)
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    state = {k: v.detach().to(dtype) for k, v in (model.state_dict() if state is None else state).items()}
-    if model.config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    save_torch_state_dict(state, directory, max_shard_size=max_shard_size, metadata={"format": "pt"})
+    if state is None and not isinstance(model, nn.Module):
+        write_pieces(model.pieces(), weight_layout(model), directory, dtype, max_shard_size)
+    else:
+        state = {k: v.detach().to(dtype) for k, v in (model.state_dict() if state is None else state).items()}
+        if model.config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        save_torch_state_dict(state, directory, max_shard_size=max_shard_size, metadata={"format": "pt"})
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
+
+
+def weight_layout(source) -> dict[str, torch.Tensor]:
+    """Every tensor a checkpoint of ``source``'s architecture stores (``config``, ``block_configs``,
+    ``block_types``), on the meta device, in the whole model's state-dict order (so its shards are those of the
+    whole model's), the LM head left out when tied to the embedding."""
+    with torch.device("meta"):
+        state = HeteroLlamaForCausalLM(source.config, source.block_configs, source.block_types).state_dict()
+    if source.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    return state
+
+
+def write_pieces(pieces, layout: dict[str, torch.Tensor], directory: Path, dtype: torch.dtype,
+                 max_shard_size: int | str) -> None:
+    """Weights arriving a piece at a time (dicts of name -> tensor), written in ``dtype`` as the safetensors files
+    (and index) huggingface_hub's ``save_torch_state_dict`` would write for them whole: the shards are planned on
+    ``layout`` (``weight_layout``) by its ``split_torch_state_dict_into_shards``, and each is written once its
+    last tensor has arrived: the first shard (which holds the embedding, read last) and the one being filled are
+    held, two shards at most. Tensors not in ``layout`` are skipped (a tied LM head)."""
+    split = split_torch_state_dict_into_shards({k: t.to(dtype) for k, t in layout.items()},
+                                               max_shard_size=max_shard_size)
+    missing = {file: set(names) for file, names in split.filename_to_tensors.items()}
+    open_shards: dict[str, dict[str, torch.Tensor]] = {}
+    for piece in pieces:
+        for name, tensor in piece.items():
+            if (file := split.tensor_to_filename.get(name)) is None:
+                continue
+            open_shards.setdefault(file, {})[name] = tensor.detach().to("cpu", dtype).contiguous()
+            missing[file].discard(name)
+            if not missing[file]:
+                save_file(open_shards.pop(file), directory / file, metadata={"format": "pt"})
+    if unwritten := sorted(file for file, names in missing.items() if names):
+        raise HwoptError(f"{directory}: the pieces did not bring every weight of {', '.join(unwritten)}")
+    if split.is_sharded:
+        index = {"metadata": {"format": "pt", **split.metadata}, "weight_map": split.tensor_to_filename}
+        (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
 
 def parent_from_hf_state(config: LlamaConfig, state: dict[str, torch.Tensor], block_types) -> HeteroLlamaForCausalLM:

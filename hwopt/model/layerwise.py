@@ -78,6 +78,10 @@ class LayerwiseParent:
     def position_embeddings(self, x: torch.Tensor, start: int):
         return rotary_tables(self.rotary_emb, x, start)
 
+    def pieces(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Its weights a piece at a time (``pieces``), each read from disk when asked for."""
+        return pieces(self)
+
     def whole(self) -> HeteroLlamaForCausalLM:
         """The whole parent in memory (for passes that run it end to end: uptrain's teacher, the report)."""
         return load_checkpoint(self.directory, self.block_types, self.device, self.dtype)

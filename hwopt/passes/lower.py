@@ -3,8 +3,8 @@
 Before anything is written, the child is checked against the runtime that
 will serve it (``--runtime``): lower refuses a checkpoint that runtime would
 fail on or misread. ``LowerOptions`` is what every format plugin is told
-(``hookspecs.hwopt_register_formats``); the child is read whole, as the formats
-write it.
+(``hookspecs.hwopt_register_formats``). The child is read a piece at a time
+where every format asked for streams (the nemotron-nas checkpoint), else whole.
 """
 
 from __future__ import annotations
@@ -55,12 +55,16 @@ def check(run: Run) -> None:
 
 
 def call(run: Run, out: Path) -> None:
-    """The uptrained child, read back, in each of ``--format``'s formats."""
+    """The uptrained child in each of ``--format``'s formats: read a piece at a time where every one of them
+    streams (``Format.streams``: the nemotron-nas checkpoint), else loaded whole (ONNX and engines trace it)."""
+    from hwopt import plugins
     from hwopt.model.checkpoint import load_checkpoint
-    from hwopt.plugins import block_types
+    from hwopt.model.layerwise import LayerwiseParent
 
     options = LowerOptions(run.runtime, run.target, run.scenario, run.source.label)
-    child = load_checkpoint(run.output("uptrain", "model"), block_types())
+    path, block_types = run.output("uptrain", "model"), plugins.block_types()
+    streamed = all(getattr(plugins.formats().get(name), "streams", False) for name in run.settings.formats)
+    child = LayerwiseParent(path, block_types) if streamed else load_checkpoint(path, block_types)
     lower(child, run.tokenizer, run.settings.formats, out, options)
 
 
