@@ -40,26 +40,35 @@ SEARCHED = {"mip": ("scip", None, False), "greedy": ("greedy", None, False),
             "max_params": ("scip", "stats.num_params", True)}
 
 
-def children(run: Run, library: dict, costs: dict, speedup: float) -> dict[str, dict]:
-    """Each method's child at ``parent runtime / speedup``: its (attention, FFN) choice per layer
-    (``"variants"``) and the layers holding two-layer blocks (``"spans"``), as ``Run.assemble`` takes them."""
+def parent_choice(run: Run) -> list[tuple[str, str]]:
+    """The parent's own (attention, FFN) variant names, layer by layer."""
     lib = run.library()
-    layers = range(len(run.parent.model.layers))
-    parent_choice = [(lib.variant_names(i, "attention")[0], lib.variant_names(i, "ffn")[0]) for i in layers]
-    budget_ms = predicted_runtime_ms(costs, parent_choice) / speedup
+    return [(lib.variant_names(i, "attention")[0], lib.variant_names(i, "ffn")[0])
+            for i in range(run.source.config.num_hidden_layers)]
+
+
+def children(run: Run, library: dict, costs: dict, speedup: float, methods: list[str]) -> dict[str, dict]:
+    """Each of ``methods``' child at ``parent runtime / speedup``: its (attention, FFN) choice per layer
+    (``"variants"``) and the layers holding two-layer blocks (``"spans"``), as ``Run.assemble`` takes them."""
+    parent = parent_choice(run)
+    budget_ms = predicted_runtime_ms(costs, parent) / speedup
     choices = {}
     with tempfile.TemporaryDirectory() as tmp:
         for method, (solver, objective, maximize) in SEARCHED.items():
+            if method not in methods:
+                continue
             result = solve(library, costs, Budgets(speedup=speedup), objective or run.settings.objective_key, solver,
                            Path(tmp) / "solutions.json", maximize, time_limit_s=run.settings.time_limit)
             best = result["solutions"][0]
             choices[method] = {"variants": [tuple(v) for v in best["variants"]], "spans": best["spans"]}
-    influence = block_influence(run.parent, run.split.score_batches(run.settings.score_tokens))
-    choices["layer_drop"] = {"variants": layer_drop(parent_choice, influence, costs, budget_ms)[0], "spans": []}
-    try:
-        choices["uniform"] = {"variants": uniform_width(costs, len(parent_choice), budget_ms), "spans": []}
-    except HwoptError as err:  # the library's widths cannot be that fast with every layer kept: no row, said why
-        print(f"{speedup:>7.2f} {'uniform':>11}  none: {err}", flush=True)
+    if "layer_drop" in methods:
+        influence = block_influence(run.parent, run.split.score_batches(run.settings.score_tokens))
+        choices["layer_drop"] = {"variants": layer_drop(parent, influence, costs, budget_ms)[0], "spans": []}
+    if "uniform" in methods:
+        try:
+            choices["uniform"] = {"variants": uniform_width(costs, len(parent), budget_ms), "spans": []}
+        except HwoptError as err:  # the library's widths cannot be that fast with every layer kept: no row, said why
+            print(f"{speedup:>7.2f} {'uniform':>11}  none: {err}", flush=True)
     return choices
 
 
@@ -96,14 +105,12 @@ def main() -> None:
     coupled = (run.dir("solve") / "block_library.json").is_file()
     library = run.read_json("solve/block_library.json" if coupled else "score/block_library.json")
     costs = run.read_json("profile/costs.json")
-    lib = run.library()
+    parent_ms = predicted_runtime_ms(costs, parent_choice(run))
     tokens = args.uptrain_tokens or s.uptrain_tokens
     rows = []
     print(f"{'speedup':>7} {'method':>11} {'predicted':>9} {'measured':>14} {'KL':>7} {'ppl ratio':>9}")
     for speedup in args.speedups:
-        for method, solution in children(run, library, costs, speedup).items():
-            if method not in args.methods:
-                continue
+        for method, solution in children(run, library, costs, speedup, args.methods).items():
             choice = solution["variants"]
             child = run.assemble(solution)
             uptrain(child, run.parent, run.split.train_batches(tokens), run.split.score_batches(s.score_tokens),
@@ -113,8 +120,6 @@ def main() -> None:
             child = child.to(run.deployed.dtype)
             timing = measured_speedup(run.deployed_parent, child, run.scenario)
             quality = compare_on_heldout(child, run.deployed_parent, run.general_heldout)
-            parent_ms = predicted_runtime_ms(costs, [(lib.variant_names(i, "attention")[0],
-                                                      lib.variant_names(i, "ffn")[0]) for i in range(len(choice))])
             row = {"method": method, "budget_speedup": speedup,
                    "predicted_speedup": parent_ms / predicted_runtime_ms(costs, choice),
                    "measured_speedup": timing["measured_speedup"], "measured_error": timing["error"],
