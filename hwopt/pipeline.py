@@ -43,6 +43,9 @@ UNSET = "none"  # `--memory none`: forget a remembered setting that has no defau
 MANIFEST = ".manifest.json"
 FINGERPRINT = ".fingerprint"
 LOCK = ".lock"
+UMASK = os.umask(0o022)  # read once (setting it is the only way to read it), and put back at once
+os.umask(UMASK)
+READABLE = 0o666 & ~UMASK  # a file's mode as open() would create it: tempfile and safetensors write 0600
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        os.chmod(tmp, READABLE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -229,6 +233,8 @@ def staged_pass(pass_dir: Path, fp: str) -> Iterator[Path]:
     (partial / FINGERPRINT).write_text(fp)
     yield partial
     files = sorted(p for p in partial.rglob("*") if p.is_file() and not p.name.startswith("."))
+    for f in files:  # weights as readable as the run's other files (safetensors writes them 0600)
+        f.chmod(READABLE)
     digest = hashlib.sha256()
     for f in files:
         digest.update(f"{f.relative_to(partial)}:{file_sha256(f)}\n".encode())

@@ -19,6 +19,7 @@ from hwopt.model.checkpoint import load_checkpoint, save_nemotron_nas
 from hwopt.model.config import AttentionConfig, BlockConfig, FFNConfig
 from hwopt.model.modeling import HeteroLlamaForCausalLM, KVCache
 from hwopt.model_source import load_model
+from hwopt.pipeline import READABLE
 from hwopt.plugins import block_types
 
 
@@ -51,6 +52,9 @@ def test_optimize_writes_every_artifact(tiny_run):
                  "uptrain/model/config.json", "lower/nemotron-nas/config.json", "lower/nemotron-nas/model.safetensors",
                  "report.json"):
         assert (tiny_run / path).is_file(), path
+        # as open() would create them under the user's umask, not tempfile's or safetensors' 0600
+        assert (tiny_run / path).stat().st_mode & 0o777 == READABLE, path
+    assert (tiny_run / "run.json").stat().st_mode & 0o777 == READABLE
     assert not list(tiny_run.glob("*.partial"))
     report = json.loads((tiny_run / "report.json").read_text())
     for side in ("parent", "child"):
