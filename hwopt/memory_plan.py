@@ -43,11 +43,12 @@ ACTIVATION_COPIES = {"library": 6, "score": 3}  # per layer: its input, output a
 class MemoryPlan:
     """A pass's peak memory per rank: (what, bytes) items on the host and on the device."""
 
-    pass_name: str
+    pass_name: str  # what the plan is of: a pass, or one step of one
     placement: Placement
     transit: int = 0  # the largest piece read at once: its file pages are mapped while it is copied out
     host: list[tuple[str, int]] = field(default_factory=list)
     device: list[tuple[str, int]] = field(default_factory=list)
+    remedy: str = ""  # what the user can do when it does not fit, appended to ``over``'s line
 
     def add(self, what: str, nbytes: int) -> None:
         """An item on the pass's device (the host when that is the CPU)."""
@@ -81,13 +82,17 @@ class MemoryPlan:
         if max_memory is not None and self.host_bytes > parse_max_memory(max_memory):
             what, n = max(self.host_items(), key=lambda item: item[1])
             return (f"{self.pass_name} needs {self.host_bytes / GIB:.2f} GiB of host memory per rank by its memory "
-                    f"plan, over --max-memory {max_memory} (largest: {what}, {n / GIB:.2f} GiB)")
+                    f"plan, over --max-memory {max_memory} (largest: {what}, {n / GIB:.2f} GiB)") + self._remedy
         if device_memory is not None and self.device_bytes > device_memory:
             what, n = max(self.device, key=lambda item: item[1])
             return (f"{self.pass_name} needs {self.device_bytes / GIB:.2f} GiB of memory on {self.placement.device} "
                     f"by its memory plan, over its {device_memory / GIB:.2f} GiB (largest: {what}, "
-                    f"{n / GIB:.2f} GiB)")
+                    f"{n / GIB:.2f} GiB)") + self._remedy
         return None
+
+    @property
+    def _remedy(self) -> str:
+        return f": {self.remedy}" if self.remedy else ""
 
     def check(self, max_memory: str | None, device_memory: int | None = None) -> None:
         """Refuse a plan that does not fit (``over``).
@@ -100,11 +105,14 @@ class MemoryPlan:
 
 
 def parse_max_memory(text: str) -> int:
-    """'8GiB', '512MiB', '16GB' -> bytes."""
+    """'8GiB', '512MiB', '16GB' -> bytes. Raises HwoptError for anything but a positive size."""
     try:
-        return int(parse_memory_mib(text) * 2**20)
+        nbytes = int(parse_memory_mib(text) * 2**20)
     except HwoptError:
-        raise HwoptError(f"--max-memory takes a size such as 8GiB or 512MiB, not {text!r}") from None
+        nbytes = 0
+    if nbytes <= 0:
+        raise HwoptError(f"--max-memory takes a positive size such as 8GiB or 512MiB, not {text!r}")
+    return nbytes
 
 
 def layer_params(config, block: BlockConfig) -> int:
@@ -231,15 +239,15 @@ def sampling_plan(config, blocks: list[BlockConfig], sequences: int, seq_len: in
     return plan
 
 
-def report_plan(parent, child, scenario: Scenario, sequences: int, seq_len: int, placement: Placement
-                ) -> MemoryPlan:
+def report_plan(parent, child, scenario: Scenario, sequences: int, seq_len: int, placement: Placement,
+                what: str = "report with parent and child whole", remedy: str = "") -> MemoryPlan:
     """The closing report and ``hwopt evaluate`` with both models whole in ``placement``'s dtype (the scenario's),
     as they are timed: ``parent`` and ``child`` (anything with ``config`` and ``block_configs``, such as a
     ``LayerwiseParent``), the KV cache of the scenario's generation (of the larger, as they are timed one after the
     other), and the logits of ``sequences`` held-out sequences of ``seq_len`` tokens from both (fp32, each with its
-    log-softmax: ``hwopt.evaluate.compare_on_heldout``'s batch)."""
+    log-softmax: ``hwopt.evaluate.compare_on_heldout``'s batch). ``what`` and ``remedy``: see ``MemoryPlan``."""
     table = parent.config.vocab_size * parent.config.hidden_size * placement.dtype.itemsize  # the largest piece
-    plan = MemoryPlan("report with parent and child whole", placement, table)
+    plan = MemoryPlan(what, placement, table, remedy=remedy)
     for role, model in (("parent", parent), ("child", child)):
         plan.add(f"{role} whole ({placement.dtype_name})", whole_bytes(model.config, model.block_configs, placement))
     context = scenario.input_len + scenario.output_len

@@ -18,6 +18,7 @@ from hwopt.pipeline import PassInfo, atomic_write_json
 from hwopt.settings import DATA, PLACEMENT
 
 if TYPE_CHECKING:
+    from hwopt.memory_plan import MemoryPlan
     from hwopt.run import Run
 
 
@@ -49,11 +50,7 @@ def call(run: Run, out: Path) -> None:
                      run.output("solve", "solutions", out), maximizes(s.objective_key), s.num_solutions,
                      s.min_diversity, s.time_limit)
 
-    checks_here = s.speedup and s.speedup_checks and run.target.kind == "cpu" and costs["source"]["kind"] == "measured"
-    if checks_here and (too_big := whole_memory_problem(run)):
-        console.print(f"solve: the speedup is not checked by timing: {too_big}", highlight=False, soft_wrap=True)
-        checks_here = False
-    if checks_here:
+    if checks_speed(run) and costs["source"]["kind"] == "measured":
         # the target is this machine: time the chosen child against the parent, whole, as the report will
         def measure(result: dict) -> dict:
             child = run.assemble(result["solutions"][0], run.output("solve", "coupled", out))
@@ -73,13 +70,23 @@ def call(run: Run, out: Path) -> None:
                       f"child vs parent on {run.target.name}, {run.scenario.describe()} ({costs['source']['kind']})")
 
 
-def whole_memory_problem(run: Run) -> str | None:
-    """Why the parent and a child cannot be timed whole here (``hwopt.memory_plan.report_plan``, the child as large
-    as the parent at most, within ``--max-memory``); None when they can."""
+def checks_speed(run: Run) -> bool:
+    """Whether solve times its child against the parent (``--speedup-checks``): for ``--speedup`` on a CPU target,
+    which is this machine (and a measured profile, as on this machine it is)."""
+    s = run.settings
+    return bool(s.speedup and s.speedup_checks and run.target.kind == "cpu")
+
+
+def plan(run: Run) -> MemoryPlan | None:
+    """The speed check's memory: the parent and a child (as large as the parent at most) whole, as they serve, and
+    timed (``hwopt.memory_plan.report_plan``); None without speed checks."""
     from hwopt.memory_plan import report_plan
 
-    plan = report_plan(run.layerwise_parent, run.layerwise_parent, run.scenario, 1, run.settings.seq_len, run.deployed)
-    return plan.over(run.settings.max_memory, run.device_memory)
+    if not checks_speed(run):
+        return None
+    return report_plan(run.layerwise_parent, run.layerwise_parent, run.scenario, 1, run.settings.seq_len,
+                       run.deployed, what="solve's speed check (parent and child whole, timed)",
+                       remedy="give --speedup-checks 0 to solve by predicted costs alone, or more --max-memory")
 
 
 def coupled_bld(run: Run, library: dict, costs: dict, out: Path) -> dict:
@@ -107,8 +114,9 @@ def coupled_bld(run: Run, library: dict, costs: dict, out: Path) -> dict:
 INFO = PassInfo("solve", (*DATA, "runtime", "objective", "speedup", "memory", "throughput", "latency", "ttft",
                           "params", "solver", "num_solutions", "min_diversity", "time_limit", "coupled_bld",
                           "speedup_checks", "bld_tokens", "bld_lr", "score_tokens", "metrics", "task_data"),
-                check, call, reads=("score", "profile", "library"),
+                check, call, plan=plan, reads=("score", "profile", "library"),
                 outputs={"solutions": "solutions.json", "coupled": "coupled",  # coupled BLD's pairs, trained
                          "block_library": "block_library.json"},  # rescored with them
-                # `solve --library`: the scenario its runtimes hold for; where coupled BLD and the speedup checks run
+                # `solve --library`: the scenario its runtimes hold for; where coupled BLD and the speed checks run, and
+                # the memory they may take (refused before the pass starts: it never changes what solve writes)
                 also_reads=("scenario", "batch", "dtype", *PLACEMENT, "max_memory"))
