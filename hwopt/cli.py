@@ -51,6 +51,20 @@ def finite(text: str) -> float:
     return value
 
 
+def memory_size(text: str) -> str:
+    """``--max-memory``'s type: a positive size such as 8GiB or 512MiB, kept as given (argparse then says
+    "invalid memory_size value"), checked before anything heavy is imported."""
+    from hwopt.solving import parse_memory_mib
+
+    try:
+        positive = parse_memory_mib(text) > 0
+    except HwoptError:
+        positive = False
+    if not positive:
+        raise ValueError(text)
+    return text
+
+
 def number(text: str) -> int | float:
     value = finite(text)
     return int(value) if value.is_integer() else value
@@ -137,7 +151,7 @@ def add_run_options(p: argparse.ArgumentParser, command: str, plugin_options: bo
                            "are timed and compared in the scenario's --dtype)", choices=("bf16", "fp32"))
     o.add("--max-memory", "host memory per rank a pass may plan for, e.g. 8GiB: a pass whose memory plan needs more "
                           "stops before it starts (default: no limit; score carries up to 1 GiB of hidden states)",
-          type=or_none(str))
+          type=or_none(memory_size))
     o.add("--model", "model name (smollm2-135m, llama-3.1-8b, llama-3.1-70b) or checkpoint directory")
     o.add("--target", "hardware target: cpu, h100, h200, a100, 4090, auto (the GPU NVML sees, else the CPU), or a "
                       "target .toml")
@@ -312,7 +326,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                                                        "(default ./evaluation)")
     p.add_argument("--threads", type=or_none(int), help="torch CPU threads (default: the run's; else, or none: one "
                                                         "per core other processes leave idle)")
-    p.add_argument("--max-memory", help="host memory both models may take whole, e.g. 8GiB (default: the run's, "
+    p.add_argument("--max-memory", type=memory_size,
+                   help="host memory both models may take whole, e.g. 8GiB (default: the run's, "
                                         "else no limit): where they do not fit it (or the GPU), quality is computed "
                                         "a layer at a time and the runtime is not measured")
     add_scenario_options(Options(p), backend_default="the run's, else roofline")

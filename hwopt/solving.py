@@ -60,9 +60,10 @@ def parse_memory_mib(text: str) -> float:
     """'80GB', '512 MiB', '1.5GiB' -> MiB (a bare number is MiB)."""
     match = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", text)
     unit = (match.group(2) or "mib").lower() if match else None
-    if match is None or unit not in _UNITS:
-        raise HwoptError(f"--memory takes a size such as 80GB, 512MiB or 1.5GiB, not {text!r}")
-    return float(match.group(1)) * _UNITS[unit]
+    try:
+        return float(match.group(1)) * _UNITS[unit]
+    except (AttributeError, KeyError, ValueError):  # no match, an unknown unit, a number such as 1.2.3
+        raise HwoptError(f"--memory takes a size such as 80GB, 512MiB or 1.5GiB, not {text!r}") from None
 
 
 def parse_count(text: str) -> float:

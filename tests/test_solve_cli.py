@@ -106,6 +106,7 @@ def test_missing_or_binary_library_file_is_one_error_line(tmp_path, capsys):
     (["--range", "stats.runtime_ms=5"], "--range takes KEY=LOW:HIGH"),
     (["--range", "stats.runtime_ms=9:5"], "min is above max"),
     (["--params", "lots"], "--params takes a count"),
+    (["--memory", "1.2.3GiB"], "--memory takes a size such as"),  # was a ValueError's traceback
     (["--throughput", "100"], "--throughput needs the workload"),
     (["--latency", "-1"], "--latency must be a positive number"),
     (["--max", "stats.runtime_ms=nan"], "its bounds must be finite numbers"),
@@ -119,6 +120,17 @@ def test_missing_or_binary_library_file_is_one_error_line(tmp_path, capsys):
 def test_bad_options_are_one_error_line(library_file, capsys, args, error):
     assert solve_cli("--library", library_file, *args) == 2
     assert_one_error_line(capsys, error)
+
+
+@pytest.mark.parametrize("command", ["solve", "evaluate"])
+@pytest.mark.parametrize("value", ["0", "0GiB", "12x", "1.2.3GiB", "nan"])
+def test_max_memory_takes_a_positive_size_or_says_so_in_one_line(capsys, command, value):
+    """Refused by the parser, before a run directory is read or torch imported (it took 16-23 s in evaluate)."""
+    with pytest.raises(SystemExit) as stopped:
+        main([command, f"--max-memory={value}", *(["--model", "x"] if command == "evaluate" else [])])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert f"--max-memory: invalid memory_size value: '{value}'" in err[-1]
 
 
 @pytest.mark.parametrize("option", ["--speedup", "--latency", "--time-limit"])
