@@ -60,10 +60,12 @@ def build_report(parent, child, solutions: dict, scenario: Scenario, texts: dict
 
 
 def label_measurement(report: dict, placement: Placement, target) -> None:
-    """Record where the measured figures come from, and whether that is ``target``."""
+    """Record where the measured figures come from, and whether that is ``target``: the quality figures alone,
+    computed a layer at a time, where nothing was timed (``runtime_not_measured``)."""
     import torch
 
-    report["measured_on"] = f"{placement.describe()}, torch {torch.__version__}, wall clock"
+    timed = "quality only, nothing timed" if "runtime_not_measured" in report else "wall clock"
+    report["measured_on"] = f"{placement.describe()}, torch {torch.__version__}, {timed}"
     report["measured_on_target"] = placement.runs_on(target)
 
 
