@@ -158,6 +158,9 @@ def evaluate(child, parent, texts: dict[str, torch.Tensor], scenario: Scenario, 
     ``compare_on_heldout``; task accuracy of each model when ``task`` is given; per model its parameters, memory
     (MiB), the measured generation ms and tokens/s (batch x (input + output) / runtime); the measured speedup.
 
+    ``measured_error``: the measured speedup's relative standard error; ``measured_while_disturbed``: other
+    processes' load did not leave the timing its cores (``measured_speedup``).
+
     ``not_measured``: why the models are not whole (the report says it, as ``runtime_not_measured``). ``child``
     and ``parent`` are then ``LayerwiseParent``s, compared a layer at a time (``compare_layerwise``, and
     ``task_logits_layerwise``), and nothing is timed: parameters and memory come from their architecture."""
@@ -167,8 +170,10 @@ def evaluate(child, parent, texts: dict[str, torch.Tensor], scenario: Scenario, 
         compared = (compare_on_heldout if whole else compare_layerwise)(child, parent, ids)
         result["texts"][name] = {"tokens": ids.numel(), **compared}
     if whole:
-        ms = measure_runtimes({"parent": parent, "child": child}, scenario, parent.config.vocab_size, repeats)
-        result["measured_speedup"] = ms["parent"] / ms["child"]
+        timing = measured_speedup(parent, child, scenario, repeats)
+        ms = timing["measured_ms"]
+        result.update(measured_speedup=timing["measured_speedup"], measured_error=timing["error"],
+                      measured_while_disturbed=timing["disturbed"])
     else:
         result["runtime_not_measured"] = not_measured
     for role, model in (("parent", parent), ("child", child)):

@@ -100,7 +100,8 @@ def speedup_line(report: dict) -> str:
     predicted = f"predicted {report['predicted_speedup']:.2f}x on {target}" if "predicted_speedup" in report else ""
     if "measured_speedup" not in report:  # parent and child compared a layer at a time
         return f"speedup: {predicted}{'; ' if predicted else ''}runtime not measured ({report['runtime_not_measured']})"
-    measured = f"measured {report['measured_speedup']:.2f}x on {report['measured_on']}"
+    error = f" ± {report['measured_error']:.0%}" if "measured_error" in report else ""
+    measured = f"measured {report['measured_speedup']:.2f}x{error} on {report['measured_on']}"
     if report.get("measured_on_target", True):
         return f"speedup: {predicted}{', ' if predicted else ''}{measured}"
     return (f"speedup: {predicted}; {measured}, which is this machine and not {target}: the measurement does not "
@@ -120,6 +121,16 @@ def print_report(report: dict) -> None:
         table.add_row(*row)
     console.print(table)
     console.print(speedup_line(report))
+    if warning := disturbed_warning(report):
+        console.print(f"[yellow]{warning}[/yellow]")
+
+
+def disturbed_warning(report: dict) -> str | None:
+    """What to make of a measurement taken while other processes kept this machine's cores busy; None otherwise."""
+    if not report.get("measured_while_disturbed"):
+        return None
+    return ("warning: other processes kept this machine's cores busy while parent and child were timed: the measured "
+            "speedup says more about their load than about the child; measure again on a quiet machine")
 
 
 def write_markdown(report: dict, path: Path, picture: str | None, heading: str) -> None:
@@ -128,6 +139,8 @@ def write_markdown(report: dict, path: Path, picture: str | None, heading: str) 
              "| | parent | child | child / parent |", "| --- | ---: | ---: | ---: |"]
     lines += [f"| {' | '.join(row)} |" for row in report_rows(report)]
     lines += ["", speedup_line(report) + "."]
+    if warning := disturbed_warning(report):
+        lines += ["", f"**{warning}.**"]
     for name, q in report["texts"].items():
         lines.append(f"- {TEXT_LABELS.get(name, name)}: {q['tokens']} tokens from {q.get('source', name)}")
     if picture:

@@ -63,6 +63,8 @@ def test_evaluate_writes_report_with_every_figure(tiny_child_dir, tiny_llama_dir
     # one layer's attention is linear: its KV cache is gone, so the child's is 3/4 of the parent's
     assert report["child"]["kv_cache_mib"] == pytest.approx(report["parent"]["kv_cache_mib"] * 3 / 4)
     assert report["measured_speedup"] > 0 and report["predicted_speedup"] > 1
+    assert report["measured_error"] >= 0 and isinstance(report["measured_while_disturbed"], bool)
+    assert f"± {report['measured_error']:.0%}" in speedup_line(report)
     assert report["parent"]["tokens_per_s"] == pytest.approx(1 * 12 / report["parent"]["runtime_ms_measured"] * 1e3)
     for role in ("parent", "child"):
         assert any(report[role]["task_accuracy"] == pytest.approx(n / 6) for n in range(7))

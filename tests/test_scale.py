@@ -32,7 +32,7 @@ from hwopt.model.layerwise import LayerwiseParent
 from hwopt.model_source import resolve_model
 from hwopt.passes import uptrain as uptrain_pass
 from hwopt.plugins import block_types, metrics
-from hwopt.report import speedup_line
+from hwopt.report import disturbed_warning, speedup_line
 from hwopt.run import Run, Settings
 from hwopt.scoring import score_metrics, waves
 from hwopt.search_space import SearchSpace
@@ -137,6 +137,9 @@ def test_report_says_when_the_measurement_is_not_of_the_target(monkeypatch):
     assert "NVIDIA" not in line.split(";")[1]
     report["measured_on_target"] = True
     assert "not" not in speedup_line(report)
+    assert disturbed_warning(report) is None
+    report["measured_while_disturbed"] = True  # timed while other processes kept the cores busy: said, not hidden
+    assert "measure again on a quiet machine" in disturbed_warning(report)
     assert Placement(torch.device("cpu"), torch.bfloat16).describe().endswith(", bf16")
 
 
