@@ -439,6 +439,20 @@ def take_run_settings(args: argparse.Namespace) -> None:
     args.target = args.target or SETTINGS_DEFAULTS["target"]
 
 
+def run_profile(args: argparse.Namespace) -> tuple[Path, dict] | None:
+    """The profile (``costs.json``) of the run ``args.model`` lies in, and its path, when evaluate times blocks as
+    that run did: the same parent, measurement backend and CPU threads (``hwopt.estimate.from_profile`` checks the
+    target, the scenario and that it covers every block); None otherwise."""
+    found = run_containing(args.model)
+    if not found:
+        return None
+    workdir, saved = found
+    costs = workdir / "profile" / PASS_INFO["profile"].outputs["costs"]
+    same = all(getattr(args, key) == saved.get(setting)
+               for key, setting in (("parent", "model"), ("backend", "backend"), ("threads", "threads")))
+    return (costs, json.loads(costs.read_text())) if same and costs.is_file() else None
+
+
 def cmd_evaluate(args: argparse.Namespace) -> None:
     """Quality on the held-out text sets and the task, speed and memory measured here, predicted per layer."""
     from hwopt.model_source import resolve_model
@@ -495,8 +509,11 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     label_measurement(report, placement, target)
     report["texts"]["heldout"]["source"] = f"the last tenth of {split.source}, in sequences of {args.seq_len}"
     report["texts"]["general"]["source"] = f"{GENERAL_HELDOUT.name}, in sequences of {args.seq_len}"
-    predicted = {role: estimate(source, target, scenario, args.backend or "roofline", args.repeats or 3)
-                 for role, source in sources.items()}
+    path, profiled = run_profile(args) or (None, None)
+    predicted = {role: estimate(source, target, scenario, args.backend or "roofline", args.repeats or 3,
+                                profiled=profiled) for role, source in sources.items()}
+    if all(p["from_profile"] for p in predicted.values()):
+        print(f"predicted runtimes: the run's profile ({path}), not timed again", file=sys.stderr)
     report["predicted_speedup"] = predicted["parent"]["total"]["runtime_ms"] / predicted["child"]["total"]["runtime_ms"]
     source = predicted["child"]["source"]
     report["predicted_on"] = f"{target.name} ({source['kind']})"  # what a table row and the speedup line say

@@ -21,17 +21,24 @@ from hwopt.workload import MIB
 
 
 def estimate(source, target: Target, scenario: Scenario, backend_name: str = "roofline",
-             repeats: int = 3, require_measured: bool = False) -> dict:
+             repeats: int = 3, require_measured: bool = False, profiled: dict | None = None) -> dict:
     """Per-layer and whole-model runtime, memory and throughput of ``source`` on ``target``.
+
+    ``profiled``: a run's profile (its ``costs.json``), whose costs are taken as they are, with nothing timed,
+    where it holds for ``target`` and ``scenario`` and covers every block of ``source`` (``from_profile``).
 
     Raises:
         HwoptError: ``require_measured`` and the backend only estimates (see ``choose_backend``).
     """
-    backend, label = choose_backend(backend_name, target, scenario, require_measured)
     layers = model_sub_variants(source)
     unique = {(v.kind, v.name): v for pair in layers for v in pair}
-    costs = measure_costs(source.architecture, list(unique.values()), target, scenario, backend, label, repeats,
-                          f"estimate on {target.name} ({label['kind']})")
+    reused = from_profile(profiled, unique, target, scenario)
+    if reused:
+        costs, label = profiled, profiled["source"]
+    else:
+        backend, label = choose_backend(backend_name, target, scenario, require_measured)
+        costs = measure_costs(source.architecture, list(unique.values()), target, scenario, backend, label, repeats,
+                              f"estimate on {target.name} ({label['kind']})")
     rows = layer_rows(costs, [(a.name, f.name) for a, f in layers])
     outside = costs["outside_layers"]
     total = model_total(costs, rows)
@@ -40,9 +47,16 @@ def estimate(source, target: Target, scenario: Scenario, backend_name: str = "ro
     if target.memory_gib:
         total["fits_in_memory"] = total["memory_mib"] * MIB <= target.memory_gib * 2**30
     return {"model": source.label, "target": target.name, "target_description": target.description,
-            "scenario": scenario.to_json(), "source": label, "layers": rows,
+            "scenario": scenario.to_json(), "source": label, "from_profile": reused, "layers": rows,
             "outside_layers": {key: outside[key] for key in (*TIME_KEYS, *SIZE_KEYS)},
             "total": total}
+
+
+def from_profile(profiled: dict | None, blocks: dict, target: Target, scenario: Scenario) -> bool:
+    """Whether a profile's costs (``costs.json``) can stand for measuring ``blocks`` ((kind, name) -> variant):
+    taken for ``target`` in ``scenario``, with a cost for every one of them."""
+    return bool(profiled) and profiled["target"] == target.name and profiled["scenario"] == scenario.to_json() \
+        and all(name in profiled[kind] for kind, name in blocks)
 
 
 def print_estimate(result: dict) -> None:

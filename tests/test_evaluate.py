@@ -17,6 +17,7 @@ from hwopt.model.modeling import HeteroLlamaForCausalLM
 from hwopt.model_source import resolve_model
 from hwopt.plugins import block_types
 from hwopt.report import report_rows, speedup_line
+from hwopt.targets import resolve_target
 
 FAST = ["--scenario", "8/4", "--repeats", "1", "--seq-len", "16", "--tokens", "64"]
 
@@ -219,6 +220,41 @@ def test_a_runs_child_is_evaluated_with_the_runs_parent_data_and_scenario(tiny_c
     assert main(["evaluate", "--model", str(run / "uptrain" / "model"), "--out", str(out), "--repeats", "1",
                  "--tokens", "64", "--threads", "1", "--seq-len", "16", "--parent", str(tiny_llama_dir)]) == 0
     assert json.loads((out / "evaluation.json").read_text())["texts"]["general"]["tokens"] == in_sequences_of[16]
+
+
+def test_a_runs_child_takes_its_predicted_runtimes_from_the_runs_profile(tiny_child_dir, tiny_llama_dir, tmp_path,
+                                                                          capsys):
+    """Where the run's profile covers every block of parent and child, for the same target, scenario, backend and
+    threads, its costs are the predicted runtimes (a measuring backend took minutes to time them again)."""
+    import shutil
+
+    from hwopt.profiling import choose_backend, layer_rows, measure_costs, model_total, model_variants
+    from hwopt.search_space import Scenario, model_sub_variants
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_child_dir, run / "uptrain" / "model")
+    (run / "run.json").write_text(json.dumps({"model": str(tiny_llama_dir), "seq_len": 24, "scenario": "8/4",
+                                              "target": "cpu", "backend": "roofline", "threads": 1}))
+    target = resolve_target("cpu")
+    scenario = Scenario.for_target(target, "8/4", 1, None, None)
+    child, parent = resolve_model(str(run / "uptrain" / "model")), resolve_model(str(tiny_llama_dir))
+    blocks = {(v.kind, v.name): v for model in (child, parent) for pair in model_sub_variants(model) for v in pair}
+    backend, label = choose_backend("roofline", target, scenario, False)
+    costs = measure_costs(parent.architecture, list(blocks.values()), target, scenario, backend, label, 1, "profile")
+    for kind in ("attention", "ffn"):  # ten times the roofline's: figures that tell where they came from
+        for entry in costs[kind].values():
+            entry.update({key: 10 * entry[key] for key in ("runtime_ms", "prefill_ms", "decode_ms", "ttft_ms")})
+    (run / "profile").mkdir()
+    (run / "profile" / "costs.json").write_text(json.dumps({"target": target.name, "scenario": scenario.to_json(),
+                                                            "source": label, **costs}))  # as the profile writes it
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--model", str(run / "uptrain" / "model"), "--out", str(out), "--repeats", "1",
+                 "--tokens", "48"]) == 0
+    assert f"the run's profile ({run / 'profile' / 'costs.json'}), not timed again" in capsys.readouterr().err
+    report = json.loads((out / "evaluation.json").read_text())
+    for role, model in (("parent", parent), ("child", child)):
+        expected = model_total(costs, layer_rows(costs, model_variants(model)))["runtime_ms"]
+        assert report[role]["runtime_ms_predicted"] == pytest.approx(expected)
 
 
 def test_a_child_outside_a_run_needs_its_parent(tiny_child_dir, capsys):
