@@ -67,7 +67,8 @@ class PassInfo:
     fails at once (raises ``HwoptError``). ``call(run, out)`` writes the
     outputs into the folder ``out`` and returns the pass's failed
     self-checks (None or [] when it has none). ``plan(run)``: its peak memory
-    per rank, for a pass that runs the parent. ``sharded``: every rank of a
+    per rank, for a pass that runs the parent (None where this run's
+    settings have it run none: solve without speed checks). ``sharded``: every rank of a
     torchrun job runs it (the others run on rank 0 while the rest wait).
     """
 
@@ -79,7 +80,7 @@ class PassInfo:
     outputs: dict[str, str] = field(default_factory=dict)
     also_reads: tuple[str, ...] = ()
     joins: tuple[str, ...] = ()
-    plan: Callable[[Run], MemoryPlan] | None = None
+    plan: Callable[[Run], MemoryPlan | None] | None = None
     sharded: bool = False
 
 
