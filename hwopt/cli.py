@@ -469,7 +469,6 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from hwopt.devices import deployed_placement, device_memory, resolve_placement
     from hwopt.estimate import estimate
     from hwopt.evaluate import evaluate
-    from hwopt.memory_plan import parse_max_memory
     from hwopt.model.layerwise import LayerwiseParent
     from hwopt.pipeline import atomic_write_json
     from hwopt.plots import per_layer_runtime
@@ -480,8 +479,6 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from hwopt.timing import check_threads, idle_cores
 
     check_data_files(args.data)
-    if args.max_memory is not None:
-        parse_max_memory(args.max_memory)
     if args.threads == UNSET:
         args.threads = None
     if args.threads is not None:

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from hwopt.metric import kl_divergence
+from hwopt.model.checkpoint import meta_model
 from hwopt.model.modeling import HeteroLlamaForCausalLM, greedy_tokens
 from hwopt.model.modeling_nemotron_nas import GroupedQueryAttention
 from hwopt.scoring import swapped_final_hidden
@@ -135,13 +136,6 @@ def memory_mib(model: HeteroLlamaForCausalLM, scenario: Scenario) -> dict[str, f
     return {"weights_mib": weights / MIB, "kv_cache_mib": kv / MIB, "memory_mib": (weights + kv) / MIB}
 
 
-def architecture_only(source) -> HeteroLlamaForCausalLM:
-    """``source`` (a ``LayerwiseParent``: ``config``, ``block_configs``, ``block_types``, ``dtype``) built on the
-    meta device in its dtype: its parameters and memory (``memory_mib``) without reading or holding a weight."""
-    with torch.device("meta"):
-        return HeteroLlamaForCausalLM(source.config, source.block_configs, source.block_types).to(source.dtype)
-
-
 def task_logits_layerwise(model, task: MultipleChoice) -> Callable[[torch.Tensor], torch.Tensor]:
     """``model``'s logits on rows of ``task.ids``, its layers streamed once over all of them
     (``swapped_final_hidden``): token ids [rows, tokens], each a row of ``task.ids`` -> logits [rows, tokens,
@@ -177,7 +171,7 @@ def evaluate(child, parent, texts: dict[str, torch.Tensor], scenario: Scenario, 
     else:
         result["runtime_not_measured"] = not_measured
     for role, model in (("parent", parent), ("child", child)):
-        built = model if whole else architecture_only(model)
+        built = model if whole else meta_model(model).to(model.dtype)  # figures without its weights
         result[role] = {"params": built.num_parameters()}
         if whole:
             result[role].update(runtime_ms_measured=ms[role], tokens_per_s=scenario.throughput(ms[role]))

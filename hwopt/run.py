@@ -355,7 +355,7 @@ class Run:
             check_data_files(self.settings.data)
             if self.settings.distill_samples < 0:
                 raise HwoptError(f"--distill-samples must be 0 or more tokens, not {self.settings.distill_samples}")
-            sampling = self.sampling_plan() if PASS_INFO[name].plan else None  # the passes that read the data
+            sampling = self.sampling_plan()
             if sampling and (problem := sampling.over(self.settings.max_memory, self.device_memory)):
                 raise HwoptError(f"{problem}: give --distill-samples 0 (no samples from the parent), or a device "
                                  "that holds the parent whole")

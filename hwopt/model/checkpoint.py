@@ -177,12 +177,18 @@ def save_nemotron_nas(model, directory: Path, tokenizer=None, dtype: torch.dtype
         tokenizer.save_pretrained(directory)
 
 
+def meta_model(source) -> HeteroLlamaForCausalLM:
+    """``source``'s architecture (``config``, ``block_configs``, ``block_types``) built on the meta device: its
+    parameters' names, shapes and count without reading or holding a weight."""
+    with torch.device("meta"):
+        return HeteroLlamaForCausalLM(source.config, source.block_configs, source.block_types)
+
+
 def weight_layout(source) -> dict[str, torch.Tensor]:
     """Every tensor a checkpoint of ``source``'s architecture stores (``config``, ``block_configs``,
     ``block_types``), on the meta device, in the whole model's state-dict order (so its shards are those of the
     whole model's), the LM head left out when tied to the embedding."""
-    with torch.device("meta"):
-        state = HeteroLlamaForCausalLM(source.config, source.block_configs, source.block_types).state_dict()
+    state = meta_model(source).state_dict()
     if source.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     return state
