@@ -51,6 +51,7 @@ def lower(model, tokenizer, formats: list[str], out_dir: Path, options: LowerOpt
 
 
 def check(run: Run) -> None:
+    """The parent has weights (its tokenizer is written beside the child)."""
     run.source.require_weights()
 
 

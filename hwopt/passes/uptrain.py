@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 
 def check(run: Run) -> None:
+    """The parent has weights (the teacher, and the layers the child keeps)."""
     run.source.require_weights()
 
 
@@ -92,6 +93,8 @@ def call(run: Run, out: Path) -> None:
                   + ("" if stats["kept_uptrained_weights"] else " (worse: kept the weights from before)"))
 
 
-INFO = PassInfo("uptrain", (*DATA, *PLACEMENT, "uptrain_tokens", "uptrain_lr"), check, call, plan=plan,
+INFO = PassInfo("uptrain", (*DATA, *PLACEMENT, "uptrain_tokens", "uptrain_lr",
+                            "score_tokens"),  # the held-out sequences of its keep-or-revert check
+                check, call, plan=plan,
                 sharded=True, reads=("library", "solve"), outputs={"model": "model", "stats": "uptrain.json"},
                 also_reads=("max_memory", "uptrain_sharding"))  # DDP or FSDP: the same update
