@@ -153,6 +153,20 @@ def general_heldout(tokenizer, seq_len: int, path: Path = GENERAL_HELDOUT) -> to
 # sequences drawn from the parent at once: on 2 CPU cores, 128 draws about 1.25x the tokens/s of 32 (small
 # matrices); the samples depend on it (the draws are batched), so it is part of their cache key
 SAMPLING_BATCH = 128
+# how a token is drawn from the next-token distribution; part of the samples' cache key
+SAMPLER = "inverse-cdf"
+
+
+def draw(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One token per row of ``logits`` [rows, vocab], drawn at temperature 1: [rows, 1] token ids.
+
+    Inverse-CDF sampling: one uniform number per row, looked up in the row's cumulative probabilities. It draws
+    from the same distribution as ``torch.multinomial``, which spends an exponential random number on every
+    vocabulary entry (49,152 per token for SmolLM2: 39% of the sampling's time on 2 CPU cores).
+    """
+    cdf = logits.float().softmax(-1).cumsum(-1)  # [rows, vocab]
+    u = torch.rand(len(cdf), 1, generator=generator) * cdf[:, -1:]  # [rows, 1], in [0, total mass)
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1)  # first entry whose cdf > u
 
 
 @torch.inference_mode()
@@ -162,6 +176,7 @@ def sample_from_parent(model, start_token: int, sequences: int, seq_len: int, se
 
     Ancestral sampling with the KV cache: one forward per token per batch. The start token itself is not kept.
     """
+    from hwopt.model.modeling import PreallocatedKVCache
     from hwopt.progress import progress
 
     generator = torch.Generator().manual_seed(seed)
@@ -169,11 +184,11 @@ def sample_from_parent(model, start_token: int, sequences: int, seq_len: int, se
     with progress("sample from the parent", total=sequences * seq_len) as advance:
         for n in range(0, sequences, batch):
             tokens = torch.full((min(batch, sequences - n), 1), start_token)
-            out = model(tokens, use_cache=True, logits_to_keep=1)
+            cache = PreallocatedKVCache(model.num_layers, capacity=1 + seq_len)
+            out = model(tokens, past_key_values=cache, logits_to_keep=1)
             drawn = []
             for _ in range(seq_len):
-                probs = out.logits[:, -1].float().softmax(-1)
-                drawn.append(torch.multinomial(probs, 1, generator=generator))
+                drawn.append(draw(out.logits[:, -1], generator))
                 out = model(drawn[-1], past_key_values=out.past_key_values, logits_to_keep=1)
                 advance(len(tokens))
             rows.append(torch.cat(drawn, 1))
@@ -187,7 +202,7 @@ def parent_samples_file(tokenizer, weights_id: str, tokens: int, seq_len: int, s
     sequences = -(-tokens // seq_len)
     sequences += max(1, sequences // 9)  # the held-out tenth
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    key = hashlib.sha256(json.dumps([weights_id, sequences, seq_len, seed, start, SAMPLING_BATCH]).encode()
+    key = hashlib.sha256(json.dumps([weights_id, sequences, seq_len, seed, start, SAMPLING_BATCH, SAMPLER]).encode()
                          ).hexdigest()[:16]
     return Path(cache_dir) / "parent-samples" / f"{key}.safetensors", sequences, start
 

@@ -126,6 +126,18 @@ def test_general_heldout_is_none_of_the_training_text():
     assert sentences and not any(s in corpus for s in sentences)
 
 
+def test_a_draw_follows_the_next_token_distribution():
+    """Inverse-CDF draws land on each token as often as its probability says, and never on one of probability 0."""
+    from hwopt.data import draw
+
+    logits = torch.tensor([[0.0, 1.0, -float("inf"), 2.0, 0.5]]).repeat(40000, 1)
+    tokens = draw(logits, torch.Generator().manual_seed(0))
+    assert tokens.shape == (40000, 1)
+    frequencies = torch.bincount(tokens.flatten(), minlength=5) / 40000
+    assert frequencies[2] == 0
+    assert torch.allclose(frequencies, logits[0].softmax(-1), atol=0.01)  # 4 standard errors at most
+
+
 def test_sampling_from_the_parent_is_seeded_and_cached(tiny_llama_dir, tmp_path):
     from hwopt.data import cached_parent_samples, sample_from_parent
     from hwopt.model_source import resolve_model

@@ -15,9 +15,11 @@ import torch
 from conftest import FAST_RUN, REPO, env_with_pythonpath, hwopt_cli
 from safetensors.torch import load_file
 
+from hwopt.errors import HwoptError
 from hwopt.model.checkpoint import load_checkpoint, save_nemotron_nas
 from hwopt.model.config import AttentionConfig, BlockConfig, FFNConfig
-from hwopt.model.modeling import HeteroLlamaForCausalLM, KVCache
+from hwopt.model.modeling import HeteroLlamaForCausalLM, KVCache, PreallocatedKVCache
+from hwopt.model.modeling_nemotron_nas import grouped_decode_attention
 from hwopt.model_source import load_model
 from hwopt.pipeline import READABLE
 from hwopt.plugins import block_types
@@ -256,18 +258,33 @@ def test_child_checkpoint_round_trip(tmp_path):
     assert not any(n.startswith("model.layers.2.input_layernorm") for n in names)  # no-op has no norm
 
 
-def test_kv_cache_decoding_matches_full_forward():
-    child = mixed_child(1)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cache_class", [KVCache, PreallocatedKVCache])
+def test_kv_cache_decoding_matches_full_forward(cache_class, dtype):
+    """Decoding a token at a time gives the full forward's logits, with either cache; in bf16 on the CPU the
+    one-token steps take ``grouped_decode_attention`` rather than SDPA."""
+    child = mixed_child(1).to(dtype)
     ids = torch.randint(0, 97, (2, 10))
+    cache = KVCache(child.num_layers) if cache_class is KVCache else PreallocatedKVCache(child.num_layers, 10)
     with torch.no_grad():
-        full = child(ids).logits
-        out = child(ids[:, :6], use_cache=True)
+        full = child(ids).logits.float()
+        out = child(ids[:, :6], past_key_values=cache)
         steps = [out.logits]
         for t in range(6, 10):
             out = child(ids[:, t:t + 1], past_key_values=out.past_key_values)
             steps.append(out.logits)
-    assert isinstance(out.past_key_values, KVCache) and out.past_key_values.length == 10
-    assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
+    assert out.past_key_values is cache and cache.length == 10
+    tolerance = 1e-5 if dtype == torch.float32 else 0.1  # bf16 keeps 8 bits of mantissa
+    assert torch.allclose(torch.cat(steps, dim=1).float(), full, atol=tolerance)
+    if cache_class is PreallocatedKVCache:
+        with pytest.raises(HwoptError, match="holds 10 tokens, not 11"):
+            child(ids[:, :1], past_key_values=cache)
+
+
+def test_grouped_decode_attention_is_sdpa_with_grouped_query_heads():
+    q, k, v = torch.randn(3, 6, 1, 8), torch.randn(3, 2, 5, 8), torch.randn(3, 2, 5, 8)  # 3 query heads per KV head
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    assert torch.allclose(grouped_decode_attention(q, k, v), expected, atol=1e-6)
 
 
 def test_profile_needs_only_the_config_and_library_says_where_weights_are_missing(tmp_path):

@@ -48,6 +48,33 @@ class KVCache:
         return k, v
 
 
+class PreallocatedKVCache(KVCache):
+    """A ``KVCache`` that writes each step into buffers of ``capacity`` tokens, allocated at a layer's first
+    update, instead of concatenating (which copies the whole cache every step: 30% of the time of sampling 128
+    sequences of 128 tokens from SmolLM2 on 2 CPU cores).
+
+    Raises:
+        HwoptError: on an update past ``capacity`` tokens.
+    """
+
+    def __init__(self, num_layers: int, capacity: int):
+        super().__init__(num_layers)
+        self.capacity = capacity
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + k.shape[2]
+        if end > self.capacity:
+            raise HwoptError(f"the KV cache holds {self.capacity} tokens, not {end}")
+        if self.keys[layer_idx] is None:
+            batch, kv_heads, _, head_dim = k.shape
+            self.keys[layer_idx] = k.new_empty(batch, kv_heads, self.capacity, head_dim)
+            self.values[layer_idx] = v.new_empty(batch, kv_heads, self.capacity, head_dim)
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        keys[:, :, self.length:end] = k
+        values[:, :, self.length:end] = v
+        return keys[:, :, :end], values[:, :, :end]  # [b, kv, past + new, d], views of the buffers
+
+
 class DecoderLayer(DecoderLayerBase):
     """A layer whose sub-blocks its block types build (see ``DecoderLayerBase`` for its forward)."""
 

@@ -92,6 +92,21 @@ def attention_mask_4d(attention_mask: torch.Tensor, new_tokens: int) -> torch.Te
     return allowed[:, None]  # one mask for every head
 
 
+def grouped_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Attention of one new token: ``q`` [batch, heads, 1, head_dim] over all of ``k``, ``v`` [batch, kv_heads,
+    past, head_dim] → [batch, heads, 1, head_dim], as ``scaled_dot_product_attention(..., enable_gqa=True)``.
+
+    Two batched matmuls, each KV head against its group of query heads. On the CPU in bf16, SDPA's flash kernel
+    takes about 13x as long for one query (9.8 against 0.75 ms at batch 128, 9 heads, 110 keys, 2 cores).
+    """
+    batch, heads, _, head_dim = q.shape
+    kv_heads = k.shape[1]
+    q = q.view(batch, kv_heads, heads // kv_heads, head_dim)  # query head h uses KV head h // group
+    scores = (q @ k.transpose(-1, -2)) * head_dim**-0.5  # [b, kv, group, past]
+    y = scores.float().softmax(-1).to(v.dtype) @ v  # [b, kv, group, head_dim]
+    return y.view(batch, heads, 1, head_dim)
+
+
 class GroupedQueryAttention(nn.Module):
     """Causal self-attention where each KV head serves ``n_heads_in_group`` query heads."""
 
@@ -131,6 +146,8 @@ class GroupedQueryAttention(nn.Module):
         past = k.shape[2] - seq
         if attention_mask is not None:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, enable_gqa=True)
+        elif seq == 1 and past and q.dtype == torch.bfloat16 and q.device.type == "cpu":
+            y = grouped_decode_attention(q, k, v)
         elif past == 0 or seq == 1:  # a prompt is causal; one new token sees everything cached
             y = F.scaled_dot_product_attention(q, k, v, is_causal=past == 0 and seq > 1, enable_gqa=True)
         else:  # several new tokens see the whole cache and the causal part of themselves
