@@ -19,7 +19,7 @@ from hwopt import __version__
 from hwopt.errors import HwoptError
 from hwopt.lowering.runtimes import RUNTIMES
 from hwopt.passes import PASS_INFO, settings_read_by
-from hwopt.pipeline import PASSES, UNSET
+from hwopt.pipeline import PASSES, UNSET, under_torchrun
 from hwopt.settings import DEFAULT_SCENARIO, EVALUATION_TOKENS, Settings, load_settings, run_containing
 
 SETTINGS_DEFAULTS = {f.name: getattr(Settings(), f.name) for f in dataclasses.fields(Settings)}
@@ -195,7 +195,7 @@ def add_run_options(p: argparse.ArgumentParser, command: str, plugin_options: bo
     o.section("search", "budgets the run remembers; `none` forgets one (--memory none)")
     o.add("--objective", "library key to optimise (default: metrics.<first metric>)")
     o.add("--speedup", "child runtime at most parent runtime / X", type=or_none(finite))
-    o.add("--memory", "weights + KV cache at most this (e.g. 80GB, 300MiB)")
+    o.add("--memory", "weights + KV cache at most this (e.g. 80GB, 300MiB; a bare number is MiB)")
     o.add("--throughput", "at least this many tokens/s (input + output tokens)", type=or_none(finite))
     o.add("--latency", "the whole batch's generation in at most this many ms (stats.runtime_ms)", type=or_none(finite))
     o.add("--ttft", "time to first token (TTFT) at most this many ms (stats.ttft_ms, or stats.prefill_ms in "
@@ -562,7 +562,8 @@ def cmd_solve_library(args: argparse.Namespace) -> None:
     from hwopt.sweep import SweepSpec
 
     names = {f.name for f in dataclasses.fields(Settings)}
-    s = Settings(**{k: v for k, v in vars(args).items() if k in names and v is not None})
+    # no run remembers a setting here, so `none` (forget it) is the same as not giving it
+    s = Settings(**{k: v for k, v in vars(args).items() if k in names and v not in (None, UNSET)})
     # a library's runtimes hold for the workload it was measured at: no default for it
     scenario = Scenario.parse(args.scenario, s.batch, s.dtype or "fp32") if args.scenario else None
     solve_library(
@@ -641,6 +642,8 @@ def run_command(args: argparse.Namespace) -> None:
             run.optimize(args.start, args.until, args.force)
         else:
             run.run_pass(args.command, args.force)
+            if args.command == "lower" and run.ranks.is_main:
+                run.print_child(report=False)
 
 
 def command_of(argv: list[str]) -> str | None:
@@ -651,7 +654,7 @@ def command_of(argv: list[str]) -> str | None:
 def error_line(message: str) -> str:
     """The one line a bad input gets; under torchrun the job's other ranks learn it too (``announce_failure``,
     which needs torch: not imported for the error of a single process)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if under_torchrun():
         from hwopt.distributed import announce_failure
 
         return announce_failure(message)

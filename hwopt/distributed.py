@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 from hwopt.errors import HwoptError
-from hwopt.pipeline import locked_run_dir, partial_dir, staged_pass
+from hwopt.pipeline import locked_run_dir, partial_dir, staged_pass, under_torchrun
 
 # BLD of a 70B parent's layers can keep one rank busy for hours while the others wait for it at the end of the pass
 TIMEOUT = timedelta(hours=12)
@@ -74,10 +74,6 @@ class Ranks:
 
 
 ONE_PROCESS = Ranks()  # no torchrun: the default of the passes' ``ranks``
-
-
-def under_torchrun() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def _job_store() -> dist.Store:

@@ -119,6 +119,12 @@ def locked_run_dir(workdir: Path, holder: str | None = None) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def under_torchrun() -> bool:
+    """Whether this process is one of several ranks torchrun started (it sets ``WORLD_SIZE``); known without
+    torch, so a single process's error line imports none."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def cache_root() -> Path:
     """Where hwopt keeps what outlives a run: downloaded weights, the CPU's measured roofs (``$HWOPT_CACHE``)."""
     return Path(os.environ.get("HWOPT_CACHE", Path.home() / ".cache" / "hwopt"))

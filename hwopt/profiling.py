@@ -270,11 +270,14 @@ def check_profile(costs: dict, check: dict, load: CpuLoad, threads: int | None,
 
 
 def print_checks(costs: dict) -> None:
-    """What the profile's checks found, for a measured profile (failed checks are the caller's to warn about)."""
-    checks = costs["checks"]
+    """What the profile holds and, for a measured one, what its checks found (failed checks are the caller's to
+    warn about)."""
+    checks, entries = costs["checks"], cost_entries(costs)
     if "self_check" not in checks:
+        source = costs["source"]
+        reason = f" ({source['reason']})" if "reason" in source else ""
+        console.print(f"profile: {len(entries)} pieces {source['summary']}{reason}", soft_wrap=True)
         return
-    entries = cost_entries(costs)
     worst = {measure: max(entries, key=lambda name, m=measure: max(entries[name][m].values())) for measure in NOISE}
     largest = {measure: max(entries[name][measure].values()) for measure, name in worst.items()}
     rounds = max(e["rounds"] for e in entries.values())

@@ -209,13 +209,14 @@ class Run:
     def fingerprint(self, name: str, units: bool = False) -> str:
         """Pass ``name``'s fingerprint: its settings and the outputs it reads. ``units``: that of its kept units of
         work (``hwopt.pipeline.kept_units``), which leaves out the outputs it only joins in (``PassInfo.joins``)."""
-        keys, upstream = PASS_INFO[name].settings, PASS_INFO[name].reads
+        keys, reads = PASS_INFO[name].settings, PASS_INFO[name].reads
         if units:
-            upstream = tuple(up for up in upstream if up not in PASS_INFO[name].joins)
-        for up in upstream:
-            if not output_hash(self.dir(up)):
-                raise HwoptError(f"{name} needs the output of {up} in {self.dir(up)}: run `hwopt {up}` first "
-                                 f"(or `hwopt optimize`)")
+            reads = tuple(up for up in reads if up not in PASS_INFO[name].joins)
+        if any(not output_hash(self.dir(up)) for up in reads):
+            before = upstream(name)
+            missing = [up for up in before if not output_hash(self.dir(up))]
+            raise HwoptError(f"{name} needs the outputs of {', '.join(missing)} in {self.workdir}: run "
+                             f"`hwopt optimize --until {before[-1]}` first (it skips what is up to date)")
         settings = {k: getattr(self.settings, k) for k in keys}
         if "linear" in keys:  # what --runtime leaves of --no-linear's choice
             settings["linear"] = self.space.linear
@@ -230,7 +231,7 @@ class Run:
             settings["data_sha256"] = self.data_sha256
         if "task_data" in keys and self.task:
             settings["task_data_sha256"] = self.task.sha256
-        return fingerprint(settings, {up: output_hash(self.dir(up)) for up in upstream})
+        return fingerprint(settings, {up: output_hash(self.dir(up)) for up in reads})
 
     @contextmanager
     def restoring_settings_on_failure(self) -> Iterator[None]:
@@ -448,5 +449,10 @@ class Run:
             self.run_pass(name, force)
         if until == "lower" and self.ranks.is_main:
             self.report()
-            formats = ", ".join(f"{self.dir('lower') / name}" for name in self.settings.formats)
-            console.print(f"the child: {formats} (report: {self.workdir / 'report.json'})", highlight=False)
+            self.print_child(report=True)
+
+    def print_child(self, report: bool) -> None:
+        """Where lower put the child, a folder per format (and the closing report, when it is written)."""
+        formats = ", ".join(f"{self.dir('lower') / name}" for name in self.settings.formats)
+        after = f" (report: {self.workdir / 'report.json'})" if report else ""
+        console.print(f"the child: {formats}{after}", highlight=False)

@@ -144,9 +144,9 @@ def test_lowered_checkpoint_reloads_with_identical_logits(tiny_run):
         assert torch.equal(uptrained(ids).logits, lowered(ids).logits)
 
 
-def test_lower_writes_the_nemotron_nas_checkpoint_without_loading_the_child_whole(run_copy, monkeypatch):
+def test_lower_writes_the_nemotron_nas_checkpoint_without_loading_the_child_whole(run_copy, monkeypatch, capsys):
     """nemotron-nas streams (``Format.streams``): the lower pass reads the uptrained child a piece at a time, so
-    a loader of whole models is never called, and writes the same weights."""
+    a loader of whole models is never called, and writes the same weights. It says where they are."""
     import hwopt.model.checkpoint
     from hwopt.cli import main
 
@@ -156,6 +156,7 @@ def test_lower_writes_the_nemotron_nas_checkpoint_without_loading_the_child_whol
     before = load_file(run_copy / "lower/nemotron-nas/model.safetensors")
     monkeypatch.setattr(hwopt.model.checkpoint, "load_checkpoint", whole)
     assert main(["lower", "--workdir", str(run_copy), "--force"]) == 0
+    assert f"the child: {run_copy / 'lower/nemotron-nas'}\n" in capsys.readouterr().err
     after = load_file(run_copy / "lower/nemotron-nas/model.safetensors")
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 

@@ -219,6 +219,8 @@ def test_profile_a_70b_on_an_absent_h100_estimates_every_figure_quickly(tmp_path
                                  "kv_dtype": "bf16"}
     parent = costs["attention"]["kv8"]["runtime_ms"] + costs["ffn"]["ffn28672"]["runtime_ms"]
     assert costs["attention"]["kv1"]["runtime_ms"] < costs["attention"]["kv8"]["runtime_ms"] < parent
+    assert "profile: 13 pieces estimated for NVIDIA H100" in proc.stderr  # says what it wrote, as a measured one does
+    assert "(not measured: torch: no GPU here" in proc.stderr
 
 
 def _nemotron_child_config(path):

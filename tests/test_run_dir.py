@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 
 import pytest
 from conftest import FAST_RUN
@@ -186,6 +187,18 @@ def test_a_pass_that_needs_a_run_refuses_a_directory_without_one(tmp_path, capsy
     err = capsys.readouterr().err
     assert f"{missing} holds no run (no run.json), and solve needs the outputs of profile, library, score" in err
     assert not missing.exists()  # nothing was created at the mistyped name
+
+
+def test_a_pass_whose_inputs_are_missing_names_them_and_the_command_that_makes_them(tmp_path):
+    from hwopt.run import Run
+
+    finished_run(tmp_path, speedup=2.0)
+    shutil.rmtree(tmp_path / "library")
+    shutil.rmtree(tmp_path / "score")
+    with pytest.raises(HwoptError) as raised:
+        Run(tmp_path, load_settings(tmp_path, {})).fingerprint("solve")
+    assert str(raised.value) == (f"solve needs the outputs of library, score in {tmp_path}: run `hwopt optimize "
+                                 "--until score` first (it skips what is up to date)")
 
 
 def test_a_second_command_on_a_run_in_use_is_refused_in_one_line(tmp_path, capsys):

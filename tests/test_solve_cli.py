@@ -57,6 +57,17 @@ def test_library_mode_writes_every_solution(library_file, tmp_path):
             assert sum(s["choice"][layer] != earlier["choice"][layer] for layer in LIBRARY) >= 2
 
 
+def test_a_budget_of_none_is_no_budget_in_library_mode(library_file, tmp_path):
+    """`none` forgets what a run remembers; with no run, it is the same as leaving the budget out."""
+    outs = [tmp_path / "none.json", tmp_path / "absent.json"]
+    assert solve_cli("--library", library_file, "--max", "stats.runtime_ms=26", "--memory", "none",
+                     "--json", outs[0]) == 0
+    assert solve_cli("--library", library_file, "--max", "stats.runtime_ms=26", "--json", outs[1]) == 0
+    none, absent = (json.loads(out.read_text()) for out in outs)
+    assert none["constraints"] == absent["constraints"] == [Constraint("stats.runtime_ms", max=26).describe()]
+    assert none["solutions"][0]["choice"] == absent["solutions"][0]["choice"]
+
+
 @pytest.mark.parametrize("solver", ["scip", "highs", "greedy"])
 def test_every_solver_and_maximise(library_file, tmp_path, solver):
     out = tmp_path / "out.json"
