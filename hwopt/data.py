@@ -160,19 +160,37 @@ SAMPLER = "inverse-cdf"
 def draw(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """One token per row of ``logits`` [rows, vocab], drawn at temperature 1: [rows, 1] token ids.
 
-    Inverse-CDF sampling: one uniform number per row, looked up in the row's cumulative probabilities. It draws
-    from the same distribution as ``torch.multinomial``, which spends an exponential random number on every
-    vocabulary entry (49,152 per token for SmolLM2: 39% of the sampling's time on 2 CPU cores).
+    Inverse-CDF sampling: one uniform number per row (from ``generator``, on the CPU, so the draws do not depend on
+    the device), looked up in the row's cumulative probabilities. It draws from the same distribution as
+    ``torch.multinomial``, which spends an exponential random number on every vocabulary entry (49,152 per token
+    for SmolLM2: 39% of the sampling's time on 2 CPU cores).
     """
     cdf = logits.float().softmax(-1).cumsum(-1)  # [rows, vocab]
-    u = torch.rand(len(cdf), 1, generator=generator) * cdf[:, -1:]  # [rows, 1], in [0, total mass)
+    u = torch.rand(len(cdf), 1, generator=generator).to(cdf.device) * cdf[:, -1:]  # [rows, 1], in [0, total mass)
     return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1)  # first entry whose cdf > u
+
+
+def next_token_logits(model, tokens: torch.Tensor, cache) -> torch.Tensor:
+    """The logits [batch, vocab] of the token after ``tokens`` [batch, new], which extend ``cache`` (a
+    ``KVCache``).
+
+    ``model`` is a ``HeteroLlamaForCausalLM`` or a ``LayerwiseParent``: this goes through the pieces both offer,
+    so a parent larger than memory is read a layer at a time, once per generated token.
+    """
+    x = model.embedding()(tokens)  # [batch, new, hidden]
+    position_embeddings = model.position_embeddings(x, cache.length)
+    for i in range(model.num_layers):
+        x = model.decoder_layer(i)(x, position_embeddings, cache, i)
+    cache.length += tokens.shape[1]
+    norm, head = model.output_head()
+    return head(norm(x[:, -1]))  # [batch, vocab]
 
 
 @torch.inference_mode()
 def sample_from_parent(model, start_token: int, sequences: int, seq_len: int, seed: int,
                        batch: int = SAMPLING_BATCH) -> torch.Tensor:
-    """``sequences`` x ``seq_len`` token ids drawn from ``model`` at temperature 1, each after ``start_token``.
+    """``sequences`` x ``seq_len`` token ids drawn from ``model`` (whole, or a ``LayerwiseParent`` read a layer at
+    a time) at temperature 1, each after ``start_token``: [sequences, seq_len], on the CPU.
 
     Ancestral sampling with the KV cache: one forward per token per batch. The start token itself is not kept.
     """
@@ -183,15 +201,14 @@ def sample_from_parent(model, start_token: int, sequences: int, seq_len: int, se
     rows = []
     with progress("sample from the parent", total=sequences * seq_len) as advance:
         for n in range(0, sequences, batch):
-            tokens = torch.full((min(batch, sequences - n), 1), start_token)
+            tokens = torch.full((min(batch, sequences - n), 1), start_token, device=model.device)
             cache = PreallocatedKVCache(model.num_layers, capacity=1 + seq_len)
-            out = model(tokens, past_key_values=cache, logits_to_keep=1)
             drawn = []
             for _ in range(seq_len):
-                drawn.append(draw(out.logits[:, -1], generator))
-                out = model(drawn[-1], past_key_values=out.past_key_values, logits_to_keep=1)
+                tokens = draw(next_token_logits(model, tokens, cache), generator)  # [batch, 1]
+                drawn.append(tokens)
                 advance(len(tokens))
-            rows.append(torch.cat(drawn, 1))
+            rows.append(torch.cat(drawn, 1).cpu())
     return torch.cat(rows)
 
 

@@ -15,8 +15,9 @@ peak against the plan.
 line before anything is read, and score fits its waves into what is left.
 uptrain holds the whole child and parent (``uptrain_plan``), or under
 torchrun, when they do not fit a rank, each rank's FSDP shards of them and
-one piece read whole; the sampling of ``--distill-samples`` holds the
-whole parent (``sampling_plan``). The closing report and ``hwopt evaluate``
+one piece read whole. The sampling of ``--distill-samples`` holds the whole
+parent, or where that does not fit, one piece of it at a time, read again for
+every token (``sampling_plan``). The closing report and ``hwopt evaluate``
 time the parent and the child whole (``report_plan``); where they do not fit
 together, they compare them a layer at a time and time neither.
 """
@@ -226,13 +227,18 @@ def kv_cache_bytes(config, blocks: list[BlockConfig], sequences: int, seq_len: i
     return sequences * per_sequence * placement.dtype.itemsize
 
 
-def sampling_plan(config, blocks: list[BlockConfig], sequences: int, seq_len: int, placement: Placement
-                  ) -> MemoryPlan:
+def sampling_plan(config, blocks: list[BlockConfig], sequences: int, seq_len: int, placement: Placement,
+                  layerwise: bool = False) -> MemoryPlan:
     """Sampling ``--distill-samples`` from the parent (``hwopt.data.sample_from_parent``): the parent whole in the
-    train dtype, the KV cache of ``sequences`` drawn at once up to ``seq_len`` tokens, and their last logits."""
-    plan = MemoryPlan("sampling from the parent (--distill-samples)", placement,
-                      config.vocab_size * config.hidden_size * placement.dtype.itemsize)
-    plan.add(f"parent whole ({placement.dtype_name})", whole_bytes(config, blocks, placement))
+    train dtype, or (``layerwise``) one piece of it at a time, read again for every token; the KV cache of
+    ``sequences`` drawn at once up to ``seq_len`` tokens, and their last logits."""
+    w = weights(config, blocks, placement)
+    plan = MemoryPlan("sampling from the parent (--distill-samples)" + (", a layer at a time" if layerwise else ""),
+                      placement, max(w["layer"], w["embedding"]))
+    if layerwise:
+        plan.add("parent layer (the largest), or the embedding or the LM head", max(w["layer"], w["embedding"]))
+    else:
+        plan.add(f"parent whole ({placement.dtype_name})", whole_bytes(config, blocks, placement))
     plan.add(f"KV cache of {sequences} sequences of {seq_len} tokens",
              kv_cache_bytes(config, blocks, sequences, seq_len, placement))
     plan.add("logits of the last token and their softmax (fp32)", 2 * sequences * config.vocab_size * 4)

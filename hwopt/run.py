@@ -144,9 +144,10 @@ class Run:
         return json.dumps([str(weights.resolve()),
                            sorted((f.name, f.stat().st_size) for f in weights.glob("*.safetensors"))])
 
-    def sampling_plan(self) -> MemoryPlan | None:
-        """The memory plan of drawing ``--distill-samples`` from the whole parent, when they are to be drawn: None
-        with ``--distill-samples 0``, or when they are cached from an earlier run."""
+    def sampling_plan(self) -> tuple[MemoryPlan, bool] | None:
+        """The memory plan of drawing ``--distill-samples`` from the parent, when they are to be drawn, and whether
+        it reads the parent a layer at a time: it does where the parent whole is over ``--max-memory`` or the GPU.
+        None with ``--distill-samples 0``, or when they are cached from an earlier run."""
         s = self.settings
         if not s.distill_samples:
             return None
@@ -158,8 +159,12 @@ class Run:
                                                  cache_root())
         if path.is_file():
             return None
-        return sampling_plan(self.source.config, self.source.block_configs, min(sequences, SAMPLING_BATCH),
-                             s.seq_len, self.placement)
+        args = (self.source.config, self.source.block_configs, min(sequences, SAMPLING_BATCH), s.seq_len,
+                self.placement)
+        whole = sampling_plan(*args)
+        if whole.over(s.max_memory, self.device_memory):
+            return sampling_plan(*args, layerwise=True), True
+        return whole, False
 
     @cached_property
     def parent_samples(self) -> torch.Tensor | None:
@@ -168,10 +173,11 @@ class Run:
         s = self.settings
         if not s.distill_samples:
             return None
-        if plan := self.sampling_plan():
+        plan, layerwise = self.sampling_plan() or (None, False)
+        if plan:
             console.print("\n".join(plan.lines(self.ranks.world)), highlight=False)
-        return cached_parent_samples(lambda: self.parent, self.tokenizer, self._weights_id, s.distill_samples,
-                                     s.seq_len, s.seed, cache_root())  # the parent loaded only to sample
+        return cached_parent_samples(lambda: self.layerwise_parent if layerwise else self.parent, self.tokenizer,
+                                     self._weights_id, s.distill_samples, s.seq_len, s.seed, cache_root())
 
     @cached_property
     def split(self):
@@ -356,10 +362,10 @@ class Run:
             check_data_files(self.settings.data)
             if self.settings.distill_samples < 0:
                 raise HwoptError(f"--distill-samples must be 0 or more tokens, not {self.settings.distill_samples}")
-            sampling = self.sampling_plan()
+            sampling, _ = self.sampling_plan() or (None, False)
             if sampling and (problem := sampling.over(self.settings.max_memory, self.device_memory)):
-                raise HwoptError(f"{problem}: give --distill-samples 0 (no samples from the parent), or a device "
-                                 "that holds the parent whole")
+                raise HwoptError(f"{problem}: give --distill-samples 0 (no samples from the parent), or more "
+                                 "memory")
         PASS_INFO[name].check(self)
 
     @cached_property

@@ -140,12 +140,16 @@ def test_a_draw_follows_the_next_token_distribution():
 
 def test_sampling_from_the_parent_is_seeded_and_cached(tiny_llama_dir, tmp_path):
     from hwopt.data import cached_parent_samples, sample_from_parent
+    from hwopt.model.layerwise import LayerwiseParent
     from hwopt.model_source import resolve_model
+    from hwopt.plugins import block_types
 
     source = resolve_model(str(tiny_llama_dir))
     model, tokenizer = source.load(), source.tokenizer()
     a, b = (sample_from_parent(model, 1, 3, 5, seed=7, batch=2) for _ in range(2))
     assert a.shape == (3, 5) and torch.equal(a, b)
+    layerwise = LayerwiseParent(tiny_llama_dir, block_types())  # read a layer at a time, at every token
+    assert torch.equal(sample_from_parent(layerwise, 1, 3, 5, seed=7, batch=2), a)
     assert not torch.equal(a, sample_from_parent(model, 1, 3, 5, seed=8, batch=2))
     first = cached_parent_samples(lambda: model, tokenizer, "tiny", 40, 8, 0, tmp_path)
     assert first.shape == (6, 8)  # 5 sequences for 40 tokens, and one to hold out

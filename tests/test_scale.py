@@ -25,7 +25,7 @@ from hwopt.data import parent_samples_file
 from hwopt.devices import FP32_CPU, Placement, deployed_placement, native_bf16_cpu, resolve_device, resolve_placement
 from hwopt.distributed import Ranks
 from hwopt.errors import HwoptError
-from hwopt.memory_plan import uptrain_plan
+from hwopt.memory_plan import sampling_plan, uptrain_plan
 from hwopt.metric import kl_divergence
 from hwopt.model.checkpoint import load_checkpoint
 from hwopt.model.layerwise import LayerwiseParent
@@ -352,20 +352,29 @@ def test_under_torchrun_fsdp_uptrain_writes_the_child_whole_and_a_failed_rank_st
     assert child.num_layers == 4 and all(p.isfinite().all() for p in child.parameters())
 
 
-def test_sampling_from_a_parent_that_does_not_fit_the_device_is_refused_in_one_line(tmp_path, monkeypatch):
+def test_sampling_from_a_parent_that_does_not_fit_the_device_reads_it_a_layer_at_a_time(tmp_path, monkeypatch):
     monkeypatch.setenv("HWOPT_CACHE", str(tmp_path / "cache"))  # no samples cached yet
     deep = make_tiny_llama_dir(tmp_path / "deep", layers=24)  # whole, it outweighs what library holds at once
     run = Run(tmp_path / "run", Settings(model=str(deep), distill_samples=64, seq_len=32, bld_tokens=64,
                                          target="cpu", kv_heads=[1], ffn_fractions=[0.5]))
     run.placement = Placement(torch.device("cuda", 0), torch.float32)  # planned for: no GPU needed
-    library, sampling = run.memory_plan("library"), run.sampling_plan()
+    run.device_memory = 2**40
+    library = run.memory_plan("library")
+    whole, layerwise = run.sampling_plan()
     parent_bytes = sum(p.numel() * 4 for p in load_checkpoint(deep, block_types()).parameters())
-    assert dict(sampling.device)["parent whole (fp32)"] == pytest.approx(parent_bytes, rel=1e-3)
-    assert library.device_bytes < sampling.device_bytes
-    run.device_memory = (library.device_bytes + sampling.device_bytes) // 2  # library fits, the whole parent not
-    with pytest.raises(HwoptError, match=r"sampling from the parent \(--distill-samples\) needs .* over its .*: "
-                                         r"give --distill-samples 0"):
+    assert not layerwise and dict(whole.device)["parent whole (fp32)"] == pytest.approx(parent_bytes, rel=1e-3)
+    assert library.device_bytes < whole.device_bytes
+    run.device_memory = (library.device_bytes + whole.device_bytes) // 2  # library fits, the whole parent not
+    plan, layerwise = run.sampling_plan()
+    assert layerwise and plan.device_bytes <= run.device_memory
+    run._validate("library")  # a layer at a time fits: not refused
+    run.settings.distill_samples, run.settings.seq_len = 128 * 256, 256  # a KV cache larger than library's peak
+    run.device_memory = run.memory_plan("library").device_bytes
+    with pytest.raises(HwoptError, match=r"^sampling from the parent \(--distill-samples\), a layer at a time needs "
+                                         r".* over its .*: give --distill-samples 0"):
         run._validate("library")
+    run.settings.distill_samples, run.settings.seq_len = 64, 32
+    run.device_memory = 2**40
     path, _, _ = parent_samples_file(run.tokenizer, run._weights_id, 64, 32, 0, tmp_path / "cache")
     path.parent.mkdir(parents=True)
     path.touch()  # cached by an earlier run: nothing to sample, nothing refused
@@ -374,6 +383,23 @@ def test_sampling_from_a_parent_that_does_not_fit_the_device_is_refused_in_one_l
     run.settings.distill_samples = 0
     path.unlink()
     assert run.sampling_plan() is None
+
+
+def test_a_run_samples_a_parent_over_its_host_budget_a_layer_at_a_time_and_draws_the_same_tokens(tmp_path,
+                                                                                                    monkeypatch):
+    deep = make_tiny_llama_dir(tmp_path / "deep", layers=24)
+    samples = {}
+    for name in ("whole", "layerwise"):
+        monkeypatch.setenv("HWOPT_CACHE", str(tmp_path / name))
+        run = Run(tmp_path / name, Settings(model=str(deep), distill_samples=64, seq_len=32))
+        if name == "layerwise":  # a budget between a layer at a time and the whole parent
+            whole, _ = run.sampling_plan()
+            layer = sampling_plan(run.source.config, run.source.block_configs, 3, 32, run.placement, layerwise=True)
+            run.settings.max_memory = f"{(layer.host_bytes + whole.host_bytes) // 2}B"
+            monkeypatch.setattr(Run, "parent", property(lambda self: pytest.fail("the parent was loaded whole")))
+            assert run.sampling_plan()[1]
+        samples[name] = run.parent_samples
+    assert samples["whole"].shape == (3, 32) and torch.equal(samples["layerwise"], samples["whole"])
 
 
 @pytest.mark.parametrize("env, probes, expected", [("1", False, torch.bfloat16), ("0", True, torch.float32),
