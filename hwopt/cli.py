@@ -175,6 +175,8 @@ def add_run_options(p: argparse.ArgumentParser, command: str, plugin_options: bo
                     "mixed in (--distill-samples)", nargs="+")
     o.add("--distill-samples", "tokens sampled from the parent and mixed 1:1 into training (data-free "
                                "distillation; 0 for none)", type=int)
+    o.add("--distill-temperature", "temperature of that sampling: below 1 the parent's text is more coherent "
+                                   "(more like what people write), above 1 more varied", type=finite)
     o.add("--seq-len", "tokens per training sequence", type=int)
     o.add("--bld-tokens", "blockwise distillation (BLD) tokens per variant", type=int)
     o.add("--bld-lr", "blockwise distillation (BLD) learning rate", type=finite)

@@ -157,15 +157,16 @@ SAMPLING_BATCH = 128
 SAMPLER = "inverse-cdf"
 
 
-def draw(logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """One token per row of ``logits`` [rows, vocab], drawn at temperature 1: [rows, 1] token ids.
+def draw(logits: torch.Tensor, generator: torch.Generator, temperature: float = 1.0) -> torch.Tensor:
+    """One token per row of ``logits`` [rows, vocab], drawn from softmax(logits / ``temperature``): [rows, 1]
+    token ids.
 
     Inverse-CDF sampling: one uniform number per row (from ``generator``, on the CPU, so the draws do not depend on
     the device), looked up in the row's cumulative probabilities. It draws from the same distribution as
     ``torch.multinomial``, which spends an exponential random number on every vocabulary entry (49,152 per token
     for SmolLM2: 39% of the sampling's time on 2 CPU cores).
     """
-    cdf = logits.float().softmax(-1).cumsum(-1)  # [rows, vocab]
+    cdf = (logits.float() / temperature).softmax(-1).cumsum(-1)  # [rows, vocab]
     u = torch.rand(len(cdf), 1, generator=generator).to(cdf.device) * cdf[:, -1:]  # [rows, 1], in [0, total mass)
     return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1)  # first entry whose cdf > u
 
@@ -187,10 +188,10 @@ def next_token_logits(model, tokens: torch.Tensor, cache) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def sample_from_parent(model, start_token: int, sequences: int, seq_len: int, seed: int,
+def sample_from_parent(model, start_token: int, sequences: int, seq_len: int, seed: int, temperature: float = 1.0,
                        batch: int = SAMPLING_BATCH) -> torch.Tensor:
     """``sequences`` x ``seq_len`` token ids drawn from ``model`` (whole, or a ``LayerwiseParent`` read a layer at
-    a time) at temperature 1, each after ``start_token``: [sequences, seq_len], on the CPU.
+    a time) at ``temperature``, each after ``start_token``: [sequences, seq_len], on the CPU.
 
     Ancestral sampling with the KV cache: one forward per token per batch. The start token itself is not kept.
     """
@@ -205,28 +206,39 @@ def sample_from_parent(model, start_token: int, sequences: int, seq_len: int, se
             cache = PreallocatedKVCache(model.num_layers, capacity=1 + seq_len)
             drawn = []
             for _ in range(seq_len):
-                tokens = draw(next_token_logits(model, tokens, cache), generator)  # [batch, 1]
+                tokens = draw(next_token_logits(model, tokens, cache), generator, temperature)  # [batch, 1]
                 drawn.append(tokens)
                 advance(len(tokens))
             rows.append(torch.cat(drawn, 1).cpu())
     return torch.cat(rows)
 
 
-def parent_samples_file(tokenizer, weights_id: str, tokens: int, seq_len: int, seed: int, cache_dir: Path
+@dataclass(frozen=True)
+class ParentSampling:
+    """What ``--distill-samples`` draws from the parent: ``tokens`` (and a tenth more to hold out) in sequences of
+    ``seq_len``, from ``seed``, at ``temperature``."""
+
+    tokens: int
+    seq_len: int
+    seed: int
+    temperature: float = 1.0
+
+
+def parent_samples_file(tokenizer, weights_id: str, sampling: ParentSampling, cache_dir: Path
                         ) -> tuple[Path, int, int]:
-    """Where ``cached_parent_samples`` keeps these samples, the sequences it draws (``tokens`` and a tenth more to
-    hold out) and the token each starts after."""
-    sequences = -(-tokens // seq_len)
+    """Where ``cached_parent_samples`` keeps these samples, the sequences it draws (``sampling.tokens`` and a tenth
+    more to hold out) and the token each starts after."""
+    sequences = -(-sampling.tokens // sampling.seq_len)
     sequences += max(1, sequences // 9)  # the held-out tenth
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    key = hashlib.sha256(json.dumps([weights_id, sequences, seq_len, seed, start, SAMPLING_BATCH, SAMPLER]).encode()
-                         ).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps([weights_id, sequences, sampling.seq_len, sampling.seed, sampling.temperature,
+                                     start, SAMPLING_BATCH, SAMPLER]).encode()).hexdigest()[:16]
     return Path(cache_dir) / "parent-samples" / f"{key}.safetensors", sequences, start
 
 
-def cached_parent_samples(load_model: Callable[[], torch.nn.Module], tokenizer, weights_id: str, tokens: int,
-                          seq_len: int, seed: int, cache_dir: Path) -> torch.Tensor:
-    """``tokens`` (plus a tenth to hold out) sampled from the parent, kept in ``cache_dir`` across runs.
+def cached_parent_samples(load_model: Callable[[], torch.nn.Module], tokenizer, weights_id: str,
+                          sampling: ParentSampling, cache_dir: Path) -> torch.Tensor:
+    """``sampling``'s tokens (plus a tenth to hold out) drawn from the parent, kept in ``cache_dir`` across runs.
 
     ``load_model`` gives the parent, called only when the samples are not in the cache. ``weights_id`` names the
     parent's weights (the cache key, with the other arguments). Written atomically.
@@ -235,10 +247,10 @@ def cached_parent_samples(load_model: Callable[[], torch.nn.Module], tokenizer, 
 
     from hwopt.pipeline import atomic_path
 
-    path, sequences, start = parent_samples_file(tokenizer, weights_id, tokens, seq_len, seed, cache_dir)
+    path, sequences, start = parent_samples_file(tokenizer, weights_id, sampling, cache_dir)
     if path.is_file():
         return load_file(path)["ids"]
-    ids = sample_from_parent(load_model(), start, sequences, seq_len, seed)
+    ids = sample_from_parent(load_model(), start, sequences, sampling.seq_len, sampling.seed, sampling.temperature)
     with atomic_path(path) as tmp:
         save_file({"ids": ids.contiguous()}, tmp)
     return ids

@@ -28,6 +28,7 @@ from hwopt.bld import (
 )
 from hwopt.data import (
     SAMPLING_BATCH,
+    ParentSampling,
     cached_parent_samples,
     check_data_files,
     data_sha256,
@@ -144,6 +145,11 @@ class Run:
         return json.dumps([str(weights.resolve()),
                            sorted((f.name, f.stat().st_size) for f in weights.glob("*.safetensors"))])
 
+    @property
+    def sampling(self) -> ParentSampling:
+        s = self.settings
+        return ParentSampling(s.distill_samples, s.seq_len, s.seed, s.distill_temperature)
+
     def sampling_plan(self) -> tuple[MemoryPlan, bool] | None:
         """The memory plan of drawing ``--distill-samples`` from the parent, when they are to be drawn, and whether
         it reads the parent a layer at a time: it does where the parent whole is over ``--max-memory`` or the GPU.
@@ -155,8 +161,7 @@ class Run:
             weights_id = self._weights_id
         except HwoptError:  # no weights: the pass's own check says so
             return None
-        path, sequences, _ = parent_samples_file(self.tokenizer, weights_id, s.distill_samples, s.seq_len, s.seed,
-                                                 cache_root())
+        path, sequences, _ = parent_samples_file(self.tokenizer, weights_id, self.sampling, cache_root())
         if path.is_file():
             return None
         args = (self.source.config, self.source.block_configs, min(sequences, SAMPLING_BATCH), s.seq_len,
@@ -177,7 +182,7 @@ class Run:
         if plan:
             console.print("\n".join(plan.lines(self.ranks.world)), highlight=False)
         return cached_parent_samples(lambda: self.layerwise_parent if layerwise else self.parent, self.tokenizer,
-                                     self._weights_id, s.distill_samples, s.seq_len, s.seed, cache_root())
+                                     self._weights_id, self.sampling, cache_root())
 
     @cached_property
     def split(self):
@@ -362,6 +367,8 @@ class Run:
             check_data_files(self.settings.data)
             if self.settings.distill_samples < 0:
                 raise HwoptError(f"--distill-samples must be 0 or more tokens, not {self.settings.distill_samples}")
+            if not self.settings.distill_temperature > 0:
+                raise HwoptError(f"--distill-temperature must be above 0, not {self.settings.distill_temperature:g}")
             sampling, _ = self.sampling_plan() or (None, False)
             if sampling and (problem := sampling.over(self.settings.max_memory, self.device_memory)):
                 raise HwoptError(f"{problem}: give --distill-samples 0 (no samples from the parent), or more "

@@ -39,6 +39,7 @@ class Settings:
     threads: int | None = None  # torch's CPU threads; chosen by the run's first command (idle cores), then kept
     data: list[str] | None = None
     distill_samples: int = 131072  # tokens sampled from the parent, mixed into training (0: none)
+    distill_temperature: float = 0.8  # of that sampling: below 1, the parent's more likely text
     seq_len: int = 128
     kv_heads: list[int] | None = None
     ffn_fractions: list[float] = field(default_factory=lambda: [0.75, 0.5, 0.25])
@@ -103,7 +104,7 @@ class Settings:
 
 # groups of settings that several passes read (their ``PassInfo.settings``, in ``hwopt.passes``)
 SEARCH_SPACE = ("model", "kv_heads", "ffn_fractions", "linear", "no_op", "block_types", "block_options")
-DATA = ("data", "distill_samples", "seq_len", "seed")
+DATA = ("data", "distill_samples", "distill_temperature", "seq_len", "seed")
 PLACEMENT = ("device", "train_dtype")  # where a pass runs the model changes its results (slightly)
 
 

@@ -139,7 +139,7 @@ def test_a_draw_follows_the_next_token_distribution():
 
 
 def test_sampling_from_the_parent_is_seeded_and_cached(tiny_llama_dir, tmp_path):
-    from hwopt.data import cached_parent_samples, sample_from_parent
+    from hwopt.data import ParentSampling, cached_parent_samples, sample_from_parent
     from hwopt.model.layerwise import LayerwiseParent
     from hwopt.model_source import resolve_model
     from hwopt.plugins import block_types
@@ -151,14 +151,17 @@ def test_sampling_from_the_parent_is_seeded_and_cached(tiny_llama_dir, tmp_path)
     layerwise = LayerwiseParent(tiny_llama_dir, block_types())  # read a layer at a time, at every token
     assert torch.equal(sample_from_parent(layerwise, 1, 3, 5, seed=7, batch=2), a)
     assert not torch.equal(a, sample_from_parent(model, 1, 3, 5, seed=8, batch=2))
-    first = cached_parent_samples(lambda: model, tokenizer, "tiny", 40, 8, 0, tmp_path)
+    first = cached_parent_samples(lambda: model, tokenizer, "tiny", ParentSampling(40, 8, 0), tmp_path)
     assert first.shape == (6, 8)  # 5 sequences for 40 tokens, and one to hold out
     assert len(list((tmp_path / "parent-samples").glob("*.safetensors"))) == 1
 
     def not_loaded():
         raise AssertionError("the parent was loaded although its samples are in the cache")
 
-    assert torch.equal(cached_parent_samples(not_loaded, tokenizer, "tiny", 40, 8, 0, tmp_path), first)
+    assert torch.equal(cached_parent_samples(not_loaded, tokenizer, "tiny", ParentSampling(40, 8, 0), tmp_path), first)
+    cooler = cached_parent_samples(lambda: model, tokenizer, "tiny", ParentSampling(40, 8, 0, 0.5), tmp_path)
+    assert len(list((tmp_path / "parent-samples").glob("*.safetensors"))) == 2  # a temperature of its own
+    assert not torch.equal(cooler, first)
 
 
 def test_a_runs_data_hash_is_its_splits_without_tokenizing_the_corpus(tiny_llama_dir, tmp_path, monkeypatch):

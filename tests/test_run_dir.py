@@ -213,7 +213,8 @@ def test_a_second_command_on_a_run_in_use_is_refused_in_one_line(tmp_path, capsy
 
 
 @pytest.mark.parametrize(("args", "needle"), [(["--model", "nope"], "nope"), (["--threads", "0"], "--threads 0"),
-                                             (["--distill-samples", "-1"], "--distill-samples must be 0 or more")])
+                                             (["--distill-samples", "-1"], "--distill-samples must be 0 or more"),
+                                             (["--distill-temperature", "0"], "--distill-temperature must be above 0")])
 def test_a_command_that_fails_on_bad_input_leaves_no_new_run_directory(tiny_llama_dir, tmp_path, capsys, args,
                                                                          needle):
     workdir = tmp_path / "x"

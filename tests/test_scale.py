@@ -375,7 +375,7 @@ def test_sampling_from_a_parent_that_does_not_fit_the_device_reads_it_a_layer_at
         run._validate("library")
     run.settings.distill_samples, run.settings.seq_len = 64, 32
     run.device_memory = 2**40
-    path, _, _ = parent_samples_file(run.tokenizer, run._weights_id, 64, 32, 0, tmp_path / "cache")
+    path, _, _ = parent_samples_file(run.tokenizer, run._weights_id, run.sampling, tmp_path / "cache")
     path.parent.mkdir(parents=True)
     path.touch()  # cached by an earlier run: nothing to sample, nothing refused
     assert run.sampling_plan() is None
