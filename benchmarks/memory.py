@@ -1,4 +1,5 @@
-"""Peak memory of library and score against the parent's size, and their wall time on 1 and 2 ranks.
+"""Peak memory of library and score (and of sampling from the parent) against the parent's size, and their wall
+time on 1 and 2 ranks.
 
     python benchmarks/memory.py [--dir runs/memory] [--layers 16] [--ranks 1 2]
 
@@ -11,8 +12,11 @@ each pass its own process, once in one process and once under ``torchrun
 --nproc-per-node 2`` (gloo), and prints per pass: the peak resident set
 size of the largest process (``wait4``'s ``ru_maxrss``: under torchrun,
 the largest of the agent and its ranks) over the parent's weight bytes
-(goal: at most 0.5), and the wall time. The machine may be shared: say
-how loaded it was (``uptime``) beside the figures.
+(goal: at most 0.5), and the wall time. Last, in one process, ``hwopt
+library`` again with ``--distill-samples`` on and ``--max-memory`` half the
+parent's bytes, so the samples are drawn reading the parent a layer at a
+time for every token (the row "library+sampling"). The machine may be
+shared: say how loaded it was (``uptime``) beside the figures.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -88,12 +93,15 @@ def write_parent(directory: Path, config: LlamaConfig) -> int:
     return total
 
 
-def run_pass(name: str, model: Path, workdir: Path, ranks: int) -> tuple[float, int, str]:
-    """(wall seconds, peak RSS bytes of the largest process, the pass's memory plan line) of one pass."""
+def run_pass(name: str, model: Path, workdir: Path, ranks: int, extra: tuple[str, ...] = ()
+             ) -> tuple[float, int, str]:
+    """(wall seconds, peak RSS bytes of the largest process, the first memory plan line it printed) of one pass;
+    ``extra`` options after ``BUDGETS`` (the last of an option given twice wins)."""
     threads = str(max(1, (os.cpu_count() or 1) // ranks))
     launcher = [sys.executable, "-m", "hwopt"] if ranks == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks), "-m", "hwopt"]
-    cmd = [*launcher, name, "--model", str(model), "--workdir", str(workdir), "--threads", threads, "--force", *BUDGETS]
+    cmd = [*launcher, name, "--model", str(model), "--workdir", str(workdir), "--threads", threads, "--force",
+           *BUDGETS, *extra]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     log = workdir.parent / f"{workdir.name}.{name}.log"
     workdir.mkdir(parents=True, exist_ok=True)
@@ -124,6 +132,11 @@ def main() -> None:
             seconds, rss, plan = run_pass(name, args.dir / "parent", workdir, ranks)
             print(f"{ranks:>5} {name:<8} {seconds:8.1f} {rss / 1e9:12.2f} {rss / parent_bytes:13.3f}  {plan}",
                   flush=True)
+    sampling = ("--distill-samples", "256", "--max-memory", f"{parent_bytes // 2}B")  # 9 x 32 tokens, one held out
+    os.environ["HWOPT_CACHE"] = str(args.dir / "sampling-cache")  # drawn anew each time, not found cached
+    shutil.rmtree(args.dir / "sampling-cache", ignore_errors=True)
+    seconds, rss, plan = run_pass("library", args.dir / "parent", args.dir / "run_sampling", 1, sampling)
+    print(f"{1:>5} {'library+sampling':<8} {seconds:8.1f} {rss / 1e9:12.2f} {rss / parent_bytes:13.3f}  {plan}")
     print(f"load after: {os.getloadavg()[0]:.1f}")
 
 
