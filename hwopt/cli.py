@@ -149,8 +149,9 @@ def add_run_options(p: argparse.ArgumentParser, command: str, plugin_options: bo
     o.add("--train-dtype", "the parent and activations there; trained weights and AdamW state stay fp32 (default: "
                            "bf16 on a GPU or on a CPU with native bf16 (AMX, AVX512-BF16), else fp32; whole models "
                            "are timed and compared in the scenario's --dtype)", choices=("bf16", "fp32"))
-    o.add("--max-memory", "host memory per rank a pass may plan for, e.g. 8GiB: a pass whose memory plan needs more "
-                          "stops before it starts (default: no limit; score carries up to 1 GiB of hidden states)",
+    o.add("--max-memory", "host memory per rank a pass may plan for, e.g. 8GiB (a bare number is MiB): a pass whose "
+                          "memory plan needs more stops before it starts (default: no limit; score carries up to 1 GiB "
+                          "of hidden states)",
           type=or_none(memory_size))
     o.add("--model", "model name (smollm2-135m, llama-3.1-8b, llama-3.1-70b) or checkpoint directory")
     o.add("--target", "hardware target: cpu, h100, h200, a100, 4090, auto (the GPU NVML sees, else the CPU), or a "
@@ -329,7 +330,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=or_none(int), help="torch CPU threads (default: the run's; else, or none: one "
                                                         "per core other processes leave idle)")
     p.add_argument("--max-memory", type=memory_size,
-                   help="host memory both models may take whole, e.g. 8GiB (default: the run's, "
+                   help="host memory both models may take whole, e.g. 8GiB, a bare number MiB (default: the run's, "
                                         "else no limit): where they do not fit it (or the GPU), quality is computed "
                                         "a layer at a time and the runtime is not measured")
     add_scenario_options(Options(p), backend_default="the run's, else roofline")

@@ -226,8 +226,9 @@ class Run:
         if any(not output_hash(self.dir(up)) for up in reads):
             before = upstream(name)
             missing = [up for up in before if not output_hash(self.dir(up))]
-            raise HwoptError(f"{name} needs the outputs of {', '.join(missing)} in {self.workdir}: run "
-                             f"`hwopt optimize --until {before[-1]}` first (it skips what is up to date)")
+            raise HwoptError(f"{name} needs the outputs of {', '.join(missing)} in {self.workdir}: run `hwopt "
+                             f"optimize --workdir {self.workdir} --until {before[-1]}` first (it skips what is up to "
+                             "date)")
         settings = {k: getattr(self.settings, k) for k in keys}
         if "linear" in keys:  # what --runtime leaves of --no-linear's choice
             settings["linear"] = self.space.linear

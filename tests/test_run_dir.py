@@ -198,7 +198,7 @@ def test_a_pass_whose_inputs_are_missing_names_them_and_the_command_that_makes_t
     with pytest.raises(HwoptError) as raised:
         Run(tmp_path, load_settings(tmp_path, {})).fingerprint("solve")
     assert str(raised.value) == (f"solve needs the outputs of library, score in {tmp_path}: run `hwopt optimize "
-                                 "--until score` first (it skips what is up to date)")
+                                 f"--workdir {tmp_path} --until score` first (it skips what is up to date)")
 
 
 def test_a_second_command_on_a_run_in_use_is_refused_in_one_line(tmp_path, capsys):
