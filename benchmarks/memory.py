@@ -116,6 +116,10 @@ def run_pass(name: str, model: Path, workdir: Path, ranks: int, extra: tuple[str
     return seconds, usage.ru_maxrss * 1024, plan
 
 
+def print_row(ranks: int, name: str, seconds: float, rss: int, plan: str, parent_bytes: int) -> None:
+    print(f"{ranks:>5} {name:<8} {seconds:8.1f} {rss / 1e9:12.2f} {rss / parent_bytes:13.3f}  {plan}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dir", type=Path, default=REPO / "runs" / "memory")
@@ -129,14 +133,12 @@ def main() -> None:
     for ranks in args.ranks:
         workdir = args.dir / f"run_{ranks}rank"
         for name in PASSES:
-            seconds, rss, plan = run_pass(name, args.dir / "parent", workdir, ranks)
-            print(f"{ranks:>5} {name:<8} {seconds:8.1f} {rss / 1e9:12.2f} {rss / parent_bytes:13.3f}  {plan}",
-                  flush=True)
+            print_row(ranks, name, *run_pass(name, args.dir / "parent", workdir, ranks), parent_bytes)
     sampling = ("--distill-samples", "256", "--max-memory", f"{parent_bytes // 2}B")  # 9 x 32 tokens, one held out
     os.environ["HWOPT_CACHE"] = str(args.dir / "sampling-cache")  # drawn anew each time, not found cached
     shutil.rmtree(args.dir / "sampling-cache", ignore_errors=True)
-    seconds, rss, plan = run_pass("library", args.dir / "parent", args.dir / "run_sampling", 1, sampling)
-    print(f"{1:>5} {'library+sampling':<8} {seconds:8.1f} {rss / 1e9:12.2f} {rss / parent_bytes:13.3f}  {plan}")
+    print_row(1, "library+sampling", *run_pass("library", args.dir / "parent", args.dir / "run_sampling", 1, sampling),
+              parent_bytes)
     print(f"load after: {os.getloadavg()[0]:.1f}")
 
 

@@ -54,14 +54,12 @@ def finite(text: str) -> float:
 def memory_size(text: str) -> str:
     """``--max-memory``'s type: a positive size such as 8GiB or 512MiB, kept as given (argparse then says
     "invalid memory_size value"), checked before anything heavy is imported."""
-    from hwopt.solving import parse_memory_mib
+    from hwopt.solving import parse_max_memory
 
     try:
-        positive = parse_memory_mib(text) > 0
+        parse_max_memory(text)
     except HwoptError:
-        positive = False
-    if not positive:
-        raise ValueError(text)
+        raise ValueError(text) from None
     return text
 
 

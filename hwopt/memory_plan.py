@@ -31,7 +31,7 @@ from hwopt.devices import Placement
 from hwopt.errors import HwoptError
 from hwopt.model.config import BlockConfig
 from hwopt.search_space import Scenario, SearchSpace, sub_variant_of
-from hwopt.solving import parse_memory_mib
+from hwopt.solving import parse_max_memory
 
 GIB = 2**30
 # peak RSS after `import hwopt.run` and reading the default data (0.50 GiB: torch 2.13 CPU, transformers 5.24)
@@ -103,17 +103,6 @@ class MemoryPlan:
         """
         if problem := self.over(max_memory, device_memory):
             raise HwoptError(problem)
-
-
-def parse_max_memory(text: str) -> int:
-    """'8GiB', '512MiB', '16GB' -> bytes. Raises HwoptError for anything but a positive size."""
-    try:
-        nbytes = int(parse_memory_mib(text) * 2**20)
-    except HwoptError:
-        nbytes = 0
-    if nbytes <= 0:
-        raise HwoptError(f"--max-memory takes a positive size such as 8GiB or 512MiB, not {text!r}")
-    return nbytes
 
 
 def layer_params(config, block: BlockConfig) -> int:

@@ -66,6 +66,17 @@ def parse_memory_mib(text: str) -> float:
         raise HwoptError(f"--memory takes a size such as 80GB, 512MiB or 1.5GiB, not {text!r}") from None
 
 
+def parse_max_memory(text: str) -> int:
+    """'8GiB', '512MiB', '16GB' -> bytes. Raises HwoptError for anything but a positive size."""
+    try:
+        nbytes = int(parse_memory_mib(text) * 2**20)
+    except HwoptError:
+        nbytes = 0
+    if nbytes <= 0:
+        raise HwoptError(f"--max-memory takes a positive size such as 8GiB or 512MiB, not {text!r}")
+    return nbytes
+
+
 def parse_count(text: str) -> float:
     """'50B', '135M', '7e9', '1.5k' -> a number (parameter counts)."""
     match = re.fullmatch(_NUMBER + r"([a-zA-Z]?)\s*", text, flags=re.IGNORECASE)
