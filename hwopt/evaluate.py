@@ -6,7 +6,8 @@ the parent's. ``compare_layerwise`` gives the same figures holding one
 decoder layer at a time, for models that do not fit in memory together.
 ``measure_runtimes`` times whole generations, runs
 interleaved so that drift on a shared machine affects both alike;
-``measured_speedup`` says how precise the ratio of two such times is.
+``measured_speedup`` pairs them round by round and times until the ratio
+is precise enough.
 ``evaluate`` is ``hwopt evaluate``: every figure on every text set given,
 plus runtime, tokens/s and memory in one serving scenario (no runtime for
 models compared a layer at a time).
@@ -29,10 +30,11 @@ from hwopt.model.modeling_nemotron_nas import GroupedQueryAttention
 from hwopt.scoring import swapped_final_hidden
 from hwopt.search_space import Scenario
 from hwopt.tasks import MultipleChoice, task_accuracy
-from hwopt.timing import CpuLoad, median_error, oversubscribed
+from hwopt.timing import CpuLoad, Timer, interleaved_rounds, median_error, oversubscribed
 from hwopt.workload import MIB
 
 COMPARISON_BATCH = 4  # held-out sequences whose logits a comparison holds at once
+SPEEDUP_PRECISION = 0.02  # the measured speedup's relative standard error that timing aims at (``measured_speedup``)
 
 
 def _next_token_loss_sum(logits: torch.Tensor, ids: torch.Tensor) -> float:
@@ -82,25 +84,35 @@ def compare_layerwise(child, parent, ids: torch.Tensor, batch: int = COMPARISON_
                        ids)
 
 
-def runtime_rounds(models: dict[str, HeteroLlamaForCausalLM], scenario: Scenario, vocab_size: int,
-                   repeats: int = 3) -> dict[str, list[float]]:
-    """Wall-clock ms of ``repeats`` full greedy generations (``scenario``'s batch, input and output lengths) by
-    each model, runs interleaved, after one warm-up each."""
+def generation_timers(models: dict[str, HeteroLlamaForCausalLM], scenario: Scenario, vocab_size: int
+                      ) -> dict[str, Timer]:
+    """Per model, a timer of one full greedy generation (``scenario``'s batch, input and output lengths, the same
+    random prompts for all): wall-clock ms, as a one-phase round of ``hwopt.timing.interleaved_rounds``. Each
+    model has generated once (a warm-up) when this returns."""
     torch.manual_seed(0)
     device = next(next(iter(models.values())).parameters()).device
     prompts = torch.randint(0, vocab_size, (scenario.batch, scenario.input_len)).to(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     for model in models.values():
         greedy_tokens(model, prompts, 2)
-    times = {name: [] for name in models}
-    for _ in range(repeats):
-        for name, model in models.items():
+
+    def timer(model: HeteroLlamaForCausalLM) -> Timer:
+        def one_generation() -> list[float]:
             sync()
             start = time.perf_counter()
             greedy_tokens(model, prompts, scenario.output_len)
             sync()
-            times[name].append((time.perf_counter() - start) * 1e3)
-    return times
+            return [(time.perf_counter() - start) * 1e3]
+        return one_generation
+    return {name: timer(model) for name, model in models.items()}
+
+
+def runtime_rounds(models: dict[str, HeteroLlamaForCausalLM], scenario: Scenario, vocab_size: int,
+                   repeats: int = 3, noisy: Callable[[dict], list] = lambda _: []) -> dict[str, list[float]]:
+    """Wall-clock ms of each model's full greedy generations (``generation_timers``), runs interleaved: ``repeats``
+    rounds, then more while ``noisy(rounds)`` names a model (``hwopt.timing.interleaved_rounds``)."""
+    rounds = interleaved_rounds(generation_timers(models, scenario, vocab_size), repeats, noisy)
+    return {name: [ms for ms, in phases] for name, phases in rounds.items()}
 
 
 def measure_runtimes(models: dict[str, HeteroLlamaForCausalLM], scenario: Scenario, vocab_size: int,
@@ -109,20 +121,33 @@ def measure_runtimes(models: dict[str, HeteroLlamaForCausalLM], scenario: Scenar
     return {name: statistics.median(t) for name, t in runtime_rounds(models, scenario, vocab_size, repeats).items()}
 
 
+def round_speedups(parent_ms: list[float], child_ms: list[float]) -> list[float]:
+    """Each round's parent ms over the child's: the two generations timed back to back."""
+    return [p / c for p, c in zip(parent_ms, child_ms)]
+
+
 def measured_speedup(parent: HeteroLlamaForCausalLM, child: HeteroLlamaForCausalLM, scenario: Scenario,
-                     repeats: int = 5) -> dict:
-    """The child's speedup measured here: the parent's median generation ms over the child's, runs interleaved
-    (``runtime_rounds``), with the ratio's relative standard error ``error``: each median's
-    (``hwopt.timing.median_error``) added in quadrature, as the relative errors of a ratio's independent factors
-    add to first order; ``others``: how many of this process's cores other processes kept busy meanwhile, and
-    ``disturbed``: whether they and torch's threads did not fit on them (``hwopt.timing.oversubscribed``), in which
-    case the ratio says more about the load than about the child. Returns ``{"measured_speedup", "error",
-    "measured_ms": {"parent", "child"}, "others", "disturbed"}``."""
+                     repeats: int = 5, precision: float = SPEEDUP_PRECISION) -> dict:
+    """The child's speedup measured here, paired: the median over rounds of the parent's generation ms over the
+    child's in the same round (``runtime_rounds``; ``round_speedups``), and its relative standard error ``error``
+    (``hwopt.timing.median_error`` of those ratios). Pairing matters on a shared machine: here a generation's
+    time drifted by 25% over a minute while the two models' times moved together, so a ratio of the two medians
+    taken over all rounds scatters more than the ratio within a round. After ``repeats`` rounds, more are timed
+    while ``error`` exceeds ``precision``, for at most twice as long again (``interleaved_rounds``).
+    ``others``: how many of this process's cores other processes kept busy meanwhile, and ``disturbed``: whether
+    they and torch's threads did not fit on them (``hwopt.timing.oversubscribed``), in which case the ratio says
+    more about the load than about the child. Returns ``{"measured_speedup", "error", "rounds",
+    "measured_ms": {"parent", "child"} (medians)}``, ``"others"`` and ``"disturbed"``."""
+    def imprecise(rounds: dict) -> list[str]:
+        speedups = round_speedups(*([ms for ms, in rounds[name]] for name in ("parent", "child")))
+        return ["child"] if median_error(speedups) > precision else []
+
     with CpuLoad() as load:
-        rounds = runtime_rounds({"parent": parent, "child": child}, scenario, parent.config.vocab_size, repeats)
-    ms = {name: statistics.median(t) for name, t in rounds.items()}
-    return {"measured_speedup": ms["parent"] / ms["child"], "error": math.hypot(*map(median_error, rounds.values())),
-            "measured_ms": ms, "others": load.others,
+        rounds = runtime_rounds({"parent": parent, "child": child}, scenario, parent.config.vocab_size, repeats,
+                                imprecise)
+    speedups = round_speedups(rounds["parent"], rounds["child"])
+    return {"measured_speedup": statistics.median(speedups), "error": median_error(speedups), "rounds": len(speedups),
+            "measured_ms": {name: statistics.median(t) for name, t in rounds.items()}, "others": load.others,
             "disturbed": oversubscribed(load.others, torch.get_num_threads(), len(load.cores))}
 
 

@@ -192,6 +192,42 @@ def test_a_measured_speedup_says_how_busy_other_processes_kept_the_cores(tiny_ch
     assert check["others"] >= 0 and isinstance(check["disturbed"], bool)
 
 
+def _scripted_generations(monkeypatch, parent_ms: list[float], child_ms: list[float]):
+    """``generation_timers`` replaced: each model's rounds take the scripted ms in turn (cycling), 2 ms of real
+    time each, so that ``interleaved_rounds``' time limit on extra rounds applies."""
+    import itertools
+    import time
+
+    import hwopt.evaluate
+
+    def timers(models, scenario, vocab_size):
+        def timer(script):
+            cycle = itertools.cycle(script)
+            return lambda: (time.sleep(0.002), [next(cycle)])[1]
+        return {"parent": timer(parent_ms), "child": timer(child_ms)}
+    monkeypatch.setattr(hwopt.evaluate, "generation_timers", timers)
+
+
+def test_a_measured_speedup_pairs_each_round_and_times_more_rounds_until_it_is_precise(monkeypatch, tiny_llama_dir):
+    """The machine slows down round by round and both models with it: the speedup is the median of each round's
+    ratio (1.43x), not the ratio of the two medians (200 / 130 = 1.54x); a precise ratio stops at ``repeats``
+    rounds, a scattered one is timed for more."""
+    from hwopt.evaluate import measured_speedup
+    from hwopt.search_space import Scenario
+
+    parent = load_checkpoint(tiny_llama_dir, block_types())
+    _scripted_generations(monkeypatch, [100.0, 200.0, 300.0], [70.0, 130.0, 210.0])
+    check = measured_speedup(parent, parent, Scenario(), repeats=3, precision=1.0)
+    assert check["rounds"] == 3 and check["measured_speedup"] == pytest.approx(100 / 70)
+    assert check["measured_ms"] == {"parent": 200.0, "child": 130.0}
+    _scripted_generations(monkeypatch, [150.0], [100.0])
+    steady = measured_speedup(parent, parent, Scenario(), repeats=5)
+    assert steady["rounds"] == 5 and steady["measured_speedup"] == 1.5 and steady["error"] == 0
+    _scripted_generations(monkeypatch, [130.0, 170.0], [100.0])
+    scattered = measured_speedup(parent, parent, Scenario(), repeats=5, precision=0.02)
+    assert scattered["rounds"] > 5 and scattered["error"] > 0.02  # still imprecise when the time ran out
+
+
 def test_a_runs_child_is_evaluated_with_the_runs_parent_data_and_scenario(tiny_child_dir, tiny_llama_dir, tmp_path,
                                                                          capsys):
     """`hwopt evaluate --model RUN/uptrain/model` alone: the parent, sequence length, target and scenario come from
