@@ -52,14 +52,14 @@ def finite(text: str) -> float:
 
 
 def memory_size(text: str) -> str:
-    """``--max-memory``'s type: a positive size such as 8GiB or 512MiB, kept as given (argparse then says
-    "invalid memory_size value"), checked before anything heavy is imported."""
+    """``--max-memory``'s type: a positive size such as 8GiB or 512MiB, kept as given; anything else is argparse's
+    one usage error line, with ``parse_max_memory``'s reason. Checked before anything heavy is imported."""
     from hwopt.solving import parse_max_memory
 
     try:
         parse_max_memory(text)
-    except HwoptError:
-        raise ValueError(text) from None
+    except HwoptError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     return text
 
 

@@ -126,9 +126,9 @@ class Budgets:
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise HwoptError(f"--{name} must be a positive number, not {value}")
-        for text, parse in ((self.memory, parse_memory_mib), (self.params, parse_count)):
-            if text is not None:
-                parse(text)
+        for name, text, parse in (("memory", self.memory, parse_memory_mib), ("params", self.params, parse_count)):
+            if text is not None and not parse(text) > 0:
+                raise HwoptError(f"--{name} must be more than 0, not {text!r}")
 
     def keys(self, ttft_key: str = TTFT) -> list[str]:
         """The library keys these budgets constrain."""

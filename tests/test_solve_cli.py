@@ -118,6 +118,8 @@ def test_missing_or_binary_library_file_is_one_error_line(tmp_path, capsys):
     (["--range", "stats.runtime_ms=9:5"], "min is above max"),
     (["--params", "lots"], "--params takes a count"),
     (["--memory", "1.2.3GiB"], "--memory takes a size such as"),  # was a ValueError's traceback
+    (["--memory", "0"], "--memory must be more than 0, not '0'"),  # was accepted, then infeasible
+    (["--params", "0B"], "--params must be more than 0, not '0B'"),
     (["--throughput", "100"], "--throughput needs the workload"),
     (["--latency", "-1"], "--latency must be a positive number"),
     (["--max", "stats.runtime_ms=nan"], "its bounds must be finite numbers"),
@@ -141,7 +143,7 @@ def test_max_memory_takes_a_positive_size_or_says_so_in_one_line(capsys, command
         main([command, f"--max-memory={value}", *(["--model", "x"] if command == "evaluate" else [])])
     assert stopped.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert f"--max-memory: invalid memory_size value: '{value}'" in err[-1]
+    assert f"--max-memory: --max-memory takes a positive size such as 8GiB or 512MiB, not '{value}'" in err[-1]
 
 
 @pytest.mark.parametrize("option", ["--speedup", "--latency", "--time-limit"])
