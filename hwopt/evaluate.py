@@ -35,6 +35,7 @@ from hwopt.workload import MIB
 
 COMPARISON_BATCH = 4  # held-out sequences whose logits a comparison holds at once
 SPEEDUP_PRECISION = 0.02  # the measured speedup's relative standard error that timing aims at (``measured_speedup``)
+MIN_SPEEDUP_ROUNDS = 5  # rounds before that error is trusted: a report at 3 rounds said ± 1%, then measured 7% off
 
 
 def _next_token_loss_sum(logits: torch.Tensor, ids: torch.Tensor) -> float:
@@ -108,10 +109,12 @@ def generation_timers(models: dict[str, HeteroLlamaForCausalLM], scenario: Scena
 
 
 def runtime_rounds(models: dict[str, HeteroLlamaForCausalLM], scenario: Scenario, vocab_size: int,
-                   repeats: int = 3, noisy: Callable[[dict], list] = lambda _: []) -> dict[str, list[float]]:
+                   repeats: int = 3, noisy: Callable[[dict], list] = lambda _: [], extra_time_factor: float = 1.0
+                   ) -> dict[str, list[float]]:
     """Wall-clock ms of each model's full greedy generations (``generation_timers``), runs interleaved: ``repeats``
-    rounds, then more while ``noisy(rounds)`` names a model (``hwopt.timing.interleaved_rounds``)."""
-    rounds = interleaved_rounds(generation_timers(models, scenario, vocab_size), repeats, noisy)
+    rounds, then more while ``noisy(rounds)`` names a model, for at most ``extra_time_factor`` times as long as
+    the first rounds took (``hwopt.timing.interleaved_rounds``)."""
+    rounds = interleaved_rounds(generation_timers(models, scenario, vocab_size), repeats, noisy, extra_time_factor)
     return {name: [ms for ms, in phases] for name, phases in rounds.items()}
 
 
@@ -133,14 +136,15 @@ def measured_speedup(parent: HeteroLlamaForCausalLM, child: HeteroLlamaForCausal
     (``hwopt.timing.median_error`` of those ratios). Pairing matters on a shared machine: here a generation's
     time drifted by 25% over a minute while the two models' times moved together, so a ratio of the two medians
     taken over all rounds scatters more than the ratio within a round. After ``repeats`` rounds, more are timed
-    while ``error`` exceeds ``precision``, for at most twice as long again (``interleaved_rounds``).
+    while there are fewer than ``MIN_SPEEDUP_ROUNDS`` (fewer ratios say little of their own scatter) or ``error``
+    exceeds ``precision``, for at most as long again (``runtime_rounds``).
     ``others``: how many of this process's cores other processes kept busy meanwhile, and ``disturbed``: whether
     they and torch's threads did not fit on them (``hwopt.timing.oversubscribed``), in which case the ratio says
     more about the load than about the child. Returns ``{"measured_speedup", "error", "rounds",
     "measured_ms": {"parent", "child"} (medians)}``, ``"others"`` and ``"disturbed"``."""
     def imprecise(rounds: dict) -> list[str]:
         speedups = round_speedups(*([ms for ms, in rounds[name]] for name in ("parent", "child")))
-        return ["child"] if median_error(speedups) > precision else []
+        return ["child"] if len(speedups) < MIN_SPEEDUP_ROUNDS or median_error(speedups) > precision else []
 
     with CpuLoad() as load:
         rounds = runtime_rounds({"parent": parent, "child": child}, scenario, parent.config.vocab_size, repeats,

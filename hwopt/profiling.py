@@ -40,6 +40,7 @@ from hwopt.timing import (
     interleaved_rounds,
     median_error,
     median_phases,
+    normalized_rounds,
     oversubscribed,
     spread,
 )
@@ -131,9 +132,9 @@ def choose_backend(name: str, target, scenario: Scenario, require_measured: bool
     label["summary"] = (f"measured on {label['device']} with {label['backend']}" if backend.measures
                         else f"estimated for {target.description} by {label['model']}")
     if backend.measures:
-        label["method"] += (f"; median over rounds that time every variant in turn, after warm-up, rotating "
-                            f"inputs and weight copies; decode timed at contexts {decode_contexts(scenario)} and "
-                            "integrated linearly")
+        label["method"] += ("; median over rounds that time every variant in turn (each round divided by how slow "
+                            "the machine ran in it), after warm-up, rotating inputs and weight copies; decode timed at "
+                            f"contexts {decode_contexts(scenario)} and integrated linearly")
     else:
         label["reason"] = f"not measured: {why_not_measured}"
     return backend, label
@@ -166,8 +167,9 @@ def measure_costs(config, variants: list[SubVariant], target, scenario: Scenario
     A backend that measures times every piece in ``repeats`` interleaved
     rounds, and in further rounds (for a bounded time, ``hwopt.timing``)
     while a figure's noise exceeds ``bound`` (a key of ``NOISE`` and its
-    bound); each entry carries its ``rounds``, the ``spread`` of its figures
-    and their ``median_error``. An estimate is made once.
+    bound); each round is divided by how slow the machine ran in it
+    (``hwopt.timing.normalized_rounds``); each entry carries its ``rounds``,
+    the ``spread`` of its figures and their ``median_error``. An estimate is made once.
     """
     phases = scenario_phases(scenario)
     workloads = {(v.kind, v.name): Workload(v, config, scenario.dtype, scenario.kv_dtype, phases) for v in variants}
@@ -175,7 +177,7 @@ def measure_costs(config, variants: list[SubVariant], target, scenario: Scenario
     rounds = repeats if backend.measures else 1
 
     def noisy(results: dict) -> list:
-        return [key for key, ms in results.items()
+        return [key for key, ms in normalized_rounds(results).items()
                 if max(round_noise(workloads[key], ms, scenario, bound[0]).values()) > bound[1]]
 
     with progress(title, total=len(workloads) + rounds) as advance:
@@ -183,8 +185,8 @@ def measure_costs(config, variants: list[SubVariant], target, scenario: Scenario
         for key, workload in workloads.items():
             timers[key] = backend.prepare(workload, target)
             advance()
-        results = interleaved_rounds(timers, rounds, noisy if backend.measures else lambda _: [],
-                                     after_round=advance)
+        results = normalized_rounds(interleaved_rounds(timers, rounds, noisy if backend.measures else lambda _: [],
+                                                       after_round=advance))
     costs = {"attention": {}, "ffn": {}}
     for (kind, name), workload in workloads.items():
         timing = phase_totals(workload, median_phases(results[kind, name]), scenario)

@@ -2,9 +2,13 @@
 
 Timing one variant after another lets a burst of outside load land on
 whichever variant happened to be running. Here every piece is timed once
-per round, in the same order each round (A B C ... A B C ...), so a burst
-lands on all of them alike, and each piece's figure is its median over the
-rounds. The spread of a figure is its interquartile range over the rounds
+per round, the order reversed every other round (A B C C B A A B C ...), so
+a burst, or a load that rises or falls steadily, lands on all of them
+alike, and each piece's figure is its median over the rounds. What such
+load does to a whole round can also be taken out: ``normalized_rounds``
+divides each round by how slow the machine ran in it, judged by all its
+pieces together (on a quiet 2-core VM that halved the standard errors of a
+profile's medians, 5% to 2.5%). The spread of a figure is its interquartile range over the rounds
 relative to the median, as ``torch.utils.benchmark.Measurement`` computes
 it (that class warns above 10%, "significant environmental influence").
 
@@ -78,17 +82,19 @@ def median_phases(rounds: list[list[float]]) -> list[float]:
 def interleaved_rounds(timers: dict[object, Timer], rounds: int, noisy: Callable[[dict], list],
                        extra_time_factor: float = REMEASURE_TIME, clock: Callable[[], float] = time.perf_counter,
                        after_round: Callable[[], object] = lambda: None) -> dict[object, list[list[float]]]:
-    """Each timer's results, one per round: every timer once per round, in order, for ``rounds`` rounds.
+    """Each timer's results, one per round: every timer once per round, for ``rounds`` rounds, in order and in
+    reverse order in turn.
 
     Then, while ``noisy(results)`` names any timer, further rounds of all of
     them (so that load still hits every piece alike), for at most
     ``extra_time_factor`` times as long as the first ``rounds`` took.
     """
     results = {name: [] for name in timers}
+    names = list(timers)
 
     def one_round():
-        for name, timer in timers.items():
-            results[name].append(timer())
+        for name in names if len(results[names[0]]) % 2 == 0 else reversed(names):
+            results[name].append(timers[name]())
         after_round()
 
     start = clock()
@@ -98,6 +104,28 @@ def interleaved_rounds(timers: dict[object, Timer], rounds: int, noisy: Callable
     while noisy(results) and clock() < deadline:
         one_round()
     return results
+
+
+def normalized_rounds(results: dict[object, list[list[float]]]) -> dict[object, list[list[float]]]:
+    """``interleaved_rounds``' results with each round divided by how slow the machine ran in it.
+
+    A round's slowness is the median, over the pieces that take any time, of
+    the piece's milliseconds in that round (all phases) over its median
+    across rounds: load that slows a whole round moves every piece alike and
+    so this median, while one piece's own scatter does not (a median, not a
+    total, so that a few scattered pieces do not pass their scatter on to the
+    rest). Dividing by it leaves each piece's own scatter, as timing two
+    models back to back and taking their ratio does. Returns the same shape.
+    """
+    totals = {name: [sum(phases) for phases in rounds] for name, rounds in results.items()}
+    typical = {name: statistics.median(t) for name, t in totals.items()}
+    timed = [name for name in results if typical[name] > 0]
+    if not timed:
+        return results
+    slowness = [statistics.median(totals[name][k] / typical[name] for name in timed)
+                for k in range(len(totals[timed[0]]))]
+    return {name: [[ms / factor for ms in phases] for phases, factor in zip(rounds, slowness)]
+            for name, rounds in results.items()}
 
 
 def usable_cores() -> list[int]:

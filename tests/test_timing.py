@@ -24,15 +24,26 @@ from hwopt.pipeline import read_manifest
 from hwopt.profiling import check_profile, print_checks, profile
 from hwopt.search_space import Scenario, SearchSpace
 from hwopt.targets import resolve_target
-from hwopt.timing import interleaved_rounds, median_error, median_phases, spread
+from hwopt.timing import interleaved_rounds, median_error, median_phases, normalized_rounds, spread
 
 
-def test_every_timer_runs_once_per_round_in_the_same_order():
+def test_every_timer_runs_once_per_round_in_order_and_in_reverse_order_in_turn():
     calls = []
     timers = {name: (lambda name=name: calls.append(name) or [1.0]) for name in "ABC"}
     results = interleaved_rounds(timers, rounds=3, noisy=lambda _: [])
-    assert "".join(calls) == "ABCABCABC"
+    assert "".join(calls) == "ABCCBAABC"
     assert results == {name: [[1.0]] * 3 for name in "ABC"}
+
+
+def test_normalized_rounds_take_out_what_slowed_a_whole_round_and_leave_a_pieces_own_scatter():
+    """Round 2 ran 1.5x slow for everything; piece C also scatters on its own in round 3; a no-op stays 0."""
+    results = {"A": [[1.0, 10.0], [1.5, 15.0], [1.0, 10.0]], "B": [[2.0], [3.0], [2.0]],
+               "C": [[4.0], [6.0], [8.0]], "noop": [[0.0], [0.0], [0.0]]}
+    normalized = normalized_rounds(results)
+    assert normalized["A"] == [[1.0, 10.0], [1.0, 10.0], [1.0, 10.0]] and normalized["B"] == [[2.0], [2.0], [2.0]]
+    assert normalized["C"] == [[4.0], [4.0], [8.0]]  # its own scatter is not passed on to A and B
+    assert normalized["noop"] == [[0.0]] * 3
+    assert median_error([sum(r) for r in normalized["A"]]) == 0 < median_error([sum(r) for r in results["A"]])
 
 
 def test_spread_is_the_interquartile_range_over_the_median():
