@@ -51,6 +51,7 @@ SPREAD_KEYS = ("prefill_ms", "decode_ms", "runtime_ms")
 NOISE = {"median_error": median_error, "spread": spread}  # what a noise bound bounds: hwopt.timing
 SELF_CHECK_BOUND = 0.15  # the whole model end to end within 15% of the sum of its blocks
 SELF_CHECK_RUNS = 3  # generations of the whole model; the median is compared
+QUIET_OTHER_CORES = 0.25  # other processes' load, in cores, under which noise is the machine's own (check_profile)
 
 
 TIME_KEYS = ("runtime_ms", "prefill_ms", "decode_ms")
@@ -243,22 +244,28 @@ def self_check(source, target, scenario: Scenario, backend, costs: dict) -> dict
 
 
 def check_profile(costs: dict, check: dict, load: CpuLoad, threads: int | None,
-                  max_spread: float | None) -> list[str]:
-    """One line per check the profile failed: figures that stayed noisy (medians less precise than
-    ``PRECISION_BOUND``, or with ``max_spread`` a spread above it), a machine too busy for the ``threads``
-    timing threads (None: timed off the CPU), a whole model off the sum of its blocks.
+                  max_spread: float | None) -> tuple[list[str], list[str]]:
+    """The checks the profile failed, one line each, and its warnings: figures that stayed noisy (medians less
+    precise than ``PRECISION_BOUND``, or with ``max_spread`` a spread above it), a machine too busy for the
+    ``threads`` timing threads (None: timed off the CPU), a whole model off the sum of its blocks.
+
+    Noise on a quiet machine (other processes kept at most ``QUIET_OTHER_CORES`` of its cores busy) is a
+    warning, not a failed check: it is the machine's own scatter, which measuring again later would find as
+    well, so the profile is kept rather than measured again (and everything after it redone) on every rerun.
 
     Raises HwoptError for the first two when ``max_spread`` is given.
     """
-    problems = []
+    problems, warnings = [], []
     measure, limit = noise_bound(max_spread)
     if noisy := noisy_entries(costs, (measure, limit)):
         rounds = max(e["rounds"] for e in cost_entries(costs).values())
         worst = ", ".join(f"{name} {s:.0%}" for name, s in sorted(noisy.items(), key=lambda kv: -kv[1]))
         what = ("spread = IQR / median" if measure == "spread"
                 else "the median's standard error = 1.2533 IQR / (1.349 sqrt(rounds)), relative to it")
-        problems.append(f"timings stayed noisy after {rounds} rounds: {worst} ({what}; bound {limit:.0%}); while "
-                        f"measuring, {load.describe()}")
+        quiet = max_spread is None and load.others <= QUIET_OTHER_CORES
+        (warnings if quiet else problems).append(
+            f"timings stayed noisy after {rounds} rounds: {worst} ({what}; bound {limit:.0%}); while measuring, "
+            f"{load.describe()}")
     if threads is not None and oversubscribed(load.others, threads, len(load.cores)):
         problems.append(f"the machine is too busy to measure: {load.describe()} beside the profile's {threads} "
                         f"timing thread{'s' if threads > 1 else ''}")
@@ -268,12 +275,12 @@ def check_profile(costs: dict, check: dict, load: CpuLoad, threads: int | None,
         problems.append(f"the whole model took {check['end_to_end_ms']:.1f} ms end to end, the sum of its blocks "
                         f"{check['blocks_ms']:.1f} ms (ratio {check['ratio']:.2f}, outside 1 ± "
                         f"{SELF_CHECK_BOUND:.2f}); while measuring, {load.describe()}")
-    return problems
+    return problems, warnings
 
 
 def print_checks(costs: dict) -> None:
-    """What the profile holds and, for a measured one, what its checks found (failed checks are the caller's to
-    warn about)."""
+    """What the profile holds and, for a measured one, what its checks found and its warnings (failed checks are
+    the caller's to warn about)."""
     checks, entries = costs["checks"], cost_entries(costs)
     if "self_check" not in checks:
         source = costs["source"]
@@ -293,6 +300,10 @@ def print_checks(costs: dict) -> None:
     else:
         console.print(f"profile: self-check: the whole model took {check['end_to_end_ms']:.1f} ms end to end, the "
                       f"sum of its blocks {check['blocks_ms']:.1f} ms (ratio {check['ratio']:.3f})", soft_wrap=True)
+    for line in checks.get("warnings", []):
+        console.print(f"[yellow]profile: warning: {line}; kept all the same, as measuring again on a machine this "
+                      "quiet would scatter as much (--force measures again, --max-spread makes it an error)[/yellow]",
+                      soft_wrap=True)
 
 
 def profile(source, target, scenario: Scenario, space: SearchSpace, backend_name: str, repeats: int,
@@ -304,7 +315,8 @@ def profile(source, target, scenario: Scenario, space: SearchSpace, backend_name
     bounded, ``noise_bound``), the load other processes put on the machine,
     and the whole model end to end against the sum of its blocks. Returns
     costs.json's content; ``costs["checks"]["problems"]`` holds one line per
-    failed check (empty: the profile can be trusted). Raises HwoptError,
+    failed check (empty: the profile can be trusted), ``["warnings"]`` noise
+    that measuring again would not cure (``check_profile``). Raises HwoptError,
     when ``max_spread`` (a fraction, e.g. 0.1) is given, if a figure's spread
     stays above it or the machine is too busy to measure.
     """
@@ -318,10 +330,10 @@ def profile(source, target, scenario: Scenario, space: SearchSpace, backend_name
                                repeats, f"profile on {target.name} ({label['kind']})", bound)
         check = self_check(source, target, scenario, backend, pieces) if backend.measures else None
     checks = {"noise_bound": dict([bound]), "other_busy_cores": load.others, "cores": len(load.cores),
-              "threads": threads, "problems": []}
+              "threads": threads, "problems": [], "warnings": []}
     if backend.measures:
         checks["self_check"] = check
-        checks["problems"] = check_profile(pieces, check, load, threads, max_spread)
+        checks["problems"], checks["warnings"] = check_profile(pieces, check, load, threads, max_spread)
     costs = {"target": target.name, "scenario": scenario.to_json(), "source": label, **pieces, "checks": checks}
     atomic_write_json(out_path, costs)
     return costs
