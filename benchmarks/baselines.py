@@ -140,7 +140,8 @@ def main() -> None:
         for method, solution in children(run, library, costs, speedup, args.methods).items():
             choice = solution["variants"]
             child = run.assemble(solution)
-            as_served = child if child.dtype == run.deployed.dtype else copy.deepcopy(child).to(run.deployed.dtype)
+            served = next(child.parameters()).dtype == run.deployed.dtype
+            as_served = child if served else copy.deepcopy(child).to(run.deployed.dtype)
             before = compare_on_heldout(as_served, run.deployed_parent, run.general_heldout)["kl_div"]
             uptrain(child, run.parent, train_ids, run.split.score_batches(s.score_tokens),
                     UptrainSettings(tokens=tokens, lr=s.uptrain_lr, seed=s.seed), run.placement)
