@@ -7,8 +7,9 @@ a burst, or a load that rises or falls steadily, lands on all of them
 alike, and each piece's figure is its median over the rounds. What such
 load does to a whole round can also be taken out: ``normalized_rounds``
 divides each round by how slow the machine ran in it, judged by all its
-pieces together (on a quiet 2-core VM that halved the standard errors of a
-profile's medians, 5% to 2.5%). The spread of a figure is its interquartile range over the rounds
+pieces together (on a quiet 2-core VM one probe saw the standard errors of
+a profile's medians halve, 5% to 2.5%; whole profiles still left some at 7%).
+The spread of a figure is its interquartile range over the rounds
 relative to the median, as ``torch.utils.benchmark.Measurement`` computes
 it (that class warns above 10%, "significant environmental influence").
 
