@@ -42,9 +42,12 @@ class Metric(Protocol):
 
 
 def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """Mean over tokens of KL(teacher || student), in nats."""
-    import torch.nn.functional as F
+    """Mean over tokens of KL(teacher || student), in nats: a 0-d fp32 tensor, differentiable with respect to the
+    student's logits. Both are [tokens, vocab]; computed a few rows at a time (``hwopt.chunked_kl``).
 
-    teacher = F.log_softmax(teacher_logits.float(), dim=-1)
-    student = F.log_softmax(student_logits.float(), dim=-1)
-    return F.kl_div(student, teacher, log_target=True, reduction="batchmean")
+    Raises:
+        ValueError: logits of different shapes, or not [tokens, vocab].
+    """
+    from hwopt.chunked_kl import ChunkedKL
+
+    return ChunkedKL.apply(student_logits, teacher_logits)

@@ -13,9 +13,10 @@ import torch.nn.functional as F
 from conftest import FAST_RUN, tiny_parent
 
 from hwopt import plugins
+from hwopt.chunked_kl import CHUNK_ROWS
 from hwopt.cli import main
 from hwopt.errors import HwoptError
-from hwopt.metric import Outputs
+from hwopt.metric import Outputs, kl_divergence
 from hwopt.model.config import AttentionConfig, BlockConfig, FFNConfig
 from hwopt.model.modeling import DecoderLayer
 from hwopt.plugins import block_types
@@ -53,6 +54,32 @@ def test_kl_div():
     p, q = p_logits.softmax(-1), q_logits.softmax(-1)  # student p, teacher q: KL(q || p)
     by_hand = (q * (q.log() - p.log())).sum(-1).mean().item()
     assert metric("kl_div").compute(outputs(p_logits), outputs(q_logits)) == pytest.approx(by_hand, rel=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, CHUNK_ROWS, 3 * CHUNK_ROWS + 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_kl_equals_plain_autograd_in_value_and_gradient(rows, dtype):
+    torch.manual_seed(rows)
+    student, teacher = (torch.randn(rows, 300) * 4).to(dtype), (torch.randn(rows, 300) * 4).to(dtype)
+    chunked_student = student.clone().requires_grad_(True)
+    plain_student = student.float().requires_grad_(True)
+    chunked = kl_divergence(chunked_student, teacher.requires_grad_(True))
+    plain = F.kl_div(F.log_softmax(plain_student, -1), F.log_softmax(teacher.detach().float(), -1), log_target=True,
+                     reduction="batchmean")
+    (2 * chunked).backward()
+    (2 * plain).backward()
+    assert chunked.dtype == torch.float32 and chunked.item() == pytest.approx(plain.item(), rel=1e-5)
+    assert chunked_student.grad.dtype == dtype
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-2 / rows  # bf16 keeps 8 bits of the gradient
+    torch.testing.assert_close(chunked_student.grad.float(), plain_student.grad, rtol=1e-2, atol=tolerance)
+    assert teacher.grad is None
+
+
+def test_chunked_kl_refuses_logits_of_different_shapes():
+    with pytest.raises(ValueError, match=r"\[rows, vocab\]"):
+        kl_divergence(torch.zeros(4, 10), torch.zeros(4, 11))
+    with pytest.raises(ValueError, match=r"\[rows, vocab\]"):
+        kl_divergence(torch.zeros(2, 4, 10), torch.zeros(2, 4, 10))
 
 
 def test_lm_loss_is_the_students_cross_entropy_on_known_labels():
