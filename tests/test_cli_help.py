@@ -53,7 +53,7 @@ def test_an_option_left_out_of_a_pass_help_is_still_accepted():
 
 
 @pytest.mark.parametrize("option, default", [("--model", "smollm2-135m"), ("--target", "cpu"),
-                                             ("--bld-lr", "0.0005"), ("--uptrain-lr", "0.0003"), ("--seed", "0"),
+                                             ("--bld-lr", "0.0005"), ("--uptrain-lr", "0.0006"), ("--seed", "0"),
                                              ("--scenario", "128/64")])
 def test_optimize_help_gives_the_settings_defaults(option, default):
     optimize = subparsers(build_parser("optimize"))["optimize"]
