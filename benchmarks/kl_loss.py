@@ -4,8 +4,11 @@
 
 Random logits the shape of one uptraining step's (512 tokens of SmolLM2's
 vocabulary, in the bf16 an uptraining step's forwards produce on a CPU with
-native bf16). Prints the median seconds of each and their ratio, and checks
-that the two agree.
+native bf16). Prints the median seconds of each, their ratio, the two losses'
+values, and how busy other processes kept the machine meanwhile: the chunked
+loss gains most on a quiet one (2.4x on 2 cores), least where other
+processes' threads compete for the cores (1.2x with two 2-thread matmul loops
+beside it; see ``hwopt.chunked_kl.CHUNK_ROWS``).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch.nn.functional as F
 
 from hwopt.devices import TRAIN_DTYPES
 from hwopt.metric import kl_divergence
+from hwopt.timing import CpuLoad
 
 
 def plain_kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -48,9 +52,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     student, teacher = ((torch.randn(args.tokens, args.vocab) * 3).to(TRAIN_DTYPES[args.dtype]) for _ in range(2))
-    plain, plain_value = seconds(plain_kl, student, teacher, args.repeats)
-    chunked, chunked_value = seconds(kl_divergence, student, teacher, args.repeats)
-    print(f"[{args.tokens}, {args.vocab}] {args.dtype} logits, {torch.get_num_threads()} threads, forward + backward:")
+    with CpuLoad() as load:
+        plain, plain_value = seconds(plain_kl, student, teacher, args.repeats)
+        chunked, chunked_value = seconds(kl_divergence, student, teacher, args.repeats)
+    print(f"[{args.tokens}, {args.vocab}] {args.dtype} logits, {torch.get_num_threads()} threads, forward + backward "
+          f"({load.describe()}):")
     print(f"  plain autograd {plain * 1e3:8.1f} ms   (KL {plain_value:.6f})")
     print(f"  chunked        {chunked * 1e3:8.1f} ms   (KL {chunked_value:.6f})")
     print(f"  plain / chunked: {plain / chunked:.2f}x")

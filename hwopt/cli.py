@@ -424,6 +424,8 @@ def take_run_settings(args: argparse.Namespace) -> None:
     """``hwopt evaluate`` of a run's child: the options not given (``EVALUATE_FROM_RUN``) from the run's run.json,
     so the child is measured on the text and in the scenario it was made for; else the runs' defaults. Raises
     ``HwoptError`` when no parent is known."""
+    from hwopt.model_source import resolve_model
+
     found = run_containing(args.model)
     if found:
         workdir, saved = found
@@ -435,6 +437,7 @@ def take_run_settings(args: argparse.Namespace) -> None:
             values = ", ".join(f"{k.replace('_', ' ')} {getattr(args, k)}" for k in taken)
             print(f"{args.model} is in run {workdir}; from its run.json: {values}", file=sys.stderr)
     if args.parent is None:
+        resolve_model(args.model)  # one that is neither a path nor a known name says so first
         raise HwoptError(f"{args.model} is not inside a run directory: say which model is its parent (--parent)")
     args.seq_len = SETTINGS_DEFAULTS["seq_len"] if args.seq_len is None else args.seq_len
     args.target = args.target or SETTINGS_DEFAULTS["target"]

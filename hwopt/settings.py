@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -113,8 +115,7 @@ def load_settings(workdir: Path, overrides: dict) -> Settings:
 
     An override of ``UNSET`` puts a setting whose default is None back to None.
     """
-    saved_path = Path(workdir) / "run.json"
-    saved = json.loads(saved_path.read_text()) if saved_path.is_file() else {}
+    saved = saved_settings(Path(workdir) / "run.json")
     names = {f.name for f in dataclasses.fields(Settings)}
     unsettable = {f.name for f in dataclasses.fields(Settings) if f.default is None}
     given = {k: v for k, v in overrides.items() if v is not None}
@@ -126,18 +127,66 @@ def load_settings(workdir: Path, overrides: dict) -> Settings:
     return Settings(**merged)
 
 
+def saved_settings(path: Path) -> dict:
+    """The settings a run's ``run.json`` at ``path`` remembers ({} when there is none); keys hwopt does not know
+    (from another version) are kept, and ignored by ``load_settings``.
+
+    Raises:
+        HwoptError: naming the file (and the key) when it is not a JSON object, or a known setting in it has a
+            value of another type than the setting's (``"speedup": "fast"``).
+    """
+    if not path.is_file():
+        return {}
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise HwoptError(f"{path} is not readable JSON ({err}); it holds the settings earlier commands on "
+                         "this run saved: mend it") from None
+    if not isinstance(saved, dict):
+        raise HwoptError(f"{path} must hold a JSON object of settings, not a {type(saved).__name__}")
+    hints = typing.get_type_hints(Settings)
+    for key, value in saved.items():
+        if key in hints and not _fits(value, hints[key]):
+            raise HwoptError(f"{path}: setting {key!r} is {json.dumps(value)}, where it takes {_describe(hints[key])}")
+    return saved
+
+
+def _fits(value, hint) -> bool:
+    """Whether a JSON ``value`` is of the type ``hint`` (a ``Settings`` field's annotation) names."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        return any(_fits(value, arg) for arg in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool or hint is str:
+        return isinstance(value, hint)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if origin is list or hint is list:
+        return isinstance(value, list) and all(_fits(v, args[0]) for v in value if args)
+    if origin is dict:
+        return isinstance(value, dict) and all(_fits(k, args[0]) and _fits(v, args[1]) for k, v in value.items())
+    return True  # no other kind of setting exists
+
+
+def _describe(hint) -> str:
+    """``list[str] | None`` -> "list[str] or null", as a run.json's reader would name it."""
+    parts = typing.get_args(hint) if typing.get_origin(hint) in (types.UnionType, typing.Union) else (hint,)
+    return " or ".join("null" if part is type(None) else part.__name__ if isinstance(part, type) else str(part)
+                       for part in parts)
+
+
 def run_containing(path: str | Path) -> tuple[Path, dict] | None:
     """The run directory ``path`` lies in (its nearest ancestor, or itself, holding a ``run.json``) and that run's
     saved settings; None when it lies in none or does not exist (a model name is no path). How ``hwopt evaluate``
-    knows a run's child."""
+    knows a run's child. Raises ``HwoptError`` for a ``run.json`` that does not read (``saved_settings``)."""
     if not Path(path).exists():
         return None
     for directory in (Path(path).resolve(), *Path(path).resolve().parents):
         if (directory / "run.json").is_file():
-            try:
-                return directory, json.loads((directory / "run.json").read_text())
-            except (OSError, json.JSONDecodeError):
-                return None
+            return directory, saved_settings(directory / "run.json")
     return None
 
 

@@ -300,6 +300,13 @@ def test_a_child_outside_a_run_needs_its_parent(tiny_child_dir, capsys):
                    "(--parent)"]
 
 
+def test_a_child_path_that_does_not_exist_is_said_to_be_unknown(tmp_path, capsys):
+    missing = tmp_path / "runs" / "demo" / "lower" / "nemotorn-nas"
+    assert main(["evaluate", "--model", str(missing)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"unknown model '{missing}': not a directory or config.json" in err[0]
+
+
 def test_a_slow_throughput_keeps_its_decimals():
     from hwopt.search_space import Scenario
 

@@ -157,6 +157,28 @@ def finished_run(workdir, **settings):
     return workdir
 
 
+@pytest.mark.parametrize("text, needle", [
+    ("{", "is not readable JSON (Expecting property name"),
+    ("[]", "must hold a JSON object of settings, not a list"),
+    ('{"model": 5}', "setting 'model' is 5, where it takes str"),
+    ('{"speedup": "fast"}', "setting 'speedup' is \"fast\", where it takes float or null"),
+    ('{"kv_heads": [1, "a"]}', "setting 'kv_heads' is [1, \"a\"], where it takes list[int] or null"),
+    ('{"linear": 1}', "setting 'linear' is 1, where it takes bool"),
+])
+def test_a_broken_run_json_is_one_line_naming_the_file_and_key(tmp_path, capsys, text, needle):
+    (tmp_path / "run.json").write_text(text)
+    assert main(["solve", "--workdir", str(tmp_path), "--speedup", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(tmp_path / "run.json") in err and needle in err, err
+    assert (tmp_path / "run.json").read_text() == text  # left for the user to mend, not overwritten
+
+
+def test_settings_of_every_type_a_run_saves_read_back(tmp_path):
+    settings = Settings(speedup=2, kv_heads=[1, 3], data=["a.txt"], block_options={"window": [64, 256]})
+    atomic_write_json(tmp_path / "run.json", dataclasses.asdict(settings))
+    assert load_settings(tmp_path, {}) == settings
+
+
 def test_a_remembered_budget_can_be_unset(tmp_path):
     finished_run(tmp_path, memory="1GiB", speedup=2.0)
     args = build_parser("solve").parse_args(["solve", "--memory", "none", "--speedup", "None"])
