@@ -27,6 +27,7 @@ from hwopt.metric import kl_divergence
 from hwopt.model.checkpoint import meta_model
 from hwopt.model.modeling import HeteroLlamaForCausalLM, greedy_tokens
 from hwopt.model.modeling_nemotron_nas import GroupedQueryAttention
+from hwopt.progress import progress
 from hwopt.scoring import swapped_final_hidden
 from hwopt.search_space import Scenario
 from hwopt.tasks import MultipleChoice, task_accuracy
@@ -113,8 +114,11 @@ def runtime_rounds(models: dict[str, HeteroLlamaForCausalLM], scenario: Scenario
                    ) -> dict[str, list[float]]:
     """Wall-clock ms of each model's full greedy generations (``generation_timers``), runs interleaved: ``repeats``
     rounds, then more while ``noisy(rounds)`` names a model, for at most ``extra_time_factor`` times as long as
-    the first rounds took (``hwopt.timing.interleaved_rounds``)."""
-    rounds = interleaved_rounds(generation_timers(models, scenario, vocab_size), repeats, noisy, extra_time_factor)
+    the first rounds took (``hwopt.timing.interleaved_rounds``). A bar counts the rounds: on a busy machine they
+    can take minutes."""
+    with progress(f"time {' and '.join(models)} whole (rounds)", total=repeats) as advance:
+        rounds = interleaved_rounds(generation_timers(models, scenario, vocab_size), repeats, noisy,
+                                    extra_time_factor, after_round=advance)
     return {name: [ms for ms, in phases] for name, phases in rounds.items()}
 
 
