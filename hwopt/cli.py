@@ -646,6 +646,7 @@ def run_command(args: argparse.Namespace) -> None:
             run.optimize(args.start, args.until, args.force)
         else:
             run.run_pass(args.command, args.force)
+            run.say_what_is_out_of_date(args.command)
             if args.command == "lower" and run.ranks.is_main:
                 run.print_child(report=False)
 

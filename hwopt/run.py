@@ -325,6 +325,27 @@ class Run:
                                  f"stale outputs: run `hwopt optimize --workdir {self.workdir} --from {up} "
                                  f"--until {name}`")
 
+    def say_what_is_out_of_date(self, last: str) -> None:
+        """After a command that ran up to ``last``: name the later passes whose outputs what it did made out of date
+        (``hwopt solve --speedup 2`` on a finished run leaves uptrain and lower holding the old child), and the
+        command that makes them again."""
+        stale = []
+        for name in PASSES[PASSES.index(last) + 1:]:  # in order: a pass reading a stale one's outputs is stale too
+            manifest = read_manifest(self.dir(name))
+            if manifest is not None and (set(upstream(name)) & set(stale) or not self._current(name, manifest)):
+                stale.append(name)
+        if stale and self.ranks.is_main:
+            console.print(f"{', '.join(stale)}: made from earlier outputs, so out of date: `hwopt optimize --workdir "
+                          f"{self.workdir} --from {stale[0]}` makes them again", soft_wrap=True, highlight=False)
+
+    def _current(self, name: str, manifest: dict) -> bool:
+        """Whether pass ``name``'s outputs (their ``manifest``) were made from what the run holds now; not when
+        something it reads is gone."""
+        try:
+            return manifest.get("fingerprint") == self.fingerprint(name)
+        except HwoptError:
+            return False
+
     def run_pass(self, name: str, force: bool = False) -> None:
         """Run one pass, unless it is up to date (``force``: run it anyway).
 
@@ -461,6 +482,7 @@ class Run:
         self.use_threads()
         for name in span:
             self.run_pass(name, force)
+        self.say_what_is_out_of_date(until)
         if until == "lower" and self.ranks.is_main:
             self.report()
             self.print_child(report=True)

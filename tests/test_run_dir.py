@@ -223,6 +223,24 @@ def test_a_pass_whose_inputs_are_missing_names_them_and_the_command_that_makes_t
                                  f"--workdir {tmp_path} --until score` first (it skips what is up to date)")
 
 
+def test_a_pass_run_again_names_the_later_passes_it_left_out_of_date(tmp_path, capsys):
+    from hwopt.run import Run
+
+    finished_run(tmp_path, speedup=2.0)
+    run = Run(tmp_path, load_settings(tmp_path, {}))
+    for name in ("solve", "uptrain", "lower"):  # each made from the one before
+        with staged_pass(tmp_path / name, run.fingerprint(name)) as out:
+            (out / "output.json").write_text("{}")
+    capsys.readouterr()
+    run.say_what_is_out_of_date("solve")
+    assert capsys.readouterr().err == ""  # all current
+    with staged_pass(tmp_path / "solve", run.fingerprint("solve")) as out:  # solved again: another child
+        (out / "output.json").write_text('{"another": "child"}')
+    run.say_what_is_out_of_date("solve")
+    assert capsys.readouterr().err.strip() == (f"uptrain, lower: made from earlier outputs, so out of date: `hwopt "
+                                               f"optimize --workdir {tmp_path} --from uptrain` makes them again")
+
+
 def test_a_second_command_on_a_run_in_use_is_refused_in_one_line(tmp_path, capsys):
     finished_run(tmp_path, speedup=2.0)
     with locked_run_dir(tmp_path):
