@@ -328,21 +328,24 @@ class Run:
     def say_what_is_out_of_date(self, last: str) -> None:
         """After a command that ran up to ``last``: name the later passes whose outputs what it did made out of date
         (``hwopt solve --speedup 2`` on a finished run leaves uptrain and lower holding the old child), and the
-        command that makes them again."""
+        command that makes them again. Said nothing where telling would mean drawing the parent samples first (they
+        are in the fingerprints of the passes that train, and not in the cache): minutes, for a hint."""
+        if self.sampling_plan() is not None:
+            return
         stale = []
         for name in PASSES[PASSES.index(last) + 1:]:  # in order: a pass reading a stale one's outputs is stale too
-            manifest = read_manifest(self.dir(name))
-            if manifest is not None and (set(upstream(name)) & set(stale) or not self._current(name, manifest)):
+            if read_manifest(self.dir(name)) is not None and (set(upstream(name)) & set(stale)
+                                                              or not self._up_to_date(name)):
                 stale.append(name)
         if stale and self.ranks.is_main:
             console.print(f"{', '.join(stale)}: made from earlier outputs, so out of date: `hwopt optimize --workdir "
                           f"{self.workdir} --from {stale[0]}` makes them again", soft_wrap=True, highlight=False)
 
-    def _current(self, name: str, manifest: dict) -> bool:
-        """Whether pass ``name``'s outputs (their ``manifest``) were made from what the run holds now; not when
-        something it reads is gone."""
+    def _up_to_date(self, name: str) -> bool:
+        """Whether pass ``name``'s outputs were made from what the run holds now; not when something it reads is
+        gone."""
         try:
-            return manifest.get("fingerprint") == self.fingerprint(name)
+            return is_up_to_date(self.dir(name), self.fingerprint(name))
         except HwoptError:
             return False
 

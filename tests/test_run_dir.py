@@ -241,6 +241,26 @@ def test_a_pass_run_again_names_the_later_passes_it_left_out_of_date(tmp_path, c
                                                f"optimize --workdir {tmp_path} --from uptrain` makes them again")
 
 
+def test_out_of_date_passes_are_not_looked_for_where_that_would_draw_the_parent_samples(tmp_path, capsys,
+                                                                                         monkeypatch):
+    import hwopt.run
+    from hwopt.run import Run
+
+    finished_run(tmp_path, speedup=2.0, distill_samples=131072)
+    for name in ("solve", "uptrain"):
+        with staged_pass(tmp_path / name, f"fp-{name}") as out:
+            (out / "output.json").write_text("{}")
+    monkeypatch.setattr(Run, "sampling_plan", lambda self: ("a plan: the samples are not cached", False))
+
+    def drawn(*args, **kwargs):
+        raise AssertionError("the parent samples were drawn for a hint")
+
+    monkeypatch.setattr(hwopt.run, "cached_parent_samples", drawn)
+    capsys.readouterr()
+    Run(tmp_path, load_settings(tmp_path, {})).say_what_is_out_of_date("solve")
+    assert capsys.readouterr().err == ""
+
+
 def test_a_second_command_on_a_run_in_use_is_refused_in_one_line(tmp_path, capsys):
     finished_run(tmp_path, speedup=2.0)
     with locked_run_dir(tmp_path):
