@@ -1,14 +1,15 @@
 """The KL loss of uptraining, plain autograd against ``hwopt.chunked_kl``, forward and backward, side by side.
 
     python benchmarks/kl_loss.py [--tokens 512] [--vocab 49152] [--dtype bf16] [--repeats 7]
+        [--chunk-rows 16 128]
 
 Random logits the shape of one uptraining step's (512 tokens of SmolLM2's
 vocabulary, in the bf16 an uptraining step's forwards produce on a CPU with
-native bf16). Prints the median seconds of each, their ratio, the two losses'
-values, and how busy other processes kept the machine meanwhile: the chunked
-loss gains most on a quiet one (2.4x on 2 cores), least where other
-processes' threads compete for the cores (1.2x with two 2-thread matmul loops
-beside it; see ``hwopt.chunked_kl.CHUNK_ROWS``).
+native bf16). Prints the median seconds of each (the chunked one with each
+``--chunk-rows``, default ``hwopt.chunked_kl.CHUNK_ROWS``), their ratio, the
+losses' values, and how busy other processes kept the machine meanwhile: the
+chunked loss gains most on a quiet machine, least where other processes'
+threads compete for the cores (figures in ``hwopt.chunked_kl``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+import hwopt.chunked_kl
 from hwopt.devices import TRAIN_DTYPES
 from hwopt.metric import kl_divergence
 from hwopt.timing import CpuLoad
@@ -49,18 +51,22 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=49152)
     parser.add_argument("--dtype", choices=TRAIN_DTYPES, default="bf16")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--chunk-rows", type=int, nargs="+", default=[hwopt.chunked_kl.CHUNK_ROWS])
     args = parser.parse_args()
     torch.manual_seed(0)
     student, teacher = ((torch.randn(args.tokens, args.vocab) * 3).to(TRAIN_DTYPES[args.dtype]) for _ in range(2))
+    chunked = {}
     with CpuLoad() as load:
         plain, plain_value = seconds(plain_kl, student, teacher, args.repeats)
-        chunked, chunked_value = seconds(kl_divergence, student, teacher, args.repeats)
+        for rows in args.chunk_rows:
+            hwopt.chunked_kl.CHUNK_ROWS = rows
+            chunked[rows] = seconds(kl_divergence, student, teacher, args.repeats)
     print(f"[{args.tokens}, {args.vocab}] {args.dtype} logits, {torch.get_num_threads()} threads, forward + backward "
           f"({load.describe()}):")
-    print(f"  plain autograd {plain * 1e3:8.1f} ms   (KL {plain_value:.6f})")
-    print(f"  chunked        {chunked * 1e3:8.1f} ms   (KL {chunked_value:.6f})")
-    print(f"  plain / chunked: {plain / chunked:.2f}x")
-
+    print(f"  plain autograd           {plain * 1e3:8.1f} ms   (KL {plain_value:.6f})")
+    for rows, (took, value) in chunked.items():
+        print(f"  chunked, {rows:>4} rows a chunk {took * 1e3:8.1f} ms   (KL {value:.6f})   plain / chunked: "
+              f"{plain / took:.2f}x")
 
 if __name__ == "__main__":
     main()
