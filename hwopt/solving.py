@@ -269,9 +269,7 @@ def solve(library: dict, costs: dict, budgets: Budgets, objective: str, solver_n
     """
     solver = solvers().get(solver_name)
     scenario = Scenario.from_json(costs["scenario"])
-    unconstrained = problem_from_library(library, objective, [], maximize, offsets=outside_offsets(costs))
-    if unconstrained.parent is None:
-        raise HwoptError("the score pass's block library flags no parent variant; rerun `hwopt score`")
+    unconstrained = library_problem(library, costs, objective, maximize)
     problem = with_budgets(unconstrained, budgets, scenario)
     solutions = find_solutions(problem, solver, num_solutions, min_diversity, time_limit_s)
     parent_totals = unconstrained.totals(unconstrained.parent, (RUNTIME, MEMORY))
@@ -279,22 +277,38 @@ def solve(library: dict, costs: dict, budgets: Budgets, objective: str, solver_n
         **_summary(problem),
         "scenario": scenario.to_json(),
         "parent": {"totals": parent_totals},
-        "solutions": [],
+        "solutions": [solution_entry(library, problem, parent_totals, solution) for solution in solutions],
     }
-    for solution in solutions:
-        totals = problem.totals(solution.choice, (RUNTIME, MEMORY))
-        entries = [library[layer][solution.choice[layer]] for layer in problem.layers]
-        result["solutions"].append({
-            **solution.to_json(),
-            "totals": totals,
-            "predicted_speedup": parent_totals[RUNTIME] / totals[RUNTIME],
-            "blocks": [e["block_config"] for e in entries],
-            "variants": [[e[k] for k in ("attention", "ffn")] for e in entries],
-            "spans": [i for i, e in enumerate(entries) if e.get("span", 1) == 2],  # two-layer blocks' layers
-        })
     atomic_write_json(out_path, result)
     print_solutions(problem, solutions)
     return result
+
+
+def library_problem(library: dict, costs: dict, objective: str, maximize: bool = False) -> Problem:
+    """The library's problem with no budget, the costs outside the layers as offsets (``outside_offsets``).
+
+    Raises:
+        HwoptError: the library flags no parent variant.
+    """
+    problem = problem_from_library(library, objective, [], maximize, offsets=outside_offsets(costs))
+    if problem.parent is None:
+        raise HwoptError("the score pass's block library flags no parent variant; rerun `hwopt score`")
+    return problem
+
+
+def solution_entry(library: dict, problem: Problem, parent_totals: dict[str, float], solution: Solution) -> dict:
+    """One solution as ``solutions.json`` holds it: the solver's answer, its totals (runtime and memory
+    included), the predicted speedup over ``parent_totals``, and its blocks and variants layer by layer."""
+    totals = problem.totals(solution.choice, (RUNTIME, MEMORY))
+    entries = [library[layer][solution.choice[layer]] for layer in problem.layers]
+    return {
+        **solution.to_json(),
+        "totals": totals,
+        "predicted_speedup": parent_totals[RUNTIME] / totals[RUNTIME],
+        "blocks": [e["block_config"] for e in entries],
+        "variants": [[e[k] for k in ("attention", "ffn")] for e in entries],
+        "spans": [i for i, e in enumerate(entries) if e.get("span", 1) == 2],  # two-layer blocks' layers
+    }
 
 
 def meet_measured_speedup(solve_at: Callable[[float], dict], measure: Callable[[dict], dict], speedup: float,
