@@ -7,7 +7,8 @@ Needs a run through the score pass (``hwopt optimize ... --until score``). For
 each speedup, five children are built from the run's block library under the
 same predicted-runtime budget (parent runtime / speedup, from the profile):
 
-- ``mip``: the solve pass (SCIP), least summed replace-1-block objective;
+- ``mip``: the solve pass's MIP (SCIP), least summed replace-1-block objective (the MIP's own child: the solve
+  pass then also weighs the layer-dropping child, ``hwopt.selection``, and may keep that one instead);
 - ``greedy``: the same objective, the budget-constrained greedy solver;
 - ``max_params``: the most parameters within the budget (Puzzle Table 12);
 - ``layer_drop``: whole layers of lowest block influence removed (ShortGPT);

@@ -210,6 +210,9 @@ def add_run_options(p: argparse.ArgumentParser, command: str, plugin_options: bo
                               "with a budget tighter by the shortfall while it measures slower; at most this many "
                               "children (0: off)",
           type=int)
+    o.add("--select-tokens", "GKD tokens each candidate child gets (the MIP's solutions and the layer-dropping child "
+                             "as fast) before solve keeps the one closest to the parent on validation English "
+                             "(0: the MIP's first, unselected)", type=int)
     o.add("--coupled-bld", "coupled BLD (Puzzle Table 6): train the (attention, FFN) pairs of this many diverse "
                            "decoupled solutions as whole layers, score them again and solve again (0: off)", type=int)
     o.section("lower")

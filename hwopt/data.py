@@ -18,6 +18,12 @@ Three sources, kept apart:
   money), written for hwopt and not drawn from any public corpus. No pass
   trains or scores on it; it only measures how the child does on text that
   is neither the corpus's domain nor anything it was distilled on.
+- validation English (``hwopt/heldout/validation_english.txt``): more such
+  prose on other subjects (a night train, an allotment, a letter, mending a
+  puncture, a town library, a doctor's visit, a football match, moving
+  house, clouds), also written for hwopt. Nothing trains on it either; solve
+  picks among candidate children by it (``hwopt.selection``), so the
+  general English above stays a text no choice was made on.
 
 The corpus's training sequences are shuffled (a fixed seed), so that the first N tokens a pass takes (BLD takes
 16K of the default corpus's 100K) are a sample of the whole corpus, not its first topics in alphabetical order.
@@ -38,6 +44,7 @@ from hwopt.errors import HwoptError
 
 HELDOUT_FRACTION = 0.1
 GENERAL_HELDOUT = Path(__file__).parent / "heldout" / "general_english.txt"
+VALIDATION_ENGLISH = Path(__file__).parent / "heldout" / "validation_english.txt"
 
 
 def check_data_files(paths: list[str] | None) -> None:
@@ -143,7 +150,8 @@ def data_sha256(text: str, samples: torch.Tensor | None) -> str:
 
 
 def general_heldout(tokenizer, seq_len: int, path: Path = GENERAL_HELDOUT) -> torch.Tensor:
-    """General English no pass trains on (see the module docstring), as [sequences, seq_len] token ids."""
+    """General English no pass trains on (see the module docstring), as [sequences, seq_len] token ids; ``path``
+    another such text (``VALIDATION_ENGLISH``)."""
     ids = torch.tensor(tokenizer(Path(path).read_text(), add_special_tokens=False)["input_ids"], dtype=torch.long)
     if len(ids) < seq_len:
         raise HwoptError(f"{path} ({len(ids)} tokens) is too short for sequences of {seq_len} tokens")

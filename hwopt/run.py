@@ -28,6 +28,7 @@ from hwopt.bld import (
 )
 from hwopt.data import (
     SAMPLING_BATCH,
+    VALIDATION_ENGLISH,
     ParentSampling,
     cached_parent_samples,
     check_data_files,
@@ -196,6 +197,11 @@ class Run:
     @cached_property
     def general_heldout(self):
         return general_heldout(self.tokenizer, self.settings.seq_len)
+
+    @cached_property
+    def validation_english(self):
+        """[sequences, seq_len] token ids of the text solve picks its child by (``hwopt.selection``)."""
+        return general_heldout(self.tokenizer, self.settings.seq_len, VALIDATION_ENGLISH)
 
     @cached_property
     def metric_objects(self):

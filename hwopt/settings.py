@@ -69,7 +69,9 @@ class Settings:
     time_limit: float = 60.0  # seconds per solution
     coupled_bld: int = 0  # coupled BLD on the pairs of this many diverse decoupled solutions, then solve again
     speedup_checks: int = 3  # on this CPU: children solved and timed at most until one measures --speedup
-    uptrain_tokens: int = 294912  # 576 steps of 4 x 128 tokens: what fits the 30-minute demo on 2 cores
+    select_tokens: int = 16384  # GKD tokens per candidate child before solve keeps one (hwopt.selection; 0: off)
+    uptrain_tokens: int = 262144  # 512 steps of 4 x 128 tokens: with solve's candidates, what fits the 30-minute
+    # demo on 2 cores
     uptrain_lr: float = 6e-4
     uptrain_sharding: str = "auto"  # under torchrun: ddp, fsdp, or auto (fsdp when the ddp plan does not fit)
     formats: list[str] = field(default_factory=lambda: ["nemotron-nas"])

@@ -184,7 +184,7 @@ def tiny_parent(intermediate_size: int, vocab_size: int):
 
 # Small budgets that still run every pass for real.
 FAST_RUN = ["--scenario", "16/4", "--repeats", "2", "--seq-len", "32", "--bld-tokens", "512", "--distill-samples", "64",
-            "--score-tokens", "64", "--uptrain-tokens", "128"]
+            "--score-tokens", "64", "--uptrain-tokens", "128", "--select-tokens", "128"]
 
 
 def hwopt_cli(*args, env=None, timeout=900) -> subprocess.CompletedProcess:

@@ -34,10 +34,10 @@ def test_every_option_of_every_command_has_help():
 def test_solve_help_lists_only_what_solve_reads():
     solve = subparsers(build_parser("solve"))["solve"]
     shown = shown_options(solve)
-    assert {"--speedup", "--solver", "--library", "--scenario", "--workdir"} <= shown
-    assert not {"--uptrain-lr", "--uptrain-tokens", "--format", "--kv-heads", "--repeats", "--threads"} & shown
+    assert {"--speedup", "--solver", "--library", "--scenario", "--workdir", "--select-tokens"} <= shown
+    assert not {"--uptrain-tokens", "--format", "--kv-heads", "--repeats", "--threads"} & shown
     help_text = solve.format_help()
-    assert "--uptrain-lr" not in help_text and "--speedup" in help_text
+    assert "--uptrain-tokens" not in help_text and "--speedup" in help_text
 
 
 @pytest.mark.parametrize("command", ["lower", "profile"])
@@ -48,8 +48,8 @@ def test_a_section_whose_options_are_all_hidden_is_left_out(command):
 
 
 def test_an_option_left_out_of_a_pass_help_is_still_accepted():
-    args = build_parser("solve").parse_args(["solve", "--uptrain-lr", "3e-4", "--scenario", "512/256"])
-    assert args.uptrain_lr == 3e-4 and args.scenario == "512/256"
+    args = build_parser("solve").parse_args(["solve", "--uptrain-tokens", "4096", "--scenario", "512/256"])
+    assert args.uptrain_tokens == 4096 and args.scenario == "512/256"
 
 
 @pytest.mark.parametrize("option, default", [("--model", "smollm2-135m"), ("--target", "cpu"),

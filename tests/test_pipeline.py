@@ -113,15 +113,43 @@ def test_changed_budget_reruns_from_solve(run_copy):
 
 
 def test_solves_speed_check_refuses_in_one_line_when_parent_and_child_do_not_fit_whole(run_copy):
-    """The speed check times parent and child whole: under a --max-memory they exceed, solve stops before it starts
-    and says how to solve without it; with --speedup-checks 0 it solves."""
+    """The speed check times parent and child whole, and the candidates are trained as uptrain trains a child:
+    under a --max-memory they exceed, solve stops before it starts and names the first step that does not fit and
+    how to do without it; with both off it solves."""
     proc = hwopt_cli("solve", "--workdir", run_copy, "--speedup", "1.1", "--max-memory", "1MiB")
     assert_one_error_line(proc, "solve's speed check (parent and child whole, timed) needs", "--max-memory 1MiB",
                           "give --speedup-checks 0")
     proc = hwopt_cli("solve", "--workdir", run_copy, "--speedup", "1.1", "--max-memory", "1MiB",
                      "--speedup-checks", "0")
+    assert_one_error_line(proc, "solve's candidate children (GKD) needs", "give --select-tokens 0")
+    proc = hwopt_cli("solve", "--workdir", run_copy, "--speedup", "1.1", "--max-memory", "1MiB",
+                     "--speedup-checks", "0", "--select-tokens", "0")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads((run_copy / "solve/speedup_checks.json").read_text()) == []
+    assert "selection" not in json.loads((run_copy / "solve/solutions.json").read_text())
+
+
+def test_solve_keeps_the_candidate_closest_on_validation_english_and_uptrain_trains_it(tiny_run):
+    """The MIP's child and the layer-dropping child as fast, each briefly distilled, ordered by validation KL; the
+    first is the child uptrain trained and lowered."""
+    result = json.loads((tiny_run / "solve/solutions.json").read_text())
+    kls = result["selection"]["candidates"]
+    assert set(kls) == {"mip", "layer_drop"} and result["selection"]["tokens"] == 128
+    ordered = [solution["validation_kl"] for solution in result["solutions"]]
+    assert ordered == sorted(kls.values()) and all(kl > 0 for kl in ordered)
+    by_name = {solution["candidate"]: solution for solution in result["solutions"]}
+    assert by_name["mip"]["solver"] == "scip" and by_name["layer_drop"]["solver"] == "layer_drop"
+    # the layer-dropping child: each layer removed whole or the parent's own, no slower than the MIP's child
+    library = json.loads((tiny_run / "score/block_library.json").read_text())
+    parent = [next((e["attention"], e["ffn"]) for e in library[f"layer_{i}"].values() if e["parent"])
+              for i in range(len(library))]
+    removed = [tuple(v) == ("attn_noop", "ffn_noop") for v in by_name["layer_drop"]["variants"]]
+    assert any(removed) and all(gone or tuple(v) == own for gone, v, own
+                                in zip(removed, by_name["layer_drop"]["variants"], parent, strict=True))
+    assert by_name["layer_drop"]["totals"]["stats.runtime_ms"] <= by_name["mip"]["totals"]["stats.runtime_ms"]
+    lowered = json.loads((tiny_run / "lower/nemotron-nas/config.json").read_text())["block_configs"]
+    assert [block["ffn"]["no_op"] for block in lowered] == [block["ffn"]["no_op"]
+                                                          for block in result["solutions"][0]["blocks"]]
 
 
 def test_memory_budget_is_respected(run_copy):

@@ -43,7 +43,7 @@ from hwopt.uptraining import sharded_model
 SPACE = SearchSpace(kv_heads=(1,), ffn_fractions=(0.5,), linear=True, no_op=True)
 TINY_RUN = ["--threads", "1", "--scenario", "16/4", "--repeats", "2", "--seq-len", "32", "--bld-tokens", "512",
             "--distill-samples", "0", "--score-tokens", "64", "--backend", "roofline", "--kv-heads", "1",
-            "--ffn-fractions", "0.5"]
+            "--ffn-fractions", "0.5", "--select-tokens", "128"]
 
 
 def test_device_resolution_on_a_machine_without_cuda(monkeypatch):

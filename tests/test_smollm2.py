@@ -29,7 +29,8 @@ def test_smollm2_through_every_pass(tmp_path):
     proc = hwopt_cli("optimize", "--model", "smollm2-135m", "--target", "cpu", "--workdir", tmp_path,
                      "--speedup", "1.3", "--scenario", "32/8", "--repeats", "3", "--kv-heads", "1",
                      "--ffn-fractions", "0.5", "--no-linear", "--seq-len", "64", "--bld-tokens", "1024",
-                     "--distill-samples", "512", "--score-tokens", "128", "--uptrain-tokens", "256")
+                     "--distill-samples", "512", "--score-tokens", "128", "--uptrain-tokens", "256",
+                     "--select-tokens", "256")
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["parent"]["params"] == 134_515_008

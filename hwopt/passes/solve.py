@@ -4,7 +4,11 @@ With ``--coupled-bld N`` it first solves decoupled, trains the (attention,
 FFN) pairs of N diverse solutions jointly, scores them again and solves
 once more (Puzzle, arXiv 2411.19146, Table 6). On a CPU target it times the
 chosen child against the parent and solves again until one measures the
-speedup asked. Imports torch only when it runs (see ``hwopt.passes.profile``).
+speedup asked. Then (``--select-tokens``) the MIP's solutions and the
+layer-dropping child as fast are each distilled briefly and the one closest
+to the parent on validation English goes first (``hwopt.selection``): the
+child uptrain trains. Imports torch only when it runs (see
+``hwopt.passes.profile``).
 """
 
 from __future__ import annotations
@@ -28,15 +32,19 @@ def check(run: Run) -> None:
         raise HwoptError("solve needs a budget: --speedup, --memory, --throughput, --latency, --ttft or --params")
     if run.settings.speedup_checks < 0:
         raise HwoptError(f"--speedup-checks must be 0 (off) or more, not {run.settings.speedup_checks}")
+    if run.settings.select_tokens < 0:
+        raise HwoptError(f"--select-tokens must be 0 (off) or more, not {run.settings.select_tokens}")
 
 
 def call(run: Run, out: Path) -> None:
-    """Solve, check the speedup where the target is this machine, write the solutions and the per-layer picture."""
+    """Solve, check the speedup where the target is this machine, keep the best candidate child
+    (``hwopt.selection``), write the solutions and the per-layer picture."""
     from hwopt.evaluate import measured_speedup
     from hwopt.lowering.runtimes import runnable_library
     from hwopt.plots import per_layer_runtime
     from hwopt.profiling import layer_rows, model_variants
     from hwopt.progress import console
+    from hwopt.selection import select
     from hwopt.solving import maximizes, meet_measured_speedup, solve
 
     s = run.settings
@@ -50,17 +58,22 @@ def call(run: Run, out: Path) -> None:
                      run.output("solve", "solutions", out), maximizes(s.objective_key), s.num_solutions,
                      s.min_diversity, s.time_limit)
 
+    coupled_dir = run.output("solve", "coupled", out)
+    measure = None
     if checks_speed(run) and costs["source"]["kind"] == "measured":
         # the target is this machine: time the chosen child against the parent, whole, as the report will
-        def measure(result: dict) -> dict:
-            child = run.assemble(result["solutions"][0], run.output("solve", "coupled", out))
+        def measure(solution: dict) -> dict:
+            child = run.assemble(solution, coupled_dir)
             return measured_speedup(run.deployed_parent, child.to(run.deployed.dtype), run.scenario)
 
-        result, checks = meet_measured_speedup(solve_at, measure, s.speedup, s.speedup_checks)
-        # the child kept, which need not be the last one solved
-        atomic_write_json(run.output("solve", "solutions", out), result)
+        result, checks = meet_measured_speedup(solve_at, lambda result: measure(result["solutions"][0]), s.speedup,
+                                               s.speedup_checks)
     else:
         result, checks = solve_at(s.speedup), []
+    if s.select_tokens:
+        result = select(run, result, library, costs, coupled_dir, measure)
+    # the child kept, which need not be the last one solved
+    atomic_write_json(run.output("solve", "solutions", out), result)
     best = result["solutions"][0]
     atomic_write_json(out / "speedup_checks.json", checks)
     console.print(f"solve: predicted speedup {best['predicted_speedup']:.2f}x, "
@@ -78,15 +91,27 @@ def checks_speed(run: Run) -> bool:
 
 
 def plan(run: Run) -> MemoryPlan | None:
-    """The speed check's memory: the parent and a child (as large as the parent at most) whole, as they serve, and
-    timed (``hwopt.memory_plan.report_plan``); None without speed checks."""
-    from hwopt.memory_plan import report_plan
+    """The plan of solve's step that takes the most memory: the speed check's (the parent and a child, as large as
+    the parent at most, whole as they serve, and timed: ``hwopt.memory_plan.report_plan``) or the candidates'
+    (``--select-tokens``: a child as large as the parent at most, trained as uptrain trains it); the first that
+    does not fit, if one does not; None with neither step."""
+    from hwopt.memory_plan import report_plan, uptrain_plan
+    from hwopt.uptraining import UptrainSettings
 
-    if not checks_speed(run):
-        return None
-    return report_plan(run.layerwise_parent, run.layerwise_parent, run.scenario, 1, run.settings.seq_len,
-                       run.deployed, what="solve's speed check (parent and child whole, timed)",
-                       remedy="give --speedup-checks 0 to solve by predicted costs alone, or more --max-memory")
+    s, config, blocks = run.settings, run.source.config, run.source.block_configs
+    plans = [report_plan(run.layerwise_parent, run.layerwise_parent, run.scenario, 1, s.seq_len, run.deployed,
+                         what="solve's speed check (parent and child whole, timed)",
+                         remedy="give --speedup-checks 0 to solve by predicted costs alone, or more --max-memory")
+             ] if checks_speed(run) else []
+    if s.select_tokens:  # each candidate trained as uptrain trains the child, in one process: at most the parent's size
+        plan = uptrain_plan(config, blocks, blocks, UptrainSettings.batch_sequences * s.seq_len, s.seq_len,
+                            run.placement, 1)
+        plan.pass_name, plan.remedy = "solve's candidate children (GKD)", "give --select-tokens 0, or more --max-memory"
+        plans.append(plan)
+    over = [plan for plan in plans if plan.over(s.max_memory, run.device_memory)]
+    if over:  # the first step that does not fit is the one the refusal names, with its remedy
+        return over[0]
+    return max(plans, key=lambda plan: plan.host_bytes + plan.device_bytes, default=None)
 
 
 def coupled_bld(run: Run, library: dict, costs: dict, out: Path) -> dict:
@@ -113,10 +138,11 @@ def coupled_bld(run: Run, library: dict, costs: dict, out: Path) -> dict:
 
 INFO = PassInfo("solve", (*DATA, "runtime", "objective", "speedup", "memory", "throughput", "latency", "ttft",
                           "params", "solver", "num_solutions", "min_diversity", "time_limit", "coupled_bld",
-                          "speedup_checks", "bld_tokens", "bld_lr", "score_tokens", "metrics", "task_data"),
+                          "speedup_checks", "bld_tokens", "bld_lr", "score_tokens", "metrics", "task_data",
+                          "select_tokens", "uptrain_lr", *PLACEMENT),
                 check, call, plan=plan, reads=("score", "profile", "library"),
                 outputs={"solutions": "solutions.json", "coupled": "coupled",  # coupled BLD's pairs, trained
                          "block_library": "block_library.json"},  # rescored with them
-                # `solve --library`: the scenario its runtimes hold for; where coupled BLD and the speed checks run, and
-                # the memory they may take (refused before the pass starts: it never changes what solve writes)
-                also_reads=("scenario", "batch", "dtype", *PLACEMENT, "max_memory"))
+                # `solve --library`: the scenario its runtimes hold for; the memory coupled BLD, the speed checks and
+                # the candidates may take (refused before the pass starts: it never changes what solve writes)
+                also_reads=("scenario", "batch", "dtype", "max_memory"))
