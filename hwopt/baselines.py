@@ -17,6 +17,8 @@ Choices are lists of (attention, FFN) variant names per layer, as
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -39,20 +41,25 @@ def block_influence(model, ids: torch.Tensor) -> list[float]:
 
 
 def layer_drop(parent_choice: Choice, influence: list[float], costs: dict, budget_ms: float,
-               removed: tuple[str, str] = ("attn_noop", "ffn_noop")) -> tuple[Choice, list[int]]:
-    """Remove layers in order of increasing influence until the runtime is at most ``budget_ms``.
+               removed: tuple[str, str] = ("attn_noop", "ffn_noop"),
+               fits: Callable[[Choice], bool] = lambda choice: True) -> tuple[Choice, list[int]]:
+    """Remove layers in order of increasing influence until the runtime is at most ``budget_ms`` and the choice
+    ``fits`` (other budgets: memory, parameters).
 
     Returns the choice and the removed layers (in removal order). Raises ``HwoptError`` when even removing
-    every layer does not meet the budget.
+    every layer does not meet the budgets.
     """
+    def meets(choice: Choice) -> bool:
+        return predicted_runtime_ms(costs, choice) <= budget_ms and fits(choice)
+
     choice, dropped = list(parent_choice), []
     for layer in sorted(range(len(choice)), key=lambda i: influence[i]):
-        if predicted_runtime_ms(costs, choice) <= budget_ms:
+        if meets(choice):
             break
         choice[layer] = removed
         dropped.append(layer)
-    if predicted_runtime_ms(costs, choice) > budget_ms:
-        raise HwoptError(f"layer dropping cannot reach {budget_ms:.1f} ms")
+    if not meets(choice):
+        raise HwoptError(f"layer dropping cannot reach {budget_ms:.1f} ms within the other budgets")
     return choice, dropped
 
 

@@ -136,14 +136,15 @@ def full_weights(model: HeteroLlamaForCausalLM) -> dict[str, torch.Tensor]:
 
 def uptrain(child: HeteroLlamaForCausalLM, parent: HeteroLlamaForCausalLM, train_ids: torch.Tensor,
             heldout_ids: torch.Tensor, settings: UptrainSettings, placement: Placement = FP32_CPU,
-            ranks: Ranks = ONE_PROCESS) -> dict:
+            ranks: Ranks = ONE_PROCESS, label: str = "uptrain (GKD)") -> dict:
     """Distil ``child`` (fp32 weights, trained under ``placement.autocast()``) in place from ``parent`` (in the
     train dtype); returns the held-out KL before and after, and what was kept.
 
     ``train_ids``, ``heldout_ids``: [sequences, tokens]. Under torchrun each step takes
     ``settings.batch_sequences`` sequences per rank (a final step with fewer sequences than ranks is dropped),
     and gradients are averaged over the ranks: the child is wrapped in ``DistributedDataParallel``, unless both
-    models come sharded by FSDP (``sharded_models``). Read the trained weights with ``full_weights``.
+    models come sharded by FSDP (``sharded_models``). Read the trained weights with ``full_weights``. ``label``:
+    the progress bar's.
     """
     torch.manual_seed(settings.seed)
     parent.requires_grad_(False).eval()
@@ -164,7 +165,7 @@ def uptrain(child: HeteroLlamaForCausalLM, parent: HeteroLlamaForCausalLM, train
     model = child if ranks.world == 1 or isinstance(child, FSDPModule) else DistributedDataParallel(
         child, device_ids=[device.index] if device.type == "cuda" else None)
     child.train()
-    with progress("uptrain (GKD)", total=steps) as advance:
+    with progress(label, total=steps) as advance:
         for batch in batches:
             rows = torch.tensor_split(batch, ranks.world)[ranks.rank].to(device)
             with placement.autocast():

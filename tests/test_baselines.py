@@ -28,6 +28,9 @@ def test_layer_drop_removes_exactly_the_lowest_influence_layers():
     assert [i for i, block in enumerate(choice) if block == ("attn_noop", "ffn_noop")] == [1, 3, 5]
     assert predicted_runtime_ms(c, choice) == 11.0
     assert layer_drop(parent, influence, c, budget_ms=20)[1] == []  # the parent already meets it
+    # another budget (solve's --params, say) that three removed layers do not meet: a fourth goes
+    few_params = lambda choice: sum(c["ffn"][f]["num_params"] for _, f in choice) <= 4000  # noqa: E731
+    assert layer_drop(parent, influence, c, budget_ms=20 / 1.5, fits=few_params)[1] == [3, 1, 5, 4]
     with pytest.raises(HwoptError, match="cannot reach"):
         layer_drop(parent, influence, c, budget_ms=1.0)
 

@@ -13,6 +13,9 @@ def solution(solver: str, runtime_ms: float) -> dict:
     return {"solver": solver, "predicted_speedup": 100 / runtime_ms, "totals": {"stats.runtime_ms": runtime_ms}}
 
 
+TEXT = "validation English (hwopt/heldout/validation_english.txt)"
+
+
 @pytest.fixture
 def candidates(monkeypatch):
     """A run asking 1.5x, the layer-dropping child at 60 ms where the budget allows it, and validation KLs by
@@ -21,9 +24,10 @@ def candidates(monkeypatch):
 
     def layer_drop_entry(run, library, costs, budget_ms):
         budgets.append(budget_ms)
-        return solution("layer_drop", 60.0) if budget_ms >= 60 else None
+        return (solution("layer_drop", 60.0), "") if budget_ms >= 60 else (None, "dropping whole layers cannot ...")
 
     monkeypatch.setattr(selection, "layer_drop_entry", layer_drop_entry)
+    monkeypatch.setattr(selection, "fits", lambda run, solutions: None)
     monkeypatch.setattr(selection, "validation_kl", lambda run, sol, coupled_dir: kls[sol["solver"]])
     run = SimpleNamespace(settings=SimpleNamespace(select_tokens=64, speedup=1.5))
     return run, kls, budgets
@@ -36,8 +40,8 @@ def test_the_candidate_with_the_lowest_validation_kl_goes_first(candidates, mip_
     result = selection.select(run, {"solutions": [solution("scip", 66.0)]}, {}, {})
     assert budgets == [66.0]  # layer dropping within the MIP child's predicted runtime
     assert [s["candidate"] for s in result["solutions"]][0] == first
-    assert result["selection"] == {"tokens": 64, "text": "validation English (hwopt/heldout/validation_english.txt)",
-                                   "candidates": {"mip": mip_kl, "layer_drop": 0.4}}
+    assert result["selection"] == {"tokens": 64, "text": TEXT, "candidates": {"mip": mip_kl, "layer_drop": 0.4},
+                                   "left_out": {}}
 
 
 def test_every_mip_solution_is_a_candidate(candidates):
@@ -48,10 +52,21 @@ def test_every_mip_solution_is_a_candidate(candidates):
         ("mip_2", 0.2), ("layer_drop", 0.4), ("mip", 0.5)]
 
 
-def test_without_a_layer_dropping_child_there_is_nothing_to_choose(candidates):
+def test_without_a_layer_dropping_child_there_is_nothing_to_choose_and_solve_says_why(candidates, capsys):
     run, kls, _ = candidates
     result = {"solutions": [solution("scip", 50.0)]}  # faster than layer dropping reaches
     assert selection.select(run, result, {}, {}) == result and not kls
+    assert "no layer-dropping child to compare (dropping whole layers cannot" in capsys.readouterr().err
+
+
+def test_where_distilling_a_candidate_does_not_fit_the_mip_child_is_kept_and_solve_says_why(candidates, monkeypatch,
+                                                                                           capsys):
+    run, kls, budgets = candidates
+    monkeypatch.setattr(selection, "fits", lambda run, solutions: "distilling a candidate child needs 9 GiB")
+    result = {"solutions": [solution("scip", 66.0)]}
+    assert selection.select(run, result, {}, {}) == result and not kls and not budgets
+    assert "candidates not compared, the MIP's child kept: distilling a candidate child needs 9 GiB" in \
+        capsys.readouterr().err
 
 
 @pytest.mark.parametrize("measured, disturbed, first", [(1.45, False, "mip"), (1.45, True, "layer_drop"),
@@ -71,6 +86,24 @@ def test_a_layer_dropping_child_that_measures_short_on_a_quiet_machine_is_left_o
     result = selection.select(run, {"solutions": [solution("scip", 66.0)]}, {}, {}, measure=measure)
     assert timed == ["layer_drop"] and result["solutions"][0]["candidate"] == first
     assert len(result["solutions"]) == (1 if first == "mip" else 2)
+    assert result["selection"]["left_out"] == ({"layer_drop": "measured 1.45x here, short of 1.50x"}
+                                               if first == "mip" else {})
+
+
+def test_any_candidate_the_speed_checks_did_not_time_is_timed_before_it_is_kept(candidates):
+    """A second MIP solution that wins is timed too; one that measures short gives way to the next."""
+    run, kls, _ = candidates
+    kls.update(scip=0.5, greedy=0.2, layer_drop=0.4)
+    timed = []
+
+    def measure(sol):
+        timed.append(sol["solver"])
+        return {"measured_speedup": 1.4 if sol["solver"] == "greedy" else 1.6, "disturbed": False}
+
+    result = selection.select(run, {"solutions": [solution("scip", 66.0), solution("greedy", 65.0)]}, {}, {},
+                              measure=measure)
+    assert timed == ["greedy", "layer_drop"] and result["solutions"][0]["candidate"] == "layer_drop"
+    assert list(result["selection"]["left_out"]) == ["mip_2"]
 
 
 def test_the_mip_child_is_not_timed_again(candidates):

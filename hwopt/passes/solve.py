@@ -77,7 +77,8 @@ def call(run: Run, out: Path) -> None:
     best = result["solutions"][0]
     atomic_write_json(out / "speedup_checks.json", checks)
     console.print(f"solve: predicted speedup {best['predicted_speedup']:.2f}x, "
-                  f"objective {best['objective']:.4f} ({best['solver']}, {best['status']})")
+                  f"objective {best['objective']:.4f} ({best['solver']}, {best['status']})"
+                  + (f", kept for its validation KL {best['validation_kl']:.4f}" if "validation_kl" in best else ""))
     per_layer_runtime(out / "per_layer_runtime.png", layer_rows(costs, best["variants"]),
                       layer_rows(costs, model_variants(run.source)),
                       f"child vs parent on {run.target.name}, {run.scenario.describe()} ({costs['source']['kind']})")
@@ -91,27 +92,17 @@ def checks_speed(run: Run) -> bool:
 
 
 def plan(run: Run) -> MemoryPlan | None:
-    """The plan of solve's step that takes the most memory: the speed check's (the parent and a child, as large as
-    the parent at most, whole as they serve, and timed: ``hwopt.memory_plan.report_plan``) or the candidates'
-    (``--select-tokens``: a child as large as the parent at most, trained as uptrain trains it); the first that
-    does not fit, if one does not; None with neither step."""
-    from hwopt.memory_plan import report_plan, uptrain_plan
-    from hwopt.uptraining import UptrainSettings
+    """The speed check's memory: the parent and a child (as large as the parent at most) whole, as they serve, and
+    timed (``hwopt.memory_plan.report_plan``); None without speed checks. The candidates' distillation
+    (``--select-tokens``) is not planned here: where it does not fit, solve keeps the MIP's child and says so
+    (``hwopt.selection.select``)."""
+    from hwopt.memory_plan import report_plan
 
-    s, config, blocks = run.settings, run.source.config, run.source.block_configs
-    plans = [report_plan(run.layerwise_parent, run.layerwise_parent, run.scenario, 1, s.seq_len, run.deployed,
-                         what="solve's speed check (parent and child whole, timed)",
-                         remedy="give --speedup-checks 0 to solve by predicted costs alone, or more --max-memory")
-             ] if checks_speed(run) else []
-    if s.select_tokens:  # each candidate trained as uptrain trains the child, in one process: at most the parent's size
-        plan = uptrain_plan(config, blocks, blocks, UptrainSettings.batch_sequences * s.seq_len, s.seq_len,
-                            run.placement, 1)
-        plan.pass_name, plan.remedy = "solve's candidate children (GKD)", "give --select-tokens 0, or more --max-memory"
-        plans.append(plan)
-    over = [plan for plan in plans if plan.over(s.max_memory, run.device_memory)]
-    if over:  # the first step that does not fit is the one the refusal names, with its remedy
-        return over[0]
-    return max(plans, key=lambda plan: plan.host_bytes + plan.device_bytes, default=None)
+    if not checks_speed(run):
+        return None
+    return report_plan(run.layerwise_parent, run.layerwise_parent, run.scenario, 1, run.settings.seq_len,
+                       run.deployed, what="solve's speed check (parent and child whole, timed)",
+                       remedy="give --speedup-checks 0 to solve by predicted costs alone, or more --max-memory")
 
 
 def coupled_bld(run: Run, library: dict, costs: dict, out: Path) -> dict:
