@@ -56,7 +56,19 @@ def build_report(parent, child, solutions: dict, scenario: Scenario, texts: dict
         report[role]["memory_mib_predicted"] = totals[role]["stats.memory_mib"]
         report[role]["runtime_ms_predicted"] = totals[role]["stats.runtime_ms"]
     report["predicted_speedup"] = report["parent"]["runtime_ms_predicted"] / report["child"]["runtime_ms_predicted"]
+    if "selection" in solutions:  # solve chose among candidate children (hwopt.selection)
+        report["child_candidate"] = {"name": solutions["solutions"][0]["candidate"],
+                                     "validation_kl": solutions["selection"]["candidates"]}
     return report
+
+
+def candidate_line(report: dict) -> str | None:
+    """Which of solve's candidate children this is, and each one's validation KL; None where solve chose none."""
+    if "child_candidate" not in report:
+        return None
+    chosen = report["child_candidate"]
+    kls = ", ".join(f"{name} {kl:.4f}" for name, kl in chosen["validation_kl"].items())
+    return f"the child is solve's {chosen['name']} candidate, kept for its KL on validation English ({kls})"
 
 
 def label_measurement(report: dict, placement: Placement, target) -> None:
@@ -121,6 +133,8 @@ def print_report(report: dict) -> None:
         table.add_row(*row)
     console.print(table)
     console.print(speedup_line(report))
+    if line := candidate_line(report):
+        console.print(line)
     if warning := disturbed_warning(report):
         console.print(f"[yellow]{warning}[/yellow]")
 
@@ -139,6 +153,8 @@ def write_markdown(report: dict, path: Path, picture: str | None, heading: str) 
              "| | parent | child | child / parent |", "| --- | ---: | ---: | ---: |"]
     lines += [f"| {' | '.join(row)} |" for row in report_rows(report)]
     lines += ["", speedup_line(report) + "."]
+    if line := candidate_line(report):
+        lines += ["", line + "."]
     if warning := disturbed_warning(report):
         lines += ["", f"**{warning}.**"]
     for name, q in report["texts"].items():

@@ -148,6 +148,8 @@ def test_solve_keeps_the_candidate_closest_on_validation_english_and_uptrain_tra
     lowered = json.loads((tiny_run / "lower/nemotron-nas/config.json").read_text())["block_configs"]
     assert [block["ffn"]["no_op"] for block in lowered] == [block["ffn"]["no_op"]
                                                           for block in result["solutions"][0]["blocks"]]
+    report = json.loads((tiny_run / "report.json").read_text())  # the closing report names the candidate kept
+    assert report["child_candidate"] == {"name": result["solutions"][0]["candidate"], "validation_kl": kls}
 
 
 def test_memory_budget_is_respected(run_copy):
