@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from hwopt.errors import HwoptError
 
 Choice = list[tuple[str, str]]
+REMOVED = ("attn_noop", "ffn_noop")  # a whole layer dropped: the library's no-op attention and FFN
 
 
 def predicted_runtime_ms(costs: dict, choice: Choice) -> float:
@@ -41,7 +42,7 @@ def block_influence(model, ids: torch.Tensor) -> list[float]:
 
 
 def layer_drop(parent_choice: Choice, influence: list[float], costs: dict, budget_ms: float,
-               removed: tuple[str, str] = ("attn_noop", "ffn_noop"),
+               removed: tuple[str, str] = REMOVED,
                fits: Callable[[Choice], bool] = lambda choice: True) -> tuple[Choice, list[int]]:
     """Remove layers in order of increasing influence until the runtime is at most ``budget_ms`` and the choice
     ``fits`` (other budgets: memory, parameters).

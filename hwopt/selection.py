@@ -28,25 +28,27 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hwopt.baselines import block_influence, layer_drop
+from hwopt.baselines import REMOVED, block_influence, layer_drop
+from hwopt.data import VALIDATION_ENGLISH
 from hwopt.errors import HwoptError
 from hwopt.progress import console
 from hwopt.search_space import Scenario, block_variant_name
-from hwopt.solving import MEMORY, RUNTIME, library_problem, maximizes, solution_entry, with_budgets
+from hwopt.solving import RUNTIME, library_problem, maximizes, solution_blocks, solution_entry, with_budgets
 
 if TYPE_CHECKING:
     from hwopt.memory_plan import MemoryPlan
     from hwopt.run import Run
 
 LAYER_DROP = "layer_drop"
-REMOVED = ("attn_noop", "ffn_noop")  # a whole layer dropped: the library's no-op attention and FFN
+VALIDATION_TEXT = "/".join(VALIDATION_ENGLISH.parts[-3:])  # hwopt/heldout/validation_english.txt
 
 
-def layer_drop_entry(run: Run, library: dict, costs: dict, budget_ms: float) -> tuple[dict | None, str]:
+def layer_drop_entry(run: Run, library: dict, costs: dict, budget_ms: float, parent_totals: dict[str, float]
+                     ) -> tuple[dict | None, str]:
     """The layer-dropping child (``hwopt.baselines.layer_drop``, block influence on the scoring text) within
     ``budget_ms`` of predicted runtime and the run's other budgets (memory, parameters, ...), as ``solutions.json``
-    holds a solution, and "" ; or None and why there is none: the library has no no-op blocks (``--no-noop``), or
-    dropping whole layers cannot meet the budgets."""
+    holds a solution (its speedup over ``parent_totals``, solve's), and "" ; or None and why there is none: the
+    library has no no-op blocks (``--no-noop``), or dropping whole layers cannot meet the budgets."""
     s = run.settings
     unconstrained = library_problem(library, costs, s.objective_key, maximizes(s.objective_key))
     if any(block_variant_name(*REMOVED) not in library[layer] for layer in unconstrained.layers):
@@ -65,19 +67,16 @@ def layer_drop_entry(run: Run, library: dict, costs: dict, budget_ms: float) -> 
     except HwoptError:
         return None, "dropping whole layers cannot meet the budgets"
     solution = problem.solution(names(choice), LAYER_DROP, "heuristic", math.inf, 0.0)
-    return solution_entry(library, problem, unconstrained.totals(problem.parent, (RUNTIME, MEMORY)), solution), ""
+    return solution_entry(library, problem, parent_totals, solution), ""
 
 
 def training_plan(run: Run, solution: dict) -> MemoryPlan:
     """The memory of distilling ``solution``'s child in this process, as uptrain would (``uptrain_plan``)."""
     from hwopt.memory_plan import uptrain_plan
-    from hwopt.model.config import BlockConfig
-    from hwopt.plugins import block_types
     from hwopt.uptraining import UptrainSettings
 
     s, config = run.settings, run.source.config
-    blocks = [BlockConfig.from_json(block, config, block_types(), f"solution {solution['solver']}: layer {i}")
-              for i, block in enumerate(solution["blocks"])]
+    blocks = solution_blocks(solution, config, f"solution {solution['solver']}")
     plan = uptrain_plan(config, blocks, run.source.block_configs, UptrainSettings.batch_sequences * s.seq_len,
                         s.seq_len, run.placement, 1)
     plan.pass_name = "distilling a candidate child"
@@ -121,7 +120,7 @@ def select(run: Run, result: dict, library: dict, costs: dict, coupled_dir: Path
     if over:
         console.print(f"[yellow]solve: candidates not compared, the MIP's child kept: {over}[/yellow]", soft_wrap=True)
         return result
-    dropped, why_not = layer_drop_entry(run, library, costs, mip[0]["totals"][RUNTIME])
+    dropped, why_not = layer_drop_entry(run, library, costs, mip[0]["totals"][RUNTIME], result["parent"]["totals"])
     if dropped is not None and (over := fits(run, [dropped])):
         dropped, why_not = None, over
     if dropped is not None:
@@ -151,8 +150,7 @@ def select(run: Run, result: dict, library: dict, costs: dict, coupled_dir: Path
         console.print(f"solve: {best['candidate']} {left_out[best['candidate']]}: left out")
         ranked.remove(best)
     console.print(f"solve: keeping {ranked[0]['candidate']}")
-    return {**result, "solutions": ranked,
-            "selection": {"tokens": s.select_tokens, "text": "validation English (hwopt/heldout/"
-                          "validation_english.txt)", "candidates": {name: solution["validation_kl"]
-                                                                     for name, solution in candidates.items()},
-                          "left_out": left_out}}
+    kls = {name: solution["validation_kl"] for name, solution in candidates.items()}
+    return {**result, "solutions": ranked, "selection": {"tokens": s.select_tokens,
+                                                         "text": f"validation English ({VALIDATION_TEXT})",
+                                                         "candidates": kls, "left_out": left_out}}

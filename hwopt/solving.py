@@ -32,8 +32,9 @@ from pathlib import Path
 from rich.table import Table
 
 from hwopt.errors import HwoptError
+from hwopt.model.config import BlockConfig
 from hwopt.pipeline import atomic_write_json
-from hwopt.plugins import metrics, solvers
+from hwopt.plugins import block_types, metrics, solvers
 from hwopt.problem import (
     Constraint,
     Problem,
@@ -309,6 +310,16 @@ def solution_entry(library: dict, problem: Problem, parent_totals: dict[str, flo
         "variants": [[e[k] for k in ("attention", "ffn")] for e in entries],
         "spans": [i for i, e in enumerate(entries) if e.get("span", 1) == 2],  # two-layer blocks' layers
     }
+
+
+def solution_blocks(solution: dict, config, where: str) -> list[BlockConfig]:
+    """The ``"blocks"`` ``solution_entry`` wrote, read back as ``BlockConfig``s of ``config``'s model.
+
+    Raises:
+        HwoptError: a block that does not read as one, named by ``where`` and its layer.
+    """
+    return [BlockConfig.from_json(block, config, block_types(), f"{where}: layer {i}")
+            for i, block in enumerate(solution["blocks"])]
 
 
 def meet_measured_speedup(solve_at: Callable[[float], dict], measure: Callable[[dict], dict], speedup: float,

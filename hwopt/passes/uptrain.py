@@ -32,15 +32,14 @@ def solved_blocks(run: Run) -> list[BlockConfig] | None:
     Raises:
         HwoptError: a block in ``solutions.json`` that does not read as one.
     """
-    from hwopt.model.config import BlockConfig
-    from hwopt.plugins import block_types
+    from hwopt.solving import solution_blocks
 
     path = run.output("solve", "solutions")
     if not output_hash(run.dir("solve")) or not path.is_file():
         return None
-    blocks = run.read_json(path)["solutions"][0].get("blocks")  # not in those of older versions
-    return [BlockConfig.from_json(block, run.source.config, block_types(), f"{path}: layer {i}")
-            for i, block in enumerate(blocks)] if blocks else None
+    solution = run.read_json(path)["solutions"][0]
+    return solution_blocks(solution, run.source.config, str(path)) if "blocks" in solution else None  # not in
+    # those of older versions
 
 
 def plan(run: Run, shards: int | None = None) -> MemoryPlan:
