@@ -73,7 +73,7 @@ from hwopt.two_layer import child_of
 
 class Run:
     def __init__(self, workdir: Path, settings: Settings):
-        self.workdir = Path(workdir)
+        self.workdir = Path(workdir).absolute()  # its outputs are read as workdir / path: a relative one twice
         self.settings = settings
 
     # --- what the settings name, resolved once -------------------------------------------------

@@ -332,3 +332,15 @@ def test_a_pass_after_a_stale_one_is_refused_until_the_stale_one_runs_again(tiny
     capsys.readouterr()
     assert main(["lower", "--workdir", str(workdir)]) == 0
     assert "lower: up to date, skipped" in capsys.readouterr().err
+
+
+def test_a_relative_workdir_reads_its_outputs(tmp_path, monkeypatch):
+    """`--workdir runs/demo`, as README's first command gives it: a pass's outputs are found, not looked for under
+    runs/demo/runs/demo."""
+    from hwopt.run import Run
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs/demo/profile").mkdir(parents=True)
+    (tmp_path / "runs/demo/profile/costs.json").write_text('{"source": "timed"}')
+    run = Run("runs/demo", Settings())
+    assert run.read_json(run.output("profile", "costs")) == {"source": "timed"}
